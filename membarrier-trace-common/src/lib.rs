@@ -1,0 +1,116 @@
+//! Types shared by the eBPF programs and userspace. Everything here is `#[repr(C)]` and plain
+//! data, so both sides agree on the layout of the maps.
+#![no_std]
+
+/// Task command name length, as in the kernel (`TASK_COMM_LEN`).
+pub const COMM_LEN: usize = 16;
+
+/// Sub-buckets per power of two in the latency histogram, as a shift: 2^4 = 16.
+pub const HIST_SUB_BITS: u32 = 4;
+/// Sub-buckets per power of two.
+pub const HIST_SUB: u64 = 1 << HIST_SUB_BITS;
+/// Number of histogram buckets. Bucket `i < 16` holds exactly `i` ns; above that, each power of
+/// two is split into 16 equal buckets, up to 2^35 ns (34 s). Larger values land in the last one.
+pub const HIST_BUCKETS: usize = 512;
+// The eBPF program masks the bucket index with HIST_BUCKETS - 1 for the verifier.
+const _: () = assert!(HIST_BUCKETS.is_power_of_two());
+
+/// Latency histogram bucket of `ns`: log-linear, so a bucket is at most 1/16 of its lower bound
+/// wide and a percentile read from its middle is within 3.2% of the true value.
+#[inline(always)]
+pub fn hist_bucket(ns: u64) -> usize {
+    if ns < HIST_SUB {
+        return ns as usize;
+    }
+    let exp = 63 - ns.leading_zeros(); // >= HIST_SUB_BITS
+    let sub = (ns >> (exp - HIST_SUB_BITS)) & (HIST_SUB - 1);
+    let idx = (exp - HIST_SUB_BITS + 1) as u64 * HIST_SUB + sub;
+    if idx >= HIST_BUCKETS as u64 {
+        HIST_BUCKETS - 1
+    } else {
+        idx as usize
+    }
+}
+
+/// Smallest value that lands in bucket `idx`.
+pub fn hist_bucket_lower(idx: usize) -> u64 {
+    let idx = idx as u64;
+    if idx < HIST_SUB {
+        return idx;
+    }
+    let exp = idx / HIST_SUB + HIST_SUB_BITS as u64 - 1;
+    let sub = idx % HIST_SUB;
+    (HIST_SUB + sub) << (exp - HIST_SUB_BITS as u64)
+}
+
+/// Largest value that lands in bucket `idx` (inclusive). The last bucket is open-ended: its
+/// nominal bound is returned, and callers clamp with the observed maximum.
+pub fn hist_bucket_upper(idx: usize) -> u64 {
+    if idx + 1 >= HIST_BUCKETS {
+        return (1u64 << (HIST_BUCKETS as u64 / HIST_SUB + HIST_SUB_BITS as u64 - 1)) - 1;
+    }
+    hist_bucket_lower(idx + 1) - 1
+}
+
+/// Aggregation key: one row per process, cmd, flags and outcome.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StatsKey {
+    pub tgid: u32,
+    /// The `cmd` argument as the kernel's `int`, kept raw so invalid values are seen too.
+    pub cmd: u32,
+    pub flags: u32,
+    /// 0 when the call succeeded, else the errno it returned.
+    pub errno: u32,
+}
+
+/// Aggregated calls for one [`StatsKey`], kept per CPU.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Stats {
+    pub count: u64,
+    pub sum_ns: u64,
+    /// 0 means "no call on this CPU yet": a real call never takes 0 ns between the two
+    /// tracepoints.
+    pub min_ns: u64,
+    pub max_ns: u64,
+    /// The calling thread's comm when the row was created (the process may be gone by the time
+    /// userspace reads /proc).
+    pub comm: [u8; COMM_LEN],
+    pub hist: [u64; HIST_BUCKETS],
+}
+
+/// A call between its enter and exit tracepoints, keyed by tid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Inflight {
+    pub start_ns: u64,
+    pub cmd: u32,
+    pub flags: u32,
+}
+
+/// Indices into the per-CPU `COUNTERS` array: what the programs could not account for.
+pub mod counter {
+    /// An exit with no matching enter: the tracer attached mid-call, or the enter was dropped.
+    pub const MISSED_ENTER: u32 = 0;
+    /// The in-flight map was full at enter; the call is lost.
+    pub const DROPPED_INFLIGHT: u32 = 1;
+    /// The stats map was full at exit; the call is lost.
+    pub const DROPPED_STATS: u32 = 2;
+    /// The pid filter was full when a traced process forked; the child is not traced.
+    pub const DROPPED_PIDS: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Map sizes, shared so userspace can say what a full map means.
+pub const MAX_STATS: u32 = 8192;
+pub const MAX_INFLIGHT: u32 = 16384;
+pub const MAX_PIDS: u32 = 8192;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain #[repr(C)] data with no padding-sensitive invariants.
+    unsafe impl aya::Pod for super::StatsKey {}
+    unsafe impl aya::Pod for super::Stats {}
+    unsafe impl aya::Pod for super::Inflight {}
+}

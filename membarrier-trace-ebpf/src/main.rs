@@ -1,0 +1,176 @@
+//! eBPF programs of membarrier-trace.
+//!
+//! The per-call path: `sys_enter_membarrier` stores a timestamp per thread, `sys_exit_membarrier`
+//! folds the call into a per-CPU stats row keyed by (tgid, cmd, flags, errno). Userspace reads
+//! the summaries; no per-event data leaves the kernel.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    programs::TracePointContext,
+};
+use membarrier_trace_common::{
+    HIST_BUCKETS, Inflight, MAX_INFLIGHT, MAX_PIDS, MAX_STATS, Stats, StatsKey, counter,
+    hist_bucket,
+};
+
+/// Set by userspace before load: 1 when only the tgids in `TGIDS` are traced. Being in .rodata,
+/// the verifier prunes the filter branch entirely when it is 0.
+#[unsafe(no_mangle)]
+static FILTER_TGIDS: u8 = 0;
+/// Offset of `child_pid` in `sched:sched_process_fork`, read by userspace from the tracepoint's
+/// format file (it moved between kernel versions).
+#[unsafe(no_mangle)]
+static FORK_CHILD_PID_OFF: u32 = 44;
+
+// Offsets in the syscall tracepoints (fixed by the syscall tracepoint ABI: 8-byte args from 16).
+const ENTER_CMD_OFF: usize = 16;
+const ENTER_FLAGS_OFF: usize = 24;
+const EXIT_RET_OFF: usize = 16;
+
+#[map]
+static TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_PIDS, 0);
+
+#[map]
+static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
+
+// Not preallocated: a row is 4 KiB per CPU, so memory follows the rows in use, not the bound.
+#[map]
+static STATS: PerCpuHashMap<StatsKey, Stats> =
+    PerCpuHashMap::with_max_entries(MAX_STATS, BPF_F_NO_PREALLOC);
+
+/// Template for new stats rows: the BPF stack (512 bytes) cannot hold one.
+#[map]
+static SCRATCH: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+fn filtering() -> bool {
+    unsafe { core::ptr::read_volatile(&FILTER_TGIDS) != 0 }
+}
+
+#[inline(always)]
+fn traced(tgid: u32) -> bool {
+    !filtering() || TGIDS.get_ptr(&tgid).is_some()
+}
+
+#[inline(always)]
+fn bump(idx: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(idx) {
+        unsafe { *c += 1 };
+    }
+}
+
+#[tracepoint]
+pub fn sys_enter_membarrier(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let cmd = unsafe { ctx.read_at::<u64>(ENTER_CMD_OFF) }.unwrap_or(0);
+    let flags = unsafe { ctx.read_at::<u64>(ENTER_FLAGS_OFF) }.unwrap_or(0);
+    // Timestamp last, so the tracer's own work here is not counted as the call's.
+    let call = Inflight {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        cmd: cmd as u32,
+        flags: flags as u32,
+    };
+    if INFLIGHT.insert(&(pid_tgid as u32), &call, 0).is_err() {
+        bump(counter::DROPPED_INFLIGHT);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_membarrier(ctx: TracePointContext) -> u32 {
+    let end_ns = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    let call = match INFLIGHT.get_ptr(&tid) {
+        Some(p) => unsafe { *p },
+        None => {
+            if traced(tgid) {
+                bump(counter::MISSED_ENTER);
+            }
+            return 0;
+        }
+    };
+    let _ = INFLIGHT.remove(&tid);
+    let ret = unsafe { ctx.read_at::<i64>(EXIT_RET_OFF) }.unwrap_or(0);
+    let key = StatsKey {
+        tgid,
+        cmd: call.cmd,
+        flags: call.flags,
+        errno: if ret < 0 {
+            ret.wrapping_neg() as u32
+        } else {
+            0
+        },
+    };
+    let Some(row) = stats_row(&key) else {
+        bump(counter::DROPPED_STATS);
+        return 0;
+    };
+    let ns = end_ns.wrapping_sub(call.start_ns);
+    let row = unsafe { &mut *row };
+    row.count += 1;
+    row.sum_ns += ns;
+    if row.min_ns == 0 || ns < row.min_ns {
+        row.min_ns = ns;
+    }
+    if ns > row.max_ns {
+        row.max_ns = ns;
+    }
+    // The volatile read hides the bucket's known range from LLVM, so the mask survives for the
+    // verifier, which cannot follow the log2 arithmetic to see the bound itself.
+    let b = hist_bucket(ns);
+    let b = unsafe { core::ptr::read_volatile(&b) } & (HIST_BUCKETS - 1);
+    row.hist[b] += 1;
+    0
+}
+
+/// The stats row for `key`, created on first use.
+#[inline(always)]
+fn stats_row(key: &StatsKey) -> Option<*mut Stats> {
+    if let Some(row) = STATS.get_ptr_mut(key) {
+        return Some(row);
+    }
+    // Slow path, once per row: SCRATCH is never counted into, so only its comm changes.
+    let tmpl = SCRATCH.get_ptr_mut(0)?;
+    unsafe { (*tmpl).comm = bpf_get_current_comm().unwrap_or_default() };
+    // NOEXIST: another CPU may have created the row meanwhile; then use theirs.
+    let _ = STATS.insert(key, unsafe { &*tmpl }, BPF_NOEXIST as u64);
+    STATS.get_ptr_mut(key)
+}
+
+/// Follows `-- COMMAND`'s children: a process forked by a traced one is traced too.
+#[tracepoint]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    let child_off = unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFF) } as usize;
+    // The tracepoint runs in the parent: its tgid decides. New threads pass here too; their tids
+    // in TGIDS are harmless, since a live thread's tid is never another process's tgid.
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if TGIDS.get_ptr(&tgid).is_none() {
+        return 0;
+    }
+    let Ok(child) = (unsafe { ctx.read_at::<u32>(child_off) }) else {
+        return 0;
+    };
+    if TGIDS.insert(&child, &1, 0).is_err() {
+        bump(counter::DROPPED_PIDS);
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,167 @@
+//! A membarrier workload with a known, exact mix of calls, for testing and calibrating
+//! membarrier-trace. It times every call itself and prints its own accounting as JSON, so a
+//! test can hold the tracer's figures against it.
+//!
+//! Order of calls: PRIVATE_EXPEDITED before registering (EPERM), QUERY, invalid cmd (EINVAL),
+//! bad flags (EINVAL), REGISTER_PRIVATE_EXPEDITED, PRIVATE_EXPEDITED from `--threads` threads,
+//! then GLOBAL.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, Write as _},
+    sync::{Arc, Barrier, Mutex},
+    thread,
+    time::Instant,
+};
+
+use clap::Parser;
+use membarrier_trace::cmd;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// PRIVATE_EXPEDITED calls before registering (each fails with EPERM).
+    #[arg(long, default_value_t = 0)]
+    eperm: u64,
+    #[arg(long, default_value_t = 0)]
+    query: u64,
+    /// Calls with cmd 3, which the kernel does not know (EINVAL).
+    #[arg(long, default_value_t = 0)]
+    invalid: u64,
+    /// PRIVATE_EXPEDITED calls with flags=1, allowed only for RSEQ (EINVAL).
+    #[arg(long, default_value_t = 0)]
+    bad_flags: u64,
+    /// Registered PRIVATE_EXPEDITED calls, split over `--threads`.
+    #[arg(long, default_value_t = 0)]
+    expedited: u64,
+    #[arg(long, default_value_t = 1)]
+    threads: u64,
+    /// GLOBAL calls (a grace period each).
+    #[arg(long, default_value_t = 0)]
+    global: u64,
+    /// Print `ready <pid>` and wait for a line on stdin before the first call.
+    #[arg(long)]
+    wait_stdin: bool,
+    /// Exit with this status (to test that the tracer passes it on).
+    #[arg(long, default_value_t = 0)]
+    exit_code: u8,
+}
+
+/// What the workload saw for one (cmd, flags, errno).
+#[derive(Default, Clone, serde::Serialize)]
+struct Outcome {
+    cmd: i32,
+    flags: u32,
+    errno: u32,
+    count: u64,
+    sum_ns: u64,
+    max_ns: u64,
+    #[serde(skip)]
+    all_ns: Vec<u64>,
+    p50_ns: u64,
+}
+
+type Tally = BTreeMap<(i32, u32, u32), Outcome>;
+
+fn membarrier(cmd: i32, flags: u32) -> (u32, u64) {
+    let t = Instant::now();
+    // SAFETY: membarrier takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, cmd, flags, 0) };
+    let ns = t.elapsed().as_nanos() as u64;
+    let errno = if r < 0 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0) as u32
+    } else {
+        0
+    };
+    (errno, ns)
+}
+
+fn call(tally: &mut Tally, n: u64, cmd: i32, flags: u32, keep_all: bool) {
+    for _ in 0..n {
+        let (errno, ns) = membarrier(cmd, flags);
+        let o = tally.entry((cmd, flags, errno)).or_insert_with(|| Outcome {
+            cmd,
+            flags,
+            errno,
+            ..Default::default()
+        });
+        o.count += 1;
+        o.sum_ns += ns;
+        o.max_ns = o.max_ns.max(ns);
+        if keep_all {
+            o.all_ns.push(ns);
+        }
+    }
+}
+
+fn merge(into: &mut Tally, from: Tally) {
+    for (k, o) in from {
+        let e = into.entry(k).or_insert_with(|| Outcome {
+            cmd: o.cmd,
+            flags: o.flags,
+            errno: o.errno,
+            ..Default::default()
+        });
+        e.count += o.count;
+        e.sum_ns += o.sum_ns;
+        e.max_ns = e.max_ns.max(o.max_ns);
+        e.all_ns.extend(o.all_ns);
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let pid = std::process::id();
+    if args.wait_stdin {
+        println!("ready {pid}");
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stdin().lock().read_line(&mut String::new());
+    }
+    let mut tally = Tally::new();
+    call(&mut tally, args.eperm, cmd::PRIVATE_EXPEDITED, 0, false);
+    call(&mut tally, args.query, cmd::QUERY, 0, false);
+    call(&mut tally, args.invalid, 3, 0, false);
+    call(
+        &mut tally,
+        args.bad_flags,
+        cmd::PRIVATE_EXPEDITED,
+        cmd::FLAG_CPU,
+        false,
+    );
+    if args.expedited > 0 {
+        call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
+        let threads = args.threads.max(1);
+        let shared = Arc::new(Mutex::new(Tally::new()));
+        let start = Arc::new(Barrier::new(threads as usize));
+        let handles: Vec<_> = (0..threads)
+            .map(|i| {
+                let n = args.expedited / threads + u64::from(i < args.expedited % threads);
+                let (shared, start) = (Arc::clone(&shared), Arc::clone(&start));
+                thread::spawn(move || {
+                    let mut mine = Tally::new();
+                    start.wait();
+                    call(&mut mine, n, cmd::PRIVATE_EXPEDITED, 0, false);
+                    merge(&mut shared.lock().unwrap(), mine);
+                })
+            })
+            .collect();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        let shared = std::mem::take(&mut *shared.lock().unwrap());
+        merge(&mut tally, shared);
+    }
+    call(&mut tally, args.global, cmd::GLOBAL, 0, true);
+    let outcomes: Vec<Outcome> = tally
+        .into_values()
+        .map(|mut o| {
+            o.all_ns.sort_unstable();
+            if !o.all_ns.is_empty() {
+                o.p50_ns = o.all_ns[(o.all_ns.len() + 1) / 2 - 1];
+            }
+            o
+        })
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({ "pid": pid, "outcomes": outcomes })
+    );
+    std::process::exit(args.exit_code.into());
+}

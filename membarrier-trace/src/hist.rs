@@ -1,0 +1,167 @@
+//! Reading percentiles out of the kernel's log-linear latency histogram.
+
+use membarrier_trace_common::{HIST_BUCKETS, hist_bucket, hist_bucket_lower, hist_bucket_upper};
+
+/// A latency histogram as the kernel keeps it: `counts[i]` calls fell in bucket `i`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Histogram {
+    pub counts: Vec<u64>,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            counts: vec![0; HIST_BUCKETS],
+        }
+    }
+}
+
+impl Histogram {
+    pub fn add(&mut self, other: &[u64]) {
+        for (a, b) in self.counts.iter_mut().zip(other) {
+            *a += b;
+        }
+    }
+
+    /// Records one value (userspace side; the kernel does the same in the eBPF program).
+    pub fn record(&mut self, ns: u64) {
+        self.counts[hist_bucket(ns)] += 1;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// The `q` quantile (0 < q <= 1) by nearest rank: the middle of the bucket holding the
+    /// ceil(q * n)-th smallest value, clamped to the observed [min, max]. Since a bucket is at
+    /// most 1/16 of its lower bound wide, the result is within 1/32 of the true value.
+    pub fn quantile(&self, q: f64, min: u64, max: u64) -> u64 {
+        let total = self.total();
+        if total == 0 {
+            return 0;
+        }
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (i, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                let (lo, hi) = (hist_bucket_lower(i), hist_bucket_upper(i));
+                return (lo + (hi - lo) / 2).clamp(min, max);
+            }
+        }
+        max
+    }
+
+    /// Non-empty buckets as (inclusive upper bound, count). The last bucket is open-ended; its
+    /// bound is raised to `max` when values above the nominal bound fell in it.
+    pub fn buckets(&self, max: u64) -> Vec<(u64, u64)> {
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, &c)| {
+                let le = hist_bucket_upper(i);
+                (
+                    if i + 1 == HIST_BUCKETS {
+                        le.max(max)
+                    } else {
+                        le
+                    },
+                    c,
+                )
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift), to avoid a dependency for test data.
+    fn xorshift(seed: &mut u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    }
+
+    #[test]
+    fn buckets_tile_the_range() {
+        assert_eq!(hist_bucket(0), 0);
+        assert_eq!(hist_bucket(15), 15);
+        assert_eq!(hist_bucket(16), 16);
+        for i in 0..HIST_BUCKETS - 1 {
+            assert_eq!(
+                hist_bucket_upper(i) + 1,
+                hist_bucket_lower(i + 1),
+                "bucket {i}"
+            );
+            assert_eq!(hist_bucket(hist_bucket_lower(i)), i);
+            assert_eq!(hist_bucket(hist_bucket_upper(i)), i);
+        }
+        // 16 buckets per power of two from 16 ns up to the 34 s bound.
+        assert_eq!(hist_bucket(1 << 20) - hist_bucket(1 << 19), 16);
+        assert_eq!(hist_bucket_upper(HIST_BUCKETS - 1), (1 << 35) - 1);
+        assert_eq!(hist_bucket(u64::MAX), HIST_BUCKETS - 1);
+        assert!(
+            hist_bucket(10_000_000_000) < HIST_BUCKETS - 1,
+            "10 s fits below the last"
+        );
+    }
+
+    #[test]
+    fn bucket_width_is_at_most_a_sixteenth() {
+        for i in 16..HIST_BUCKETS {
+            let (lo, hi) = (hist_bucket_lower(i), hist_bucket_upper(i));
+            assert!((hi - lo + 1) * 16 <= lo, "bucket {i}: {lo}..={hi}");
+        }
+    }
+
+    #[test]
+    fn quantiles_within_five_percent_of_exact() {
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        // Several shapes: uniform over decades, a tight cluster, and bimodal.
+        let shapes: [&dyn Fn(u64) -> u64; 3] =
+            [&|r| 100 + r % 10_000_000_000, &|r| 400 + r % 50, &|r| {
+                if r % 10 == 0 {
+                    12_000_000 + r % 9_000_000
+                } else {
+                    450 + r % 4_000
+                }
+            }];
+        for shape in shapes {
+            let mut values: Vec<u64> = (0..20_000).map(|_| shape(xorshift(&mut seed))).collect();
+            let mut h = Histogram::default();
+            values.iter().for_each(|&v| h.record(v));
+            values.sort_unstable();
+            let (min, max) = (values[0], *values.last().unwrap());
+            for q in [0.01, 0.25, 0.5, 0.9, 0.99, 0.999, 1.0] {
+                let rank = ((q * values.len() as f64).ceil() as usize).max(1);
+                let exact = values[rank - 1] as f64;
+                let got = h.quantile(q, min, max) as f64;
+                let err = (got - exact).abs() / exact;
+                assert!(err <= 0.05, "q={q}: exact {exact}, got {got}, err {err:.4}");
+                assert!(err <= 1.0 / 32.0 + 1e-9, "q={q}: err {err:.4} above 1/32");
+            }
+        }
+    }
+
+    #[test]
+    fn quantile_of_empty_and_single() {
+        let h = Histogram::default();
+        assert_eq!(h.quantile(0.5, 0, 0), 0);
+        let mut h = Histogram::default();
+        h.record(12_345_678);
+        assert_eq!(h.quantile(0.5, 12_345_678, 12_345_678), 12_345_678);
+        assert_eq!(h.quantile(0.99, 12_345_678, 12_345_678), 12_345_678);
+    }
+
+    #[test]
+    fn sparse_buckets_with_open_last() {
+        let mut h = Histogram::default();
+        h.record(5);
+        h.record(40_000_000_000);
+        assert_eq!(h.buckets(40_000_000_000), vec![(5, 1), (40_000_000_000, 1)]);
+    }
+}

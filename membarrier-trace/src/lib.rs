@@ -1,0 +1,12 @@
+//! membarrier-trace: exact per-process accounting of membarrier(2) calls.
+//!
+//! [`collector`] loads the eBPF programs and reads their in-kernel aggregates into a
+//! [`model::Snapshot`]; [`model::Model`] turns snapshots into [`model::Report`]s; [`output`]
+//! renders reports as text or JSON.
+
+pub mod cmd;
+pub mod collector;
+pub mod hist;
+pub mod model;
+pub mod output;
+pub mod preflight;

@@ -1,0 +1,263 @@
+use std::{
+    io::Write as _,
+    os::unix::process::{CommandExt as _, ExitStatusExt as _},
+    process::{Child, Command, ExitCode},
+    sync::{
+        Arc,
+        atomic::{AtomicI32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, ValueEnum};
+use membarrier_trace::{
+    collector::{Collector, Options},
+    model::{Model, Report},
+    output, preflight,
+};
+
+/// Exact per-process accounting of membarrier(2) calls: counts, errors and in-kernel latency
+/// per process and cmd, measured with eBPF on the syscall tracepoints.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Trace only this process (repeatable); filtered in the kernel.
+    #[arg(short, long = "pid", value_name = "PID")]
+    pids: Vec<u32>,
+    /// Stop after this many seconds.
+    #[arg(short, long, value_name = "SECS", value_parser = positive_secs)]
+    duration: Option<f64>,
+    /// Print a summary every SECS seconds (JSON: one document per line).
+    #[arg(short, long, value_name = "SECS", value_parser = positive_secs)]
+    interval: Option<f64>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+    /// Run COMMAND, trace it and the processes it starts, stop when it exits and exit with its
+    /// status.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("`{s}` is not a positive number of seconds")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line, whatever the error carries.
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("membarrier-trace: error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// SIGINT or SIGTERM, whichever came.
+fn install_signals() -> Result<Arc<AtomicI32>> {
+    let got = Arc::new(AtomicI32::new(0));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let got = Arc::clone(&got);
+        // SAFETY: the handler only stores to an atomic.
+        unsafe {
+            signal_hook::low_level::register(sig, move || got.store(sig, Ordering::SeqCst))
+                .context("installing signal handlers")?;
+        }
+    }
+    Ok(got)
+}
+
+fn emit(format: Format, report: &Report) {
+    let mut out = std::io::stdout().lock();
+    let _ = match format {
+        Format::Text => writeln!(out, "{}", output::text(report)),
+        Format::Json => writeln!(out, "{}", output::json(report)),
+    };
+    let _ = out.flush();
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    preflight::check_root()?;
+    for &pid in &cli.pids {
+        preflight::check_pid(pid)?;
+    }
+    let tracefs = preflight::tracefs()?;
+    preflight::check_tracepoint(
+        &tracefs,
+        "syscalls",
+        "sys_enter_membarrier",
+        "needs CONFIG_FTRACE_SYSCALLS",
+    )?;
+    let signal = install_signals()?;
+    let follow = !cli.command.is_empty();
+    let mut collector = Collector::load(
+        &tracefs,
+        &Options {
+            pids: cli.pids.clone(),
+            follow_forks: follow,
+        },
+    )?;
+
+    let mut child = None;
+    if follow {
+        child = Some(spawn_traced(&cli.command, &mut collector)?);
+    } else {
+        collector.start(false)?;
+    }
+    let what = if follow {
+        format!("`{}` and its children", cli.command.join(" "))
+    } else if cli.pids.is_empty() {
+        "all processes".to_string()
+    } else {
+        format!(
+            "pid {}",
+            cli.pids
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    eprintln!(
+        "membarrier-trace: tracing {what} (syscalls:sys_enter/exit_membarrier); Ctrl-C to stop"
+    );
+
+    let started = Instant::now();
+    let deadline = cli.duration.map(|d| started + Duration::from_secs_f64(d));
+    let interval = cli.interval.map(Duration::from_secs_f64);
+    let mut next_report = interval.map(|i| started + i);
+    let mut model = Model::default();
+    let mut exit = ExitCode::SUCCESS;
+    loop {
+        if let Some(sig) = match signal.load(Ordering::SeqCst) {
+            0 => None,
+            s => Some(s),
+        } {
+            if let Some(c) = child.as_mut() {
+                exit = stop_child(c, sig);
+            }
+            break;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        if let Some(c) = child.as_mut()
+            && let Some(status) = c.try_wait().context("waiting for the command")?
+        {
+            exit = exit_code(status);
+            break;
+        }
+        if !cli.pids.is_empty() && !cli.pids.iter().any(|&p| preflight::alive(p)) {
+            eprintln!("membarrier-trace: every traced process has exited");
+            break;
+        }
+        if let (Some(next), Some(i)) = (next_report, interval)
+            && Instant::now() >= next
+        {
+            emit(cli.output, &model.report(&collector.snapshot(false)?));
+            next_report = Some(next + i);
+        }
+        // Short ticks keep Ctrl-C and process exit responsive; the kernel does the counting.
+        let mut tick = Duration::from_millis(50);
+        for t in [deadline, next_report].into_iter().flatten() {
+            tick = tick.min(t.saturating_duration_since(Instant::now()));
+        }
+        thread::sleep(tick);
+    }
+    emit(cli.output, &model.report(&collector.snapshot(true)?));
+    Ok(exit)
+}
+
+/// Starts `argv` held just before exec, so its pid is in the filter and the programs are
+/// attached before its first instruction runs (library constructors call membarrier too).
+fn spawn_traced(argv: &[String], collector: &mut Collector) -> Result<Child> {
+    let mut go = [0i32; 2];
+    let mut pid_pipe = [0i32; 2];
+    // SAFETY: plain pipe creation into local arrays.
+    if unsafe { libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC) } != 0
+        || unsafe { libc::pipe2(pid_pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0
+    {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    let (go_r, go_w, pid_r, pid_w) = (go[0], go[1], pid_pipe[0], pid_pipe[1]);
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    // SAFETY: only async-signal-safe calls (getpid, write, read) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let pid = libc::getpid();
+            libc::write(pid_w, (&raw const pid).cast(), 4);
+            let mut b = 0u8;
+            while libc::read(go_r, (&raw mut b).cast(), 1) < 0
+                && *libc::__errno_location() == libc::EINTR
+            {}
+            Ok(())
+        });
+    }
+    // spawn() returns only once the child has exec'd, which it does after our go: run it aside.
+    let spawner = thread::spawn(move || {
+        let r = cmd.spawn();
+        unsafe { libc::close(pid_w) };
+        r
+    });
+    let mut pid: i32 = 0;
+    let n = unsafe { libc::read(pid_r, (&raw mut pid).cast(), 4) };
+    unsafe { libc::close(pid_r) };
+    let started = if n == 4 {
+        collector.add_pid(pid as u32)?;
+        collector.start(true)
+    } else {
+        Ok(())
+    };
+    unsafe {
+        libc::write(go_w, [1u8].as_ptr().cast(), 1);
+        libc::close(go_w);
+        libc::close(go_r);
+    }
+    let child = spawner
+        .join()
+        .map_err(|_| anyhow::anyhow!("spawner thread panicked"))?
+        .with_context(|| format!("cannot run `{}`", argv[0]))?;
+    started?;
+    Ok(child)
+}
+
+/// Passes the signal we got on to the command and waits a little for it to end.
+fn stop_child(child: &mut Child, sig: i32) -> ExitCode {
+    unsafe { libc::kill(child.id() as i32, sig) };
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        if let Ok(Some(status)) = child.try_wait() {
+            return exit_code(status);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "membarrier-trace: pid {} still running after the signal; leaving it",
+        child.id()
+    );
+    ExitCode::from(128 + sig as u8)
+}
+
+/// The command's exit status, shell style: its code, or 128 + the signal that killed it.
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => ExitCode::from(c as u8),
+        (None, Some(s)) => ExitCode::from(128 + s as u8),
+        _ => ExitCode::FAILURE,
+    }
+}

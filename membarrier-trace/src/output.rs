@@ -1,0 +1,135 @@
+//! Non-interactive outputs: a readable text table and JSON, both rendered from a [`Report`].
+
+use std::fmt::Write as _;
+
+use crate::{
+    cmd::{self, Kind},
+    model::Report,
+};
+
+/// A duration in ns as text with a unit: `412ns`, `1.25us`, `12.3ms`, `1.50s`.
+pub fn fmt_ns(ns: u64) -> String {
+    let f = ns as f64;
+    if ns < 1_000 {
+        format!("{ns}ns")
+    } else if ns < 1_000_000 {
+        format!("{:.2}us", f / 1e3)
+    } else if ns < 1_000_000_000 {
+        format!("{:.2}ms", f / 1e6)
+    } else {
+        format!("{:.2}s", f / 1e9)
+    }
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r >= 100.0 {
+        format!("{r:.0}")
+    } else {
+        format!("{r:.1}")
+    }
+}
+
+pub fn text(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "membarrier-trace: {:.2} s traced, {} calls ({}/s over the last {:.2} s), {} missed, {} dropped",
+        r.duration_ns as f64 / 1e9,
+        r.calls,
+        fmt_rate(r.calls_per_sec),
+        r.window_ns as f64 / 1e9,
+        r.missed_calls,
+        r.dropped
+    );
+    if r.processes.is_empty() {
+        let _ = writeln!(s, "no membarrier calls seen");
+        return s;
+    }
+    for p in &r.processes {
+        let _ = writeln!(
+            s,
+            "\nPID {} ({}): {} calls, {}/s, {} errors",
+            p.pid,
+            if p.comm.is_empty() { "?" } else { &p.comm },
+            p.calls,
+            fmt_rate(p.calls_per_sec),
+            p.errors
+        );
+        let _ = writeln!(
+            s,
+            "  {:<44} {:>5} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}",
+            "CMD", "FLAGS", "CALLS", "CALLS/S", "ERRORS", "P50", "P99", "MAX"
+        );
+        for c in &p.cmds {
+            let name = if c.kind == Kind::GracePeriod {
+                format!("{} (grace period)", c.cmd)
+            } else {
+                c.cmd.clone()
+            };
+            let mut line = format!(
+                "  {:<44} {:>5} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}",
+                name,
+                cmd::flags_name(c.flags),
+                c.calls,
+                fmt_rate(c.calls_per_sec),
+                c.errors,
+                fmt_ns(c.latency_ns.p50),
+                fmt_ns(c.latency_ns.p99),
+                fmt_ns(c.latency_ns.max)
+            );
+            if !c.errno.is_empty() {
+                let errs: Vec<String> = c.errno.iter().map(|(e, n)| format!("{e}:{n}")).collect();
+                let _ = write!(line, "  {}", errs.join(" "));
+            }
+            let _ = writeln!(s, "{line}");
+        }
+    }
+    s
+}
+
+pub fn json(r: &Report) -> String {
+    // Serializing plain structs of numbers, strings and maps with string keys cannot fail.
+    serde_json::to_string(r).expect("report serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Model, Snapshot, tests::snapshot};
+
+    #[test]
+    fn units() {
+        assert_eq!(fmt_ns(412), "412ns");
+        assert_eq!(fmt_ns(1_250), "1.25us");
+        assert_eq!(fmt_ns(12_300_000), "12.30ms");
+        assert_eq!(fmt_ns(1_500_000_000), "1.50s");
+    }
+
+    #[test]
+    fn text_table() {
+        let t = text(&Model::default().report(&snapshot()));
+        assert!(
+            t.starts_with("membarrier-trace: 2.00 s traced, 9 calls"),
+            "{t}"
+        );
+        assert!(t.contains("1 missed, 0 dropped"));
+        assert!(t.contains("PID 42 (urcu): 7 calls"));
+        assert!(t.contains("GLOBAL (grace period)"));
+        assert!(t.contains("EPERM:2"));
+        assert!(t.contains("INVALID(3)"));
+    }
+
+    #[test]
+    fn text_empty() {
+        let t = text(&Model::default().report(&Snapshot::default()));
+        assert!(t.contains("no membarrier calls seen"));
+    }
+
+    #[test]
+    fn json_is_one_line() {
+        let j = json(&Model::default().report(&snapshot()));
+        assert!(!j.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+        assert_eq!(v["processes"][0]["pid"], 42);
+    }
+}

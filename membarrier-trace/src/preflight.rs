@@ -1,0 +1,163 @@
+//! Checks of the machine and the command line before anything is loaded, so that each problem
+//! is one clear line instead of a failure deep inside a BPF load.
+
+use std::{
+    ffi::CString,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const TRACEFS_MOUNTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+pub fn check_root() -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "must run as root to load eBPF programs and attach tracepoints: try `sudo membarrier-trace ...`"
+        );
+    }
+    Ok(())
+}
+
+fn tracefs_ready(dir: &Path) -> bool {
+    dir.join("events").is_dir()
+}
+
+/// The tracefs mount, mounting it at /sys/kernel/tracing when nothing is mounted (as root we
+/// can, and users should not have to know about it).
+pub fn tracefs() -> Result<PathBuf> {
+    if let Some(p) = TRACEFS_MOUNTS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| tracefs_ready(p))
+    {
+        return Ok(p);
+    }
+    let target = Path::new(TRACEFS_MOUNTS[0]);
+    let c = |s: &str| CString::new(s).expect("no NUL");
+    let ret = if target.is_dir() {
+        unsafe {
+            libc::mount(
+                c("tracefs").as_ptr(),
+                c(TRACEFS_MOUNTS[0]).as_ptr(),
+                c("tracefs").as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        }
+    } else {
+        -1
+    };
+    if ret != 0 || !tracefs_ready(target) {
+        bail!(
+            "tracefs is not mounted and could not be mounted ({}): run `mount -t tracefs tracefs /sys/kernel/tracing`",
+            std::io::Error::last_os_error()
+        );
+    }
+    eprintln!("membarrier-trace: mounted tracefs at {}", target.display());
+    Ok(target.to_path_buf())
+}
+
+/// Fails unless the kernel has the tracepoint `category:name`.
+pub fn check_tracepoint(tracefs: &Path, category: &str, name: &str, why: &str) -> Result<()> {
+    if !tracefs.join("events").join(category).join(name).is_dir() {
+        bail!("this kernel has no {category}:{name} tracepoint ({why})");
+    }
+    Ok(())
+}
+
+/// Offset of `field` in the records of tracepoint `category:name`, from its format file.
+pub fn field_offset(tracefs: &Path, category: &str, name: &str, field: &str) -> Result<u32> {
+    let path = tracefs
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("format");
+    let format =
+        fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    parse_field_offset(&format, field)
+        .with_context(|| format!("no field {field} in {}", path.display()))
+}
+
+fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let mut parts = line.trim().trim_start_matches("field:").split(';');
+        let decl = parts.next()?;
+        let name = decl.split_whitespace().last()?.split('[').next()?;
+        if name != field {
+            return None;
+        }
+        parts.find_map(|p| p.trim().strip_prefix("offset:")?.parse().ok())
+    })
+}
+
+/// State letter of a process from /proc/PID/stat, or `None` when there is no such process.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// True while `pid` exists and has not exited (a zombie counts as exited).
+pub fn alive(pid: u32) -> bool {
+    matches!(proc_state(pid), Some(s) if s != 'Z' && s != 'X')
+}
+
+/// Checks a `--pid` value: it must be a live process, given by its process (not thread) id.
+pub fn check_pid(pid: u32) -> Result<()> {
+    if !alive(pid) {
+        bail!(
+            "no process with pid {pid}: check the pid (ps -e), or start the program with `membarrier-trace -- COMMAND`"
+        );
+    }
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let tgid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    if let Some(tgid) = tgid
+        && tgid != pid
+    {
+        bail!(
+            "{pid} is a thread of process {tgid}: pass --pid {tgid} (all its threads are traced)"
+        );
+    }
+    Ok(())
+}
+
+/// The process name of `pid` (its main thread's comm), if it is still there.
+pub fn comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_format_files_old_and_new() {
+        let new = "\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\
+                   \tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\
+                   \tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        assert_eq!(parse_field_offset(new, "child_pid"), Some(20));
+        let old = "\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\
+                   \tfield:pid_t parent_pid;\toffset:24;\tsize:4;\tsigned:1;\n\
+                   \tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\
+                   \tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!(parse_field_offset(old, "child_pid"), Some(44));
+        assert_eq!(parse_field_offset(old, "child_comm"), Some(28));
+        assert_eq!(parse_field_offset(old, "nope"), None);
+    }
+
+    #[test]
+    fn pid_checks() {
+        let me = std::process::id();
+        assert!(alive(me));
+        check_pid(me).unwrap();
+        assert!(!alive(u32::MAX - 1));
+        let e = check_pid(u32::MAX - 1).unwrap_err().to_string();
+        assert!(e.starts_with("no process with pid"), "{e}");
+    }
+}

@@ -1,0 +1,308 @@
+//! `cargo xtask`: one entry point that installs what the project needs, then builds, runs or
+//! tests it. Every step checks first and installs only what is missing, saying what it does.
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the tests drive: real membarrier users and tools to compare against.
+const TEST_PACKAGES: &[&str] = &["stress-ng", "liburcu-dev", "strace", "tmux", "gcc"];
+
+const USAGE: &str = "usage: cargo xtask <command>
+  bootstrap        install what building and testing need (nightly rust-src, bpf-linker, Debian packages)
+  build            build membarrier-trace (release)
+  run [-- ARGS]    build, then run membarrier-trace ARGS as root
+  test [-- ARGS]   run every test as root (ARGS go to cargo test)
+  clippy           cargo clippy -D warnings on every crate";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
+    let mut args = env::args().skip(1);
+    let cmd = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.skip_while(|a| a == "--").collect();
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    match cmd.as_str() {
+        "bootstrap" => {
+            toolchain()?;
+            packages(TEST_PACKAGES)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "build" => {
+            let path = toolchain()?;
+            cargo(
+                &path,
+                &["build", "--release", "--package", "membarrier-trace"],
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "run" => {
+            let path = toolchain()?;
+            cargo(
+                &path,
+                &["build", "--release", "--package", "membarrier-trace"],
+            )?;
+            let bin = root.join("target/release/membarrier-trace");
+            status(as_root(Command::new(bin).args(&rest), &path))
+        }
+        "test" => {
+            let path = toolchain()?;
+            packages(TEST_PACKAGES)?;
+            // Build as the invoking user, then run the tests as root: they load eBPF programs.
+            let mut args = vec![
+                "test",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "membarrier-trace-ebpf",
+            ];
+            cargo(&path, &[&args[..], &["--no-run"]].concat())?;
+            let extra: Vec<&str> = rest.iter().map(String::as_str).collect();
+            if !extra.is_empty() {
+                args.push("--");
+                args.extend(extra);
+            }
+            eprintln!("xtask: running the tests (as root: they load eBPF programs)");
+            let mut cmd = Command::new(cargo_bin());
+            cmd.args(&args);
+            status(as_root(&mut cmd, &path))
+        }
+        "clippy" => {
+            let path = toolchain()?;
+            cargo(
+                &path,
+                &[
+                    "clippy",
+                    "--release",
+                    "--workspace",
+                    "--exclude",
+                    "membarrier-trace-ebpf",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo_bin() -> OsString {
+    env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+fn status(cmd: &mut Command) -> Result<ExitCode> {
+    let s = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    Ok(match s.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(c) => ExitCode::from(c as u8),
+        None => ExitCode::FAILURE,
+    })
+}
+
+fn check(cmd: &mut Command) -> Result<()> {
+    let s = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !s.success() {
+        bail!("{cmd:?} failed: {s}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let o = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !o.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_ok_and(|u| u == "0")
+}
+
+/// `cmd` with PATH set, run through sudo unless we are root already.
+fn as_root<'a>(cmd: &'a mut Command, path: &OsString) -> &'a mut Command {
+    cmd.env("PATH", path);
+    if !is_root() {
+        let prog = cmd.get_program().to_owned();
+        let args: Vec<OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let mut sudo = Command::new("sudo");
+        sudo.arg("--preserve-env")
+            .arg("env")
+            .arg(format!("PATH={}", path.to_string_lossy()));
+        sudo.arg(prog).args(args);
+        *cmd = sudo;
+    }
+    cmd
+}
+
+fn cargo(path: &OsString, args: &[&str]) -> Result<()> {
+    check(Command::new(cargo_bin()).args(args).env("PATH", path))
+}
+
+/// Makes sure the eBPF toolchain is there: nightly with rust-src, and bpf-linker built against
+/// nightly's own libLLVM (Debian's LLVM is too old to read nightly's bitcode). Returns the PATH
+/// to build with.
+fn toolchain() -> Result<OsString> {
+    let rustup = |args: &[&str]| output(Command::new("rustup").args(args));
+    if rustup(&["run", "nightly", "rustc", "--version"]).is_err() {
+        eprintln!("xtask: installing the nightly toolchain (for -Z build-std)");
+        check(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    let sysroot = PathBuf::from(rustup(&["run", "nightly", "rustc", "--print", "sysroot"])?);
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        eprintln!("xtask: adding rust-src to nightly (the eBPF crate builds core from source)");
+        check(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    let linker_bin = bpf_linker(&sysroot)?;
+    let mut paths = vec![linker_bin];
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    Ok(env::join_paths(paths)?)
+}
+
+/// nightly's libLLVM, e.g. `libLLVM.so.22.1-rust-1.97.0-nightly`.
+fn nightly_libllvm(sysroot: &Path) -> Result<String> {
+    let lib = sysroot.join("lib");
+    let mut names: Vec<String> = fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("libLLVM.so."))
+        .collect();
+    names.sort();
+    names
+        .pop()
+        .with_context(|| format!("no libLLVM.so.* in {}: is nightly complete?", lib.display()))
+}
+
+/// The folder holding `bpf-linker`, building it on first use. It lives under CARGO_HOME, keyed
+/// by the LLVM it links, so later clones on this machine reuse it and a new nightly rebuilds it.
+fn bpf_linker(sysroot: &Path) -> Result<PathBuf> {
+    let libllvm = nightly_libllvm(sysroot)?;
+    let llvm_version = libllvm.trim_start_matches("libLLVM.so.");
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let dir = cargo_home
+        .join("membarrier-trace")
+        .join(format!("bpf-linker-{BPF_LINKER_VERSION}-{llvm_version}"));
+    let bin = dir.join("bin");
+    if output(Command::new(bin.join("bpf-linker")).arg("--version")).is_ok() {
+        return Ok(bin);
+    }
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against nightly's {libllvm} into {} (about 90 s, once)",
+        dir.display()
+    );
+    // bpf-linker's build looks for LLVM_PREFIX/lib/libLLVM.so; the binary then finds the
+    // versioned name there at run time, so this folder must stay.
+    let prefix = dir.join("llvm");
+    let lib = prefix.join("lib");
+    fs::create_dir_all(&lib)?;
+    let target = sysroot.join("lib").join(&libllvm);
+    for name in ["libLLVM.so", libllvm.as_str()] {
+        let link = lib.join(name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    let major = llvm_version.split('.').next().unwrap_or_default();
+    check(
+        Command::new(cargo_bin())
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--no-default-features",
+            ])
+            .args(["--features", &format!("llvm-{major}")])
+            .arg("--root")
+            .arg(&dir)
+            .env("LLVM_PREFIX", &prefix),
+    )?;
+    Ok(bin)
+}
+
+/// Installs the Debian packages that are missing, and only those.
+fn packages(wanted: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .map(|s| s != "install ok installed")
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    let sudo = |args: &[&str]| {
+        let mut c = if is_root() {
+            Command::new(args[0])
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg(args[0]);
+            c
+        };
+        c.args(&args[1..]).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    check(&mut sudo(&["apt-get", "update", "-q"]))?;
+    check(&mut sudo(
+        &[
+            &["apt-get", "install", "-y", "-q", "--no-install-recommends"][..],
+            &missing,
+        ]
+        .concat(),
+    ))?;
+    Ok(())
+}
