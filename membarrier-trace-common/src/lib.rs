@@ -64,14 +64,13 @@ pub struct StatsKey {
     pub errno: u32,
 }
 
-/// Aggregated calls for one [`StatsKey`], kept per CPU.
+/// Aggregated calls for one [`StatsKey`].
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Stats {
     pub count: u64,
     pub sum_ns: u64,
-    /// 0 means "no call on this CPU yet": a real call never takes 0 ns between the two
-    /// tracepoints.
+    /// u64::MAX until the first call.
     pub min_ns: u64,
     pub max_ns: u64,
     /// The calling thread's comm when the row was created (the process may be gone by the time
@@ -103,7 +102,8 @@ pub mod counter {
 }
 
 /// Map sizes, shared so userspace can say what a full map means.
-pub const MAX_STATS: u32 = 8192;
+/// 2048 rows x 4.2 KiB = 8.6 MiB of kernel memory, preallocated.
+pub const MAX_STATS: u32 = 2048;
 pub const MAX_INFLIGHT: u32 = 16384;
 pub const MAX_PIDS: u32 = 8192;
 

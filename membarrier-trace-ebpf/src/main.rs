@@ -5,12 +5,18 @@
 //! the summaries; no per-event data leaves the kernel.
 #![no_std]
 #![no_main]
+// The BPF target has no compare-and-swap in core's atomics API (target_has_atomic is off), but
+// the instructions exist (BPF_ATOMIC add and cmpxchg): reach them through the intrinsics.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray},
     programs::TracePointContext,
 };
 use membarrier_trace_common::{
@@ -38,10 +44,13 @@ static TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_PIDS, 0);
 #[map]
 static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
 
-// Not preallocated: a row is 4 KiB per CPU, so memory follows the rows in use, not the bound.
+// One shared, preallocated row per key, updated with atomics. Not per-CPU: a row is 4 KiB, so
+// per-CPU rows cost rows x CPUs x 4 KiB; and not BPF_F_NO_PREALLOC: allocation from a tracing
+// program fails transiently (-ENOMEM) while the allocator refills its per-CPU cache, which
+// dropped the first calls of new rows in testing. Rows are only contended when one process
+// calls from several CPUs at once, and the expedited cmds serialize on a kernel mutex anyway.
 #[map]
-static STATS: PerCpuHashMap<StatsKey, Stats> =
-    PerCpuHashMap::with_max_entries(MAX_STATS, BPF_F_NO_PREALLOC);
+static STATS: HashMap<StatsKey, Stats> = HashMap::with_max_entries(MAX_STATS, 0);
 
 /// Template for new stats rows: the BPF stack (512 bytes) cannot hold one.
 #[map]
@@ -120,20 +129,40 @@ pub fn sys_exit_membarrier(ctx: TracePointContext) -> u32 {
     };
     let ns = end_ns.wrapping_sub(call.start_ns);
     let row = unsafe { &mut *row };
-    row.count += 1;
-    row.sum_ns += ns;
-    if row.min_ns == 0 || ns < row.min_ns {
-        row.min_ns = ns;
-    }
-    if ns > row.max_ns {
-        row.max_ns = ns;
-    }
+    add(&mut row.count, 1);
+    add(&mut row.sum_ns, ns);
+    update(&mut row.min_ns, ns, |new, cur| new < cur);
+    update(&mut row.max_ns, ns, |new, cur| new > cur);
     // The volatile read hides the bucket's known range from LLVM, so the mask survives for the
     // verifier, which cannot follow the log2 arithmetic to see the bound itself.
     let b = hist_bucket(ns);
     let b = unsafe { core::ptr::read_volatile(&b) } & (HIST_BUCKETS - 1);
-    row.hist[b] += 1;
+    add(&mut row.hist[b], 1);
     0
+}
+
+/// Atomic add (BPF_ATOMIC_ADD: the result is unused, so no fetch is needed).
+#[inline(always)]
+fn add(p: &mut u64, v: u64) {
+    unsafe { atomic_xadd::<u64, u64, { Relaxed }>(p, v) };
+}
+
+/// Stores `v` when `better(v, current)`, with a bounded compare-exchange retry (the verifier
+/// wants bounded loops; losing 4 races in a row to the same row needs 5 CPUs in it at once).
+#[inline(always)]
+fn update(p: &mut u64, v: u64, better: impl Fn(u64, u64) -> bool) {
+    // An aligned 8-byte load is single-copy atomic; the cmpxchg below catches a stale value.
+    let mut cur = unsafe { core::ptr::read_volatile(p) };
+    for _ in 0..4 {
+        if !better(v, cur) {
+            return;
+        }
+        let (now, swapped) = unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(p, cur, v) };
+        if swapped {
+            return;
+        }
+        cur = now;
+    }
 }
 
 /// The stats row for `key`, created on first use.
@@ -142,9 +171,12 @@ fn stats_row(key: &StatsKey) -> Option<*mut Stats> {
     if let Some(row) = STATS.get_ptr_mut(key) {
         return Some(row);
     }
-    // Slow path, once per row: SCRATCH is never counted into, so only its comm changes.
+    // Slow path, once per row: SCRATCH is never counted into, so its histogram stays zero.
     let tmpl = SCRATCH.get_ptr_mut(0)?;
-    unsafe { (*tmpl).comm = bpf_get_current_comm().unwrap_or_default() };
+    unsafe {
+        (*tmpl).comm = bpf_get_current_comm().unwrap_or_default();
+        (*tmpl).min_ns = u64::MAX;
+    }
     // NOEXIST: another CPU may have created the row meanwhile; then use theirs.
     let _ = STATS.insert(key, unsafe { &*tmpl }, BPF_NOEXIST as u64);
     STATS.get_ptr_mut(key)

@@ -6,7 +6,7 @@ use std::{collections::HashMap, path::Path, time::Instant};
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{ProgramError, TracePoint},
 };
 use membarrier_trace_common::{Inflight, Stats, StatsKey, counter};
@@ -31,7 +31,7 @@ pub struct Options {
 pub struct Collector {
     // Owns the programs; dropping it detaches them.
     ebpf: Ebpf,
-    stats: PerCpuHashMap<MapData, StatsKey, Stats>,
+    stats: BpfHashMap<MapData, StatsKey, Stats>,
     counters: PerCpuArray<MapData, u64>,
     inflight: BpfHashMap<MapData, u32, Inflight>,
     tgids: BpfHashMap<MapData, u32, u8>,
@@ -72,6 +72,49 @@ fn load_error(prog: &str, e: ProgramError) -> anyhow::Error {
         }
         e => anyhow::Error::new(e).context(format!("loading {prog}")),
     }
+}
+
+/// How often the kernel skipped `prog` because another BPF program was running on that CPU
+/// (`recursion_misses` in `bpf_prog_info`; aya does not expose it).
+fn recursion_misses(ebpf: &Ebpf, prog: &str) -> Result<u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    // struct bpf_prog_info up to and including recursion_misses (at offset 208).
+    const INFO_LEN: usize = 216;
+    const RECURSION_MISSES_OFF: usize = 208;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let p = ebpf
+        .program(prog)
+        .with_context(|| format!("eBPF program {prog} missing"))?;
+    let fd = p.fd()?.as_fd().as_raw_fd();
+    let mut info = [0u8; INFO_LEN];
+    let mut attr = GetInfo {
+        bpf_fd: fd as u32,
+        info_len: INFO_LEN as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: attr points at a live buffer of info_len bytes.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            std::mem::size_of::<GetInfo>(),
+        )
+    };
+    if r != 0 {
+        anyhow::bail!(
+            "BPF_OBJ_GET_INFO_BY_FD: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let bytes = &info[RECURSION_MISSES_OFF..RECURSION_MISSES_OFF + 8];
+    Ok(u64::from_ne_bytes(bytes.try_into().expect("8 bytes")))
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
@@ -164,42 +207,37 @@ impl Collector {
         let mut rows = Vec::new();
         let mut kernel_comms: HashMap<u32, String> = HashMap::new();
         for item in self.stats.iter() {
-            let (key, per_cpu) = item.context("reading the stats map")?;
-            let mut row = RawRow {
-                key,
-                count: 0,
-                sum_ns: 0,
-                min_ns: u64::MAX,
-                max_ns: 0,
-                hist: Histogram::default(),
-            };
-            for s in per_cpu.iter().filter(|s| s.count > 0) {
-                row.count += s.count;
-                row.sum_ns += s.sum_ns;
-                row.min_ns = row.min_ns.min(s.min_ns);
-                row.max_ns = row.max_ns.max(s.max_ns);
-                row.hist.add(&s.hist);
-            }
-            if row.count == 0 {
+            let (key, s) = item.context("reading the stats map")?;
+            // A row is created just before its first call is counted into it.
+            if s.count == 0 {
                 continue;
             }
-            if let Some(s) = per_cpu.iter().find(|s| s.comm[0] != 0) {
-                let end = s.comm.iter().position(|&b| b == 0).unwrap_or(s.comm.len());
-                kernel_comms
-                    .entry(key.tgid)
-                    .or_insert_with(|| String::from_utf8_lossy(&s.comm[..end]).into_owned());
-            }
-            rows.push(row);
+            let end = s.comm.iter().position(|&b| b == 0).unwrap_or(s.comm.len());
+            kernel_comms
+                .entry(key.tgid)
+                .or_insert_with(|| String::from_utf8_lossy(&s.comm[..end]).into_owned());
+            rows.push(RawRow {
+                key,
+                count: s.count,
+                sum_ns: s.sum_ns,
+                min_ns: s.min_ns,
+                max_ns: s.max_ns,
+                hist: Histogram {
+                    counts: s.hist.to_vec(),
+                },
+            });
         }
         // Name processes by /proc while they live (the main thread's comm); once gone, by the
         // comm of the thread that made their first call.
         for (tgid, kcomm) in kernel_comms {
-            if !self.comms.contains_key(&tgid) {
-                let comm = preflight::comm(tgid).unwrap_or(kcomm);
-                self.comms.insert(tgid, comm);
-            }
+            self.comms
+                .entry(tgid)
+                .or_insert_with(|| preflight::comm(tgid).unwrap_or(kcomm));
         }
-        let mut missed_calls = self.counter(counter::MISSED_ENTER)?;
+        // A skipped enter shows up as an exit without enter (MISSED_ENTER); a skipped exit
+        // leaves its enter behind, so count the exit program's skips directly.
+        let mut missed_calls = self.counter(counter::MISSED_ENTER)?
+            + recursion_misses(&self.ebpf, "sys_exit_membarrier")?;
         if last {
             missed_calls += self.inflight.keys().filter(|k| k.is_ok()).count() as u64;
         }

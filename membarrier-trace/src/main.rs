@@ -55,7 +55,18 @@ fn positive_secs(s: &str) -> Result<f64, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap's first line names the problem; its usage block would bury it.
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or_default();
+            let first = first.trim_start_matches("error: ");
+            eprintln!("membarrier-trace: error: {first} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -154,7 +154,7 @@ fn main() {
         .map(|mut o| {
             o.all_ns.sort_unstable();
             if !o.all_ns.is_empty() {
-                o.p50_ns = o.all_ns[(o.all_ns.len() + 1) / 2 - 1];
+                o.p50_ns = o.all_ns[o.all_ns.len().div_ceil(2) - 1];
             }
             o
         })

@@ -1,0 +1,607 @@
+//! End-to-end tests: the real eBPF programs, loaded as root, against workloads that issue a
+//! known mix of membarrier calls. Run them with `cargo xtask test` (as root).
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader, Write as _},
+    path::PathBuf,
+    process::{Child, ChildStderr, Command, Output, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const TRACER: &str = env!("CARGO_BIN_EXE_membarrier-trace");
+const WORKLOAD: &str = env!("CARGO_BIN_EXE_membarrier-workload");
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn require_root() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "these tests load eBPF programs: run them as root (`cargo xtask test` does)"
+    );
+}
+
+/// Waits for `child` to exit, killing it after TIMEOUT so a hung tracer fails the test.
+fn wait_output(mut child: Child) -> Output {
+    let deadline = Instant::now() + TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "timed out; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A running tracer whose stderr has said it is attached.
+struct Tracer {
+    child: Child,
+    stderr: thread::JoinHandle<String>,
+}
+
+impl Tracer {
+    fn start(args: &[&str]) -> Tracer {
+        let mut child = Command::new(TRACER)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = wait_for_line(child.stderr.take().unwrap(), "membarrier-trace: tracing");
+        Tracer { child, stderr }
+    }
+
+    fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for the tracer to exit; returns its output with the whole of its stderr.
+    fn finish(self) -> Output {
+        let mut out = wait_output(self.child);
+        out.stderr = self.stderr.join().unwrap().into_bytes();
+        out
+    }
+}
+
+/// Reads `stderr` in the background until a line starting with `prefix` (the tracer is
+/// attached), and on to the end; the handle yields everything read.
+fn wait_for_line(stderr: ChildStderr, prefix: &str) -> thread::JoinHandle<String> {
+    let (tx, rx) = mpsc::channel();
+    let prefix = prefix.to_string();
+    let handle = thread::spawn(move || {
+        let mut seen = String::new();
+        let mut r = BufReader::new(stderr);
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            seen.push_str(&line);
+            if line.starts_with(&prefix) {
+                let _ = tx.send(true);
+            }
+            line.clear();
+        }
+        let _ = tx.send(false);
+        seen
+    });
+    let started = rx.recv_timeout(TIMEOUT).unwrap_or(false);
+    if !started {
+        panic!("tracer did not start: {}", handle.join().unwrap());
+    }
+    handle
+}
+
+/// A workload held before its first call until `go`.
+struct Workload {
+    child: Child,
+    pid: u32,
+}
+
+impl Workload {
+    fn start(args: &[&str]) -> Workload {
+        let mut child = Command::new(WORKLOAD)
+            .args(args)
+            .arg("--wait-stdin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+        Workload { child, pid }
+    }
+
+    fn go(&mut self) {
+        self.child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    }
+
+    /// Waits for it (reaping it, so the tracer sees it gone) and returns its accounting.
+    fn finish(self) -> Value {
+        let out = wait_output(self.child);
+        assert!(out.status.success(), "workload failed: {:?}", out.status);
+        last_json_with(&String::from_utf8_lossy(&out.stdout), "outcomes")
+    }
+}
+
+fn last_json_with(text: &str, key: &str) -> Value {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .rfind(|v| v.get(key).is_some())
+        .unwrap_or_else(|| panic!("no JSON with {key:?} in output:\n{text}"))
+}
+
+/// The workload's own count per (cmd, flags, errno).
+fn workload_counts(w: &Value) -> BTreeMap<(i64, u64, String), u64> {
+    w["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let errno = match o["errno"].as_u64().unwrap() {
+                0 => String::new(),
+                1 => "EPERM".to_string(),
+                22 => "EINVAL".to_string(),
+                e => format!("E{e}"),
+            };
+            (
+                (
+                    o["cmd"].as_i64().unwrap(),
+                    o["flags"].as_u64().unwrap(),
+                    errno,
+                ),
+                o["count"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The tracer's count per (cmd, flags, errno) for one process.
+fn tracer_counts(p: &Value) -> BTreeMap<(i64, u64, String), u64> {
+    let mut m = BTreeMap::new();
+    for c in p["cmds"].as_array().unwrap() {
+        let key = |e: &str| {
+            (
+                c["cmd_value"].as_i64().unwrap(),
+                c["flags"].as_u64().unwrap(),
+                e.to_string(),
+            )
+        };
+        let errors = c["errors"].as_u64().unwrap();
+        let ok = c["calls"].as_u64().unwrap() - errors;
+        if ok > 0 {
+            m.insert(key(""), ok);
+        }
+        let mut errno_sum = 0;
+        for (e, n) in c["errno"].as_object().unwrap() {
+            m.insert(key(e), n.as_u64().unwrap());
+            errno_sum += n.as_u64().unwrap();
+        }
+        assert_eq!(errno_sum, errors, "errno breakdown sums to errors: {c}");
+    }
+    m
+}
+
+fn process(report: &Value, pid: u32) -> &Value {
+    report["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == pid)
+        .unwrap_or_else(|| panic!("pid {pid} not in report: {report}"))
+}
+
+fn cmd_row(p: &Value, cmd: i64, flags: u64) -> &Value {
+    p["cmds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cmd_value"] == cmd && c["flags"] == flags)
+        .unwrap_or_else(|| panic!("cmd {cmd} flags {flags} not in {p}"))
+}
+
+const MIX: &[&str] = &[
+    "--eperm",
+    "11",
+    "--query",
+    "3",
+    "--invalid",
+    "7",
+    "--bad-flags",
+    "2",
+    "--expedited",
+    "30000",
+    "--threads",
+    "4",
+    "--global",
+    "5",
+];
+
+#[test]
+fn pid_filter_counts_exactly_and_ignores_others() {
+    require_root();
+    let mut w = Workload::start(MIX);
+    // Another process making calls at the same time must not appear.
+    let mut other = Workload::start(&["--expedited", "5000", "--query", "5", "--global", "1"]);
+    let tracer = Tracer::start(&["--pid", &w.pid.to_string(), "-o", "json"]);
+    w.go();
+    other.go();
+    let (w_pid, other_pid) = (w.pid, other.pid);
+    let mine = w.finish();
+    other.finish();
+    // The tracer stops by itself once every traced process has exited.
+    let out = tracer.finish();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("every traced process has exited"));
+    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+
+    let procs = report["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 1, "only the traced pid: {report}");
+    assert_ne!(procs[0]["pid"], other_pid);
+    let p = process(&report, w_pid);
+    assert_eq!(p["comm"], "membarrier-work");
+
+    // Exactly the workload's calls, per cmd, flags and errno: no more, no fewer.
+    let expected = workload_counts(&mine);
+    assert_eq!(
+        tracer_counts(p),
+        expected,
+        "missed {}, dropped {}",
+        report["missed_calls"],
+        report["dropped"]
+    );
+    // And that is the mix we asked for (the workload really made these calls).
+    assert_eq!(expected[&(8, 0, "EPERM".into())], 11);
+    assert_eq!(expected[&(0, 0, String::new())], 3);
+    assert_eq!(expected[&(3, 0, "EINVAL".into())], 7);
+    assert_eq!(expected[&(8, 1, "EINVAL".into())], 2);
+    assert_eq!(expected[&(16, 0, String::new())], 1);
+    assert_eq!(expected[&(8, 0, String::new())], 30000);
+    assert_eq!(expected[&(1, 0, String::new())], 5);
+    assert_eq!(p["calls"], 30000 + 11 + 3 + 7 + 2 + 1 + 5);
+    assert_eq!(p["errors"], 11 + 7 + 2);
+    assert_eq!(report["missed_calls"], 0);
+    assert_eq!(report["dropped"], 0);
+
+    // Latency is measured inside the kernel, so it never exceeds what the workload measured
+    // around the same calls: per row, the sum and the max are bounded by userspace's.
+    for o in mine["outcomes"].as_array().unwrap() {
+        let (cmd, flags) = (o["cmd"].as_i64().unwrap(), o["flags"].as_u64().unwrap());
+        let row = cmd_row(p, cmd, flags);
+        let user_sum: u64 = mine["outcomes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["cmd"] == cmd && x["flags"] == flags)
+            .map(|x| x["sum_ns"].as_u64().unwrap())
+            .sum();
+        let lat = &row["latency_ns"];
+        assert!(
+            lat["sum"].as_u64().unwrap() <= user_sum,
+            "{cmd}: {lat} vs user sum {user_sum}"
+        );
+        assert!(lat["min"].as_u64().unwrap() > 0);
+        assert!(lat["min"].as_u64() <= lat["p50"].as_u64());
+        assert!(lat["p50"].as_u64() <= lat["p99"].as_u64());
+        assert!(lat["p99"].as_u64() <= lat["max"].as_u64());
+        let hist_total: u64 = row["histogram"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(hist_total, row["calls"].as_u64().unwrap());
+    }
+    // GLOBAL waits a grace period (milliseconds): the kernel-side p50 matches the workload's
+    // own p50 within the histogram's resolution plus the syscall entry/exit around it.
+    let global = mine["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["cmd"] == 1)
+        .unwrap();
+    let user_p50 = global["p50_ns"].as_u64().unwrap() as f64;
+    let row = cmd_row(p, 1, 0);
+    assert_eq!(row["kind"], "grace_period");
+    let p50 = row["latency_ns"]["p50"].as_u64().unwrap() as f64;
+    assert!(
+        p50 <= user_p50 * 1.04 && p50 >= user_p50 * 0.9,
+        "GLOBAL p50 {p50} vs workload's {user_p50}"
+    );
+    assert!(row["latency_ns"]["max"].as_u64().unwrap() <= global["max_ns"].as_u64().unwrap());
+}
+
+#[test]
+fn command_mode_sees_every_call_and_passes_exit_status() {
+    require_root();
+    let out = wait_output(
+        Command::new(TRACER)
+            .args([
+                "-o",
+                "json",
+                "--",
+                WORKLOAD,
+                "--query",
+                "2",
+                "--expedited",
+                "500",
+            ])
+            .args(["--threads", "2", "--global", "1", "--exit-code", "3"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mine = last_json_with(&stdout, "outcomes");
+    let report = last_json_with(&stdout, "processes");
+    let p = process(&report, mine["pid"].as_u64().unwrap() as u32);
+    assert_eq!(tracer_counts(p), workload_counts(&mine));
+    assert_eq!(p["calls"], 2 + 1 + 500 + 1);
+    assert_eq!(report["missed_calls"], 0);
+}
+
+#[test]
+fn liburcu_memb_matches_strace() {
+    require_root();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/urcu/urcu_memb_writer.c");
+    let bin = dir.join("urcu_memb_writer");
+    let cc = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .args(["-lurcu-memb", "-lpthread"])
+        .output()
+        .expect("cc (cargo xtask test installs gcc and liburcu-dev)");
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let strace_log = dir.join(format!("urcu-strace-{}.log", std::process::id()));
+
+    // strace runs the program under the tracer: both watch the very same calls, from the
+    // library's constructor on.
+    let out = wait_output(
+        Command::new(TRACER)
+            .args([
+                "-o",
+                "json",
+                "--",
+                "strace",
+                "-f",
+                "-qq",
+                "-e",
+                "trace=membarrier",
+                "-o",
+            ])
+            .arg(&strace_log)
+            .arg(&bin)
+            .arg("300")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+
+    let log = std::fs::read_to_string(&strace_log).unwrap();
+    let mut strace: BTreeMap<String, u64> = BTreeMap::new();
+    let mut strace_errors = 0;
+    for line in log.lines() {
+        if let Some(rest) = line.split("membarrier(MEMBARRIER_CMD_").nth(1) {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect();
+            *strace.entry(name).or_default() += 1;
+        }
+        if line.contains(") = -1 ") {
+            strace_errors += 1;
+        }
+    }
+    let mut ours: BTreeMap<String, u64> = BTreeMap::new();
+    let mut our_errors = 0;
+    for p in report["processes"].as_array().unwrap() {
+        our_errors += p["errors"].as_u64().unwrap();
+        for c in p["cmds"].as_array().unwrap() {
+            *ours
+                .entry(c["cmd"].as_str().unwrap().to_string())
+                .or_default() += c["calls"].as_u64().unwrap();
+        }
+    }
+    assert_eq!(ours, strace, "tracer vs strace; strace log:\n{log}");
+    assert_eq!(our_errors, strace_errors);
+    // urcu-memb: QUERY and REGISTER in the constructor, PRIVATE_EXPEDITED per grace period.
+    assert_eq!(ours["QUERY"], 1);
+    assert_eq!(ours["REGISTER_PRIVATE_EXPEDITED"], 1);
+    assert!(ours["PRIVATE_EXPEDITED"] >= 300, "{ours:?}");
+    assert_eq!(report["missed_calls"], 0);
+    let _ = std::fs::remove_file(strace_log);
+}
+
+#[test]
+fn sigint_prints_the_final_summary() {
+    require_root();
+    let tracer = Tracer::start(&["-o", "text"]);
+    let mut w = Workload::start(&["--expedited", "1000"]);
+    w.go();
+    let pid = w.pid;
+    w.finish();
+    tracer.signal(libc::SIGINT);
+    let out = tracer.finish();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("membarrier-trace: "), "{text}");
+    // Tracing every process: the workload's row is there, exact (1000 calls + registration).
+    assert!(
+        text.contains(&format!("PID {pid} (membarrier-work): 1001 calls")),
+        "{text}"
+    );
+}
+
+#[test]
+fn sigterm_in_command_mode_stops_the_command_too() {
+    require_root();
+    let mut child = Command::new(TRACER)
+        .args(["-o", "json", "--", "sleep", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _stderr = wait_for_line(child.stderr.take().unwrap(), "membarrier-trace: tracing");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    let out = wait_output(child);
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
+    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+    assert_eq!(report["processes"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn interval_prints_one_json_document_per_line() {
+    require_root();
+    let start = Instant::now();
+    let out = wait_output(
+        Command::new(TRACER)
+            .args(["-o", "json", "-i", "0.25", "-d", "1.1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(out.status.success());
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let docs: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is one JSON document"))
+        .collect();
+    // Four interval reports and the final one.
+    assert_eq!(docs.len(), 5, "{docs:?}");
+    let durations: Vec<u64> = docs
+        .iter()
+        .map(|d| d["duration_ns"].as_u64().unwrap())
+        .collect();
+    assert!(durations.windows(2).all(|w| w[0] < w[1]), "{durations:?}");
+    assert!(durations[4] >= 1_100_000_000);
+}
+
+#[test]
+fn a_call_under_way_at_attach_is_counted_missed() {
+    require_root();
+    // GLOBAL calls back to back: the thread is almost always inside one, so the tracer attaches
+    // mid-call and stops mid-call.
+    let w = Command::new(WORKLOAD)
+        .args(["--global", "150"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let tracer = Tracer::start(&["--pid", &w.id().to_string(), "-o", "json", "-d", "0.5"]);
+    let out = tracer.finish();
+    let _ = wait_output(w);
+    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+    assert!(report["missed_calls"].as_u64().unwrap() >= 1, "{report}");
+}
+
+/// Runs the tracer with `args` and expects the one-line error `needle`, exit status 2.
+fn expect_error(cmd: &mut Command, needle: &str) {
+    let out = wait_output(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains(needle), "{stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"));
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn bad_input_is_one_line_and_exit_2() {
+    require_root();
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let missing = (2..pid_max)
+        .rev()
+        .find(|p| !PathBuf::from(format!("/proc/{p}")).exists())
+        .unwrap();
+    expect_error(
+        Command::new(TRACER).args(["--pid", &missing.to_string()]),
+        &format!("no process with pid {missing}"),
+    );
+    expect_error(
+        Command::new(TRACER).args(["-d", "0"]),
+        "not a positive number",
+    );
+    expect_error(
+        Command::new(TRACER).args(["-o", "yaml"]),
+        "invalid value 'yaml'",
+    );
+    expect_error(
+        Command::new(TRACER).args(["--", "/nonexistent/program"]),
+        "cannot run `/nonexistent/program`",
+    );
+    // A thread id instead of a process id.
+    let w = Command::new(WORKLOAD)
+        .args(["--global", "40", "--threads", "2", "--expedited", "200000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tid = (0..200)
+        .find_map(|_| {
+            thread::sleep(Duration::from_millis(10));
+            std::fs::read_dir(format!("/proc/{}/task", w.id()))
+                .ok()?
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .find(|&t| t != w.id())
+        })
+        .expect("workload thread");
+    expect_error(
+        Command::new(TRACER).args(["--pid", &tid.to_string()]),
+        &format!("is a thread of process {}", w.id()),
+    );
+    let _ = wait_output(w);
+    // Not root: drop to nobody.
+    expect_error(
+        Command::new("setpriv").args(["--reuid=65534", "--regid=65534", "--clear-groups", TRACER]),
+        "must run as root",
+    );
+}
