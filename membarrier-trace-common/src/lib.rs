@@ -79,7 +79,8 @@ pub struct Stats {
     pub hist: [u64; HIST_BUCKETS],
 }
 
-/// A call between its enter and exit tracepoints, keyed by tid.
+/// A thread's slot for the call between its enter and exit tracepoints, keyed by tid.
+/// `start_ns` is 0 while the thread is not inside membarrier.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Inflight {
@@ -92,7 +93,8 @@ pub struct Inflight {
 pub mod counter {
     /// An exit with no matching enter: the tracer attached mid-call, or the enter was dropped.
     pub const MISSED_ENTER: u32 = 0;
-    /// The in-flight map was full at enter; the call is lost.
+    /// The in-flight map (one slot per thread that calls membarrier) was full at enter; the
+    /// call is lost.
     pub const DROPPED_INFLIGHT: u32 = 1;
     /// The stats map was full at exit; the call is lost.
     pub const DROPPED_STATS: u32 = 2;

@@ -196,6 +196,22 @@ impl Collector {
         Ok(())
     }
 
+    /// Frees the in-flight slots of threads that have exited. The eBPF programs keep a slot per
+    /// thread between calls (cheaper than an insert and a delete per call); this bounds them.
+    pub fn prune_exited_threads(&mut self) -> Result<()> {
+        let gone: Vec<u32> = self
+            .inflight
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|tid| !Path::new(&format!("/proc/{tid}")).exists())
+            .collect();
+        for tid in gone {
+            // It may have been removed or reused meanwhile; either way the slot is not ours.
+            let _ = self.inflight.remove(&tid);
+        }
+        Ok(())
+    }
+
     fn counter(&self, idx: u32) -> Result<u64> {
         Ok(self.counters.get(&idx, 0)?.iter().sum())
     }
@@ -239,7 +255,11 @@ impl Collector {
         let mut missed_calls = self.counter(counter::MISSED_ENTER)?
             + recursion_misses(&self.ebpf, "sys_exit_membarrier")?;
         if last {
-            missed_calls += self.inflight.keys().filter(|k| k.is_ok()).count() as u64;
+            missed_calls += self
+                .inflight
+                .iter()
+                .filter(|e| e.as_ref().is_ok_and(|(_, call)| call.start_ns != 0))
+                .count() as u64;
         }
         let dropped = self.counter(counter::DROPPED_INFLIGHT)?
             + self.counter(counter::DROPPED_STATS)?

@@ -47,6 +47,9 @@ enum Format {
     Json,
 }
 
+/// How often exited threads' in-flight slots are freed.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
 fn positive_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
@@ -153,6 +156,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let mut next_report = interval.map(|i| started + i);
     let mut model = Model::default();
     let mut exit = ExitCode::SUCCESS;
+    let mut next_prune = started + PRUNE_EVERY;
     loop {
         if let Some(sig) = match signal.load(Ordering::SeqCst) {
             0 => None,
@@ -181,6 +185,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         {
             emit(cli.output, &model.report(&collector.snapshot(false)?));
             next_report = Some(next + i);
+        }
+        if Instant::now() >= next_prune {
+            collector.prune_exited_threads()?;
+            next_prune += PRUNE_EVERY;
         }
         // Short ticks keep Ctrl-C and process exit responsive; the kernel does the counting.
         let mut tick = Duration::from_millis(50);
