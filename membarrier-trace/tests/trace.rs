@@ -328,24 +328,18 @@ fn pid_filter_counts_exactly_and_ignores_others() {
 #[test]
 fn command_mode_sees_every_call_and_passes_exit_status() {
     require_root();
-    let out = wait_output(
-        Command::new(TRACER)
-            .args([
-                "-o",
-                "json",
-                "--",
-                WORKLOAD,
-                "--query",
-                "2",
-                "--expedited",
-                "500",
-            ])
-            .args(["--threads", "2", "--global", "1", "--exit-code", "3"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let out = run(Command::new(TRACER)
+        .args([
+            "-o",
+            "json",
+            "--",
+            WORKLOAD,
+            "--query",
+            "2",
+            "--expedited",
+            "500",
+        ])
+        .args(["--threads", "2", "--global", "1", "--exit-code", "3"]));
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -383,27 +377,21 @@ fn liburcu_memb_matches_strace() {
 
     // strace runs the program under the tracer: both watch the very same calls, from the
     // library's constructor on.
-    let out = wait_output(
-        Command::new(TRACER)
-            .args([
-                "-o",
-                "json",
-                "--",
-                "strace",
-                "-f",
-                "-qq",
-                "-e",
-                "trace=membarrier",
-                "-o",
-            ])
-            .arg(&strace_log)
-            .arg(&bin)
-            .arg("300")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let out = run(Command::new(TRACER)
+        .args([
+            "-o",
+            "json",
+            "--",
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=membarrier",
+            "-o",
+        ])
+        .arg(&strace_log)
+        .arg(&bin)
+        .arg("300"));
     assert!(
         out.status.success(),
         "{}",
@@ -493,14 +481,7 @@ fn sigterm_in_command_mode_stops_the_command_too() {
 fn interval_prints_one_json_document_per_line() {
     require_root();
     let start = Instant::now();
-    let out = wait_output(
-        Command::new(TRACER)
-            .args(["-o", "json", "-i", "0.25", "-d", "1.1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let out = run(Command::new(TRACER).args(["-o", "json", "-i", "0.25", "-d", "1.1"]));
     assert!(out.status.success());
     assert!(start.elapsed() < Duration::from_secs(10));
     let docs: Vec<Value> = String::from_utf8_lossy(&out.stdout)
@@ -535,14 +516,19 @@ fn a_call_under_way_at_attach_is_counted_missed() {
     assert!(report["missed_calls"].as_u64().unwrap() >= 1, "{report}");
 }
 
-/// Runs the tracer with `args` and expects the one-line error `needle`, exit status 2.
-fn expect_error(cmd: &mut Command, needle: &str) {
-    let out = wait_output(
+/// Runs `cmd` to the end with its output captured.
+fn run(cmd: &mut Command) -> Output {
+    wait_output(
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
-    );
+    )
+}
+
+/// Runs the tracer with `args` and expects the one-line error `needle`, exit status 2.
+fn expect_error(cmd: &mut Command, needle: &str) {
+    let out = run(cmd);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
