@@ -58,6 +58,8 @@ pub struct ProcessReport {
     pub calls: u64,
     pub calls_per_sec: f64,
     pub errors: u64,
+    /// EPERM from expedited cmds: the process issued them without registering first.
+    pub unregistered_eperm: u64,
     pub cmds: Vec<CmdReport>,
 }
 
@@ -176,8 +178,12 @@ impl Model {
                 calls: 0,
                 calls_per_sec: 0.0,
                 errors: 0,
+                unregistered_eperm: 0,
                 cmds: Vec::new(),
             });
+            if row.kind == Kind::Barrier {
+                p.unregistered_eperm += row.errno.get("EPERM").copied().unwrap_or(0);
+            }
             p.calls += row.calls;
             p.calls_per_sec += row.calls_per_sec;
             p.errors += row.errors;
@@ -299,7 +305,14 @@ pub(crate) mod tests {
             assert!(v.get(f).is_some(), "top-level {f}");
         }
         let p = &v["processes"][0];
-        for f in ["pid", "comm", "calls", "errors", "cmds"] {
+        for f in [
+            "pid",
+            "comm",
+            "calls",
+            "errors",
+            "unregistered_eperm",
+            "cmds",
+        ] {
             assert!(p.get(f).is_some(), "process {f}");
         }
         let c = &p["cmds"][0];

@@ -55,6 +55,13 @@ pub fn text(r: &Report) -> String {
             fmt_rate(p.calls_per_sec),
             p.errors
         );
+        if p.unregistered_eperm > 0 {
+            let _ = writeln!(
+                s,
+                "  ! {} EPERM from expedited cmds issued without registering (REGISTER_* first)",
+                p.unregistered_eperm
+            );
+        }
         let _ = writeln!(
             s,
             "  {:<44} {:>5} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}",
@@ -116,6 +123,7 @@ mod tests {
         assert!(t.contains("PID 42 (urcu): 7 calls"));
         assert!(t.contains("GLOBAL (grace period)"));
         assert!(t.contains("EPERM:2"));
+        assert!(t.contains("! 2 EPERM from expedited cmds issued without registering"));
         assert!(t.contains("INVALID(3)"));
     }
 

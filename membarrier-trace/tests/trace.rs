@@ -274,6 +274,8 @@ fn pid_filter_counts_exactly_and_ignores_others() {
     assert_eq!(expected[&(1, 0, String::new())], 5);
     assert_eq!(p["calls"], 30000 + 11 + 3 + 7 + 2 + 1 + 5);
     assert_eq!(p["errors"], 11 + 7 + 2);
+    // PRIVATE_EXPEDITED before registering: flagged.
+    assert_eq!(p["unregistered_eperm"], 11);
     assert_eq!(report["missed_calls"], 0);
     assert_eq!(report["dropped"], 0);
 
@@ -352,6 +354,7 @@ fn command_mode_sees_every_call_and_passes_exit_status() {
     let p = process(&report, mine["pid"].as_u64().unwrap() as u32);
     assert_eq!(tracer_counts(p), workload_counts(&mine));
     assert_eq!(p["calls"], 2 + 1 + 500 + 1);
+    assert_eq!(p["unregistered_eperm"], 0);
     assert_eq!(report["missed_calls"], 0);
 }
 
