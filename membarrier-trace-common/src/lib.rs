@@ -64,7 +64,15 @@ pub struct StatsKey {
     pub errno: u32,
 }
 
+/// Buckets of the per-call IPI count histogram: bucket `i` = `i` IPIs, the last one = that many
+/// or more.
+pub const IPI_HIST: usize = 64;
+
 /// Aggregated calls for one [`StatsKey`].
+///
+/// The `blocked_*` and `ipi_*` histograms only count calls with a non-zero value; userspace
+/// puts the rest (`count` minus their total) in bucket 0, which saves the per-call path two
+/// atomic adds for the common case.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Stats {
@@ -77,6 +85,16 @@ pub struct Stats {
     /// userspace reads /proc).
     pub comm: [u8; COMM_LEN],
     pub hist: [u64; HIST_BUCKETS],
+    /// Time off CPU inside the call (or, with fentry, inside synchronize_rcu*).
+    pub blocked_sum_ns: u64,
+    pub blocked_max_ns: u64,
+    pub blocked_hist: [u64; HIST_BUCKETS],
+    /// IPIs sent while inside the call.
+    pub ipis: u64,
+    pub ipi_hist: [u64; IPI_HIST],
+    /// Time waiting for contended locks inside the call (the expedited cmds' global mutex).
+    pub mutex_wait_sum_ns: u64,
+    pub mutex_wait_max_ns: u64,
 }
 
 /// A thread's slot for the call between its enter and exit tracepoints, keyed by tid.
@@ -87,7 +105,66 @@ pub struct Inflight {
     pub start_ns: u64,
     pub cmd: u32,
     pub flags: u32,
+    pub tgid: u32,
+    pub ipis: u32,
+    /// When the thread last left the CPU inside the call (0: on CPU).
+    pub off_since_ns: u64,
+    pub blocked_ns: u64,
+    /// When the thread started waiting for a contended lock (0: not waiting).
+    pub lock_since_ns: u64,
+    pub mutex_wait_ns: u64,
+    /// fentry on synchronize_rcu*: entry time (0: not inside).
+    pub gp_since_ns: u64,
 }
+
+/// Per (process, cmd, flags) and target CPU: IPIs sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CpuKey {
+    pub tgid: u32,
+    pub cmd: u32,
+    pub flags: u32,
+    pub cpu: u32,
+}
+
+/// Per (process, cmd, flags) and the comm of the task that woke the caller inside the call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WakerKey {
+    pub tgid: u32,
+    pub cmd: u32,
+    pub flags: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Who queued an IPI callback (`csd`), so the target's handler time can be charged to them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CallKey {
+    pub tgid: u32,
+    pub cmd: u32,
+    pub flags: u32,
+}
+
+/// Record offsets the programs read directly (the verifier wants constants); userspace checks
+/// them against each tracepoint's format file and leaves a probe out when they differ.
+pub mod offsets {
+    pub const SCHED_SWITCH_NEXT_PID: usize = 56;
+    pub const SCHED_WAKING_PID: usize = 24;
+    pub const IPI_SEND_CPU_CPU: usize = 8;
+    pub const IPI_SEND_CPUMASK_CPUMASK: usize = 8;
+    /// Same offset in ipi_send_cpu and ipi_send_cpumask.
+    pub const IPI_SEND_CALLBACK: usize = 24;
+    pub const CSD_QUEUE_CPU_FUNC: usize = 24;
+    pub const CSD_QUEUE_CPU_CSD: usize = 32;
+    pub const CSD_FUNCTION_FUNC: usize = 8;
+    pub const CSD_FUNCTION_CSD: usize = 16;
+}
+
+/// Size of the array of "threads inside membarrier" counters, indexed by tid modulo this: the
+/// sched, IPI and lock probes, which run for every task on the box, return after one array
+/// load unless a thread with that index is inside membarrier.
+pub const INSIDE_SLOTS: u32 = 65536;
 
 /// Indices into the per-CPU `COUNTERS` array: what the programs could not account for.
 pub mod counter {
@@ -100,12 +177,17 @@ pub mod counter {
     pub const DROPPED_STATS: u32 = 2;
     /// The pid filter was full when a traced process forked; the child is not traced.
     pub const DROPPED_PIDS: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// A per-CPU IPI, waker or csd row did not fit; those figures are short.
+    pub const DROPPED_DETAIL: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Map sizes, shared so userspace can say what a full map means.
-/// 2048 rows x 4.2 KiB = 8.6 MiB of kernel memory, preallocated.
-pub const MAX_STATS: u32 = 2048;
+/// 1024 rows x 8.8 KiB = 9 MiB of kernel memory, preallocated.
+pub const MAX_STATS: u32 = 1024;
+pub const MAX_CPU_ROWS: u32 = 8192;
+pub const MAX_WAKERS: u32 = 4096;
+pub const MAX_CSDS: u32 = 4096;
 pub const MAX_INFLIGHT: u32 = 16384;
 pub const MAX_PIDS: u32 = 8192;
 
@@ -115,4 +197,7 @@ mod user {
     unsafe impl aya::Pod for super::StatsKey {}
     unsafe impl aya::Pod for super::Stats {}
     unsafe impl aya::Pod for super::Inflight {}
+    unsafe impl aya::Pod for super::CpuKey {}
+    unsafe impl aya::Pod for super::WakerKey {}
+    unsafe impl aya::Pod for super::CallKey {}
 }

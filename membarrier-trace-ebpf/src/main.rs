@@ -1,8 +1,10 @@
 //! eBPF programs of membarrier-trace.
 //!
-//! The per-call path: `sys_enter_membarrier` stores a timestamp per thread, `sys_exit_membarrier`
-//! folds the call into a per-CPU stats row keyed by (tgid, cmd, flags, errno). Userspace reads
-//! the summaries; no per-event data leaves the kernel.
+//! The per-call path: `sys_enter_membarrier` opens the calling thread's in-flight slot,
+//! `sys_exit_membarrier` folds the call into a stats row keyed by (tgid, cmd, flags, errno).
+//! While a thread is inside membarrier, the sched, IPI, csd and lock probes add to its slot what
+//! the call is waiting for (off-CPU time, IPIs sent, handler time on the targets, mutex wait).
+//! Userspace reads the summaries; no per-event data leaves the kernel.
 #![no_std]
 #![no_main]
 // The BPF target has no compare-and-swap in core's atomics API (target_has_atomic is off), but
@@ -16,13 +18,14 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray},
-    programs::TracePointContext,
+    macros::{fentry, fexit, map, tracepoint},
+    maps::{Array, HashMap, PerCpuArray},
+    programs::{FEntryContext, FExitContext, TracePointContext},
 };
 use membarrier_trace_common::{
-    HIST_BUCKETS, Inflight, MAX_INFLIGHT, MAX_PIDS, MAX_STATS, Stats, StatsKey, counter,
-    hist_bucket,
+    CallKey, CpuKey, HIST_BUCKETS, INSIDE_SLOTS, IPI_HIST, Inflight, MAX_CPU_ROWS, MAX_CSDS,
+    MAX_INFLIGHT, MAX_PIDS, MAX_STATS, MAX_WAKERS, Stats, StatsKey, WakerKey, counter, hist_bucket,
+    offsets,
 };
 
 /// Set by userspace before load: 1 when only the tgids in `TGIDS` are traced. Being in .rodata,
@@ -33,6 +36,10 @@ static FILTER_TGIDS: u8 = 0;
 /// format file (it moved between kernel versions).
 #[unsafe(no_mangle)]
 static FORK_CHILD_PID_OFF: u32 = 44;
+/// Addresses of membarrier's IPI callbacks (ipi_mb, ipi_sync_core, ipi_rseq) from kallsyms, so
+/// the csd probes skip every other cross-CPU call with a compare; all 0 when unknown.
+#[unsafe(no_mangle)]
+static IPI_FUNCS: [u64; 3] = [0; 3];
 
 // Offsets in the syscall tracepoints (fixed by the syscall tracepoint ABI: 8-byte args from 16).
 const ENTER_CMD_OFF: usize = 16;
@@ -45,8 +52,13 @@ static TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_PIDS, 0);
 #[map]
 static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
 
-// One shared, preallocated row per key, updated with atomics. Not per-CPU: a row is 4 KiB, so
-// per-CPU rows cost rows x CPUs x 4 KiB; and not BPF_F_NO_PREALLOC: allocation from a tracing
+/// Threads inside membarrier, counted per `tid % INSIDE_SLOTS`: the probes that run for every
+/// task on the box look here first (an inlined array load) and return unless it is non-zero.
+#[map]
+static INSIDE: Array<u32> = Array::with_max_entries(INSIDE_SLOTS, 0);
+
+// One shared, preallocated row per key, updated with atomics. Not per-CPU: a row is 8.8 KiB, so
+// per-CPU rows cost rows x CPUs x 8.8 KiB; and not BPF_F_NO_PREALLOC: allocation from a tracing
 // program fails transiently (-ENOMEM) while the allocator refills its per-CPU cache, which
 // dropped the first calls of new rows in testing. Rows are only contended when one process
 // calls from several CPUs at once, and the expedited cmds serialize on a kernel mutex anyway.
@@ -59,6 +71,26 @@ static SCRATCH: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// IPIs sent per (process, cmd, flags, target CPU).
+#[map]
+static IPI_CPUS: HashMap<CpuKey, u64> = HashMap::with_max_entries(MAX_CPU_ROWS, 0);
+
+/// Wakeups of callers inside membarrier, per (process, cmd, flags, waker comm).
+#[map]
+static WAKERS: HashMap<WakerKey, u64> = HashMap::with_max_entries(MAX_WAKERS, 0);
+
+/// Who queued a membarrier IPI callback, by csd address, until the target has run it.
+#[map]
+static CSD_OWNER: HashMap<u64, CallKey> = HashMap::with_max_entries(MAX_CSDS, 0);
+
+/// Handler time run on target CPUs, per (process, cmd, flags) that caused it.
+#[map]
+static HANDLER_NS: HashMap<CallKey, u64> = HashMap::with_max_entries(MAX_WAKERS, 0);
+
+/// The membarrier callback running on this CPU: [start ns, csd].
+#[map]
+static HANDLER_START: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn filtering() -> bool {
@@ -77,6 +109,11 @@ fn bump(idx: u32) {
     }
 }
 
+#[inline(always)]
+fn now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
 /// Reads the `u64` at `off` in the tracepoint record: a direct context load, which the verifier
 /// allows for tracepoint programs and which costs far less than `bpf_probe_read`.
 #[inline(always)]
@@ -84,45 +121,129 @@ fn arg(ctx: &TracePointContext, off: usize) -> u64 {
     unsafe { *(ctx.as_ptr() as *const u8).add(off).cast::<u64>() }
 }
 
+#[inline(always)]
+fn arg32(ctx: &TracePointContext, off: usize) -> u32 {
+    unsafe { *(ctx.as_ptr() as *const u8).add(off).cast::<u32>() }
+}
+
+/// Atomic add (BPF_ATOMIC_ADD: the result is unused, so no fetch is needed).
+#[inline(always)]
+fn add(p: &mut u64, v: u64) {
+    unsafe { atomic_xadd::<u64, u64, { Relaxed }>(p, v) };
+}
+
+#[inline(always)]
+fn add32(p: *mut u32, v: u32) {
+    unsafe { atomic_xadd::<u32, u32, { Relaxed }>(p, v) };
+}
+
+/// Stores `v` when `better(v, current)`, with a bounded compare-exchange retry (the verifier
+/// wants bounded loops; losing 4 races in a row to the same row needs 5 CPUs in it at once).
+#[inline(always)]
+fn update(p: &mut u64, v: u64, better: impl Fn(u64, u64) -> bool) {
+    // An aligned 8-byte load is single-copy atomic; the cmpxchg below catches a stale value.
+    let mut cur = unsafe { core::ptr::read_volatile(p) };
+    for _ in 0..4 {
+        if !better(v, cur) {
+            return;
+        }
+        let (now, swapped) = unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(p, cur, v) };
+        if swapped {
+            return;
+        }
+        cur = now;
+    }
+}
+
+/// Adds `v` to `map[key]`, creating the entry; a full map is counted, not hidden.
+#[inline(always)]
+fn count<K>(map: &HashMap<K, u64>, key: &K, v: u64) {
+    if let Some(p) = map.get_ptr_mut(key) {
+        add(unsafe { &mut *p }, v);
+        return;
+    }
+    if map.insert(key, &v, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    match map.get_ptr_mut(key) {
+        Some(p) => add(unsafe { &mut *p }, v), // another CPU created it meanwhile
+        None => bump(counter::DROPPED_DETAIL),
+    }
+}
+
+#[inline(always)]
+fn inside_counter(tid: u32) -> Option<*mut u32> {
+    INSIDE.get_ptr_mut(tid % INSIDE_SLOTS)
+}
+
+/// The slot of `tid` if it is inside membarrier now. The array check keeps the common case
+/// (a task that is not) to one inlined load.
+#[inline(always)]
+fn inside(tid: u32) -> Option<&'static mut Inflight> {
+    let n = inside_counter(tid)?;
+    if unsafe { *n } == 0 {
+        return None;
+    }
+    let slot = unsafe { &mut *INFLIGHT.get_ptr_mut(&tid)? };
+    if slot.start_ns == 0 {
+        return None;
+    }
+    Some(slot)
+}
+
+#[inline(always)]
+fn current_tid() -> u32 {
+    bpf_get_current_pid_tgid() as u32
+}
+
 #[tracepoint]
 pub fn sys_enter_membarrier(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !traced((pid_tgid >> 32) as u32) {
+    let tgid = (pid_tgid >> 32) as u32;
+    if !traced(tgid) {
         return 0;
     }
     let tid = pid_tgid as u32;
-    let (cmd, flags) = (
-        arg(&ctx, ENTER_CMD_OFF) as u32,
-        arg(&ctx, ENTER_FLAGS_OFF) as u32,
-    );
+    let call = Inflight {
+        start_ns: 0,
+        cmd: arg(&ctx, ENTER_CMD_OFF) as u32,
+        flags: arg(&ctx, ENTER_FLAGS_OFF) as u32,
+        tgid,
+        ..Default::default()
+    };
     // A thread keeps its INFLIGHT slot between calls (userspace prunes dead threads), so the
     // common case is a lookup and plain stores, not a hash insert and delete per call.
-    if let Some(slot) = INFLIGHT.get_ptr_mut(&tid) {
-        unsafe {
-            (*slot).cmd = cmd;
-            (*slot).flags = flags;
-            // Timestamp last, so the tracer's own work here is not counted as the call's.
-            (*slot).start_ns = bpf_ktime_get_ns();
+    let slot = match INFLIGHT.get_ptr_mut(&tid) {
+        Some(slot) => slot,
+        None => {
+            if INFLIGHT.insert(&tid, &call, 0).is_err() {
+                bump(counter::DROPPED_INFLIGHT);
+                return 0;
+            }
+            match INFLIGHT.get_ptr_mut(&tid) {
+                Some(slot) => slot,
+                None => return 0,
+            }
         }
-        return 0;
-    }
-    let call = Inflight {
-        start_ns: unsafe { bpf_ktime_get_ns() },
-        cmd,
-        flags,
     };
-    if INFLIGHT.insert(&tid, &call, 0).is_err() {
-        bump(counter::DROPPED_INFLIGHT);
+    if let Some(n) = inside_counter(tid) {
+        add32(n, 1);
+    }
+    unsafe {
+        *slot = call;
+        // Timestamp last, so the tracer's own work here is not counted as the call's.
+        (*slot).start_ns = now();
     }
     0
 }
 
 #[tracepoint]
 pub fn sys_exit_membarrier(ctx: TracePointContext) -> u32 {
-    let end_ns = unsafe { bpf_ktime_get_ns() };
+    let end_ns = now();
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let call = match INFLIGHT.get_ptr_mut(&(pid_tgid as u32)) {
+    let tid = pid_tgid as u32;
+    let call = match INFLIGHT.get_ptr_mut(&tid) {
         // start_ns 0: the slot is idle, this exit's enter was not seen.
         Some(slot) if unsafe { (*slot).start_ns } != 0 => unsafe {
             let call = *slot;
@@ -136,6 +257,9 @@ pub fn sys_exit_membarrier(ctx: TracePointContext) -> u32 {
             return 0;
         }
     };
+    if let Some(n) = inside_counter(tid) {
+        add32(n, u32::MAX); // -1
+    }
     let ret = arg(&ctx, EXIT_RET_OFF) as i64;
     let key = StatsKey {
         tgid,
@@ -157,36 +281,41 @@ pub fn sys_exit_membarrier(ctx: TracePointContext) -> u32 {
     add(&mut row.sum_ns, ns);
     update(&mut row.min_ns, ns, |new, cur| new < cur);
     update(&mut row.max_ns, ns, |new, cur| new > cur);
-    // The volatile read hides the bucket's known range from LLVM, so the mask survives for the
-    // verifier, which cannot follow the log2 arithmetic to see the bound itself.
-    let b = hist_bucket(ns);
-    let b = unsafe { core::ptr::read_volatile(&b) } & (HIST_BUCKETS - 1);
-    add(&mut row.hist[b], 1);
+    add(&mut row.hist[bucket(ns)], 1);
+    // The breakdown: zero for most calls, so only non-zero parts are added (userspace derives
+    // the zero buckets from the count).
+    if call.blocked_ns != 0 {
+        add(&mut row.blocked_sum_ns, call.blocked_ns);
+        update(&mut row.blocked_max_ns, call.blocked_ns, |new, cur| {
+            new > cur
+        });
+        add(&mut row.blocked_hist[bucket(call.blocked_ns)], 1);
+    }
+    if call.ipis != 0 {
+        add(&mut row.ipis, call.ipis as u64);
+        let i = (call.ipis as usize).min(IPI_HIST - 1);
+        let i = unsafe { core::ptr::read_volatile(&i) } & (IPI_HIST - 1);
+        add(&mut row.ipi_hist[i], 1);
+    }
+    if call.mutex_wait_ns != 0 {
+        add(&mut row.mutex_wait_sum_ns, call.mutex_wait_ns);
+        update(
+            &mut row.mutex_wait_max_ns,
+            call.mutex_wait_ns,
+            |new, cur| new > cur,
+        );
+    }
     0
 }
 
-/// Atomic add (BPF_ATOMIC_ADD: the result is unused, so no fetch is needed).
+/// Histogram bucket of `ns`, masked so the verifier sees the bound. The volatile read hides the
+/// range LLVM already knows, so the mask survives; the verifier cannot follow the log2
+/// arithmetic to see the bound itself.
 #[inline(always)]
-fn add(p: &mut u64, v: u64) {
-    unsafe { atomic_xadd::<u64, u64, { Relaxed }>(p, v) };
-}
-
-/// Stores `v` when `better(v, current)`, with a bounded compare-exchange retry (the verifier
-/// wants bounded loops; losing 4 races in a row to the same row needs 5 CPUs in it at once).
-#[inline(always)]
-fn update(p: &mut u64, v: u64, better: impl Fn(u64, u64) -> bool) {
-    // An aligned 8-byte load is single-copy atomic; the cmpxchg below catches a stale value.
-    let mut cur = unsafe { core::ptr::read_volatile(p) };
-    for _ in 0..4 {
-        if !better(v, cur) {
-            return;
-        }
-        let (now, swapped) = unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(p, cur, v) };
-        if swapped {
-            return;
-        }
-        cur = now;
-    }
+fn bucket(ns: u64) -> usize {
+    let b = hist_bucket(ns);
+    let b = unsafe { core::ptr::read_volatile(&b) };
+    b & (HIST_BUCKETS - 1)
 }
 
 /// The stats row for `key`, created on first use.
@@ -195,7 +324,7 @@ fn stats_row(key: &StatsKey) -> Option<*mut Stats> {
     if let Some(row) = STATS.get_ptr_mut(key) {
         return Some(row);
     }
-    // Slow path, once per row: SCRATCH is never counted into, so its histogram stays zero.
+    // Slow path, once per row: SCRATCH is never counted into, so its histograms stay zero.
     let tmpl = SCRATCH.get_ptr_mut(0)?;
     unsafe {
         (*tmpl).comm = bpf_get_current_comm().unwrap_or_default();
@@ -204,6 +333,214 @@ fn stats_row(key: &StatsKey) -> Option<*mut Stats> {
     // NOEXIST: another CPU may have created the row meanwhile; then use theirs.
     let _ = STATS.insert(key, unsafe { &*tmpl }, BPF_NOEXIST as u64);
     STATS.get_ptr_mut(key)
+}
+
+/// Off-CPU time inside the call: the caller switching out starts the clock, switching back in
+/// stops it. Runs on every context switch: two array loads for tasks outside membarrier.
+#[tracepoint]
+pub fn sched_switch(ctx: TracePointContext) -> u32 {
+    // The tracepoint runs in the task being switched out.
+    if let Some(prev) = inside(current_tid()) {
+        prev.off_since_ns = now();
+    }
+    if let Some(next) = inside(arg32(&ctx, offsets::SCHED_SWITCH_NEXT_PID))
+        && next.off_since_ns != 0
+    {
+        next.blocked_ns += now().wrapping_sub(next.off_since_ns);
+        next.off_since_ns = 0;
+    }
+    0
+}
+
+/// Who wakes a caller blocked inside membarrier (for GLOBAL, usually an RCU kthread).
+/// sched_waking runs in the waker's context (sched_wakeup may run on the target CPU).
+#[tracepoint]
+pub fn sched_waking(ctx: TracePointContext) -> u32 {
+    let Some(wakee) = inside(arg32(&ctx, offsets::SCHED_WAKING_PID)) else {
+        return 0;
+    };
+    let key = WakerKey {
+        tgid: wakee.tgid,
+        cmd: wakee.cmd,
+        flags: wakee.flags,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    };
+    count(&WAKERS, &key, 1);
+    0
+}
+
+#[inline(always)]
+fn ipi_sent(caller: &mut Inflight, cpu: u32) {
+    caller.ipis += 1;
+    let key = CpuKey {
+        tgid: caller.tgid,
+        cmd: caller.cmd,
+        flags: caller.flags,
+        cpu,
+    };
+    count(&IPI_CPUS, &key, 1);
+}
+
+/// Only membarrier's own IPIs count: a caller inside the call may also send others (say, a
+/// reschedule IPI when releasing the mutex wakes a waiter), which membarrier did not ask for.
+#[tracepoint]
+pub fn ipi_send_cpu(ctx: TracePointContext) -> u32 {
+    if let Some(caller) = inside(current_tid())
+        && membarrier_func(arg(&ctx, offsets::IPI_SEND_CALLBACK))
+    {
+        ipi_sent(caller, arg32(&ctx, offsets::IPI_SEND_CPU_CPU));
+    }
+    0
+}
+
+/// Several CPUs at once. Only the first 64 CPUs of the mask are read (the first word).
+#[tracepoint]
+pub fn ipi_send_cpumask(ctx: TracePointContext) -> u32 {
+    let Some(caller) = inside(current_tid()) else {
+        return 0;
+    };
+    if !membarrier_func(arg(&ctx, offsets::IPI_SEND_CALLBACK)) {
+        return 0;
+    }
+    // __data_loc: offset in the low 16 bits, length in the high 16.
+    let loc = arg32(&ctx, offsets::IPI_SEND_CPUMASK_CPUMASK);
+    let Ok(mask) = (unsafe { ctx.read_at::<u64>((loc & 0xffff) as usize) }) else {
+        return 0;
+    };
+    for cpu in 0..64u32 {
+        if mask >> cpu & 1 != 0 {
+            ipi_sent(caller, cpu);
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn membarrier_func(func: u64) -> bool {
+    let funcs = unsafe { core::ptr::read_volatile(&IPI_FUNCS) };
+    funcs == [0; 3] || funcs.contains(&func)
+}
+
+/// A caller inside membarrier queues a callback for a CPU: remember whose it is.
+#[tracepoint]
+pub fn csd_queue_cpu(ctx: TracePointContext) -> u32 {
+    let Some(caller) = inside(current_tid()) else {
+        return 0;
+    };
+    if !membarrier_func(arg(&ctx, offsets::CSD_QUEUE_CPU_FUNC)) {
+        return 0;
+    }
+    let owner = CallKey {
+        tgid: caller.tgid,
+        cmd: caller.cmd,
+        flags: caller.flags,
+    };
+    if CSD_OWNER
+        .insert(&arg(&ctx, offsets::CSD_QUEUE_CPU_CSD), &owner, 0)
+        .is_err()
+    {
+        bump(counter::DROPPED_DETAIL);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn csd_function_entry(ctx: TracePointContext) -> u32 {
+    if !membarrier_func(arg(&ctx, offsets::CSD_FUNCTION_FUNC)) {
+        return 0;
+    }
+    let csd = arg(&ctx, offsets::CSD_FUNCTION_CSD);
+    if CSD_OWNER.get_ptr(&csd).is_none() {
+        return 0;
+    }
+    if let Some(start) = HANDLER_START.get_ptr_mut(0) {
+        unsafe { *start = [now(), csd] };
+    }
+    0
+}
+
+#[tracepoint]
+pub fn csd_function_exit(ctx: TracePointContext) -> u32 {
+    let Some(start) = HANDLER_START.get_ptr_mut(0) else {
+        return 0;
+    };
+    let [since, csd] = unsafe { *start };
+    if since == 0 || csd != arg(&ctx, offsets::CSD_FUNCTION_CSD) {
+        return 0;
+    }
+    unsafe { *start = [0, 0] };
+    let ns = now().wrapping_sub(since);
+    if let Some(owner) = CSD_OWNER.get_ptr(&csd) {
+        let owner = unsafe { *owner };
+        // The csd is reused for other cross-CPU calls: it is ours only until it has run.
+        let _ = CSD_OWNER.remove(&csd);
+        count(&HANDLER_NS, &owner, ns);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn contention_begin(_ctx: TracePointContext) -> u32 {
+    if let Some(caller) = inside(current_tid()) {
+        caller.lock_since_ns = now();
+    }
+    0
+}
+
+#[tracepoint]
+pub fn contention_end(_ctx: TracePointContext) -> u32 {
+    if let Some(caller) = inside(current_tid())
+        && caller.lock_since_ns != 0
+    {
+        caller.mutex_wait_ns += now().wrapping_sub(caller.lock_since_ns);
+        caller.lock_since_ns = 0;
+    }
+    0
+}
+
+/// Where the kernel allows fentry: the grace period measured directly, as time inside
+/// synchronize_rcu() / synchronize_rcu_expedited() (an inner call is folded into the outer).
+#[inline(always)]
+fn gp_begin() {
+    if let Some(caller) = inside(current_tid())
+        && caller.gp_since_ns == 0
+    {
+        caller.gp_since_ns = now();
+    }
+}
+
+#[inline(always)]
+fn gp_end() {
+    if let Some(caller) = inside(current_tid())
+        && caller.gp_since_ns != 0
+    {
+        caller.blocked_ns += now().wrapping_sub(caller.gp_since_ns);
+        caller.gp_since_ns = 0;
+    }
+}
+
+#[fentry(function = "synchronize_rcu")]
+pub fn synchronize_rcu_entry(_ctx: FEntryContext) -> u32 {
+    gp_begin();
+    0
+}
+
+#[fexit(function = "synchronize_rcu")]
+pub fn synchronize_rcu_exit(_ctx: FExitContext) -> u32 {
+    gp_end();
+    0
+}
+
+#[fentry(function = "synchronize_rcu_expedited")]
+pub fn synchronize_rcu_expedited_entry(_ctx: FEntryContext) -> u32 {
+    gp_begin();
+    0
+}
+
+#[fexit(function = "synchronize_rcu_expedited")]
+pub fn synchronize_rcu_expedited_exit(_ctx: FExitContext) -> u32 {
+    gp_end();
+    0
 }
 
 /// Follows `-- COMMAND`'s children: a process forked by a traced one is traced too.

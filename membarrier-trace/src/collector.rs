@@ -7,13 +7,15 @@ use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::{ProgramError, TracePoint},
+    programs::{FEntry, FExit, ProgramError, TracePoint},
 };
-use membarrier_trace_common::{Inflight, Stats, StatsKey, counter};
+use membarrier_trace_common::{
+    CallKey, CpuKey, Inflight, Stats, StatsKey, WakerKey, counter, offsets,
+};
 
 use crate::{
     hist::Histogram,
-    model::{RawRow, Snapshot},
+    model::{GraceSource, RawRow, Snapshot},
     preflight,
 };
 
@@ -26,6 +28,8 @@ pub struct Options {
     pub pids: Vec<u32>,
     /// Also trace every process a traced process forks (for `-- COMMAND`).
     pub follow_forks: bool,
+    /// Attach the breakdown probes (grace period, IPIs, handler time, mutex wait).
+    pub breakdown: bool,
 }
 
 pub struct Collector {
@@ -35,8 +39,146 @@ pub struct Collector {
     counters: PerCpuArray<MapData, u64>,
     inflight: BpfHashMap<MapData, u32, Inflight>,
     tgids: BpfHashMap<MapData, u32, u8>,
+    ipi_cpus: BpfHashMap<MapData, CpuKey, u64>,
+    wakers: BpfHashMap<MapData, WakerKey, u64>,
+    handler_ns: BpfHashMap<MapData, CallKey, u64>,
     comms: HashMap<u32, String>,
     started: Instant,
+    tracefs: std::path::PathBuf,
+    grace_source: GraceSource,
+    breakdown: bool,
+}
+
+/// A classic tracepoint program and the record fields it reads directly (name, offset).
+struct Probe {
+    prog: &'static str,
+    category: &'static str,
+    fields: &'static [(&'static str, usize)],
+}
+
+impl Probe {
+    /// The program is named after its tracepoint.
+    const fn new(
+        category: &'static str,
+        prog: &'static str,
+        fields: &'static [(&'static str, usize)],
+    ) -> Self {
+        Self {
+            prog,
+            category,
+            fields,
+        }
+    }
+}
+
+/// The probes behind the per-call breakdown: each group is attached only when the kernel has
+/// its tracepoints with the record layout the programs read; otherwise its figures stay 0 and
+/// the user is told.
+const BREAKDOWN: &[(&str, &[Probe])] = &[
+    (
+        "IPI fan-out",
+        &[
+            Probe::new(
+                "ipi",
+                "ipi_send_cpu",
+                &[
+                    ("cpu", offsets::IPI_SEND_CPU_CPU),
+                    ("callback", offsets::IPI_SEND_CALLBACK),
+                ],
+            ),
+            Probe::new(
+                "ipi",
+                "ipi_send_cpumask",
+                &[
+                    ("cpumask", offsets::IPI_SEND_CPUMASK_CPUMASK),
+                    ("callback", offsets::IPI_SEND_CALLBACK),
+                ],
+            ),
+        ],
+    ),
+    (
+        "IPI handler time",
+        &[
+            Probe::new(
+                "csd",
+                "csd_queue_cpu",
+                &[
+                    ("func", offsets::CSD_QUEUE_CPU_FUNC),
+                    ("csd", offsets::CSD_QUEUE_CPU_CSD),
+                ],
+            ),
+            Probe::new(
+                "csd",
+                "csd_function_entry",
+                &[
+                    ("func", offsets::CSD_FUNCTION_FUNC),
+                    ("csd", offsets::CSD_FUNCTION_CSD),
+                ],
+            ),
+            Probe::new(
+                "csd",
+                "csd_function_exit",
+                &[
+                    ("func", offsets::CSD_FUNCTION_FUNC),
+                    ("csd", offsets::CSD_FUNCTION_CSD),
+                ],
+            ),
+        ],
+    ),
+    (
+        "mutex wait",
+        &[
+            Probe::new("lock", "contention_begin", &[]),
+            Probe::new("lock", "contention_end", &[]),
+        ],
+    ),
+    (
+        "waker",
+        &[Probe::new(
+            "sched",
+            "sched_waking",
+            &[("pid", offsets::SCHED_WAKING_PID)],
+        )],
+    ),
+];
+
+/// Checks that `category:name` exists and has each field at the offset the program reads.
+fn check_layout(
+    tracefs: &Path,
+    category: &str,
+    name: &str,
+    fields: &[(&str, usize)],
+) -> Result<()> {
+    preflight::check_tracepoint(tracefs, category, name, "not in this kernel")?;
+    for (field, off) in fields {
+        let got = preflight::field_offset(tracefs, category, name, field)?;
+        if got as usize != *off {
+            anyhow::bail!("{category}:{name} has {field} at offset {got}, the program reads {off}");
+        }
+    }
+    Ok(())
+}
+
+/// Addresses of membarrier's IPI callbacks, from /proc/kallsyms (0 where not found or hidden).
+fn ipi_funcs() -> [u64; 3] {
+    let syms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+    let mut out = [0u64; 3];
+    for line in syms.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(addr), Some(_), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let i = match name {
+            "ipi_mb" => 0,
+            "ipi_sync_core" => 1,
+            "ipi_rseq" => 2,
+            _ => continue,
+        };
+        out[i] = u64::from_str_radix(addr, 16).unwrap_or(0);
+    }
+    // One missing (or all hidden by kptr_restrict) would drop that callback's time: then
+    // measure every csd queued from inside membarrier instead.
+    if out.contains(&0) { [0; 3] } else { out }
 }
 
 /// One line for a load or attach failure, with the kernel's reason.
@@ -133,23 +275,34 @@ impl Collector {
         let filter = u8::from(!opts.pids.is_empty() || opts.follow_forks);
         let fork_off =
             preflight::field_offset(tracefs, "sched", "sched_process_fork", "child_pid")?;
+        let funcs = ipi_funcs();
         let mut ebpf = EbpfLoader::new()
             .override_global("FILTER_TGIDS", &filter, true)
             .override_global("FORK_CHILD_PID_OFF", &fork_off, true)
+            .override_global("IPI_FUNCS", &funcs, true)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let stats = take(&mut ebpf, "STATS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
         let inflight = take(&mut ebpf, "INFLIGHT")?;
         let tgids = take(&mut ebpf, "TGIDS")?;
+        let ipi_cpus = take(&mut ebpf, "IPI_CPUS")?;
+        let wakers = take(&mut ebpf, "WAKERS")?;
+        let handler_ns = take(&mut ebpf, "HANDLER_NS")?;
         let mut c = Self {
             ebpf,
             stats,
             counters,
             inflight,
             tgids,
+            ipi_cpus,
+            wakers,
+            handler_ns,
             comms: HashMap::new(),
             started: Instant::now(),
+            tracefs: tracefs.to_path_buf(),
+            grace_source: GraceSource::None,
+            breakdown: opts.breakdown,
         };
         for &pid in &opts.pids {
             c.add_pid(pid)?;
@@ -168,8 +321,110 @@ impl Collector {
         Ok(())
     }
 
-    /// Attaches the programs; from here on calls are counted.
-    pub fn start(&mut self, follow_forks: bool) -> Result<()> {
+    /// Where the grace-period figures come from: fentry on synchronize_rcu* where the kernel
+    /// allows it, else sched_switch. Returns a note for the user when it fell back.
+    fn attach_grace_period(&mut self) -> (GraceSource, Option<String>) {
+        let fentry = (|| -> Result<()> {
+            let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+            for (prog, func, exit, required) in [
+                ("synchronize_rcu_entry", "synchronize_rcu", false, true),
+                ("synchronize_rcu_exit", "synchronize_rcu", true, true),
+                (
+                    "synchronize_rcu_expedited_entry",
+                    "synchronize_rcu_expedited",
+                    false,
+                    false,
+                ),
+                (
+                    "synchronize_rcu_expedited_exit",
+                    "synchronize_rcu_expedited",
+                    true,
+                    false,
+                ),
+            ] {
+                let p = self.ebpf.program_mut(prog).context("program missing")?;
+                let r = if exit {
+                    let p: &mut FExit = p.try_into()?;
+                    p.load(func, &btf).and_then(|()| p.attach().map(drop))
+                } else {
+                    let p: &mut FEntry = p.try_into()?;
+                    p.load(func, &btf).and_then(|()| p.attach().map(drop))
+                };
+                match r {
+                    Ok(()) => {}
+                    Err(ProgramError::LoadError { io_error, .. }) if required => {
+                        anyhow::bail!("fentry on {func} refused: {io_error}");
+                    }
+                    Err(e) if required => {
+                        return Err(anyhow::Error::new(e).context(format!("fentry on {func}")));
+                    }
+                    Err(_) => {} // synchronize_rcu_expedited alone is optional
+                }
+            }
+            Ok(())
+        })();
+        let why = match fentry {
+            Ok(()) => return (GraceSource::Fentry, None),
+            Err(e) => format!("{e:#}").replace('\n', " "),
+        };
+        let why = why
+            .split("; verifier:")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let sched = check_layout(
+            &self.tracefs,
+            "sched",
+            "sched_switch",
+            &[("next_pid", offsets::SCHED_SWITCH_NEXT_PID)],
+        )
+        .and_then(|()| attach(&mut self.ebpf, "sched_switch", "sched", "sched_switch"));
+        match sched {
+            Ok(()) => (
+                GraceSource::Sched,
+                Some(format!(
+                    "grace periods measured as off-CPU time from sched_switch ({why})"
+                )),
+            ),
+            Err(e) => (
+                GraceSource::None,
+                Some(format!(
+                    "no grace-period figures: {why}; sched_switch: {e:#}"
+                )),
+            ),
+        }
+    }
+
+    /// Attaches the breakdown probes (grace period, IPIs, handler time, mutex wait). What the
+    /// kernel lacks is left out; the returned notes say what and why.
+    fn attach_breakdown(&mut self) -> Vec<String> {
+        let (source, note) = self.attach_grace_period();
+        self.grace_source = source;
+        let mut notes: Vec<String> = note.into_iter().collect();
+        for (what, probes) in BREAKDOWN {
+            let r = probes.iter().try_for_each(|p| {
+                check_layout(&self.tracefs, p.category, p.prog, p.fields)?;
+                attach(&mut self.ebpf, p.prog, p.category, p.prog)
+            });
+            if let Err(e) = r {
+                notes.push(format!("no {what} figures: {e:#}"));
+            }
+        }
+        notes
+    }
+
+    pub fn grace_source(&self) -> GraceSource {
+        self.grace_source
+    }
+
+    /// Attaches the programs; from here on calls are counted. Returns notes on what could not
+    /// be measured on this kernel.
+    pub fn start(&mut self, follow_forks: bool) -> Result<Vec<String>> {
+        let notes = if self.breakdown {
+            self.attach_breakdown()
+        } else {
+            Vec::new()
+        };
         if follow_forks {
             attach(
                 &mut self.ebpf,
@@ -193,7 +448,7 @@ impl Collector {
             "sys_enter_membarrier",
         )?;
         self.started = Instant::now();
-        Ok(())
+        Ok(notes)
     }
 
     /// Frees the in-flight slots of threads that have exited. The eBPF programs keep a slot per
@@ -241,6 +496,15 @@ impl Collector {
                 hist: Histogram {
                     counts: s.hist.to_vec(),
                 },
+                blocked_sum_ns: s.blocked_sum_ns,
+                blocked_max_ns: s.blocked_max_ns,
+                blocked_hist: Histogram {
+                    counts: s.blocked_hist.to_vec(),
+                },
+                ipis: s.ipis,
+                ipi_hist: s.ipi_hist.to_vec(),
+                mutex_wait_sum_ns: s.mutex_wait_sum_ns,
+                mutex_wait_max_ns: s.mutex_wait_max_ns,
             });
         }
         // Name processes by /proc while they live (the main thread's comm); once gone, by the
@@ -263,13 +527,21 @@ impl Collector {
         }
         let dropped = self.counter(counter::DROPPED_INFLIGHT)?
             + self.counter(counter::DROPPED_STATS)?
-            + self.counter(counter::DROPPED_PIDS)?;
+            + self.counter(counter::DROPPED_PIDS)?
+            + self.counter(counter::DROPPED_DETAIL)?;
+        let ipi_cpus = self.ipi_cpus.iter().collect::<Result<_, _>>()?;
+        let wakers = self.wakers.iter().collect::<Result<_, _>>()?;
+        let handler_ns = self.handler_ns.iter().collect::<Result<_, _>>()?;
         Ok(Snapshot {
             elapsed_ns,
             rows,
             missed_calls,
             dropped,
             comms: self.comms.clone(),
+            ipi_cpus,
+            wakers,
+            handler_ns,
+            grace_period_source: self.grace_source,
         })
     }
 }

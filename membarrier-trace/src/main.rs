@@ -32,6 +32,10 @@ struct Cli {
     /// Print a summary every SECS seconds (JSON: one document per line).
     #[arg(short, long, value_name = "SECS", value_parser = positive_secs)]
     interval: Option<f64>,
+    /// Only count calls and their latency: leave out the grace-period, IPI, handler and mutex
+    /// probes (they run on every context switch, IPI and lock contention on the box).
+    #[arg(long)]
+    no_breakdown: bool,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Text)]
     output: Format,
@@ -117,20 +121,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
         "needs CONFIG_FTRACE_SYSCALLS",
     )?;
     let signal = install_signals()?;
+    let exits = if cli.pids.is_empty() {
+        None
+    } else {
+        Some(preflight::ExitWatch::new(&cli.pids)?)
+    };
     let follow = !cli.command.is_empty();
     let mut collector = Collector::load(
         &tracefs,
         &Options {
             pids: cli.pids.clone(),
             follow_forks: follow,
+            breakdown: !cli.no_breakdown,
         },
     )?;
 
     let mut child = None;
-    if follow {
-        child = Some(spawn_traced(&cli.command, &mut collector)?);
+    let notes = if follow {
+        let (c, notes) = spawn_traced(&cli.command, &mut collector)?;
+        child = Some(c);
+        notes
     } else {
-        collector.start(false)?;
+        collector.start(false)?
+    };
+    for note in notes {
+        eprintln!("membarrier-trace: {note}");
     }
     let what = if follow {
         format!("`{}` and its children", cli.command.join(" "))
@@ -176,7 +191,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             exit = exit_code(status);
             break;
         }
-        if !cli.pids.is_empty() && !cli.pids.iter().any(|&p| preflight::alive(p)) {
+        if exits.as_ref().is_some_and(preflight::ExitWatch::all_exited) {
             eprintln!("membarrier-trace: every traced process has exited");
             break;
         }
@@ -203,7 +218,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// Starts `argv` held just before exec, so its pid is in the filter and the programs are
 /// attached before its first instruction runs (library constructors call membarrier too).
-fn spawn_traced(argv: &[String], collector: &mut Collector) -> Result<Child> {
+fn spawn_traced(argv: &[String], collector: &mut Collector) -> Result<(Child, Vec<String>)> {
     let mut go = [0i32; 2];
     let mut pid_pipe = [0i32; 2];
     // SAFETY: plain pipe creation into local arrays.
@@ -240,7 +255,7 @@ fn spawn_traced(argv: &[String], collector: &mut Collector) -> Result<Child> {
         collector.add_pid(pid as u32)?;
         collector.start(true)
     } else {
-        Ok(())
+        Ok(Vec::new())
     };
     unsafe {
         libc::write(go_w, [1u8].as_ptr().cast(), 1);
@@ -251,8 +266,7 @@ fn spawn_traced(argv: &[String], collector: &mut Collector) -> Result<Child> {
         .join()
         .map_err(|_| anyhow::anyhow!("spawner thread panicked"))?
         .with_context(|| format!("cannot run `{}`", argv[0]))?;
-    started?;
-    Ok(child)
+    Ok((child, started?))
 }
 
 /// Passes the signal we got on to the command and waits a little for it to end.

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use membarrier_trace_common::StatsKey;
+use membarrier_trace_common::{CallKey, CpuKey, IPI_HIST, StatsKey, WakerKey};
 use serde::Serialize;
 
 use crate::{
@@ -21,6 +21,50 @@ pub struct RawRow {
     pub min_ns: u64,
     pub max_ns: u64,
     pub hist: Histogram,
+    /// Off-CPU time inside the call: calls with none are not in `blocked_hist`.
+    pub blocked_sum_ns: u64,
+    pub blocked_max_ns: u64,
+    pub blocked_hist: Histogram,
+    pub ipis: u64,
+    /// Calls by IPIs sent (index = IPIs, the last = that many or more); calls with none are not
+    /// in it.
+    pub ipi_hist: Vec<u64>,
+    pub mutex_wait_sum_ns: u64,
+    pub mutex_wait_max_ns: u64,
+}
+
+impl RawRow {
+    /// A row with only the call figures (no breakdown).
+    pub fn new(key: StatsKey) -> Self {
+        Self {
+            key,
+            count: 0,
+            sum_ns: 0,
+            min_ns: 0,
+            max_ns: 0,
+            hist: Histogram::default(),
+            blocked_sum_ns: 0,
+            blocked_max_ns: 0,
+            blocked_hist: Histogram::default(),
+            ipis: 0,
+            ipi_hist: vec![0; IPI_HIST],
+            mutex_wait_sum_ns: 0,
+            mutex_wait_max_ns: 0,
+        }
+    }
+}
+
+/// Where the grace-period (blocked) figures come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GraceSource {
+    /// fentry/fexit on synchronize_rcu*: the grace period itself.
+    Fentry,
+    /// sched_switch: time off CPU inside the call.
+    #[default]
+    Sched,
+    /// Neither could be attached: no blocked figures.
+    None,
 }
 
 /// Everything read from the kernel at one instant; counts are totals since the tracer started.
@@ -36,6 +80,11 @@ pub struct Snapshot {
     pub dropped: u64,
     /// Process names by tgid.
     pub comms: HashMap<u32, String>,
+    pub ipi_cpus: Vec<(CpuKey, u64)>,
+    pub wakers: Vec<(WakerKey, u64)>,
+    /// IPI handler time on the target CPUs.
+    pub handler_ns: Vec<(CallKey, u64)>,
+    pub grace_period_source: GraceSource,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -48,6 +97,7 @@ pub struct Report {
     pub calls_per_sec: f64,
     pub missed_calls: u64,
     pub dropped: u64,
+    pub grace_period_source: GraceSource,
     pub processes: Vec<ProcessReport>,
 }
 
@@ -58,6 +108,9 @@ pub struct ProcessReport {
     pub calls: u64,
     pub calls_per_sec: f64,
     pub errors: u64,
+    /// Calls of REGISTER_* cmds and the time they took (one-off cost, apart from barriers).
+    pub registrations: u64,
+    pub registration_ns: u64,
     /// EPERM from expedited cmds: the process issued them without registering first.
     pub unregistered_eperm: u64,
     pub cmds: Vec<CmdReport>,
@@ -78,6 +131,45 @@ pub struct CmdReport {
     /// Over every call of the row, failed ones included.
     pub latency_ns: Latency,
     pub histogram: Vec<Bucket>,
+    /// Off-CPU time inside the call (the grace-period wait for GLOBAL and REGISTER_*).
+    pub blocked_ns: Blocked,
+    /// Latency minus blocked time, summed.
+    pub on_cpu_ns: u64,
+    /// Tasks that woke the caller while it was blocked inside the call, by comm.
+    pub woken_by: BTreeMap<String, u64>,
+    pub ipis: Ipis,
+    pub mutex_wait_ns: MutexWait,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct Blocked {
+    pub sum: u64,
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Ipis {
+    pub sent: u64,
+    /// IPIs by target CPU number.
+    pub per_cpu: BTreeMap<String, u64>,
+    /// Calls by IPIs they sent (`ipis` = that many; the last bucket holds that many or more).
+    pub per_call: Vec<IpiBucket>,
+    /// Time the targets spent in membarrier's IPI handler for these calls.
+    pub handler_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct IpiBucket {
+    pub ipis: u64,
+    pub count: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct MutexWait {
+    pub sum: u64,
+    pub max: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
@@ -128,26 +220,67 @@ impl Model {
 
         let mut processes: BTreeMap<u32, ProcessReport> = BTreeMap::new();
         let mut next_calls = HashMap::new();
+        // Breakdown figures kept apart from the stats rows, by (tgid, cmd, flags).
+        let mut per_cpu: HashMap<(u32, u32, u32), BTreeMap<String, u64>> = HashMap::new();
+        for (k, n) in &snap.ipi_cpus {
+            *per_cpu
+                .entry((k.tgid, k.cmd, k.flags))
+                .or_default()
+                .entry(k.cpu.to_string())
+                .or_default() += n;
+        }
+        let mut wakers: HashMap<(u32, u32, u32), BTreeMap<String, u64>> = HashMap::new();
+        for (k, n) in &snap.wakers {
+            let end = k.comm.iter().position(|&b| b == 0).unwrap_or(k.comm.len());
+            let comm = String::from_utf8_lossy(&k.comm[..end]).into_owned();
+            *wakers
+                .entry((k.tgid, k.cmd, k.flags))
+                .or_default()
+                .entry(comm)
+                .or_default() += n;
+        }
+        let handler: HashMap<(u32, u32, u32), u64> = snap
+            .handler_ns
+            .iter()
+            .map(|(k, ns)| ((k.tgid, k.cmd, k.flags), *ns))
+            .collect();
+
         for ((tgid, cmd_value, flags), rows) in groups {
             let mut hist = Histogram::default();
+            let mut blocked_hist = Histogram::default();
+            let mut ipi_hist = vec![0u64; IPI_HIST];
             let mut errno = BTreeMap::new();
             let (mut calls, mut errors, mut sum, mut max) = (0, 0, 0, 0);
+            let (mut blocked_sum, mut blocked_max, mut ipis) = (0, 0, 0);
+            let (mut mutex_sum, mut mutex_max) = (0, 0);
             let mut min = u64::MAX;
             for r in &rows {
                 hist.add(&r.hist.counts);
+                blocked_hist.add(&r.blocked_hist.counts);
+                for (a, b) in ipi_hist.iter_mut().zip(&r.ipi_hist) {
+                    *a += b;
+                }
                 calls += r.count;
                 sum += r.sum_ns;
                 max = max.max(r.max_ns);
                 min = min.min(r.min_ns);
+                blocked_sum += r.blocked_sum_ns;
+                blocked_max = blocked_max.max(r.blocked_max_ns);
+                ipis += r.ipis;
+                mutex_sum += r.mutex_wait_sum_ns;
+                mutex_max = mutex_max.max(r.mutex_wait_max_ns);
                 if r.key.errno != 0 {
                     errors += r.count;
                     *errno.entry(cmd::errno_name(r.key.errno)).or_insert(0) += r.count;
                 }
             }
             let min = if calls == 0 { 0 } else { min };
-            let key = (tgid, cmd_value as u32, flags);
-            let before = self.prev_calls.get(&key).copied().unwrap_or(0);
-            next_calls.insert(key, calls);
+            // The kernel only counts calls with a non-zero breakdown; the rest had none.
+            blocked_hist.counts[0] += calls.saturating_sub(blocked_hist.total());
+            ipi_hist[0] += calls.saturating_sub(ipi_hist.iter().sum());
+            let group = (tgid, cmd_value as u32, flags);
+            let before = self.prev_calls.get(&group).copied().unwrap_or(0);
+            next_calls.insert(group, calls);
             let row = CmdReport {
                 cmd: cmd::display_name(cmd_value),
                 cmd_value,
@@ -171,6 +304,32 @@ impl Model {
                     .into_iter()
                     .map(|(le_ns, count)| Bucket { le_ns, count })
                     .collect(),
+                blocked_ns: Blocked {
+                    sum: blocked_sum,
+                    p50: blocked_hist.quantile(0.5, 0, blocked_max),
+                    p99: blocked_hist.quantile(0.99, 0, blocked_max),
+                    max: blocked_max,
+                },
+                on_cpu_ns: sum.saturating_sub(blocked_sum),
+                woken_by: wakers.remove(&group).unwrap_or_default(),
+                ipis: Ipis {
+                    sent: ipis,
+                    per_cpu: per_cpu.remove(&group).unwrap_or_default(),
+                    per_call: ipi_hist
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| **c > 0)
+                        .map(|(i, &count)| IpiBucket {
+                            ipis: i as u64,
+                            count,
+                        })
+                        .collect(),
+                    handler_ns: handler.get(&group).copied().unwrap_or(0),
+                },
+                mutex_wait_ns: MutexWait {
+                    sum: mutex_sum,
+                    max: mutex_max,
+                },
             };
             let p = processes.entry(tgid).or_insert_with(|| ProcessReport {
                 pid: tgid,
@@ -178,9 +337,15 @@ impl Model {
                 calls: 0,
                 calls_per_sec: 0.0,
                 errors: 0,
+                registrations: 0,
+                registration_ns: 0,
                 unregistered_eperm: 0,
                 cmds: Vec::new(),
             });
+            if row.kind == Kind::Registration {
+                p.registrations += row.calls;
+                p.registration_ns += row.latency_ns.sum;
+            }
             if row.kind == Kind::Barrier {
                 p.unregistered_eperm += row.errno.get("EPERM").copied().unwrap_or(0);
             }
@@ -204,9 +369,10 @@ impl Model {
             duration_ns: snap.elapsed_ns,
             window_ns,
             calls,
-            calls_per_sec: processes.iter().map(|p| p.calls_per_sec).sum(),
+            calls_per_sec: processes.iter().fold(0.0, |a, p| a + p.calls_per_sec),
             missed_calls: snap.missed_calls,
             dropped: snap.dropped,
+            grace_period_source: snap.grace_period_source,
             processes,
         }
     }
@@ -220,17 +386,17 @@ pub(crate) mod tests {
         let mut hist = Histogram::default();
         lat.iter().for_each(|&l| hist.record(l));
         RawRow {
-            key: StatsKey {
-                tgid,
-                cmd: cmd as u32,
-                flags: 0,
-                errno,
-            },
             count: lat.len() as u64,
             sum_ns: lat.iter().sum(),
             min_ns: *lat.iter().min().unwrap(),
             max_ns: *lat.iter().max().unwrap(),
             hist,
+            ..RawRow::new(StatsKey {
+                tgid,
+                cmd: cmd as u32,
+                flags: 0,
+                errno,
+            })
         }
     }
 
@@ -247,6 +413,7 @@ pub(crate) mod tests {
             missed_calls: 1,
             dropped: 0,
             comms: [(42, "urcu".to_string()), (7, "other".to_string())].into(),
+            ..Snapshot::default()
         }
     }
 
@@ -281,6 +448,67 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn breakdown_fills_zero_buckets_and_joins_side_maps() {
+        let mut snap = snapshot();
+        // Of 4 PRIVATE_EXPEDITED calls, 3 sent IPIs (1, 1, 2) and one was blocked 300 ns.
+        let r0 = &mut snap.rows[0];
+        r0.ipis = 4;
+        r0.ipi_hist[1] = 2;
+        r0.ipi_hist[2] = 1;
+        r0.blocked_sum_ns = 300;
+        r0.blocked_max_ns = 300;
+        r0.blocked_hist.record(300);
+        r0.mutex_wait_sum_ns = 50;
+        r0.mutex_wait_max_ns = 50;
+        snap.ipi_cpus = vec![(
+            CpuKey {
+                tgid: 42,
+                cmd: 8,
+                flags: 0,
+                cpu: 1,
+            },
+            4,
+        )];
+        let mut comm = [0u8; 16];
+        comm[..11].copy_from_slice(b"rcu_preempt");
+        snap.wakers = vec![(
+            WakerKey {
+                tgid: 42,
+                cmd: 1,
+                flags: 0,
+                comm,
+            },
+            1,
+        )];
+        snap.handler_ns = vec![(
+            CallKey {
+                tgid: 42,
+                cmd: 8,
+                flags: 0,
+            },
+            900,
+        )];
+        snap.grace_period_source = GraceSource::Sched;
+        let r = Model::default().report(&snap);
+        let pe = &r.processes[0].cmds[0];
+        assert_eq!(pe.ipis.sent, 4);
+        assert_eq!(pe.ipis.per_cpu, [("1".to_string(), 4)].into());
+        // 6 calls in the row (4 ok + 2 EPERM): 3 without IPIs.
+        let per_call: Vec<(u64, u64)> =
+            pe.ipis.per_call.iter().map(|b| (b.ipis, b.count)).collect();
+        assert_eq!(per_call, vec![(0, 3), (1, 2), (2, 1)]);
+        assert_eq!(pe.ipis.handler_ns, 900);
+        assert_eq!(pe.blocked_ns.sum, 300);
+        assert_eq!(pe.blocked_ns.p50, 0);
+        assert_eq!(pe.blocked_ns.max, 300);
+        assert_eq!(pe.on_cpu_ns, 2420 - 300);
+        assert_eq!(pe.mutex_wait_ns, MutexWait { sum: 50, max: 50 });
+        let global = &r.processes[0].cmds[1];
+        assert_eq!(global.woken_by, [("rcu_preempt".to_string(), 1)].into());
+        assert_eq!(r.grace_period_source, GraceSource::Sched);
+    }
+
+    #[test]
     fn rates_cover_the_last_window() {
         let mut m = Model::default();
         let mut s = snapshot();
@@ -301,7 +529,13 @@ pub(crate) mod tests {
     fn json_shape() {
         let r = Model::default().report(&snapshot());
         let v = serde_json::to_value(&r).unwrap();
-        for f in ["duration_ns", "missed_calls", "dropped", "processes"] {
+        for f in [
+            "duration_ns",
+            "missed_calls",
+            "dropped",
+            "grace_period_source",
+            "processes",
+        ] {
             assert!(v.get(f).is_some(), "top-level {f}");
         }
         let p = &v["processes"][0];
@@ -335,5 +569,14 @@ pub(crate) mod tests {
         assert!(c["histogram"][0]["count"].is_u64());
         assert_eq!(c["errno"]["EPERM"], 2);
         assert_eq!(c["kind"], "barrier");
+        for f in ["sum", "p50", "p99", "max"] {
+            assert!(c["blocked_ns"][f].is_u64(), "blocked {f}");
+        }
+        for f in ["sent", "per_cpu", "per_call", "handler_ns"] {
+            assert!(c["ipis"].get(f).is_some(), "ipis {f}");
+        }
+        assert!(c["mutex_wait_ns"]["sum"].is_u64() && c["mutex_wait_ns"]["max"].is_u64());
+        assert!(p["unregistered_eperm"].is_u64());
+        assert_eq!(v["grace_period_source"], "sched");
     }
 }

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use crate::{
     cmd::{self, Kind},
-    model::Report,
+    model::{CmdReport, GraceSource, Report},
 };
 
 /// A duration in ns as text with a unit: `412ns`, `1.25us`, `12.3ms`, `1.50s`.
@@ -41,6 +41,15 @@ pub fn text(r: &Report) -> String {
         r.missed_calls,
         r.dropped
     );
+    let _ = writeln!(
+        s,
+        "grace periods: {}",
+        match r.grace_period_source {
+            GraceSource::Fentry => "fentry on synchronize_rcu*",
+            GraceSource::Sched => "off-CPU time inside the call (sched_switch)",
+            GraceSource::None => "not measured on this kernel",
+        }
+    );
     if r.processes.is_empty() {
         let _ = writeln!(s, "no membarrier calls seen");
         return s;
@@ -55,6 +64,14 @@ pub fn text(r: &Report) -> String {
             fmt_rate(p.calls_per_sec),
             p.errors
         );
+        if p.registrations > 0 {
+            let _ = writeln!(
+                s,
+                "  registration: {} calls, {} in all",
+                p.registrations,
+                fmt_ns(p.registration_ns)
+            );
+        }
         if p.unregistered_eperm > 0 {
             let _ = writeln!(
                 s,
@@ -89,9 +106,54 @@ pub fn text(r: &Report) -> String {
                 let _ = write!(line, "  {}", errs.join(" "));
             }
             let _ = writeln!(s, "{line}");
+            breakdown(&mut s, c);
         }
     }
     s
+}
+
+/// The lines under a cmd row saying where its time went; only the parts that are non-zero.
+fn breakdown(s: &mut String, c: &CmdReport) {
+    let mut parts = Vec::new();
+    if c.blocked_ns.sum > 0 {
+        let share = c.blocked_ns.sum as f64 * 100.0 / c.latency_ns.sum.max(1) as f64;
+        let mut p = format!(
+            "blocked {} of {} ({share:.0}%), p50 {}, max {}",
+            fmt_ns(c.blocked_ns.sum),
+            fmt_ns(c.latency_ns.sum),
+            fmt_ns(c.blocked_ns.p50),
+            fmt_ns(c.blocked_ns.max)
+        );
+        if !c.woken_by.is_empty() {
+            let w: Vec<String> = c.woken_by.iter().map(|(k, n)| format!("{k}:{n}")).collect();
+            let _ = write!(p, "; woken by {}", w.join(" "));
+        }
+        parts.push(p);
+    }
+    if c.ipis.sent > 0 {
+        let cpus: Vec<String> = c
+            .ipis
+            .per_cpu
+            .iter()
+            .map(|(cpu, n)| format!("cpu{cpu}:{n}"))
+            .collect();
+        parts.push(format!(
+            "IPIs {:.2}/call ({}), handler time {}",
+            c.ipis.sent as f64 / c.calls.max(1) as f64,
+            cpus.join(" "),
+            fmt_ns(c.ipis.handler_ns)
+        ));
+    }
+    if c.mutex_wait_ns.sum > 0 {
+        parts.push(format!(
+            "mutex wait {} (max {})",
+            fmt_ns(c.mutex_wait_ns.sum),
+            fmt_ns(c.mutex_wait_ns.max)
+        ));
+    }
+    for p in parts {
+        let _ = writeln!(s, "      {p}");
+    }
 }
 
 pub fn json(r: &Report) -> String {
@@ -131,6 +193,10 @@ mod tests {
     fn text_empty() {
         let t = text(&Model::default().report(&Snapshot::default()));
         assert!(t.contains("no membarrier calls seen"));
+        // An empty float sum is -0.0 in Rust; it must not show as such.
+        assert!(
+            json(&Model::default().report(&Snapshot::default())).contains("\"calls_per_sec\":0.0")
+        );
     }
 
     #[test]

@@ -125,6 +125,48 @@ pub fn check_pid(pid: u32) -> Result<()> {
     Ok(())
 }
 
+/// Watches processes for exit through pidfds. Unlike reading /proc/PID/stat, this takes no
+/// reference on the process's mm: such a reference makes the kernel see a second mm user and
+/// send membarrier IPIs it would otherwise skip, changing what is being measured.
+pub struct ExitWatch {
+    pidfds: Vec<std::os::fd::OwnedFd>,
+}
+
+impl ExitWatch {
+    pub fn new(pids: &[u32]) -> Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        let pidfds = pids
+            .iter()
+            .map(|&pid| {
+                // SAFETY: pidfd_open takes no pointers; a non-negative result is a new fd we own.
+                let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+                if fd < 0 {
+                    bail!("watching pid {pid}: {}", std::io::Error::last_os_error());
+                }
+                Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { pidfds })
+    }
+
+    /// True once every watched process has exited (a pidfd turns readable at exit).
+    pub fn all_exited(&self) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let mut fds: Vec<libc::pollfd> = self
+            .pidfds
+            .iter()
+            .map(|fd| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: fds is a live array of fds.len() pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+        n >= 0 && fds.iter().all(|f| f.revents != 0)
+    }
+}
+
 /// The process name of `pid` (its main thread's comm), if it is still there.
 pub fn comm(pid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -149,6 +191,20 @@ mod tests {
         assert_eq!(parse_field_offset(old, "child_pid"), Some(44));
         assert_eq!(parse_field_offset(old, "child_comm"), Some(28));
         assert_eq!(parse_field_offset(old, "nope"), None);
+    }
+
+    #[test]
+    fn exit_watch_sees_a_child_exit() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
+        let w = ExitWatch::new(&[child.id()]).unwrap();
+        assert!(!w.all_exited());
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        // Exited but not reaped (a zombie) counts as exited.
+        assert!(w.all_exited());
+        child.wait().unwrap();
     }
 
     #[test]

@@ -325,6 +325,130 @@ fn pid_filter_counts_exactly_and_ignores_others() {
         "GLOBAL p50 {p50} vs workload's {user_p50}"
     );
     assert!(row["latency_ns"]["max"].as_u64().unwrap() <= global["max_ns"].as_u64().unwrap());
+
+    // A grace period is spent blocked: off-CPU time is reported, is at most the call's latency,
+    // and is most of it; something (an RCU kthread) woke the caller.
+    let (blocked, lat) = (
+        row["blocked_ns"]["sum"].as_u64().unwrap(),
+        row["latency_ns"]["sum"].as_u64().unwrap(),
+    );
+    assert!(blocked <= lat, "blocked {blocked} > latency {lat}");
+    assert!(blocked * 2 > lat, "blocked {blocked} is not most of {lat}");
+    assert_eq!(row["on_cpu_ns"].as_u64().unwrap(), lat - blocked);
+    assert!(
+        row["blocked_ns"]["max"].as_u64().unwrap() <= row["latency_ns"]["max"].as_u64().unwrap()
+    );
+    let wakeups: u64 = row["woken_by"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(
+        wakeups >= 5,
+        "each GLOBAL call was woken: {}",
+        row["woken_by"]
+    );
+    assert_eq!(
+        report["grace_period_source"], "sched",
+        "fentry is refused on this kernel"
+    );
+}
+
+#[test]
+fn ipis_go_to_the_running_sibling_and_not_for_a_lone_thread() {
+    require_root();
+    const N: u64 = 5000;
+    let mut pair = Workload::start(&["--spinner-calls", &N.to_string()]);
+    let mut lone = Workload::start(&["--expedited", &N.to_string()]);
+    let tracer = Tracer::start(&[
+        "--pid",
+        &pair.pid.to_string(),
+        "--pid",
+        &lone.pid.to_string(),
+        "-o",
+        "json",
+    ]);
+    pair.go();
+    lone.go();
+    let (pair_pid, lone_pid) = (pair.pid, lone.pid);
+    pair.finish();
+    lone.finish();
+    let out = tracer.finish();
+    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+
+    let row = cmd_row(process(&report, pair_pid), 8, 0);
+    assert_eq!(row["calls"], N);
+    let ipis = &row["ipis"];
+    let sent = ipis["sent"].as_u64().unwrap();
+    // The sibling spins on the last CPU, the caller is pinned to CPU 0: a call that finds the
+    // sibling running sends it one IPI (tests running alongside may preempt it sometimes).
+    assert!((N / 2..=N).contains(&sent), "{ipis}");
+    let last_cpu = (std::thread::available_parallelism().unwrap().get() - 1).to_string();
+    let per_cpu = ipis["per_cpu"].as_object().unwrap();
+    assert_eq!(
+        per_cpu.keys().collect::<Vec<_>>(),
+        vec![&last_cpu],
+        "{ipis}"
+    );
+    assert_eq!(per_cpu[&last_cpu], sent);
+    let per_call = ipis["per_call"].as_array().unwrap();
+    let calls: u64 = per_call.iter().map(|b| b["count"].as_u64().unwrap()).sum();
+    let weighted: u64 = per_call
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap() * b["ipis"].as_u64().unwrap())
+        .sum();
+    assert_eq!(calls, N);
+    assert_eq!(weighted, sent);
+    assert!(ipis["handler_ns"].as_u64().unwrap() > 0, "{ipis}");
+
+    // One thread alone in its mm: the kernel sends no IPI at all.
+    let lone_row = cmd_row(process(&report, lone_pid), 8, 0);
+    assert_eq!(lone_row["calls"], N);
+    assert_eq!(lone_row["ipis"]["sent"], 0);
+    assert_eq!(
+        lone_row["ipis"]["per_call"],
+        serde_json::json!([{"ipis": 0, "count": N}])
+    );
+    assert_eq!(lone_row["ipis"]["handler_ns"], 0);
+}
+
+#[test]
+fn concurrent_expedited_callers_wait_for_the_mutex() {
+    require_root();
+    let args = ["--expedited", "20000", "--threads", "2"];
+    let mut a = Workload::start(&args);
+    let mut b = Workload::start(&args);
+    let tracer = Tracer::start(&[
+        "--pid",
+        &a.pid.to_string(),
+        "--pid",
+        &b.pid.to_string(),
+        "-o",
+        "json",
+    ]);
+    a.go();
+    b.go();
+    let pids = [a.pid, b.pid];
+    a.finish();
+    b.finish();
+    let out = tracer.finish();
+    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+    let waits: Vec<u64> = pids
+        .iter()
+        .map(|&pid| {
+            cmd_row(process(&report, pid), 8, 0)["mutex_wait_ns"]["sum"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(waits.iter().any(|&w| w > 0), "no mutex wait in {waits:?}");
+    for &pid in &pids {
+        let row = cmd_row(process(&report, pid), 8, 0);
+        let m = &row["mutex_wait_ns"];
+        assert!(m["max"].as_u64() <= m["sum"].as_u64());
+        assert!(m["sum"].as_u64().unwrap() <= row["latency_ns"]["sum"].as_u64().unwrap());
+    }
 }
 
 #[test]

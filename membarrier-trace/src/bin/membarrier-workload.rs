@@ -30,7 +30,8 @@ struct Args {
     /// PRIVATE_EXPEDITED calls with flags=1, allowed only for RSEQ (EINVAL).
     #[arg(long, default_value_t = 0)]
     bad_flags: u64,
-    /// Registered PRIVATE_EXPEDITED calls, split over `--threads`.
+    /// Registered PRIVATE_EXPEDITED calls, split over `--threads` (with 1, from the main thread:
+    /// the process stays single-threaded).
     #[arg(long, default_value_t = 0)]
     expedited: u64,
     #[arg(long, default_value_t = 1)]
@@ -41,6 +42,10 @@ struct Args {
     /// Print `ready <pid>` and wait for a line on stdin before the first call.
     #[arg(long)]
     wait_stdin: bool,
+    /// Registered PRIVATE_EXPEDITED calls from the main thread, pinned to CPU 0, while a sibling
+    /// thread spins pinned to the last CPU: each call that finds it running IPIs that CPU.
+    #[arg(long, default_value_t = 0)]
+    spinner_calls: u64,
     /// Exit with this status (to test that the tracer passes it on).
     #[arg(long, default_value_t = 0)]
     exit_code: u8,
@@ -108,6 +113,38 @@ fn merge(into: &mut Tally, from: Tally) {
     }
 }
 
+/// Pins the calling thread to `cpu`.
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays in bounds for cpu < CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Runs `f` on CPU 0 while a sibling thread spins on the last CPU.
+fn with_spinner(f: impl FnOnce()) {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running = Arc::new(Barrier::new(2));
+    let spinner = {
+        let (stop, running) = (Arc::clone(&stop), Arc::clone(&running));
+        thread::spawn(move || {
+            pin(cpus - 1);
+            running.wait();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    };
+    pin(0);
+    running.wait();
+    f();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    spinner.join().unwrap();
+}
+
 fn main() {
     let args = Args::parse();
     let pid = std::process::id();
@@ -127,9 +164,13 @@ fn main() {
         cmd::FLAG_CPU,
         false,
     );
-    if args.expedited > 0 {
+    if args.expedited > 0 && args.threads <= 1 {
+        // In the main thread: the process stays single-threaded, and the kernel sends no IPI.
         call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
-        let threads = args.threads.max(1);
+        call(&mut tally, args.expedited, cmd::PRIVATE_EXPEDITED, 0, false);
+    } else if args.expedited > 0 {
+        call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
+        let threads = args.threads;
         let shared = Arc::new(Mutex::new(Tally::new()));
         let start = Arc::new(Barrier::new(threads as usize));
         let handles: Vec<_> = (0..threads)
@@ -147,6 +188,18 @@ fn main() {
         handles.into_iter().for_each(|h| h.join().unwrap());
         let shared = std::mem::take(&mut *shared.lock().unwrap());
         merge(&mut tally, shared);
+    }
+    if args.spinner_calls > 0 {
+        with_spinner(|| {
+            call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
+            call(
+                &mut tally,
+                args.spinner_calls,
+                cmd::PRIVATE_EXPEDITED,
+                0,
+                false,
+            );
+        });
     }
     call(&mut tally, args.global, cmd::GLOBAL, 0, true);
     let outcomes: Vec<Outcome> = tally
