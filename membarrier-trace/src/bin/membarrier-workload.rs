@@ -46,6 +46,17 @@ struct Args {
     /// thread spins pinned to the last CPU: each call that finds it running IPIs that CPU.
     #[arg(long, default_value_t = 0)]
     spinner_calls: u64,
+    /// Benchmark loops (untimed per call; the total is timed): registered PRIVATE_EXPEDITED
+    /// from the main thread, ns per call in `loops.expedited_ns`.
+    #[arg(long, default_value_t = 0)]
+    loop_expedited: u64,
+    /// getppid() calls: an unrelated cheap syscall, `loops.getppid_ns`.
+    #[arg(long, default_value_t = 0)]
+    loop_getppid: u64,
+    /// Round trips of one byte between two threads over pipes (two context switches each),
+    /// `loops.pingpong_ns`.
+    #[arg(long, default_value_t = 0)]
+    loop_pingpong: u64,
     /// Exit with this status (to test that the tracer passes it on).
     #[arg(long, default_value_t = 0)]
     exit_code: u8,
@@ -111,6 +122,46 @@ fn merge(into: &mut Tally, from: Tally) {
         e.max_ns = e.max_ns.max(o.max_ns);
         e.all_ns.extend(o.all_ns);
     }
+}
+
+/// Mean ns per run of `f` over `n` runs.
+fn timed(n: u64, mut f: impl FnMut()) -> f64 {
+    let t = Instant::now();
+    for _ in 0..n {
+        f();
+    }
+    t.elapsed().as_nanos() as f64 / n as f64
+}
+
+/// Mean ns per round trip of a byte between two threads over a pair of pipes.
+fn pingpong(n: u64) -> f64 {
+    let mut a = [0i32; 2];
+    let mut b = [0i32; 2];
+    // SAFETY: pipe() fills the arrays.
+    unsafe {
+        assert_eq!(libc::pipe(a.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(b.as_mut_ptr()), 0);
+    }
+    let (a_r, a_w, b_r, b_w) = (a[0], a[1], b[0], b[1]);
+    let echo = thread::spawn(move || {
+        let mut byte = 0u8;
+        for _ in 0..n {
+            unsafe {
+                libc::read(a_r, (&raw mut byte).cast(), 1);
+                libc::write(b_w, (&raw const byte).cast(), 1);
+            }
+        }
+    });
+    let mut byte = 1u8;
+    let ns = timed(n, || unsafe {
+        libc::write(a_w, (&raw const byte).cast(), 1);
+        libc::read(b_r, (&raw mut byte).cast(), 1);
+    });
+    echo.join().unwrap();
+    for fd in [a_r, a_w, b_r, b_w] {
+        unsafe { libc::close(fd) };
+    }
+    ns
 }
 
 /// Pins the calling thread to `cpu`.
@@ -202,6 +253,23 @@ fn main() {
         });
     }
     call(&mut tally, args.global, cmd::GLOBAL, 0, true);
+    let mut loops = serde_json::Map::new();
+    if args.loop_expedited > 0 {
+        call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
+        let ns = timed(args.loop_expedited, || unsafe {
+            libc::syscall(libc::SYS_membarrier, cmd::PRIVATE_EXPEDITED, 0, 0);
+        });
+        loops.insert("expedited_ns".into(), ns.into());
+    }
+    if args.loop_getppid > 0 {
+        let ns = timed(args.loop_getppid, || unsafe {
+            libc::getppid();
+        });
+        loops.insert("getppid_ns".into(), ns.into());
+    }
+    if args.loop_pingpong > 0 {
+        loops.insert("pingpong_ns".into(), pingpong(args.loop_pingpong).into());
+    }
     let outcomes: Vec<Outcome> = tally
         .into_values()
         .map(|mut o| {
@@ -214,7 +282,7 @@ fn main() {
         .collect();
     println!(
         "{}",
-        serde_json::json!({ "pid": pid, "outcomes": outcomes })
+        serde_json::json!({ "pid": pid, "outcomes": outcomes, "loops": loops })
     );
     std::process::exit(args.exit_code.into());
 }
