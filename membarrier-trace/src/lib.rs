@@ -2,7 +2,7 @@
 //!
 //! [`collector`] loads the eBPF programs and reads their in-kernel aggregates into a
 //! [`model::Snapshot`]; [`model::Model`] turns snapshots into [`model::Report`]s; [`output`]
-//! renders reports as text or JSON.
+//! renders reports as text or JSON, [`tui`] as a live dashboard.
 
 pub mod cmd;
 pub mod collector;
@@ -10,3 +10,4 @@ pub mod hist;
 pub mod model;
 pub mod output;
 pub mod preflight;
+pub mod tui;

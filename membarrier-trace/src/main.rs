@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, ValueEnum};
+use membarrier_trace::tui::Feed as _;
 use membarrier_trace::{
     collector::{Collector, Options},
     model::{Model, Report},
@@ -36,9 +37,9 @@ struct Cli {
     /// probes (they run on every context switch, IPI and lock contention on the box).
     #[arg(long)]
     no_breakdown: bool,
-    /// Output format.
-    #[arg(short, long, value_enum, default_value_t = Format::Text)]
-    output: Format,
+    /// Output format; without it, a live dashboard when stdout is a terminal, else text.
+    #[arg(short, long, value_enum)]
+    output: Option<Format>,
     /// Run COMMAND, trace it and the processes it starts, stop when it exits and exit with its
     /// status.
     #[arg(last = true, value_name = "COMMAND")]
@@ -166,54 +167,117 @@ fn run(cli: Cli) -> Result<ExitCode> {
     );
 
     let started = Instant::now();
-    let deadline = cli.duration.map(|d| started + Duration::from_secs_f64(d));
-    let interval = cli.interval.map(Duration::from_secs_f64);
-    let mut next_report = interval.map(|i| started + i);
-    let mut model = Model::default();
-    let mut exit = ExitCode::SUCCESS;
-    let mut next_prune = started + PRUNE_EVERY;
-    loop {
-        if let Some(sig) = match signal.load(Ordering::SeqCst) {
-            0 => None,
-            s => Some(s),
-        } {
-            if let Some(c) = child.as_mut() {
-                exit = stop_child(c, sig);
+    let tui = cli.output.is_none() && unsafe { libc::isatty(1) } == 1;
+    let mut session = Session {
+        collector,
+        signal,
+        deadline: cli.duration.map(|d| started + Duration::from_secs_f64(d)),
+        child,
+        exits,
+        next_prune: started + PRUNE_EVERY,
+        model: Model::default(),
+        exit: None,
+        note: None,
+    };
+    if tui {
+        let source = if cli.no_breakdown {
+            "tracepoints (no breakdown)"
+        } else {
+            "tracepoints"
+        };
+        let interval = cli
+            .interval
+            .map_or(Duration::from_secs(1), Duration::from_secs_f64);
+        membarrier_trace::tui::run(&mut session, interval, source.to_string())?;
+        // Quitting the dashboard also stops a command we started.
+        if session.exit.is_none()
+            && let Some(c) = session.child.as_mut()
+        {
+            session.exit = Some(stop_child(c, libc::SIGTERM));
+        }
+    } else {
+        let format = cli.output.unwrap_or(Format::Text);
+        let interval = cli.interval.map(Duration::from_secs_f64);
+        let mut next_report = interval.map(|i| started + i);
+        while !session.stopped()? {
+            if let (Some(next), Some(i)) = (next_report, interval)
+                && Instant::now() >= next
+            {
+                emit(format, &session.report()?);
+                next_report = Some(next + i);
             }
-            break;
+            // Short ticks keep Ctrl-C and process exit responsive; the kernel does the counting.
+            let mut tick = Duration::from_millis(50);
+            for t in [session.deadline, next_report].into_iter().flatten() {
+                tick = tick.min(t.saturating_duration_since(Instant::now()));
+            }
+            thread::sleep(tick);
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            break;
+        emit(format, &session.final_report()?);
+    }
+    if let Some(note) = &session.note {
+        eprintln!("membarrier-trace: {note}");
+    }
+    Ok(session.exit.unwrap_or(ExitCode::SUCCESS))
+}
+
+/// A tracing run: the collector and everything that can end it.
+struct Session {
+    collector: Collector,
+    signal: Arc<AtomicI32>,
+    deadline: Option<Instant>,
+    child: Option<Child>,
+    exits: Option<preflight::ExitWatch>,
+    next_prune: Instant,
+    model: Model,
+    /// Set when tracing ended with a status to exit with (the command's).
+    exit: Option<ExitCode>,
+    /// Why tracing ended, when the user should be told.
+    note: Option<String>,
+}
+
+impl Session {
+    fn final_report(&mut self) -> Result<Report> {
+        Ok(self.model.report(&self.collector.snapshot(true)?))
+    }
+}
+
+impl membarrier_trace::tui::Feed for Session {
+    fn stopped(&mut self) -> Result<bool> {
+        let sig = self.signal.load(Ordering::SeqCst);
+        if sig != 0 {
+            if let Some(c) = self.child.as_mut() {
+                self.exit = Some(stop_child(c, sig));
+            }
+            return Ok(true);
         }
-        if let Some(c) = child.as_mut()
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(true);
+        }
+        if let Some(c) = self.child.as_mut()
             && let Some(status) = c.try_wait().context("waiting for the command")?
         {
-            exit = exit_code(status);
-            break;
+            self.exit = Some(exit_code(status));
+            return Ok(true);
         }
-        if exits.as_ref().is_some_and(preflight::ExitWatch::all_exited) {
-            eprintln!("membarrier-trace: every traced process has exited");
-            break;
-        }
-        if let (Some(next), Some(i)) = (next_report, interval)
-            && Instant::now() >= next
+        if self
+            .exits
+            .as_ref()
+            .is_some_and(preflight::ExitWatch::all_exited)
         {
-            emit(cli.output, &model.report(&collector.snapshot(false)?));
-            next_report = Some(next + i);
+            self.note = Some("every traced process has exited".into());
+            return Ok(true);
         }
-        if Instant::now() >= next_prune {
-            collector.prune_exited_threads()?;
-            next_prune += PRUNE_EVERY;
+        if Instant::now() >= self.next_prune {
+            self.collector.prune_exited_threads()?;
+            self.next_prune += PRUNE_EVERY;
         }
-        // Short ticks keep Ctrl-C and process exit responsive; the kernel does the counting.
-        let mut tick = Duration::from_millis(50);
-        for t in [deadline, next_report].into_iter().flatten() {
-            tick = tick.min(t.saturating_duration_since(Instant::now()));
-        }
-        thread::sleep(tick);
+        Ok(false)
     }
-    emit(cli.output, &model.report(&collector.snapshot(true)?));
-    Ok(exit)
+
+    fn report(&mut self) -> Result<Report> {
+        Ok(self.model.report(&self.collector.snapshot(false)?))
+    }
 }
 
 /// Starts `argv` held just before exec, so its pid is in the filter and the programs are

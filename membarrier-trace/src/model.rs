@@ -113,6 +113,11 @@ pub struct ProcessReport {
     pub registration_ns: u64,
     /// EPERM from expedited cmds: the process issued them without registering first.
     pub unregistered_eperm: u64,
+    /// Over all its calls, every cmd.
+    pub latency_ns: Latency,
+    /// Time its threads spent inside membarrier during the window, as a share of the window
+    /// (100 = one thread's worth of wall time; several threads can exceed it).
+    pub time_inside_pct: f64,
     pub cmds: Vec<CmdReport>,
 }
 
@@ -190,10 +195,27 @@ pub struct Bucket {
     pub count: u64,
 }
 
+impl Report {
+    /// Before the first snapshot.
+    pub fn empty() -> Self {
+        Self {
+            duration_ns: 0,
+            window_ns: 0,
+            calls: 0,
+            calls_per_sec: 0.0,
+            missed_calls: 0,
+            dropped: 0,
+            grace_period_source: GraceSource::None,
+            processes: Vec::new(),
+        }
+    }
+}
+
 /// Turns snapshots into reports, remembering the previous one for per-window rates.
 #[derive(Default)]
 pub struct Model {
-    prev_calls: HashMap<(u32, u32, u32), u64>,
+    /// Calls and latency sum per (tgid, cmd, flags) at the previous report.
+    prev: HashMap<(u32, u32, u32), (u64, u64)>,
     prev_elapsed_ns: u64,
 }
 
@@ -219,7 +241,9 @@ impl Model {
         }
 
         let mut processes: BTreeMap<u32, ProcessReport> = BTreeMap::new();
-        let mut next_calls = HashMap::new();
+        let mut next = HashMap::new();
+        // Per process: all its calls' latencies, and latency summed over the window.
+        let mut proc_hist: HashMap<u32, (Histogram, u64, u64)> = HashMap::new();
         // Breakdown figures kept apart from the stats rows, by (tgid, cmd, flags).
         let mut per_cpu: HashMap<(u32, u32, u32), BTreeMap<String, u64>> = HashMap::new();
         for (k, n) in &snap.ipi_cpus {
@@ -279,8 +303,14 @@ impl Model {
             blocked_hist.counts[0] += calls.saturating_sub(blocked_hist.total());
             ipi_hist[0] += calls.saturating_sub(ipi_hist.iter().sum());
             let group = (tgid, cmd_value as u32, flags);
-            let before = self.prev_calls.get(&group).copied().unwrap_or(0);
-            next_calls.insert(group, calls);
+            let (before, sum_before) = self.prev.get(&group).copied().unwrap_or((0, 0));
+            next.insert(group, (calls, sum));
+            let ph = proc_hist
+                .entry(tgid)
+                .or_insert_with(|| (Histogram::default(), u64::MAX, 0));
+            ph.0.add(&hist.counts);
+            ph.1 = ph.1.min(min);
+            ph.2 += sum.saturating_sub(sum_before);
             let row = CmdReport {
                 cmd: cmd::display_name(cmd_value),
                 cmd_value,
@@ -340,8 +370,12 @@ impl Model {
                 registrations: 0,
                 registration_ns: 0,
                 unregistered_eperm: 0,
+                latency_ns: Latency::default(),
+                time_inside_pct: 0.0,
                 cmds: Vec::new(),
             });
+            p.latency_ns.sum += row.latency_ns.sum;
+            p.latency_ns.max = p.latency_ns.max.max(row.latency_ns.max);
             if row.kind == Kind::Registration {
                 p.registrations += row.calls;
                 p.registration_ns += row.latency_ns.sum;
@@ -354,8 +388,22 @@ impl Model {
             p.errors += row.errors;
             p.cmds.push(row);
         }
-        self.prev_calls = next_calls;
+        self.prev = next;
         self.prev_elapsed_ns = snap.elapsed_ns;
+        for p in processes.values_mut() {
+            let (hist, min, window_sum) = &proc_hist[&p.pid];
+            let l = &mut p.latency_ns;
+            l.min = *min;
+            l.p50 = hist.quantile(0.5, l.min, l.max);
+            l.p90 = hist.quantile(0.9, l.min, l.max);
+            l.p99 = hist.quantile(0.99, l.min, l.max);
+            l.p999 = hist.quantile(0.999, l.min, l.max);
+            p.time_inside_pct = if window_ns == 0 {
+                0.0
+            } else {
+                *window_sum as f64 * 100.0 / window_ns as f64
+            };
+        }
 
         let mut processes: Vec<ProcessReport> = processes.into_values().collect();
         // Busiest first; ties by pid so the order is stable.
@@ -523,6 +571,13 @@ pub(crate) mod tests {
         assert_eq!(second.processes[0].cmds[0].calls, 16);
         assert_eq!(second.processes[0].cmds[0].calls_per_sec, 10.0);
         assert_eq!(second.processes[1].calls_per_sec, 0.0);
+        // Only the window's latency counts toward time inside: 14 x 500 ns minus the first
+        // report's 2200 ns of PRIVATE_EXPEDITED, over 1 s.
+        let pct = second.processes[0].time_inside_pct;
+        assert!(
+            (pct - (7000.0 - 2200.0) * 100.0 / 1e9).abs() < 1e-9,
+            "{pct}"
+        );
     }
 
     #[test]

@@ -402,15 +402,15 @@ fn ipis_go_to_the_running_sibling_and_not_for_a_lone_thread() {
     assert_eq!(weighted, sent);
     assert!(ipis["handler_ns"].as_u64().unwrap() > 0, "{ipis}");
 
-    // One thread alone in its mm: the kernel sends no IPI at all.
+    // One thread alone in its mm: the kernel skips the IPIs (mm_users == 1). Not always zero
+    // here: anything that briefly takes a reference on the mm (a /proc/PID/stat reader such as
+    // ps or the VM's agent) makes the kernel take the IPI path for calls in that window, and
+    // one that migrates mid-call then IPIs the CPU it left. Seen: 0 to 2 in 5000.
     let lone_row = cmd_row(process(&report, lone_pid), 8, 0);
     assert_eq!(lone_row["calls"], N);
-    assert_eq!(lone_row["ipis"]["sent"], 0);
-    assert_eq!(
-        lone_row["ipis"]["per_call"],
-        serde_json::json!([{"ipis": 0, "count": N}])
-    );
-    assert_eq!(lone_row["ipis"]["handler_ns"], 0);
+    let lone_sent = lone_row["ipis"]["sent"].as_u64().unwrap();
+    assert!(lone_sent <= N / 100, "{}", lone_row["ipis"]);
+    assert!(lone_sent * 50 < sent, "lone {lone_sent} vs pair {sent}");
 }
 
 #[test]
@@ -717,4 +717,93 @@ fn bad_input_is_one_line_and_exit_2() {
         Command::new("setpriv").args(["--reuid=65534", "--regid=65534", "--clear-groups", TRACER]),
         "must run as root",
     );
+}
+
+/// The dashboard in a real terminal: tmux runs a shell, the shell runs the tracer.
+#[test]
+fn dashboard_in_tmux_shows_the_process_and_quits_on_q() {
+    require_root();
+    let sock = format!("mbtrace-test-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        let out = Command::new("tmux")
+            .arg("-L")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .expect("tmux");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // GLOBAL calls (a grace period each, mostly asleep) for longer than the test; killed at the
+    // end.
+    let mut w = Workload::start(&["--global", "100000"]);
+    w.go();
+    tmux(&[
+        "new-session",
+        "-d",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "-e",
+        "PS1=mbt$ ",
+        "bash --norc --noprofile",
+    ]);
+    let wait_for = |what: &str, ok: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let screen = tmux(&["capture-pane", "-p"]);
+            if ok(&screen) {
+                return screen;
+            }
+            if Instant::now() > deadline {
+                let _ = Command::new("tmux")
+                    .args(["-L", &sock, "kill-server"])
+                    .status();
+                panic!("{what}; screen:\n{screen}");
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    };
+    // Keys typed before the shell is ready can be lost: wait for its first prompt.
+    wait_for("no shell prompt", &|s| {
+        s.lines()
+            .any(|l| l.trim_end().ends_with('#') || l.trim_end().ends_with('$'))
+    });
+    tmux(&["send-keys", "PS1='mbt$ '; clear", "Enter"]);
+    wait_for("no prompt", &|s| s.lines().any(|l| l.trim_end() == "mbt$"));
+    tmux(&["send-keys", &format!("{TRACER} --pid {}", w.pid), "Enter"]);
+    let pid = w.pid.to_string();
+    let screen = wait_for("no row with the workload and a rate", &|s| {
+        s.lines().any(|l| {
+            let f: Vec<&str> = l
+                .trim_matches(|c| c == '│' || c == ' ')
+                .split_whitespace()
+                .collect();
+            f.len() > 3 && f[0] == pid && f[2].parse::<f64>().is_ok_and(|r| r > 0.0)
+        })
+    });
+    assert!(screen.contains("membarrier-trace"), "{screen}");
+    assert!(screen.contains("GLOBAL"), "{screen}");
+    tmux(&["send-keys", "q"]);
+    // Back at the shell: the prompt is the last line and the shell runs nothing.
+    wait_for("the shell prompt did not come back", &|s| {
+        s.lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .is_some_and(|l| l.trim_end() == "mbt$")
+    });
+    assert_eq!(
+        tmux(&["display-message", "-p", "#{pane_current_command}"]).trim(),
+        "bash"
+    );
+    let _ = Command::new("tmux")
+        .args(["-L", &sock, "kill-server"])
+        .status();
+    let _ = w.child.kill();
+    let _ = w.child.wait();
 }

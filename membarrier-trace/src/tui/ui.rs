@@ -1,0 +1,515 @@
+//! Draws the dashboard from an [`App`]; reads it, changes nothing.
+
+use ratatui::{
+    Frame,
+    layout::{Alignment, Constraint, Layout, Rect},
+    style::{Color, Modifier, Style},
+    text::{Line, Span},
+    widgets::{
+        Bar, BarChart, BarGroup, Block, Borders, Cell, Clear, Paragraph, Row, Sparkline, Table,
+        TableState, Wrap,
+    },
+};
+
+use super::app::{App, Column, Pane};
+use crate::{
+    cmd::Kind,
+    model::{CmdReport, GraceSource, ProcessReport},
+};
+
+/// A duration in at most 6 characters, 3 significant digits: `687ns`, `15.0us`, `11.8ms`.
+fn fmt_ns(ns: u64) -> String {
+    let (v, unit) = match ns {
+        0..1_000 => return format!("{ns}ns"),
+        1_000..1_000_000 => (ns as f64 / 1e3, "us"),
+        1_000_000..1_000_000_000 => (ns as f64 / 1e6, "ms"),
+        _ => (ns as f64 / 1e9, "s"),
+    };
+    if v >= 100.0 {
+        format!("{v:.0}{unit}")
+    } else if v >= 10.0 {
+        format!("{v:.1}{unit}")
+    } else {
+        format!("{v:.2}{unit}")
+    }
+}
+
+/// Below this the dashboard cannot be laid out: a one-line note instead.
+const MIN_W: u16 = 40;
+const MIN_H: u16 = 10;
+/// Below this height the detail pane is left out.
+const DETAIL_MIN_H: u16 = 20;
+
+/// A bucket bound as a short label: `512ns`, `16us`, `2ms`, `1s`.
+fn short_ns(ns: u64) -> String {
+    match ns {
+        0..1_000 => format!("{ns}ns"),
+        1_000..1_000_000 => format!("{}us", ns / 1_000),
+        1_000_000..1_000_000_000 => format!("{}ms", ns / 1_000_000),
+        _ => format!("{}s", ns / 1_000_000_000),
+    }
+}
+
+fn rate(r: f64) -> String {
+    if r >= 100.0 {
+        format!("{r:.0}")
+    } else {
+        format!("{r:.1}")
+    }
+}
+
+pub fn render(f: &mut Frame, app: &App) {
+    let area = f.area();
+    if area.width < MIN_W || area.height < MIN_H {
+        let msg = format!(
+            "terminal {}x{}: need {MIN_W}x{MIN_H}; q quits",
+            area.width, area.height
+        );
+        f.render_widget(Paragraph::new(msg).wrap(Wrap { trim: true }), area);
+        return;
+    }
+    let [header, body] = Layout::vertical([Constraint::Length(2), Constraint::Min(0)]).areas(area);
+    render_header(f, app, header);
+    if area.height < DETAIL_MIN_H {
+        render_processes(f, app, body);
+    } else {
+        let [table, detail] =
+            Layout::vertical([Constraint::Percentage(45), Constraint::Percentage(55)]).areas(body);
+        render_processes(f, app, table);
+        render_detail(f, app, detail);
+    }
+    if app.help {
+        render_help(f, area);
+    }
+}
+
+fn render_header(f: &mut Frame, app: &App, area: Rect) {
+    let r = &app.shown;
+    let grace = match r.grace_period_source {
+        GraceSource::Fentry => "fentry",
+        GraceSource::Sched => "sched",
+        GraceSource::None => "none",
+    };
+    // Line 1: the figures that matter most, missed and dropped never cut off.
+    let lost = Style::new().fg(if r.missed_calls + r.dropped > 0 {
+        Color::Red
+    } else {
+        Color::Reset
+    });
+    let mut top = vec![
+        Span::styled(
+            "membarrier-trace ",
+            Style::new().add_modifier(Modifier::BOLD),
+        ),
+        Span::raw(format!("{} calls/s  ", rate(r.calls_per_sec))),
+        Span::styled(
+            format!("missed {}  dropped {}", r.missed_calls, r.dropped),
+            lost,
+        ),
+        Span::raw(format!(
+            "  up {:.0}s  every {}s",
+            r.duration_ns as f64 / 1e9,
+            app.interval_secs
+        )),
+    ];
+    if app.paused {
+        top.push(Span::styled(
+            "  PAUSED",
+            Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
+        ));
+    }
+    let bottom = match &app.editing {
+        Some(text) => format!("filter: {text}_  (Enter apply, Esc cancel)"),
+        None => {
+            let filter = if app.filter.is_empty() {
+                String::new()
+            } else {
+                format!("filter: {}  ", app.filter)
+            };
+            format!("{filter}{}, grace periods: {grace}   ? keys", app.source)
+        }
+    };
+    f.render_widget(
+        Paragraph::new(vec![
+            Line::from(top),
+            Line::from(bottom).style(Style::new().fg(Color::DarkGray)),
+        ]),
+        area,
+    );
+}
+
+fn focus_block(title: String, focused: bool) -> Block<'static> {
+    let style = if focused {
+        Style::new().fg(Color::Cyan)
+    } else {
+        Style::new()
+    };
+    Block::new()
+        .borders(Borders::ALL)
+        .border_style(style)
+        .title(title)
+}
+
+fn process_cells(app: &App, p: &ProcessReport) -> Vec<String> {
+    // An exited process: `x` before its pid (and dimmed).
+    let pid = if app.is_exited(p.pid) {
+        format!("x{}", p.pid)
+    } else {
+        p.pid.to_string()
+    };
+    vec![
+        pid,
+        p.comm.clone(),
+        rate(p.calls_per_sec),
+        p.calls.to_string(),
+        p.errors.to_string(),
+        fmt_ns(p.latency_ns.p50),
+        fmt_ns(p.latency_ns.p99),
+        fmt_ns(p.latency_ns.max),
+        p.cmds.first().map(|c| c.cmd.clone()).unwrap_or_default(),
+        format!("{:.1}", p.time_inside_pct),
+    ]
+}
+
+fn render_processes(f: &mut Frame, app: &App, area: Rect) {
+    let rows = app.rows();
+    let block = focus_block(
+        format!(" processes ({}; x = exited) ", rows.len()),
+        app.focus == Pane::Processes,
+    );
+    if rows.is_empty() {
+        let msg = if app.shown.processes.is_empty() {
+            "no membarrier calls yet"
+        } else {
+            "no process matches the filter"
+        };
+        f.render_widget(
+            Paragraph::new(msg)
+                .alignment(Alignment::Center)
+                .block(block),
+            area,
+        );
+        return;
+    }
+    let header = Row::new(Column::ALL.iter().map(|c| {
+        let mark = if *c == app.sort {
+            if app.descending { "▼" } else { "▲" }
+        } else {
+            ""
+        };
+        Cell::from(format!("{}{mark}", c.title()))
+    }))
+    .style(Style::new().add_modifier(Modifier::BOLD));
+    let body = rows.iter().map(|p| {
+        let style = if app.is_exited(p.pid) {
+            Style::new().fg(Color::DarkGray)
+        } else {
+            Style::new()
+        };
+        Row::new(process_cells(app, p)).style(style)
+    });
+    // Fits 80 columns with COMM at 8; wider terminals give COMM and MAIN CMD the room.
+    let widths = [
+        Constraint::Length(8),
+        Constraint::Fill(2),
+        Constraint::Length(7),
+        Constraint::Length(7),
+        Constraint::Length(6),
+        Constraint::Length(6),
+        Constraint::Length(6),
+        Constraint::Length(6),
+        Constraint::Fill(3),
+        Constraint::Length(8),
+    ];
+    let table = Table::new(body, widths)
+        .header(header)
+        .block(block)
+        .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED));
+    let mut state = TableState::default()
+        .with_selected(rows.iter().position(|p| Some(p.pid) == app.selected_pid));
+    f.render_stateful_widget(table, area, &mut state);
+}
+
+fn render_detail(f: &mut Frame, app: &App, area: Rect) {
+    let Some(p) = app.selected() else {
+        f.render_widget(focus_block(" detail ".into(), false), area);
+        return;
+    };
+    // The cmd rows on top, full width; below, the selected cmd's histogram beside the call
+    // rate sparkline and where its time went.
+    let cmds_h = (p.cmds.len() as u16 + 3).min(area.height / 2);
+    let [cmds, below] =
+        Layout::vertical([Constraint::Length(cmds_h), Constraint::Min(0)]).areas(area);
+    render_cmds(f, app, p, cmds);
+    let [hist, right] =
+        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(below);
+    let [spark, breakdown] =
+        Layout::vertical([Constraint::Length(3), Constraint::Min(0)]).areas(right);
+    if let Some(c) = p.cmds.get(app.selected_cmd) {
+        render_histogram(f, c, hist);
+        render_breakdown(f, c, breakdown);
+    }
+    let history = app.history(p.pid);
+    f.render_widget(
+        Sparkline::default()
+            .block(Block::new().borders(Borders::ALL).title(format!(
+                " calls per {}s, last {} ",
+                app.interval_secs,
+                history.len()
+            )))
+            .data(&history)
+            .style(Style::new().fg(Color::Green)),
+        spark,
+    );
+}
+
+fn render_cmds(f: &mut Frame, app: &App, p: &ProcessReport, area: Rect) {
+    let title = format!(" {} {}: cmds (Tab, then j/k) ", p.pid, p.comm);
+    let header = Row::new([
+        "CMD", "CALLS", "CALLS/S", "ERRORS", "P50", "P99", "MAX", "BLOCKED", "IPI/CALL",
+    ])
+    .style(Style::new().add_modifier(Modifier::BOLD));
+    let rows = p.cmds.iter().map(|c| {
+        let name = match c.kind {
+            Kind::GracePeriod => format!("{} (GP)", c.cmd),
+            _ if c.flags != 0 => format!("{} f={}", c.cmd, c.flags),
+            _ => c.cmd.clone(),
+        };
+        Row::new([
+            name,
+            c.calls.to_string(),
+            rate(c.calls_per_sec),
+            c.errors.to_string(),
+            fmt_ns(c.latency_ns.p50),
+            fmt_ns(c.latency_ns.p99),
+            fmt_ns(c.latency_ns.max),
+            format!(
+                "{:.0}%",
+                c.blocked_ns.sum as f64 * 100.0 / c.latency_ns.sum.max(1) as f64
+            ),
+            format!("{:.2}", c.ipis.sent as f64 / c.calls.max(1) as f64),
+        ])
+    });
+    let widths = [
+        Constraint::Fill(1),
+        Constraint::Length(7),
+        Constraint::Length(7),
+        Constraint::Length(6),
+        Constraint::Length(6),
+        Constraint::Length(6),
+        Constraint::Length(6),
+        Constraint::Length(7),
+        Constraint::Length(8),
+    ];
+    let table = Table::new(rows, widths)
+        .header(header)
+        .block(focus_block(title, app.focus == Pane::Cmds))
+        .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED));
+    let mut state = TableState::default().with_selected(Some(app.selected_cmd));
+    f.render_stateful_widget(table, area, &mut state);
+}
+
+/// The cmd's latency histogram, one bar per power of two (more per bar when the width is
+/// short), labelled with the bar's lower bound.
+fn render_histogram(f: &mut Frame, c: &CmdReport, area: Rect) {
+    let block = Block::new()
+        .borders(Borders::ALL)
+        .title(format!(" {} latency ", c.cmd));
+    // (power of two of the bucket's upper bound) -> calls
+    let mut by_pow: Vec<(u32, u64)> = Vec::new();
+    for b in &c.histogram {
+        let pow = 63 - b.le_ns.max(1).leading_zeros();
+        match by_pow.last_mut() {
+            Some((p, n)) if *p == pow => *n += b.count,
+            _ => by_pow.push((pow, b.count)),
+        }
+    }
+    let (Some(&(lo, _)), Some(&(hi, _))) = (by_pow.first(), by_pow.last()) else {
+        f.render_widget(block, area);
+        return;
+    };
+    const BAR_W: u16 = 5;
+    let fits = (area.width.saturating_sub(2) / (BAR_W + 1)).max(1) as u32;
+    let span = hi - lo + 1;
+    let per_bar = span.div_ceil(fits);
+    let bars: Vec<Bar> = (0..span.div_ceil(per_bar))
+        .map(|i| {
+            let from = lo + i * per_bar;
+            let n: u64 = by_pow
+                .iter()
+                .filter(|(p, _)| (from..from + per_bar).contains(p))
+                .map(|(_, n)| n)
+                .sum();
+            Bar::default()
+                .value(n)
+                .label(Line::from(short_ns(1u64 << from)))
+        })
+        .collect();
+    f.render_widget(
+        BarChart::default()
+            .block(block)
+            .bar_width(BAR_W)
+            .bar_gap(1)
+            .bar_style(Style::new().fg(Color::Cyan))
+            .data(BarGroup::default().bars(&bars)),
+        area,
+    );
+}
+
+fn render_breakdown(f: &mut Frame, c: &CmdReport, area: Rect) {
+    let lat = c.latency_ns.sum.max(1) as f64;
+    let mut lines = vec![Line::from(format!(
+        "blocked {} ({:.0}%), on CPU {}; p50 blocked {}",
+        fmt_ns(c.blocked_ns.sum),
+        c.blocked_ns.sum as f64 * 100.0 / lat,
+        fmt_ns(c.on_cpu_ns),
+        fmt_ns(c.blocked_ns.p50)
+    ))];
+    let cpus: Vec<String> = c
+        .ipis
+        .per_cpu
+        .iter()
+        .map(|(cpu, n)| format!("cpu{cpu}:{n}"))
+        .collect();
+    lines.push(Line::from(format!(
+        "IPIs {:.2}/call {}; handler {}",
+        c.ipis.sent as f64 / c.calls.max(1) as f64,
+        cpus.join(" "),
+        fmt_ns(c.ipis.handler_ns)
+    )));
+    lines.push(Line::from(format!(
+        "mutex wait {} (max {})",
+        fmt_ns(c.mutex_wait_ns.sum),
+        fmt_ns(c.mutex_wait_ns.max)
+    )));
+    if !c.woken_by.is_empty() {
+        let w: Vec<String> = c.woken_by.iter().map(|(k, n)| format!("{k}:{n}")).collect();
+        lines.push(Line::from(format!("woken by {}", w.join(" "))));
+    }
+    f.render_widget(
+        Paragraph::new(lines).wrap(Wrap { trim: true }).block(
+            Block::new()
+                .borders(Borders::ALL)
+                .title(" where the time went "),
+        ),
+        area,
+    );
+}
+
+fn render_help(f: &mut Frame, area: Rect) {
+    let text = [
+        "q, Esc, Ctrl-C   quit",
+        "Up/Down, j/k     select",
+        "Tab              processes <-> cmds",
+        "s / S            sort column / order",
+        "/                filter by comm or pid",
+        "Space            pause the display",
+        "c                next cmd's histogram",
+        "?                this help",
+    ];
+    let w = 44.min(area.width);
+    let h = (text.len() as u16 + 2).min(area.height);
+    let popup = Rect::new(
+        area.x + (area.width - w) / 2,
+        area.y + (area.height - h) / 2,
+        w,
+        h,
+    );
+    f.render_widget(Clear, popup);
+    f.render_widget(
+        Paragraph::new(text.iter().map(|l| Line::from(*l)).collect::<Vec<_>>())
+            .block(Block::new().borders(Borders::ALL).title(" keys ")),
+        popup,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use ratatui::{Terminal, backend::TestBackend};
+
+    use super::*;
+    use crate::{
+        model::{Model, Snapshot, tests::row},
+        tui::app::App,
+    };
+
+    fn app() -> App {
+        let mut model = Model::default();
+        let mut app = App::new("tracepoints".into(), 1.0);
+        let mut pe = row(4242, 8, 0, &[450, 520, 610, 700, 2_100, 15_000]);
+        pe.ipis = 5;
+        pe.ipi_hist[1] = 5;
+        let snap = |s: u64, pe: crate::model::RawRow| Snapshot {
+            elapsed_ns: s * 1_000_000_000,
+            rows: vec![
+                pe,
+                row(4242, 1, 0, &[9_000_000, 12_000_000]),
+                row(77, 0, 0, &[400]),
+            ],
+            comms: [(4242, "urcu-writer".into()), (77, "dotnet".into())].into(),
+            ipi_cpus: vec![(
+                membarrier_trace_common::CpuKey {
+                    tgid: 4242,
+                    cmd: 8,
+                    flags: 0,
+                    cpu: 1,
+                },
+                5,
+            )],
+            grace_period_source: GraceSource::Sched,
+            ..Snapshot::default()
+        };
+        app.update(model.report(&snap(1, pe.clone())), |p| p != 77);
+        app
+    }
+
+    fn draw(app: &App, w: u16, h: u16) -> TestBackend {
+        let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+        t.draw(|f| render(f, app)).unwrap();
+        t.backend().clone()
+    }
+
+    #[test]
+    fn dashboard_80x24() {
+        insta::assert_snapshot!(draw(&app(), 80, 24));
+    }
+
+    #[test]
+    fn dashboard_120x40_with_help() {
+        let mut app = app();
+        app.help = true;
+        insta::assert_snapshot!(draw(&app, 120, 40));
+    }
+
+    #[test]
+    fn empty_state() {
+        let app = App::new("tracepoints".into(), 1.0);
+        insta::assert_snapshot!(draw(&app, 80, 24));
+    }
+
+    #[test]
+    fn short_terminal_drops_the_detail() {
+        insta::assert_snapshot!(draw(&app(), 80, 14));
+    }
+
+    #[test]
+    fn tiny_terminals_do_not_panic() {
+        for (w, h) in [(20, 5), (1, 1), (39, 9), (40, 10), (0, 0)] {
+            draw(&app(), w, h);
+        }
+        insta::assert_snapshot!(draw(&app(), 20, 5));
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(short_ns(512), "512ns");
+        assert_eq!(short_ns(16_384), "16us");
+        assert_eq!(short_ns(8_388_608), "8ms");
+        assert_eq!(short_ns(2_147_483_648), "2s");
+        assert_eq!(fmt_ns(687), "687ns");
+        assert_eq!(fmt_ns(15_000), "15.0us");
+        assert_eq!(fmt_ns(11_800_000), "11.8ms");
+        assert_eq!(fmt_ns(1_250), "1.25us");
+        assert_eq!(fmt_ns(250_000_000), "250ms");
+    }
+}
