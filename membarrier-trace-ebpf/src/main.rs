@@ -49,6 +49,12 @@ const EXIT_RET_OFF: usize = 16;
 #[map]
 static TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_PIDS, 0);
 
+/// [0]: armed. Userspace attaches the enter and exit programs one after the other, then arms
+/// them: calls returning in between would otherwise all count as missed (at a million calls a
+/// second, hundreds); armed at once, only calls truly under way at that instant are.
+#[map]
+static CONTROL: Array<u32> = Array::with_max_entries(1, 0);
+
 #[map]
 static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
 
@@ -91,6 +97,11 @@ static HANDLER_NS: HashMap<CallKey, u64> = HashMap::with_max_entries(MAX_WAKERS,
 /// The membarrier callback running on this CPU: [start ns, csd].
 #[map]
 static HANDLER_START: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn armed() -> bool {
+    CONTROL.get(0).is_some_and(|a| *a != 0)
+}
 
 #[inline(always)]
 fn filtering() -> bool {
@@ -198,6 +209,9 @@ fn current_tid() -> u32 {
 
 #[tracepoint]
 pub fn sys_enter_membarrier(ctx: TracePointContext) -> u32 {
+    if !armed() {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if !traced(tgid) {
@@ -240,6 +254,9 @@ pub fn sys_enter_membarrier(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_membarrier(ctx: TracePointContext) -> u32 {
     let end_ns = now();
+    if !armed() {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;

@@ -6,7 +6,7 @@ use std::{collections::HashMap, path::Path, time::Instant};
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{FEntry, FExit, ProgramError, TracePoint},
 };
 use membarrier_trace_common::{
@@ -39,6 +39,7 @@ pub struct Collector {
     counters: PerCpuArray<MapData, u64>,
     inflight: BpfHashMap<MapData, u32, Inflight>,
     tgids: BpfHashMap<MapData, u32, u8>,
+    control: Array<MapData, u32>,
     ipi_cpus: BpfHashMap<MapData, CpuKey, u64>,
     wakers: BpfHashMap<MapData, WakerKey, u64>,
     handler_ns: BpfHashMap<MapData, CallKey, u64>,
@@ -286,6 +287,7 @@ impl Collector {
         let counters = take(&mut ebpf, "COUNTERS")?;
         let inflight = take(&mut ebpf, "INFLIGHT")?;
         let tgids = take(&mut ebpf, "TGIDS")?;
+        let control = take(&mut ebpf, "CONTROL")?;
         let ipi_cpus = take(&mut ebpf, "IPI_CPUS")?;
         let wakers = take(&mut ebpf, "WAKERS")?;
         let handler_ns = take(&mut ebpf, "HANDLER_NS")?;
@@ -295,6 +297,7 @@ impl Collector {
             counters,
             inflight,
             tgids,
+            control,
             ipi_cpus,
             wakers,
             handler_ns,
@@ -433,8 +436,8 @@ impl Collector {
                 "sched_process_fork",
             )?;
         }
-        // Exit before enter: a call already under way when we attach is then counted as missed,
-        // rather than leaving an enter that never sees its exit.
+        // Attached unarmed, then armed at once (see CONTROL in the eBPF programs). Exit before
+        // enter all the same.
         attach(
             &mut self.ebpf,
             "sys_exit_membarrier",
@@ -447,6 +450,9 @@ impl Collector {
             "syscalls",
             "sys_enter_membarrier",
         )?;
+        self.control
+            .set(0, 1, 0)
+            .context("arming the eBPF programs")?;
         self.started = Instant::now();
         Ok(notes)
     }

@@ -807,3 +807,31 @@ fn dashboard_in_tmux_shows_the_process_and_quits_on_q() {
     let _ = w.child.kill();
     let _ = w.child.wait();
 }
+
+/// Attaching to a process already making calls as fast as it can: only the call under way at
+/// the instant tracing starts, and the one at its end, are missed. (The enter and exit programs
+/// are attached one after the other; unless armed together, every call returning in between
+/// counted as missed: hundreds at this rate.)
+#[test]
+fn attaching_mid_flight_misses_only_the_calls_under_way() {
+    require_root();
+    let mut w = Command::new(WORKLOAD)
+        .args(["--loop-expedited", "2000000000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let out =
+        run(Command::new(TRACER).args(["--pid", &w.id().to_string(), "-o", "json", "-d", "1"]));
+    let _ = w.kill();
+    let _ = w.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+    let calls = report["calls"].as_u64().unwrap();
+    assert!(calls > 10_000, "the workload was busy: {calls}");
+    assert!(report["missed_calls"].as_u64().unwrap() <= 2, "{report}");
+}

@@ -50,8 +50,21 @@ fn short_ns(ns: u64) -> String {
     }
 }
 
+/// A count in at most 7 characters: exact below 10 million, then `12.3M`, `4.56G`. A column
+/// never cuts a number short.
+fn count(n: u64) -> String {
+    match n {
+        0..10_000_000 => n.to_string(),
+        10_000_000..1_000_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        _ => format!("{:.2}G", n as f64 / 1e9),
+    }
+}
+
+/// A rate in at most 7 characters.
 fn rate(r: f64) -> String {
-    if r >= 100.0 {
+    if r >= 10_000_000.0 {
+        count(r as u64)
+    } else if r >= 100.0 {
         format!("{r:.0}")
     } else {
         format!("{r:.1}")
@@ -161,8 +174,8 @@ fn process_cells(app: &App, p: &ProcessReport) -> Vec<String> {
         pid,
         p.comm.clone(),
         rate(p.calls_per_sec),
-        p.calls.to_string(),
-        p.errors.to_string(),
+        count(p.calls),
+        count(p.errors),
         fmt_ns(p.latency_ns.p50),
         fmt_ns(p.latency_ns.p99),
         fmt_ns(p.latency_ns.max),
@@ -277,9 +290,9 @@ fn render_cmds(f: &mut Frame, app: &App, p: &ProcessReport, area: Rect) {
         };
         Row::new([
             name,
-            c.calls.to_string(),
+            count(c.calls),
             rate(c.calls_per_sec),
-            c.errors.to_string(),
+            count(c.errors),
             fmt_ns(c.latency_ns.p50),
             fmt_ns(c.latency_ns.p99),
             fmt_ns(c.latency_ns.max),
@@ -507,6 +520,11 @@ mod tests {
         assert_eq!(short_ns(8_388_608), "8ms");
         assert_eq!(short_ns(2_147_483_648), "2s");
         assert_eq!(fmt_ns(687), "687ns");
+        assert_eq!(count(9_999_999), "9999999");
+        assert_eq!(count(13_068_190), "13.1M");
+        assert_eq!(count(4_560_000_000), "4.56G");
+        assert_eq!(rate(1_131_014.0), "1131014");
+        assert_eq!(rate(12_500_000.0), "12.5M");
         assert_eq!(fmt_ns(15_000), "15.0us");
         assert_eq!(fmt_ns(11_800_000), "11.8ms");
         assert_eq!(fmt_ns(1_250), "1.25us");
