@@ -11,6 +11,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+mod bench;
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests drive: real membarrier users and tools to compare against.
 const TEST_PACKAGES: &[&str] = &["stress-ng", "liburcu-dev", "strace", "tmux", "gcc"];
@@ -20,7 +22,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   build            build membarrier-trace (release)
   run [-- ARGS]    build, then run membarrier-trace ARGS as root
   test [-- ARGS]   run every test as root (ARGS go to cargo test)
-  clippy           cargo clippy -D warnings on every crate";
+  clippy           cargo clippy -D warnings on every crate
+  bench [ROUNDS]   what tracing costs, against the untraced baseline (as root; default 5 rounds)";
 
 fn main() -> ExitCode {
     match run() {
@@ -82,6 +85,20 @@ fn run() -> Result<ExitCode> {
             let mut cmd = Command::new(cargo_bin());
             cmd.args(&args);
             status(as_root(&mut cmd, &path))
+        }
+        "bench" => {
+            let path = toolchain()?;
+            packages(&["bpftrace"])?;
+            cargo(
+                &path,
+                &["build", "--release", "--package", "membarrier-trace"],
+            )?;
+            if !is_root() {
+                bail!("the benchmark loads eBPF programs and writes tracefs: run it as root");
+            }
+            let rounds = rest.first().map(|r| r.parse()).transpose()?.unwrap_or(5);
+            bench::bench(&root, rounds)?;
+            Ok(ExitCode::SUCCESS)
         }
         "clippy" => {
             let path = toolchain()?;

@@ -191,8 +191,13 @@ fn with_spinner(f: impl FnOnce()) {
                 libc::sched_setscheduler(0, libc::SCHED_FIFO, &p);
             }
             running.wait();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                std::hint::spin_loop();
+            // A real-time spinner left behind (its process stopped, never told to stop) would
+            // starve the CPU for good: it gives up after a minute whatever happens.
+            let give_up = Instant::now() + std::time::Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < give_up {
+                for _ in 0..1000 {
+                    std::hint::spin_loop();
+                }
             }
         })
     };

@@ -1,0 +1,453 @@
+//! `cargo xtask bench`: what tracing costs, against the untraced baseline measured in the same
+//! run. Conditions alternate round by round so drift on a shared machine hits them alike; the
+//! table shows medians and ratios (untraced = 1.00).
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+
+/// Calls per loop in one round: long enough to dwarf start-up, short enough for 5 rounds of
+/// every condition in a few minutes.
+const EXPEDITED: &str = "1000000";
+const GETPPID: &str = "3000000";
+const PINGPONG: &str = "20000";
+const METRICS: [(&str, &str); 3] = [
+    ("expedited_ns", "membarrier PRIVATE_EXPEDITED, ns/call"),
+    ("getppid_ns", "getppid (unrelated syscall), ns/call"),
+    ("pingpong_ns", "pipe ping-pong (2 switches), ns/round trip"),
+];
+const SYSCALL_EVENTS: [&str; 2] = [
+    "syscalls/sys_enter_membarrier",
+    "syscalls/sys_exit_membarrier",
+];
+const SCHED_EVENTS: [&str; 2] = ["sched/sched_switch", "sched/sched_waking"];
+
+/// What users run instead: enter/exit, per pid and cmd, a count and a log2 histogram.
+const BPFTRACE: &str = r#"tracepoint:syscalls:sys_enter_membarrier { @start[tid] = nsecs; @cmd[tid] = args->cmd; }
+tracepoint:syscalls:sys_exit_membarrier /@start[tid]/ {
+  @calls[pid, @cmd[tid]] = count();
+  @lat[pid, @cmd[tid]] = hist(nsecs - @start[tid]);
+  delete(@start[tid]); delete(@cmd[tid]);
+}"#;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Cond {
+    Untraced,
+    /// The two syscall tracepoints enabled through tracefs, no BPF: the slow-path floor.
+    Floor,
+    /// Floor plus the sched tracepoints the breakdown uses.
+    FloorSched,
+    Traced,
+    TracedCore,
+    Bpftrace,
+}
+
+impl Cond {
+    fn name(self) -> &'static str {
+        match self {
+            Cond::Untraced => "untraced",
+            Cond::Floor => "floor",
+            Cond::FloorSched => "floor+sched",
+            Cond::Traced => "traced",
+            Cond::TracedCore => "no-breakdown",
+            Cond::Bpftrace => "bpftrace",
+        }
+    }
+}
+
+struct Paths {
+    tracer: PathBuf,
+    workload: PathBuf,
+    tracefs: PathBuf,
+}
+
+fn tracefs() -> Result<PathBuf> {
+    for p in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        if Path::new(p).join("events").is_dir() {
+            return Ok(p.into());
+        }
+    }
+    let ok = Command::new("mount")
+        .args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
+        .status()?
+        .success();
+    if !ok {
+        bail!("tracefs is not mounted and mount failed");
+    }
+    Ok("/sys/kernel/tracing".into())
+}
+
+fn set_events(p: &Paths, events: &[&str], on: bool) -> Result<()> {
+    for e in events {
+        let f = p.tracefs.join("events").join(e).join("enable");
+        fs::write(&f, if on { "1" } else { "0" }).with_context(|| format!("{}", f.display()))?;
+    }
+    Ok(())
+}
+
+fn last_json(out: &[u8], key: &str) -> Result<Value> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .rfind(|v| v.get(key).is_some())
+        .with_context(|| format!("no JSON with {key} in output"))
+}
+
+fn loops_args(p: &Paths) -> Vec<String> {
+    let w = p.workload.to_string_lossy().into_owned();
+    [
+        w.as_str(),
+        "--loop-expedited",
+        EXPEDITED,
+        "--loop-getppid",
+        GETPPID,
+        "--loop-pingpong",
+        PINGPONG,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// One round of the three loops under `cond`: ns per op for each metric.
+fn run_loops(p: &Paths, cond: Cond) -> Result<BTreeMap<String, f64>> {
+    let args = loops_args(p);
+    let out = match cond {
+        Cond::Untraced => Command::new(&args[0]).args(&args[1..]).output()?,
+        Cond::Floor | Cond::FloorSched => {
+            let events: Vec<&str> = if cond == Cond::Floor {
+                SYSCALL_EVENTS.to_vec()
+            } else {
+                [SYSCALL_EVENTS, SCHED_EVENTS].concat()
+            };
+            set_events(p, &events, true)?;
+            let out = Command::new(&args[0]).args(&args[1..]).output();
+            set_events(p, &events, false)?;
+            fs::write(p.tracefs.join("trace"), "")?; // drop what the floor recorded
+            out?
+        }
+        Cond::Traced | Cond::TracedCore => {
+            let mut c = Command::new(&p.tracer);
+            if cond == Cond::TracedCore {
+                c.arg("--no-breakdown");
+            }
+            c.args(["-o", "json", "--"]).args(&args).output()?
+        }
+        Cond::Bpftrace => {
+            let mut bt = Command::new("bpftrace")
+                .args(["-e", BPFTRACE])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let stdout = bt.stdout.take().context("bpftrace stdout")?;
+            let mut lines = BufReader::new(stdout).lines();
+            // "Attaching 2 probes..." comes once the probes are in.
+            let attached = lines.next().transpose()?.unwrap_or_default();
+            if !attached.starts_with("Attaching") {
+                let _ = bt.kill();
+                bail!("bpftrace did not attach: {attached}");
+            }
+            thread::sleep(Duration::from_millis(200));
+            let out = Command::new(&args[0]).args(&args[1..]).output();
+            unsafe { libc::kill(bt.id() as i32, libc::SIGINT) };
+            thread::spawn(move || lines.for_each(drop));
+            let _ = bt.wait();
+            out?
+        }
+    };
+    if !out.status.success() {
+        bail!(
+            "{} run failed: {}",
+            cond.name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let w = last_json(&out.stdout, "loops")?;
+    Ok(METRICS
+        .iter()
+        .map(|(k, _)| (k.to_string(), w["loops"][k].as_f64().unwrap_or(f64::NAN)))
+        .collect())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// utime + stime of `pid`, in seconds, and its peak RSS in KiB.
+fn proc_usage(pid: u32) -> Result<(f64, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').context("stat")?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the comm.
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    Ok((ticks / hz, hwm))
+}
+
+fn busy_workload(p: &Paths) -> Result<Child> {
+    Ok(Command::new(&p.workload)
+        .args(["--loop-expedited", "100000000000"])
+        .stdout(Stdio::null())
+        .spawn()?)
+}
+
+/// The tracer's own CPU and memory while a process calls as fast as it can, in `-o json` and
+/// in the dashboard (under `script`, which gives it a terminal), plus what it lost.
+fn tracer_cost(p: &Paths, tui: bool) -> Result<Value> {
+    let mut w = busy_workload(p)?;
+    thread::sleep(Duration::from_millis(300));
+    let pid = w.id().to_string();
+    let tracer_cmd = format!("{} --pid {pid}", p.tracer.display());
+    let mut t = if tui {
+        Command::new("script")
+            .args(["-qfc", &tracer_cmd, "/dev/null"])
+            .env("TERM", "xterm-256color")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?
+    } else {
+        Command::new(&p.tracer)
+            .args(["--pid", &pid, "-o", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?
+    };
+    thread::sleep(Duration::from_secs(1));
+    let tracer_pid = if tui {
+        let out = Command::new("pgrep").args(["-f", &tracer_cmd]).output()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse::<u32>().ok())
+            .find(|&p| p != t.id())
+            .context("dashboard process not found")?
+    } else {
+        t.id()
+    };
+    let (cpu0, _) = proc_usage(tracer_pid)?;
+    let t0 = Instant::now();
+    thread::sleep(Duration::from_secs(5));
+    let (cpu1, hwm) = proc_usage(tracer_pid)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let _ = w.kill();
+    let _ = w.wait();
+    let out = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while t.try_wait()?.is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = t.kill();
+        t.wait_with_output()?
+    };
+    let mut v = json!({
+        "cpu_pct_of_one_core": (cpu1 - cpu0) / secs * 100.0,
+        "peak_rss_mib": hwm as f64 / 1024.0,
+    });
+    if !tui {
+        let r = last_json(&out.stdout, "processes")?;
+        let calls = r["calls"].as_f64().unwrap_or(0.0);
+        v["calls_per_sec"] = json!(calls * 1e9 / r["duration_ns"].as_f64().unwrap_or(1.0));
+        v["missed_calls"] = r["missed_calls"].clone();
+        v["dropped"] = r["dropped"].clone();
+    }
+    Ok(v)
+}
+
+/// From starting the tracer to its first counted call, with a process calling all along.
+fn attach_ms(p: &Paths) -> Result<f64> {
+    let mut w = busy_workload(p)?;
+    thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    let mut t = Command::new(&p.tracer)
+        .args(["--pid", &w.id().to_string(), "-o", "json", "-i", "0.002"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = t.stdout.take().context("stdout")?;
+    let mut ms = f64::NAN;
+    for line in BufReader::new(stdout).lines() {
+        let v: Value = serde_json::from_str(&line?)?;
+        if v["calls"].as_u64().unwrap_or(0) > 0 {
+            ms = start.elapsed().as_secs_f64() * 1e3;
+            break;
+        }
+    }
+    let _ = t.kill();
+    let _ = t.wait();
+    let _ = w.kill();
+    let _ = w.wait();
+    Ok(ms)
+}
+
+/// The eBPF programs' own run time per membarrier call, from the kernel's BPF stats, during one
+/// traced round: how much of the per-call cost is the programs, how much the tracepoint path
+/// around them. (Every program that ran counts: the sched probes too.)
+fn program_ns_per_call(p: &Paths) -> Result<f64> {
+    let stats = Path::new("/proc/sys/kernel/bpf_stats_enabled");
+    let was = fs::read_to_string(stats).unwrap_or_default();
+    fs::write(stats, "1")?;
+    let r = (|| -> Result<f64> {
+        let mut w = Command::new(&p.workload)
+            .args(["--loop-expedited", EXPEDITED, "--wait-stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut ready = String::new();
+        BufReader::new(w.stdout.as_mut().context("stdout")?).read_line(&mut ready)?;
+        let mut t = Command::new(&p.tracer)
+            .args(["--pid", &w.id().to_string(), "-o", "json", "-d", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        thread::sleep(Duration::from_millis(800));
+        drop(w.stdin.take()); // the workload starts on EOF
+        let _ = w.wait();
+        let mut total_ns = 0.0;
+        for fd in fs::read_dir(format!("/proc/{}/fdinfo", t.id()))? {
+            let info = fs::read_to_string(fd?.path()).unwrap_or_default();
+            if let Some(ns) = info
+                .lines()
+                .find_map(|l| l.strip_prefix("run_time_ns:"))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+            {
+                total_ns += ns;
+            }
+        }
+        let _ = t.kill();
+        let _ = t.wait();
+        // The loop's calls plus its registration.
+        Ok(total_ns / (EXPEDITED.parse::<f64>()? + 1.0))
+    })();
+    fs::write(stats, was.trim())?;
+    r
+}
+
+pub fn bench(root: &Path, rounds: usize) -> Result<()> {
+    let p = Paths {
+        tracer: root.join("target/release/membarrier-trace"),
+        workload: root.join("target/release/membarrier-workload"),
+        tracefs: tracefs()?,
+    };
+    let bpftrace = Command::new("bpftrace").arg("--version").output().is_ok();
+    let mut conds = vec![
+        Cond::Untraced,
+        Cond::Floor,
+        Cond::FloorSched,
+        Cond::Traced,
+        Cond::TracedCore,
+    ];
+    if bpftrace {
+        conds.push(Cond::Bpftrace);
+    } else {
+        eprintln!("bench: bpftrace not installed: no comparison column");
+    }
+    let mut runs: BTreeMap<&str, Vec<BTreeMap<String, f64>>> = BTreeMap::new();
+    for round in 1..=rounds {
+        eprintln!("bench: round {round}/{rounds}");
+        for &c in &conds {
+            runs.entry(c.name()).or_default().push(run_loops(&p, c)?);
+        }
+    }
+    let med = |c: Cond, k: &str| median(runs[c.name()].iter().map(|r| r[k]).collect());
+
+    println!("\nmedians of {rounds} alternating rounds; ratio to untraced in brackets\n");
+    print!("{:<44}", "");
+    for c in &conds {
+        print!("{:>20}", c.name());
+    }
+    println!();
+    let mut table = serde_json::Map::new();
+    for (k, label) in METRICS {
+        print!("{label:<44}");
+        let base = med(Cond::Untraced, k);
+        let mut row = serde_json::Map::new();
+        for &c in &conds {
+            let m = med(c, k);
+            print!("{:>12.0} ({:.2})", m, m / base);
+            row.insert(c.name().into(), json!({ "median": m, "ratio": m / base }));
+        }
+        println!();
+        table.insert(k.into(), Value::Object(row));
+    }
+    let added = med(Cond::Traced, "expedited_ns") - med(Cond::Untraced, "expedited_ns");
+    let pp = |c: Cond, k: &str| (med(c, k) / med(Cond::Untraced, k) - 1.0) * 100.0;
+    println!("\nper-call cost: +{added:.0} ns per membarrier call (target <= 150)");
+    println!(
+        "collateral (getppid): traced +{:.1}%, floor +{:.1}%: {:.1} points above the floor (target <= 3)",
+        pp(Cond::Traced, "getppid_ns"),
+        pp(Cond::Floor, "getppid_ns"),
+        pp(Cond::Traced, "getppid_ns") - pp(Cond::Floor, "getppid_ns")
+    );
+    println!(
+        "collateral (context switches): traced +{:.1}%, floor+sched +{:.1}%",
+        pp(Cond::Traced, "pingpong_ns"),
+        pp(Cond::FloorSched, "pingpong_ns")
+    );
+    if bpftrace {
+        println!(
+            "bpftrace: +{:.0} ns per membarrier call, getppid +{:.1}%",
+            med(Cond::Bpftrace, "expedited_ns") - med(Cond::Untraced, "expedited_ns"),
+            pp(Cond::Bpftrace, "getppid_ns")
+        );
+    }
+    let json_cost = tracer_cost(&p, false)?;
+    let tui_cost = tracer_cost(&p, true)?;
+    println!(
+        "tracer at {:.0} calls/s: -o json {:.2}% of a core, {:.1} MiB peak RSS; dashboard {:.2}% of a core, {:.1} MiB; missed {}, dropped {} (targets < 2%, < 40 MiB, 0 lost)",
+        json_cost["calls_per_sec"].as_f64().unwrap_or(0.0),
+        json_cost["cpu_pct_of_one_core"].as_f64().unwrap_or(0.0),
+        json_cost["peak_rss_mib"].as_f64().unwrap_or(0.0),
+        tui_cost["cpu_pct_of_one_core"].as_f64().unwrap_or(0.0),
+        tui_cost["peak_rss_mib"].as_f64().unwrap_or(0.0),
+        json_cost["missed_calls"],
+        json_cost["dropped"],
+    );
+    let attach: Vec<f64> = (0..5).map(|_| attach_ms(&p)).collect::<Result<_>>()?;
+    let attach = median(attach);
+    println!(
+        "time to attach (start to first counted call), median of 5: {attach:.0} ms (target < 300)"
+    );
+    let progs = program_ns_per_call(&p)?;
+    println!(
+        "of the per-call cost, the eBPF programs themselves: {progs:.0} ns per call (kernel.bpf_stats_enabled); the rest is the syscall tracepoint path"
+    );
+
+    let report = json!({
+        "rounds": rounds,
+        "loops": { "expedited": EXPEDITED, "getppid": GETPPID, "pingpong": PINGPONG },
+        "medians": table,
+        "per_call_added_ns": added,
+        "tracer_json": json_cost,
+        "tracer_dashboard": tui_cost,
+        "attach_ms": attach,
+        "program_ns_per_call": progs,
+        "raw": runs,
+    });
+    let path = root.join("target/bench.json");
+    fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    println!("\nwritten to {}", path.display());
+    Ok(())
+}
