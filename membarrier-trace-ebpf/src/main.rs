@@ -17,7 +17,9 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{fentry, fexit, map, tracepoint},
     maps::{Array, HashMap, PerCpuArray},
     programs::{FEntryContext, FExitContext, TracePointContext},
@@ -36,6 +38,9 @@ static FILTER_TGIDS: u8 = 0;
 /// format file (it moved between kernel versions).
 #[unsafe(no_mangle)]
 static FORK_CHILD_PID_OFF: u32 = 44;
+/// Set by userspace: 1 when the breakdown probes are attached, which need the INSIDE counts.
+#[unsafe(no_mangle)]
+static BREAKDOWN: u8 = 1;
 /// Addresses of membarrier's IPI callbacks (ipi_mb, ipi_sync_core, ipi_rseq) from kallsyms, so
 /// the csd probes skip every other cross-CPU call with a compare; all 0 when unknown.
 #[unsafe(no_mangle)]
@@ -101,6 +106,11 @@ static HANDLER_START: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0
 #[inline(always)]
 fn armed() -> bool {
     CONTROL.get(0).is_some_and(|a| *a != 0)
+}
+
+#[inline(always)]
+fn breakdown() -> bool {
+    unsafe { core::ptr::read_volatile(&BREAKDOWN) != 0 }
 }
 
 #[inline(always)]
@@ -209,38 +219,87 @@ fn current_tid() -> u32 {
 
 #[tracepoint]
 pub fn sys_enter_membarrier(ctx: TracePointContext) -> u32 {
+    on_enter(
+        arg(&ctx, ENTER_CMD_OFF) as u32,
+        arg(&ctx, ENTER_FLAGS_OFF) as u32,
+    );
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_membarrier(ctx: TracePointContext) -> u32 {
+    on_exit(now(), arg(&ctx, EXIT_RET_OFF) as i64);
+    0
+}
+
+/// Where the kernel allows fentry (`--attach fentry|auto`): only membarrier calls pay, the rest
+/// of the box keeps the fast syscall path. The argument is the syscall's `struct pt_regs *`.
+#[fentry(function = "sys_membarrier")]
+pub fn membarrier_fentry(ctx: FEntryContext) -> u32 {
+    let regs: *const u8 = ctx.arg(0);
+    let reg =
+        |off: usize| unsafe { bpf_probe_read_kernel(regs.add(off).cast::<u64>()) }.unwrap_or(0);
+    on_enter(reg(PT_REGS_ARG0) as u32, reg(PT_REGS_ARG1) as u32);
+    0
+}
+
+#[fexit(function = "sys_membarrier")]
+pub fn membarrier_fexit(ctx: FExitContext) -> u32 {
+    let end_ns = now();
+    // (regs, return value)
+    let ret: i64 = ctx.arg(1);
+    on_exit(end_ns, ret);
+    0
+}
+
+// Offsets of the first two syscall arguments in struct pt_regs.
+#[cfg(bpf_target_arch = "x86_64")]
+const PT_REGS_ARG0: usize = 112; // di
+#[cfg(bpf_target_arch = "x86_64")]
+const PT_REGS_ARG1: usize = 104; // si
+#[cfg(not(bpf_target_arch = "x86_64"))]
+const PT_REGS_ARG0: usize = 0; // aarch64, riscv64...: regs[0]
+#[cfg(not(bpf_target_arch = "x86_64"))]
+const PT_REGS_ARG1: usize = 8;
+
+#[inline(always)]
+fn on_enter(cmd: u32, flags: u32) {
     if !armed() {
-        return 0;
+        return;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if !traced(tgid) {
-        return 0;
-    }
     let tid = pid_tgid as u32;
     let call = Inflight {
         start_ns: 0,
-        cmd: arg(&ctx, ENTER_CMD_OFF) as u32,
-        flags: arg(&ctx, ENTER_FLAGS_OFF) as u32,
+        cmd,
+        flags,
         tgid,
         ..Default::default()
     };
     // A thread keeps its INFLIGHT slot between calls (userspace prunes dead threads), so the
-    // common case is a lookup and plain stores, not a hash insert and delete per call.
+    // common case is one lookup and plain stores, not a hash insert and delete per call. Slots
+    // are only made for traced processes: a slot of this tgid needs no filter lookup either
+    // (another tgid means a reused tid).
     let slot = match INFLIGHT.get_ptr_mut(&tid) {
-        Some(slot) => slot,
-        None => {
+        Some(slot) if unsafe { (*slot).tgid } == tgid => slot,
+        _ => {
+            if !traced(tgid) {
+                return;
+            }
             if INFLIGHT.insert(&tid, &call, 0).is_err() {
                 bump(counter::DROPPED_INFLIGHT);
-                return 0;
+                return;
             }
             match INFLIGHT.get_ptr_mut(&tid) {
                 Some(slot) => slot,
-                None => return 0,
+                None => return,
             }
         }
     };
-    if let Some(n) = inside_counter(tid) {
+    if breakdown()
+        && let Some(n) = inside_counter(tid)
+    {
         add32(n, 1);
     }
     unsafe {
@@ -248,14 +307,13 @@ pub fn sys_enter_membarrier(ctx: TracePointContext) -> u32 {
         // Timestamp last, so the tracer's own work here is not counted as the call's.
         (*slot).start_ns = now();
     }
-    0
 }
 
-#[tracepoint]
-pub fn sys_exit_membarrier(ctx: TracePointContext) -> u32 {
-    let end_ns = now();
+/// `end_ns` is taken first thing by the caller, so the tracer's work is not counted.
+#[inline(always)]
+fn on_exit(end_ns: u64, ret: i64) {
     if !armed() {
-        return 0;
+        return;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
@@ -271,13 +329,14 @@ pub fn sys_exit_membarrier(ctx: TracePointContext) -> u32 {
             if traced(tgid) {
                 bump(counter::MISSED_ENTER);
             }
-            return 0;
+            return;
         }
     };
-    if let Some(n) = inside_counter(tid) {
+    if breakdown()
+        && let Some(n) = inside_counter(tid)
+    {
         add32(n, u32::MAX); // -1
     }
-    let ret = arg(&ctx, EXIT_RET_OFF) as i64;
     let key = StatsKey {
         tgid,
         cmd: call.cmd,
@@ -290,7 +349,7 @@ pub fn sys_exit_membarrier(ctx: TracePointContext) -> u32 {
     };
     let Some(row) = stats_row(&key) else {
         bump(counter::DROPPED_STATS);
-        return 0;
+        return;
     };
     let ns = end_ns.wrapping_sub(call.start_ns);
     let row = unsafe { &mut *row };
@@ -322,7 +381,6 @@ pub fn sys_exit_membarrier(ctx: TracePointContext) -> u32 {
             |new, cur| new > cur,
         );
     }
-    0
 }
 
 /// Histogram bucket of `ns`, masked so the verifier sees the bound. The volatile read hides the

@@ -15,7 +15,7 @@ use membarrier_trace_common::{
 
 use crate::{
     hist::Histogram,
-    model::{GraceSource, RawRow, Snapshot},
+    model::{Attach, GraceSource, RawRow, Snapshot},
     preflight,
 };
 
@@ -30,7 +30,25 @@ pub struct Options {
     pub follow_forks: bool,
     /// Attach the breakdown probes (grace period, IPIs, handler time, mutex wait).
     pub breakdown: bool,
+    pub attach: AttachMode,
 }
+
+/// How the membarrier syscall is hooked (`--attach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// fentry where the kernel allows it, else the syscall tracepoints.
+    Auto,
+    Tracepoint,
+    Fentry,
+}
+
+/// The kernel function behind the syscall, for fentry.
+#[cfg(target_arch = "x86_64")]
+const SYSCALL_FUNC: &str = "__x64_sys_membarrier";
+#[cfg(target_arch = "aarch64")]
+const SYSCALL_FUNC: &str = "__arm64_sys_membarrier";
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const SYSCALL_FUNC: &str = "sys_membarrier";
 
 pub struct Collector {
     // Owns the programs; dropping it detaches them.
@@ -48,6 +66,8 @@ pub struct Collector {
     tracefs: std::path::PathBuf,
     grace_source: GraceSource,
     breakdown: bool,
+    attach_mode: AttachMode,
+    attach: Attach,
 }
 
 /// A classic tracepoint program and the record fields it reads directly (name, offset).
@@ -281,6 +301,7 @@ impl Collector {
             .override_global("FILTER_TGIDS", &filter, true)
             .override_global("FORK_CHILD_PID_OFF", &fork_off, true)
             .override_global("IPI_FUNCS", &funcs, true)
+            .override_global("BREAKDOWN", &u8::from(opts.breakdown), true)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let stats = take(&mut ebpf, "STATS")?;
@@ -306,6 +327,8 @@ impl Collector {
             tracefs: tracefs.to_path_buf(),
             grace_source: GraceSource::None,
             breakdown: opts.breakdown,
+            attach_mode: opts.attach,
+            attach: Attach::Tracepoint,
         };
         for &pid in &opts.pids {
             c.add_pid(pid)?;
@@ -436,6 +459,30 @@ impl Collector {
                 "sched_process_fork",
             )?;
         }
+        let mut notes = notes;
+        self.attach = match self.attach_mode {
+            AttachMode::Tracepoint => self.attach_tracepoints()?,
+            AttachMode::Fentry => self.attach_fentry().map_err(|e| {
+                anyhow::anyhow!("--attach fentry: {e:#}; use --attach tracepoint (or auto)")
+            })?,
+            AttachMode::Auto => match self.attach_fentry() {
+                Ok(a) => a,
+                Err(e) => {
+                    notes.push(format!("{e:#}: using the syscall tracepoints"));
+                    self.attach_tracepoints()?
+                }
+            },
+        };
+        self.control
+            .set(0, 1, 0)
+            .context("arming the eBPF programs")?;
+        self.started = Instant::now();
+        Ok(notes)
+    }
+
+    /// The syscall tracepoints: they work everywhere, but enabling them moves every task on the
+    /// box to the slow syscall path.
+    fn attach_tracepoints(&mut self) -> Result<Attach> {
         // Attached unarmed, then armed at once (see CONTROL in the eBPF programs). Exit before
         // enter all the same.
         attach(
@@ -450,11 +497,39 @@ impl Collector {
             "syscalls",
             "sys_enter_membarrier",
         )?;
-        self.control
-            .set(0, 1, 0)
-            .context("arming the eBPF programs")?;
-        self.started = Instant::now();
-        Ok(notes)
+        Ok(Attach::Tracepoint)
+    }
+
+    /// fentry/fexit on the syscall's entry function: only membarrier calls pay. Many kernels
+    /// allow it; this project's VMs answer EPERM.
+    fn attach_fentry(&mut self) -> Result<Attach> {
+        let func = SYSCALL_FUNC;
+        let btf = aya::Btf::from_sys_fs().context("fentry needs the kernel's BTF")?;
+        let refused = |e: ProgramError| match e {
+            ProgramError::LoadError { io_error, .. } => {
+                anyhow::anyhow!("fentry on {func} refused: {io_error}")
+            }
+            e => anyhow::Error::new(e).context(format!("fentry on {func}")),
+        };
+        let p: &mut FExit = self
+            .ebpf
+            .program_mut("membarrier_fexit")
+            .context("program membarrier_fexit missing")?
+            .try_into()?;
+        p.load(func, &btf).map_err(refused)?;
+        p.attach().map_err(refused)?;
+        let p: &mut FEntry = self
+            .ebpf
+            .program_mut("membarrier_fentry")
+            .context("program membarrier_fentry missing")?
+            .try_into()?;
+        p.load(func, &btf).map_err(refused)?;
+        p.attach().map_err(refused)?;
+        Ok(Attach::Fentry)
+    }
+
+    pub fn attach_source(&self) -> Attach {
+        self.attach
     }
 
     /// Frees the in-flight slots of threads that have exited. The eBPF programs keep a slot per
@@ -548,6 +623,7 @@ impl Collector {
             wakers,
             handler_ns,
             grace_period_source: self.grace_source,
+            attach: self.attach,
         })
     }
 }

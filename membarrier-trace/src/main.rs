@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, ValueEnum};
 use membarrier_trace::tui::Feed as _;
 use membarrier_trace::{
-    collector::{Collector, Options},
+    collector::{AttachMode, Collector, Options},
     model::{Model, Report},
     output, preflight,
 };
@@ -37,6 +37,11 @@ struct Cli {
     /// probes (they run on every context switch, IPI and lock contention on the box).
     #[arg(long)]
     no_breakdown: bool,
+    /// How to hook the syscall: fentry on its entry function (only membarrier calls pay),
+    /// the syscall tracepoints (work everywhere; every syscall on the box takes the slow path
+    /// while attached), or auto: fentry where the kernel allows it.
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    attach: AttachMode,
     /// Output format; without it, a live dashboard when stdout is a terminal, else text.
     #[arg(short, long, value_enum)]
     output: Option<Format>,
@@ -134,6 +139,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             pids: cli.pids.clone(),
             follow_forks: follow,
             breakdown: !cli.no_breakdown,
+            attach: cli.attach,
         },
     )?;
 
@@ -162,9 +168,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .join(", ")
         )
     };
-    eprintln!(
-        "membarrier-trace: tracing {what} (syscalls:sys_enter/exit_membarrier); Ctrl-C to stop"
-    );
+    let how = match collector.attach_source() {
+        membarrier_trace::model::Attach::Fentry => "fentry/fexit on the syscall",
+        membarrier_trace::model::Attach::Tracepoint => "syscalls:sys_enter/exit_membarrier",
+    };
+    eprintln!("membarrier-trace: tracing {what} ({how}); Ctrl-C to stop");
 
     let started = Instant::now();
     let tui = cli.output.is_none() && unsafe { libc::isatty(1) } == 1;
@@ -180,15 +188,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         note: None,
     };
     if tui {
+        let hook = match session.collector.attach_source() {
+            membarrier_trace::model::Attach::Fentry => "fentry",
+            membarrier_trace::model::Attach::Tracepoint => "tracepoints",
+        };
         let source = if cli.no_breakdown {
-            "tracepoints (no breakdown)"
+            format!("{hook} (no breakdown)")
         } else {
-            "tracepoints"
+            hook.to_string()
         };
         let interval = cli
             .interval
             .map_or(Duration::from_secs(1), Duration::from_secs_f64);
-        membarrier_trace::tui::run(&mut session, interval, source.to_string())?;
+        membarrier_trace::tui::run(&mut session, interval, source)?;
         // Quitting the dashboard also stops a command we started.
         if session.exit.is_none()
             && let Some(c) = session.child.as_mut()

@@ -54,6 +54,17 @@ impl RawRow {
     }
 }
 
+/// How the membarrier syscall was hooked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attach {
+    /// `syscalls:sys_enter/exit_membarrier`.
+    #[default]
+    Tracepoint,
+    /// fentry/fexit on the syscall function.
+    Fentry,
+}
+
 /// Where the grace-period (blocked) figures come from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -85,6 +96,7 @@ pub struct Snapshot {
     /// IPI handler time on the target CPUs.
     pub handler_ns: Vec<(CallKey, u64)>,
     pub grace_period_source: GraceSource,
+    pub attach: Attach,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -97,6 +109,8 @@ pub struct Report {
     pub calls_per_sec: f64,
     pub missed_calls: u64,
     pub dropped: u64,
+    /// `tracepoint` or `fentry`.
+    pub attach: Attach,
     pub grace_period_source: GraceSource,
     pub processes: Vec<ProcessReport>,
 }
@@ -205,6 +219,7 @@ impl Report {
             calls_per_sec: 0.0,
             missed_calls: 0,
             dropped: 0,
+            attach: Attach::Tracepoint,
             grace_period_source: GraceSource::None,
             processes: Vec::new(),
         }
@@ -420,6 +435,7 @@ impl Model {
             calls_per_sec: processes.iter().fold(0.0, |a, p| a + p.calls_per_sec),
             missed_calls: snap.missed_calls,
             dropped: snap.dropped,
+            attach: snap.attach,
             grace_period_source: snap.grace_period_source,
             processes,
         }

@@ -835,3 +835,76 @@ fn attaching_mid_flight_misses_only_the_calls_under_way() {
     assert!(calls > 10_000, "the workload was busy: {calls}");
     assert!(report["missed_calls"].as_u64().unwrap() <= 2, "{report}");
 }
+
+/// `--attach auto` takes fentry where the kernel allows it and falls back to the syscall
+/// tracepoints, saying why, where it does not (this project's VMs answer EPERM); counts are
+/// exact either way. `--attach fentry` where it is refused is a one-line error.
+#[test]
+fn attach_auto_falls_back_and_fentry_is_clear() {
+    require_root();
+    let out = run(Command::new(TRACER).args([
+        "--attach",
+        "auto",
+        "-o",
+        "json",
+        "--",
+        WORKLOAD,
+        "--query",
+        "3",
+        "--expedited",
+        "50",
+    ]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = last_json_with(&stdout, "processes");
+    let mine = last_json_with(&stdout, "outcomes");
+    let p = process(&report, mine["pid"].as_u64().unwrap() as u32);
+    assert_eq!(tracer_counts(p), workload_counts(&mine));
+    assert_eq!(p["calls"], 3 + 1 + 50);
+    let fentry = Command::new(TRACER)
+        .args(["--attach", "fentry", "-d", "0.2", "-o", "json"])
+        .output()
+        .unwrap();
+    if report["attach"] == "tracepoint" {
+        // Refused: auto said so and why, and fentry alone fails clearly.
+        assert!(
+            stderr.contains("fentry on __x64_sys_membarrier refused"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("using the syscall tracepoints"), "{stderr}");
+        assert!(
+            stderr.contains("(syscalls:sys_enter/exit_membarrier)"),
+            "{stderr}"
+        );
+        let err = String::from_utf8_lossy(&fentry.stderr);
+        assert_eq!(fentry.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("--attach fentry: fentry on __x64_sys_membarrier refused"),
+            "{err}"
+        );
+        assert!(err.contains("use --attach tracepoint"), "{err}");
+    } else {
+        assert_eq!(report["attach"], "fentry");
+        assert!(fentry.status.success());
+    }
+    // And tracepoint is always available.
+    let tp = run(Command::new(TRACER).args([
+        "--attach",
+        "tracepoint",
+        "-o",
+        "json",
+        "--",
+        WORKLOAD,
+        "--query",
+        "2",
+    ]));
+    let report = last_json_with(&String::from_utf8_lossy(&tp.stdout), "processes");
+    assert_eq!(report["attach"], "tracepoint");
+    assert_eq!(report["calls"], 2);
+}
