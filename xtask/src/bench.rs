@@ -207,9 +207,10 @@ fn proc_usage(pid: u32) -> Result<(f64, u64)> {
     Ok((ticks / hz, hwm))
 }
 
-fn busy_workload(p: &Paths) -> Result<Child> {
+/// A process calling PRIVATE_EXPEDITED as fast as it can, `calls` times.
+fn busy_workload(p: &Paths, calls: &str) -> Result<Child> {
     Ok(Command::new(&p.workload)
-        .args(["--loop-expedited", "100000000000"])
+        .args(["--loop-expedited", calls])
         .stdout(Stdio::null())
         .spawn()?)
 }
@@ -217,7 +218,9 @@ fn busy_workload(p: &Paths) -> Result<Child> {
 /// The tracer's own CPU and memory while a process calls as fast as it can, in `-o json` and
 /// in the dashboard (under `script`, which gives it a terminal), plus what it lost.
 fn tracer_cost(p: &Paths, tui: bool) -> Result<Value> {
-    let mut w = busy_workload(p)?;
+    // About 8 s at this machine's top rate; it ends by itself, so nothing is cut mid-call and
+    // the tracer stops on its exit.
+    let mut w = busy_workload(p, "10000000")?;
     thread::sleep(Duration::from_millis(300));
     let pid = w.id().to_string();
     let tracer_cmd = format!("{} --pid {pid}", p.tracer.display());
@@ -252,7 +255,6 @@ fn tracer_cost(p: &Paths, tui: bool) -> Result<Value> {
     thread::sleep(Duration::from_secs(5));
     let (cpu1, hwm) = proc_usage(tracer_pid)?;
     let secs = t0.elapsed().as_secs_f64();
-    let _ = w.kill();
     let _ = w.wait();
     let out = {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -278,7 +280,7 @@ fn tracer_cost(p: &Paths, tui: bool) -> Result<Value> {
 
 /// From starting the tracer to its first counted call, with a process calling all along.
 fn attach_ms(p: &Paths) -> Result<f64> {
-    let mut w = busy_workload(p)?;
+    let mut w = busy_workload(p, "100000000000")?;
     thread::sleep(Duration::from_millis(200));
     let start = Instant::now();
     let mut t = Command::new(&p.tracer)
