@@ -160,6 +160,17 @@ pub struct CmdReport {
     pub mutex_wait_ns: MutexWait,
 }
 
+impl CmdReport {
+    /// Share of the row's latency spent blocked, in percent.
+    pub fn blocked_pct(&self) -> f64 {
+        self.blocked_ns.sum as f64 * 100.0 / self.latency_ns.sum.max(1) as f64
+    }
+
+    pub fn ipis_per_call(&self) -> f64 {
+        self.ipis.sent as f64 / self.calls.max(1) as f64
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
 pub struct Blocked {
     pub sum: u64,

@@ -116,35 +116,37 @@ pub fn text(r: &Report) -> String {
     s
 }
 
+/// `name:count` pairs, space-separated, each name with `prefix` (`cpu1:30 cpu2:4`).
+pub fn counts(map: &std::collections::BTreeMap<String, u64>, prefix: &str) -> String {
+    let parts: Vec<String> = map
+        .iter()
+        .map(|(k, n)| format!("{prefix}{k}:{n}"))
+        .collect();
+    parts.join(" ")
+}
+
 /// The lines under a cmd row saying where its time went; only the parts that are non-zero.
 fn breakdown(s: &mut String, c: &CmdReport) {
     let mut parts = Vec::new();
     if c.blocked_ns.sum > 0 {
-        let share = c.blocked_ns.sum as f64 * 100.0 / c.latency_ns.sum.max(1) as f64;
         let mut p = format!(
-            "blocked {} of {} ({share:.0}%), p50 {}, max {}",
+            "blocked {} of {} ({:.0}%), p50 {}, max {}",
             fmt_ns(c.blocked_ns.sum),
             fmt_ns(c.latency_ns.sum),
+            c.blocked_pct(),
             fmt_ns(c.blocked_ns.p50),
             fmt_ns(c.blocked_ns.max)
         );
         if !c.woken_by.is_empty() {
-            let w: Vec<String> = c.woken_by.iter().map(|(k, n)| format!("{k}:{n}")).collect();
-            let _ = write!(p, "; woken by {}", w.join(" "));
+            let _ = write!(p, "; woken by {}", counts(&c.woken_by, ""));
         }
         parts.push(p);
     }
     if c.ipis.sent > 0 {
-        let cpus: Vec<String> = c
-            .ipis
-            .per_cpu
-            .iter()
-            .map(|(cpu, n)| format!("cpu{cpu}:{n}"))
-            .collect();
         parts.push(format!(
             "IPIs {:.2}/call ({}), handler time {}",
-            c.ipis.sent as f64 / c.calls.max(1) as f64,
-            cpus.join(" "),
+            c.ipis_per_call(),
+            counts(&c.ipis.per_cpu, "cpu"),
             fmt_ns(c.ipis.handler_ns)
         ));
     }

@@ -15,6 +15,7 @@ use super::app::{App, Column, Pane};
 use crate::{
     cmd::Kind,
     model::{CmdReport, GraceSource, ProcessReport},
+    output::counts,
 };
 
 /// A duration in at most 6 characters, 3 significant digits: `687ns`, `15.0us`, `11.8ms`.
@@ -296,11 +297,8 @@ fn render_cmds(f: &mut Frame, app: &App, p: &ProcessReport, area: Rect) {
             fmt_ns(c.latency_ns.p50),
             fmt_ns(c.latency_ns.p99),
             fmt_ns(c.latency_ns.max),
-            format!(
-                "{:.0}%",
-                c.blocked_ns.sum as f64 * 100.0 / c.latency_ns.sum.max(1) as f64
-            ),
-            format!("{:.2}", c.ipis.sent as f64 / c.calls.max(1) as f64),
+            format!("{:.0}%", c.blocked_pct()),
+            format!("{:.2}", c.ipis_per_call()),
         ])
     });
     let widths = [
@@ -370,34 +368,28 @@ fn render_histogram(f: &mut Frame, c: &CmdReport, area: Rect) {
 }
 
 fn render_breakdown(f: &mut Frame, c: &CmdReport, area: Rect) {
-    let lat = c.latency_ns.sum.max(1) as f64;
-    let mut lines = vec![Line::from(format!(
-        "blocked {} ({:.0}%), on CPU {}; p50 blocked {}",
-        fmt_ns(c.blocked_ns.sum),
-        c.blocked_ns.sum as f64 * 100.0 / lat,
-        fmt_ns(c.on_cpu_ns),
-        fmt_ns(c.blocked_ns.p50)
-    ))];
-    let cpus: Vec<String> = c
-        .ipis
-        .per_cpu
-        .iter()
-        .map(|(cpu, n)| format!("cpu{cpu}:{n}"))
-        .collect();
-    lines.push(Line::from(format!(
-        "IPIs {:.2}/call {}; handler {}",
-        c.ipis.sent as f64 / c.calls.max(1) as f64,
-        cpus.join(" "),
-        fmt_ns(c.ipis.handler_ns)
-    )));
-    lines.push(Line::from(format!(
-        "mutex wait {} (max {})",
-        fmt_ns(c.mutex_wait_ns.sum),
-        fmt_ns(c.mutex_wait_ns.max)
-    )));
+    let mut lines = vec![
+        Line::from(format!(
+            "blocked {} ({:.0}%), on CPU {}; p50 blocked {}",
+            fmt_ns(c.blocked_ns.sum),
+            c.blocked_pct(),
+            fmt_ns(c.on_cpu_ns),
+            fmt_ns(c.blocked_ns.p50)
+        )),
+        Line::from(format!(
+            "IPIs {:.2}/call {}; handler {}",
+            c.ipis_per_call(),
+            counts(&c.ipis.per_cpu, "cpu"),
+            fmt_ns(c.ipis.handler_ns)
+        )),
+        Line::from(format!(
+            "mutex wait {} (max {})",
+            fmt_ns(c.mutex_wait_ns.sum),
+            fmt_ns(c.mutex_wait_ns.max)
+        )),
+    ];
     if !c.woken_by.is_empty() {
-        let w: Vec<String> = c.woken_by.iter().map(|(k, n)| format!("{k}:{n}")).collect();
-        lines.push(Line::from(format!("woken by {}", w.join(" "))));
+        lines.push(Line::from(format!("woken by {}", counts(&c.woken_by, ""))));
     }
     f.render_widget(
         Paragraph::new(lines).wrap(Wrap { trim: true }).block(
