@@ -143,9 +143,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         },
     )?;
 
+    let tui = cli.output.is_none() && unsafe { libc::isatty(1) } == 1;
+    // Under the dashboard, a command's output would scribble over it and its reads would take
+    // our keys: it gets no stdin, and its output goes to a log named on exit.
+    let command_log = (tui && follow)
+        .then(|| std::env::temp_dir().join(format!("membarrier-trace-{}.log", std::process::id())));
     let mut child = None;
     let notes = if follow {
-        let (c, notes) = spawn_traced(&cli.command, &mut collector)?;
+        let (c, notes) = spawn_traced(&cli.command, command_log.as_deref(), &mut collector)?;
         child = Some(c);
         notes
     } else {
@@ -175,7 +180,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
     eprintln!("membarrier-trace: tracing {what} ({how}); Ctrl-C to stop");
 
     let started = Instant::now();
-    let tui = cli.output.is_none() && unsafe { libc::isatty(1) } == 1;
     let mut session = Session {
         collector,
         signal,
@@ -229,6 +233,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     if let Some(note) = &session.note {
         eprintln!("membarrier-trace: {note}");
+    }
+    if let Some(log) = &command_log {
+        eprintln!(
+            "membarrier-trace: the command's output is in {}",
+            log.display()
+        );
     }
     Ok(session.exit.unwrap_or(ExitCode::SUCCESS))
 }
@@ -294,7 +304,11 @@ impl membarrier_trace::tui::Feed for Session {
 
 /// Starts `argv` held just before exec, so its pid is in the filter and the programs are
 /// attached before its first instruction runs (library constructors call membarrier too).
-fn spawn_traced(argv: &[String], collector: &mut Collector) -> Result<(Child, Vec<String>)> {
+fn spawn_traced(
+    argv: &[String],
+    log: Option<&std::path::Path>,
+    collector: &mut Collector,
+) -> Result<(Child, Vec<String>)> {
     let mut go = [0i32; 2];
     let mut pid_pipe = [0i32; 2];
     // SAFETY: plain pipe creation into local arrays.
@@ -306,6 +320,13 @@ fn spawn_traced(argv: &[String], collector: &mut Collector) -> Result<(Child, Ve
     let (go_r, go_w, pid_r, pid_w) = (go[0], go[1], pid_pipe[0], pid_pipe[1]);
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
+    if let Some(log) = log {
+        let f =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f);
+    }
     // SAFETY: only async-signal-safe calls (getpid, write, read) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
