@@ -38,7 +38,9 @@ pub struct Options {
 pub enum AttachMode {
     /// fentry where the kernel allows it, else the syscall tracepoints.
     Auto,
+    /// syscalls:sys_enter/exit_membarrier.
     Tracepoint,
+    /// fentry/fexit on the syscall function; an error where the kernel refuses it.
     Fentry,
 }
 

@@ -30,7 +30,8 @@ struct Cli {
     /// Stop after this many seconds.
     #[arg(short, long, value_name = "SECS", value_parser = positive_secs)]
     duration: Option<f64>,
-    /// Print a summary every SECS seconds (JSON: one document per line).
+    /// Print a summary every SECS seconds (JSON: one document per line); the dashboard's refresh
+    /// interval (default 1).
     #[arg(short, long, value_name = "SECS", value_parser = positive_secs)]
     interval: Option<f64>,
     /// Only count calls and their latency: leave out the grace-period, IPI, handler and mutex
