@@ -204,6 +204,30 @@ fn ipi_funcs() -> [u64; 3] {
     if out.contains(&0) { [0; 3] } else { out }
 }
 
+/// Loads and attaches the fentry (or, with `exit`, fexit) program `prog` on kernel function
+/// `func`; a refusal is one line with the kernel's reason.
+fn attach_btf(ebpf: &mut Ebpf, btf: &aya::Btf, prog: &str, func: &str, exit: bool) -> Result<()> {
+    let refused = |e: ProgramError| match e {
+        ProgramError::LoadError { io_error, .. } => {
+            anyhow::anyhow!("fentry on {func} refused: {io_error}")
+        }
+        e => anyhow::Error::new(e).context(format!("fentry on {func}")),
+    };
+    let p = ebpf
+        .program_mut(prog)
+        .with_context(|| format!("eBPF program {prog} missing from the object"))?;
+    if exit {
+        let p: &mut FExit = p.try_into()?;
+        p.load(func, btf).map_err(refused)?;
+        p.attach().map_err(refused)?;
+    } else {
+        let p: &mut FEntry = p.try_into()?;
+        p.load(func, btf).map_err(refused)?;
+        p.attach().map_err(refused)?;
+    }
+    Ok(())
+}
+
 /// One line for a load or attach failure, with the kernel's reason.
 fn attach(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<()> {
     let tp: &mut TracePoint = ebpf
@@ -354,59 +378,50 @@ impl Collector {
     fn attach_grace_period(&mut self) -> (GraceSource, Option<String>) {
         let fentry = (|| -> Result<()> {
             let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
-            for (prog, func, exit, required) in [
-                ("synchronize_rcu_entry", "synchronize_rcu", false, true),
-                ("synchronize_rcu_exit", "synchronize_rcu", true, true),
-                (
+            attach_btf(
+                &mut self.ebpf,
+                &btf,
+                "synchronize_rcu_exit",
+                "synchronize_rcu",
+                true,
+            )?;
+            attach_btf(
+                &mut self.ebpf,
+                &btf,
+                "synchronize_rcu_entry",
+                "synchronize_rcu",
+                false,
+            )?;
+            // synchronize_rcu_expedited alone is optional: synchronize_rcu is the grace period.
+            let func = "synchronize_rcu_expedited";
+            if attach_btf(
+                &mut self.ebpf,
+                &btf,
+                "synchronize_rcu_expedited_exit",
+                func,
+                true,
+            )
+            .is_ok()
+            {
+                let _ = attach_btf(
+                    &mut self.ebpf,
+                    &btf,
                     "synchronize_rcu_expedited_entry",
-                    "synchronize_rcu_expedited",
+                    func,
                     false,
-                    false,
-                ),
-                (
-                    "synchronize_rcu_expedited_exit",
-                    "synchronize_rcu_expedited",
-                    true,
-                    false,
-                ),
-            ] {
-                let p = self.ebpf.program_mut(prog).context("program missing")?;
-                let r = if exit {
-                    let p: &mut FExit = p.try_into()?;
-                    p.load(func, &btf).and_then(|()| p.attach().map(drop))
-                } else {
-                    let p: &mut FEntry = p.try_into()?;
-                    p.load(func, &btf).and_then(|()| p.attach().map(drop))
-                };
-                match r {
-                    Ok(()) => {}
-                    Err(ProgramError::LoadError { io_error, .. }) if required => {
-                        anyhow::bail!("fentry on {func} refused: {io_error}");
-                    }
-                    Err(e) if required => {
-                        return Err(anyhow::Error::new(e).context(format!("fentry on {func}")));
-                    }
-                    Err(_) => {} // synchronize_rcu_expedited alone is optional
-                }
+                );
             }
             Ok(())
         })();
         let why = match fentry {
             Ok(()) => return (GraceSource::Fentry, None),
-            Err(e) => format!("{e:#}").replace('\n', " "),
+            Err(e) => format!("{e:#}"),
         };
-        let why = why
-            .split("; verifier:")
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        let sched = check_layout(
-            &self.tracefs,
+        let sched = self.attach_probe(&Probe::new(
             "sched",
             "sched_switch",
             &[("next_pid", offsets::SCHED_SWITCH_NEXT_PID)],
-        )
-        .and_then(|()| attach(&mut self.ebpf, "sched_switch", "sched", "sched_switch"));
+        ));
         match sched {
             Ok(()) => (
                 GraceSource::Sched,
@@ -423,6 +438,12 @@ impl Collector {
         }
     }
 
+    /// Attaches a tracepoint program after checking the record layout it reads.
+    fn attach_probe(&mut self, p: &Probe) -> Result<()> {
+        check_layout(&self.tracefs, p.category, p.prog, p.fields)?;
+        attach(&mut self.ebpf, p.prog, p.category, p.prog)
+    }
+
     /// Attaches the breakdown probes (grace period, IPIs, handler time, mutex wait). What the
     /// kernel lacks is left out; the returned notes say what and why.
     fn attach_breakdown(&mut self) -> Vec<String> {
@@ -430,19 +451,12 @@ impl Collector {
         self.grace_source = source;
         let mut notes: Vec<String> = note.into_iter().collect();
         for (what, probes) in BREAKDOWN {
-            let r = probes.iter().try_for_each(|p| {
-                check_layout(&self.tracefs, p.category, p.prog, p.fields)?;
-                attach(&mut self.ebpf, p.prog, p.category, p.prog)
-            });
+            let r = probes.iter().try_for_each(|p| self.attach_probe(p));
             if let Err(e) = r {
                 notes.push(format!("no {what} figures: {e:#}"));
             }
         }
         notes
-    }
-
-    pub fn grace_source(&self) -> GraceSource {
-        self.grace_source
     }
 
     /// Attaches the programs; from here on calls are counted. Returns notes on what could not
@@ -505,28 +519,16 @@ impl Collector {
     /// fentry/fexit on the syscall's entry function: only membarrier calls pay. Many kernels
     /// allow it; this project's VMs answer EPERM.
     fn attach_fentry(&mut self) -> Result<Attach> {
-        let func = SYSCALL_FUNC;
         let btf = aya::Btf::from_sys_fs().context("fentry needs the kernel's BTF")?;
-        let refused = |e: ProgramError| match e {
-            ProgramError::LoadError { io_error, .. } => {
-                anyhow::anyhow!("fentry on {func} refused: {io_error}")
-            }
-            e => anyhow::Error::new(e).context(format!("fentry on {func}")),
-        };
-        let p: &mut FExit = self
-            .ebpf
-            .program_mut("membarrier_fexit")
-            .context("program membarrier_fexit missing")?
-            .try_into()?;
-        p.load(func, &btf).map_err(refused)?;
-        p.attach().map_err(refused)?;
-        let p: &mut FEntry = self
-            .ebpf
-            .program_mut("membarrier_fentry")
-            .context("program membarrier_fentry missing")?
-            .try_into()?;
-        p.load(func, &btf).map_err(refused)?;
-        p.attach().map_err(refused)?;
+        // Exit before entry, as with the tracepoints.
+        attach_btf(&mut self.ebpf, &btf, "membarrier_fexit", SYSCALL_FUNC, true)?;
+        attach_btf(
+            &mut self.ebpf,
+            &btf,
+            "membarrier_fentry",
+            SYSCALL_FUNC,
+            false,
+        )?;
         Ok(Attach::Fentry)
     }
 
