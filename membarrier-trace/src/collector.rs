@@ -15,7 +15,7 @@ use membarrier_trace_common::{
 
 use crate::{
     hist::Histogram,
-    model::{Attach, GraceSource, RawRow, Snapshot},
+    model::{Attach, GraceSource, RawRow, Snapshot, comm_str},
     preflight,
 };
 
@@ -568,10 +568,9 @@ impl Collector {
             if s.count == 0 {
                 continue;
             }
-            let end = s.comm.iter().position(|&b| b == 0).unwrap_or(s.comm.len());
             kernel_comms
                 .entry(key.tgid)
-                .or_insert_with(|| String::from_utf8_lossy(&s.comm[..end]).into_owned());
+                .or_insert_with(|| comm_str(&s.comm));
             rows.push(RawRow {
                 key,
                 count: s.count,

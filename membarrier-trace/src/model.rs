@@ -65,6 +65,36 @@ pub enum Attach {
     Fentry,
 }
 
+/// A kernel comm (NUL-padded) as text.
+pub fn comm_str(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+impl RawRow {
+    /// Adds `r`'s calls to this row (rows of one cmd with different outcomes).
+    fn absorb(&mut self, r: &RawRow) {
+        self.hist.add(&r.hist.counts);
+        self.blocked_hist.add(&r.blocked_hist.counts);
+        for (a, b) in self.ipi_hist.iter_mut().zip(&r.ipi_hist) {
+            *a += b;
+        }
+        self.min_ns = if self.count == 0 {
+            r.min_ns
+        } else {
+            self.min_ns.min(r.min_ns)
+        };
+        self.count += r.count;
+        self.sum_ns += r.sum_ns;
+        self.max_ns = self.max_ns.max(r.max_ns);
+        self.blocked_sum_ns += r.blocked_sum_ns;
+        self.blocked_max_ns = self.blocked_max_ns.max(r.blocked_max_ns);
+        self.ipis += r.ipis;
+        self.mutex_wait_sum_ns += r.mutex_wait_sum_ns;
+        self.mutex_wait_max_ns = self.mutex_wait_max_ns.max(r.mutex_wait_max_ns);
+    }
+}
+
 /// Where the grace-period (blocked) figures come from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -213,6 +243,21 @@ pub struct Latency {
     pub p999: u64,
 }
 
+impl Latency {
+    /// Exact min, max and sum; percentiles read from `hist`.
+    fn new(hist: &Histogram, min: u64, max: u64, sum: u64) -> Self {
+        Self {
+            min,
+            max,
+            sum,
+            p50: hist.quantile(0.5, min, max),
+            p90: hist.quantile(0.9, min, max),
+            p99: hist.quantile(0.99, min, max),
+            p999: hist.quantile(0.999, min, max),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Serialize, PartialEq)]
 pub struct Bucket {
     /// Inclusive upper bound of the bucket.
@@ -281,12 +326,10 @@ impl Model {
         }
         let mut wakers: HashMap<(u32, u32, u32), BTreeMap<String, u64>> = HashMap::new();
         for (k, n) in &snap.wakers {
-            let end = k.comm.iter().position(|&b| b == 0).unwrap_or(k.comm.len());
-            let comm = String::from_utf8_lossy(&k.comm[..end]).into_owned();
             *wakers
                 .entry((k.tgid, k.cmd, k.flags))
                 .or_default()
-                .entry(comm)
+                .entry(comm_str(&k.comm))
                 .or_default() += n;
         }
         let handler: HashMap<(u32, u32, u32), u64> = snap
@@ -296,45 +339,27 @@ impl Model {
             .collect();
 
         for ((tgid, cmd_value, flags), rows) in groups {
-            let mut hist = Histogram::default();
-            let mut blocked_hist = Histogram::default();
-            let mut ipi_hist = vec![0u64; IPI_HIST];
+            let mut all = RawRow::new(rows[0].key);
             let mut errno = BTreeMap::new();
-            let (mut calls, mut errors, mut sum, mut max) = (0, 0, 0, 0);
-            let (mut blocked_sum, mut blocked_max, mut ipis) = (0, 0, 0);
-            let (mut mutex_sum, mut mutex_max) = (0, 0);
-            let mut min = u64::MAX;
+            let mut errors = 0;
             for r in &rows {
-                hist.add(&r.hist.counts);
-                blocked_hist.add(&r.blocked_hist.counts);
-                for (a, b) in ipi_hist.iter_mut().zip(&r.ipi_hist) {
-                    *a += b;
-                }
-                calls += r.count;
-                sum += r.sum_ns;
-                max = max.max(r.max_ns);
-                min = min.min(r.min_ns);
-                blocked_sum += r.blocked_sum_ns;
-                blocked_max = blocked_max.max(r.blocked_max_ns);
-                ipis += r.ipis;
-                mutex_sum += r.mutex_wait_sum_ns;
-                mutex_max = mutex_max.max(r.mutex_wait_max_ns);
+                all.absorb(r);
                 if r.key.errno != 0 {
                     errors += r.count;
                     *errno.entry(cmd::errno_name(r.key.errno)).or_insert(0) += r.count;
                 }
             }
-            let min = if calls == 0 { 0 } else { min };
+            let (calls, sum, min, max) = (all.count, all.sum_ns, all.min_ns, all.max_ns);
             // The kernel only counts calls with a non-zero breakdown; the rest had none.
-            blocked_hist.counts[0] += calls.saturating_sub(blocked_hist.total());
-            ipi_hist[0] += calls.saturating_sub(ipi_hist.iter().sum());
+            all.blocked_hist.counts[0] += calls.saturating_sub(all.blocked_hist.total());
+            all.ipi_hist[0] += calls.saturating_sub(all.ipi_hist.iter().sum());
             let group = (tgid, cmd_value as u32, flags);
             let (before, sum_before) = self.prev.get(&group).copied().unwrap_or((0, 0));
             next.insert(group, (calls, sum));
             let ph = proc_hist
                 .entry(tgid)
                 .or_insert_with(|| (Histogram::default(), u64::MAX, 0));
-            ph.0.add(&hist.counts);
+            ph.0.add(&all.hist.counts);
             ph.1 = ph.1.min(min);
             ph.2 += sum.saturating_sub(sum_before);
             let row = CmdReport {
@@ -346,32 +371,26 @@ impl Model {
                 calls_per_sec: per_sec(calls.saturating_sub(before)),
                 errors,
                 errno,
-                latency_ns: Latency {
-                    min,
-                    max,
-                    sum,
-                    p50: hist.quantile(0.5, min, max),
-                    p90: hist.quantile(0.9, min, max),
-                    p99: hist.quantile(0.99, min, max),
-                    p999: hist.quantile(0.999, min, max),
-                },
-                histogram: hist
+                latency_ns: Latency::new(&all.hist, min, max, sum),
+                histogram: all
+                    .hist
                     .buckets(max)
                     .into_iter()
                     .map(|(le_ns, count)| Bucket { le_ns, count })
                     .collect(),
                 blocked_ns: Blocked {
-                    sum: blocked_sum,
-                    p50: blocked_hist.quantile(0.5, 0, blocked_max),
-                    p99: blocked_hist.quantile(0.99, 0, blocked_max),
-                    max: blocked_max,
+                    sum: all.blocked_sum_ns,
+                    p50: all.blocked_hist.quantile(0.5, 0, all.blocked_max_ns),
+                    p99: all.blocked_hist.quantile(0.99, 0, all.blocked_max_ns),
+                    max: all.blocked_max_ns,
                 },
-                on_cpu_ns: sum.saturating_sub(blocked_sum),
+                on_cpu_ns: sum.saturating_sub(all.blocked_sum_ns),
                 woken_by: wakers.remove(&group).unwrap_or_default(),
                 ipis: Ipis {
-                    sent: ipis,
+                    sent: all.ipis,
                     per_cpu: per_cpu.remove(&group).unwrap_or_default(),
-                    per_call: ipi_hist
+                    per_call: all
+                        .ipi_hist
                         .iter()
                         .enumerate()
                         .filter(|(_, c)| **c > 0)
@@ -383,8 +402,8 @@ impl Model {
                     handler_ns: handler.get(&group).copied().unwrap_or(0),
                 },
                 mutex_wait_ns: MutexWait {
-                    sum: mutex_sum,
-                    max: mutex_max,
+                    sum: all.mutex_wait_sum_ns,
+                    max: all.mutex_wait_max_ns,
                 },
             };
             let p = processes.entry(tgid).or_insert_with(|| ProcessReport {
@@ -418,12 +437,7 @@ impl Model {
         self.prev_elapsed_ns = snap.elapsed_ns;
         for p in processes.values_mut() {
             let (hist, min, window_sum) = &proc_hist[&p.pid];
-            let l = &mut p.latency_ns;
-            l.min = *min;
-            l.p50 = hist.quantile(0.5, l.min, l.max);
-            l.p90 = hist.quantile(0.9, l.min, l.max);
-            l.p99 = hist.quantile(0.99, l.min, l.max);
-            l.p999 = hist.quantile(0.999, l.min, l.max);
+            p.latency_ns = Latency::new(hist, *min, p.latency_ns.max, p.latency_ns.sum);
             p.time_inside_pct = if window_ns == 0 {
                 0.0
             } else {
