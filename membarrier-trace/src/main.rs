@@ -174,10 +174,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .join(", ")
         )
     };
-    let how = match collector.attach_source() {
-        membarrier_trace::model::Attach::Fentry => "fentry/fexit on the syscall",
-        membarrier_trace::model::Attach::Tracepoint => "syscalls:sys_enter/exit_membarrier",
-    };
+    let how = collector.attach_source().describe();
     eprintln!("membarrier-trace: tracing {what} ({how}); Ctrl-C to stop");
 
     let started = Instant::now();
@@ -193,10 +190,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         note: None,
     };
     if tui {
-        let hook = match session.collector.attach_source() {
-            membarrier_trace::model::Attach::Fentry => "fentry",
-            membarrier_trace::model::Attach::Tracepoint => "tracepoints",
-        };
+        let hook = session.collector.attach_source().describe();
         let source = if cli.no_breakdown {
             format!("{hook} (no breakdown)")
         } else {

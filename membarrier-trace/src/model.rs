@@ -95,6 +95,16 @@ impl RawRow {
     }
 }
 
+impl Attach {
+    /// How the calls are hooked, as the outputs say it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Attach::Fentry => "fentry/fexit on the syscall",
+            Attach::Tracepoint => "syscalls:sys_enter/exit_membarrier",
+        }
+    }
+}
+
 /// Where the grace-period (blocked) figures come from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

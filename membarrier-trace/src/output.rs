@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use crate::{
     cmd::{self, Kind},
-    model::{Attach, CmdReport, GraceSource, Report},
+    model::{CmdReport, GraceSource, Report},
 };
 
 /// A duration in ns as text with a unit: `412ns`, `1.25us`, `12.3ms`, `1.50s`.
@@ -44,10 +44,7 @@ pub fn text(r: &Report) -> String {
     let _ = writeln!(
         s,
         "attached: {}; grace periods: {}",
-        match r.attach {
-            Attach::Fentry => "fentry/fexit on the syscall",
-            Attach::Tracepoint => "syscall tracepoints",
-        },
+        r.attach.describe(),
         match r.grace_period_source {
             GraceSource::Fentry => "fentry on synchronize_rcu*",
             GraceSource::Sched => "off-CPU time inside the call (sched_switch)",

@@ -98,8 +98,10 @@ fn proc_state(pid: u32) -> Option<char> {
     stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
-/// True while `pid` exists and has not exited (a zombie counts as exited).
-pub fn alive(pid: u32) -> bool {
+/// True while `pid` exists and has not exited (a zombie counts as exited). Reads
+/// /proc/PID/stat, which briefly takes a reference on the process's mm: only for checks before
+/// tracing starts (see [`ExitWatch`] and [`exists`] for while it runs).
+fn alive(pid: u32) -> bool {
     matches!(proc_state(pid), Some(s) if s != 'Z' && s != 'X')
 }
 
@@ -167,6 +169,13 @@ impl ExitWatch {
     }
 }
 
+/// Whether a process exists (zombies included), without touching /proc: a /proc/PID/stat read
+/// would take a reference on its mm and change what membarrier does.
+pub fn exists(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks existence and permission.
+    unsafe { libc::kill(pid as i32, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+}
+
 /// The process name of `pid` (its main thread's comm), if it is still there.
 pub fn comm(pid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -211,6 +220,8 @@ mod tests {
     fn pid_checks() {
         let me = std::process::id();
         assert!(alive(me));
+        assert!(exists(me));
+        assert!(!exists(u32::MAX - 1));
         check_pid(me).unwrap();
         assert!(!alive(u32::MAX - 1));
         let e = check_pid(u32::MAX - 1).unwrap_err().to_string();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use ratatui::crossterm::event::{self, Event, KeyEventKind};
 
-use crate::model::Report;
+use crate::{model::Report, preflight::exists as alive};
 
 /// Where the dashboard's reports come from, and when tracing ends (signal, --duration, the
 /// traced processes exiting).
@@ -17,12 +17,6 @@ pub trait Feed {
     /// True once tracing should end.
     fn stopped(&mut self) -> Result<bool>;
     fn report(&mut self) -> Result<Report>;
-}
-
-/// Whether a process exists (no /proc read: that would take a reference on its mm).
-fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks existence and permission.
-    unsafe { libc::kill(pid as i32, 0) == 0 || *libc::__errno_location() == libc::EPERM }
 }
 
 /// Runs the dashboard until the user quits or `feed` stops. The terminal is restored on every
