@@ -134,6 +134,33 @@ impl Workload {
     }
 }
 
+/// Traces `traced` by pid (`-o json`) while `others` run alongside untraced; starts them all
+/// together once the tracer is attached, waits for them, and returns the tracer's output (it
+/// stops by itself when the traced processes are gone), its report, and each traced
+/// workload's pid and own accounting.
+fn trace_pids(traced: Vec<Workload>, others: Vec<Workload>) -> (Output, Value, Vec<(u32, Value)>) {
+    let mut args = vec!["-o".to_string(), "json".to_string()];
+    for w in &traced {
+        args.extend(["--pid".to_string(), w.pid.to_string()]);
+    }
+    let tracer = Tracer::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (mut traced, mut others) = (traced, others);
+    traced
+        .iter_mut()
+        .chain(others.iter_mut())
+        .for_each(Workload::go);
+    let own: Vec<(u32, Value)> = traced.into_iter().map(|w| (w.pid, w.finish())).collect();
+    others.into_iter().for_each(|w| drop(w.finish()));
+    let out = tracer.finish();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+    (out, report, own)
+}
+
 fn last_json_with(text: &str, key: &str) -> Value {
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -230,25 +257,13 @@ const MIX: &[&str] = &[
 #[test]
 fn pid_filter_counts_exactly_and_ignores_others() {
     require_root();
-    let mut w = Workload::start(MIX);
     // Another process making calls at the same time must not appear.
-    let mut other = Workload::start(&["--expedited", "5000", "--query", "5", "--global", "1"]);
-    let tracer = Tracer::start(&["--pid", &w.pid.to_string(), "-o", "json"]);
-    w.go();
-    other.go();
-    let (w_pid, other_pid) = (w.pid, other.pid);
-    let mine = w.finish();
-    other.finish();
+    let other = Workload::start(&["--expedited", "5000", "--query", "5", "--global", "1"]);
+    let other_pid = other.pid;
+    let (out, report, own) = trace_pids(vec![Workload::start(MIX)], vec![other]);
+    let (w_pid, mine) = own.into_iter().next().unwrap();
     // The tracer stops by itself once every traced process has exited.
-    let out = tracer.finish();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("every traced process has exited"));
-    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
-
     let procs = report["processes"].as_array().unwrap();
     assert_eq!(procs.len(), 1, "only the traced pid: {report}");
     assert_ne!(procs[0]["pid"], other_pid);
@@ -359,23 +374,10 @@ fn pid_filter_counts_exactly_and_ignores_others() {
 fn ipis_go_to_the_running_sibling_and_not_for_a_lone_thread() {
     require_root();
     const N: u64 = 5000;
-    let mut pair = Workload::start(&["--spinner-calls", &N.to_string()]);
-    let mut lone = Workload::start(&["--expedited", &N.to_string()]);
-    let tracer = Tracer::start(&[
-        "--pid",
-        &pair.pid.to_string(),
-        "--pid",
-        &lone.pid.to_string(),
-        "-o",
-        "json",
-    ]);
-    pair.go();
-    lone.go();
+    let pair = Workload::start(&["--spinner-calls", &N.to_string()]);
+    let lone = Workload::start(&["--expedited", &N.to_string()]);
     let (pair_pid, lone_pid) = (pair.pid, lone.pid);
-    pair.finish();
-    lone.finish();
-    let out = tracer.finish();
-    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+    let (_, report, _) = trace_pids(vec![pair, lone], vec![]);
 
     let row = cmd_row(process(&report, pair_pid), 8, 0);
     assert_eq!(row["calls"], N);
@@ -417,23 +419,9 @@ fn ipis_go_to_the_running_sibling_and_not_for_a_lone_thread() {
 fn concurrent_expedited_callers_wait_for_the_mutex() {
     require_root();
     let args = ["--expedited", "20000", "--threads", "2"];
-    let mut a = Workload::start(&args);
-    let mut b = Workload::start(&args);
-    let tracer = Tracer::start(&[
-        "--pid",
-        &a.pid.to_string(),
-        "--pid",
-        &b.pid.to_string(),
-        "-o",
-        "json",
-    ]);
-    a.go();
-    b.go();
+    let (a, b) = (Workload::start(&args), Workload::start(&args));
     let pids = [a.pid, b.pid];
-    a.finish();
-    b.finish();
-    let out = tracer.finish();
-    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+    let (_, report, _) = trace_pids(vec![a, b], vec![]);
     let waits: Vec<u64> = pids
         .iter()
         .map(|&pid| {
