@@ -2,9 +2,27 @@ use std::{env, path::PathBuf};
 
 use anyhow::{Context as _, bail};
 
+/// Set by `cargo xtask` to the eBPF object it built (once, into target/bpf, with its progress
+/// shown as such): then this script only points the collector at it.
+const PREBUILT: &str = "MEMBARRIER_TRACE_EBPF";
+
 fn main() -> anyhow::Result<()> {
-    // aya-build runs `cargo +nightly build -Z build-std=core --target bpfel-unknown-none`, whose
-    // link step needs bpf-linker on PATH. Say how to get it instead of failing in the linker.
+    println!("cargo:rerun-if-env-changed={PREBUILT}");
+    if let Some(obj) = env::var_os(PREBUILT) {
+        let obj = PathBuf::from(obj);
+        if !obj.is_file() {
+            bail!("{PREBUILT}={} is not a file", obj.display());
+        }
+        println!("cargo:rerun-if-changed={}", obj.display());
+        println!(
+            "cargo:rustc-env=MEMBARRIER_TRACE_EBPF_OBJECT={}",
+            obj.to_str().context("non-UTF-8 path")?
+        );
+        return Ok(());
+    }
+    // Plain `cargo build`: aya-build runs `cargo +nightly build -Z build-std=core --target
+    // bpfel-unknown-none` (its progress arrives as cargo warnings), whose link step needs
+    // bpf-linker on PATH. Say how to get it instead of failing in the linker.
     println!("cargo:rerun-if-env-changed=PATH");
     let on_path = env::var_os("PATH")
         .map(|p| env::split_paths(&p).any(|d| d.join("bpf-linker").is_file()))
@@ -25,5 +43,11 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         }],
         aya_build::Toolchain::default(),
-    )
+    )?;
+    let out = PathBuf::from(env::var("OUT_DIR").context("OUT_DIR")?).join("membarrier-trace");
+    println!(
+        "cargo:rustc-env=MEMBARRIER_TRACE_EBPF_OBJECT={}",
+        out.to_str().context("non-UTF-8 path")?
+    );
+    Ok(())
 }

@@ -146,19 +146,54 @@ pub struct CallKey {
     pub flags: u32,
 }
 
-/// Record offsets the programs read directly (the verifier wants constants); userspace checks
-/// them against each tracepoint's format file and leaves a probe out when they differ.
-pub mod offsets {
-    pub const SCHED_SWITCH_NEXT_PID: usize = 56;
-    pub const SCHED_WAKING_PID: usize = 24;
-    pub const IPI_SEND_CPU_CPU: usize = 8;
-    pub const IPI_SEND_CPUMASK_CPUMASK: usize = 8;
-    /// Same offset in ipi_send_cpu and ipi_send_cpumask.
-    pub const IPI_SEND_CALLBACK: usize = 24;
-    pub const CSD_QUEUE_CPU_FUNC: usize = 24;
-    pub const CSD_QUEUE_CPU_CSD: usize = 32;
-    pub const CSD_FUNCTION_FUNC: usize = 8;
-    pub const CSD_FUNCTION_CSD: usize = 16;
+/// Tracepoint record fields the breakdown programs read: indexes into their `FIELDS` array,
+/// which userspace fills from each tracepoint's format file before loading (layouts differ:
+/// PREEMPT_RT kernels add a field to the common header). The verifier only allows context reads
+/// at constant offsets, and sees `FIELDS` (read-only data) as constants: so each layout known
+/// here gets a direct read, any other a `bpf_probe_read`, and the verifier drops the branches
+/// not taken.
+pub mod field {
+    pub const SCHED_SWITCH_NEXT_PID: usize = 0;
+    pub const SCHED_WAKING_PID: usize = 1;
+    pub const IPI_SEND_CPU_CPU: usize = 2;
+    pub const IPI_SEND_CPU_CALLBACK: usize = 3;
+    pub const IPI_SEND_CPUMASK_CPUMASK: usize = 4;
+    pub const IPI_SEND_CPUMASK_CALLBACK: usize = 5;
+    pub const CSD_QUEUE_CPU_FUNC: usize = 6;
+    pub const CSD_QUEUE_CPU_CSD: usize = 7;
+    pub const CSD_FUNCTION_ENTRY_FUNC: usize = 8;
+    pub const CSD_FUNCTION_ENTRY_CSD: usize = 9;
+    pub const CSD_FUNCTION_EXIT_FUNC: usize = 10;
+    pub const CSD_FUNCTION_EXIT_CSD: usize = 11;
+    pub const COUNT: usize = 12;
+
+    /// Per field, the offsets with a direct read: mainline's, and Debian 12's PREEMPT_RT
+    /// (6.1-rt: `common_preempt_lazy_count` makes the header 12 bytes; seen in its format files).
+    pub const KNOWN: [[usize; 2]; COUNT] = [
+        [56, 64],
+        [24, 28],
+        [8, 12],
+        [24, 32],
+        [8, 12],
+        [24, 32],
+        [24, 32],
+        [32, 40],
+        [8, 16],
+        [16, 24],
+        [8, 16],
+        [16, 24],
+    ];
+
+    /// Mainline's offsets, the default before userspace sets them.
+    pub const fn mainline() -> [u32; COUNT] {
+        let mut out = [0; COUNT];
+        let mut i = 0;
+        while i < COUNT {
+            out[i] = KNOWN[i][0] as u32;
+            i += 1;
+        }
+        out
+    }
 }
 
 /// Size of the array of "threads inside membarrier" counters, indexed by tid modulo this: the

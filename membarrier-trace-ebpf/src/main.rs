@@ -18,7 +18,8 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
     },
     macros::{fentry, fexit, map, tracepoint},
     maps::{Array, HashMap, PerCpuArray},
@@ -26,8 +27,8 @@ use aya_ebpf::{
 };
 use membarrier_trace_common::{
     CallKey, CpuKey, HIST_BUCKETS, INSIDE_SLOTS, IPI_HIST, Inflight, MAX_CPU_ROWS, MAX_CSDS,
-    MAX_INFLIGHT, MAX_PIDS, MAX_STATS, MAX_WAKERS, Stats, StatsKey, WakerKey, counter, hist_bucket,
-    offsets,
+    MAX_INFLIGHT, MAX_PIDS, MAX_STATS, MAX_WAKERS, Stats, StatsKey, WakerKey, counter, field,
+    hist_bucket,
 };
 
 /// Set by userspace before load: 1 when only the tgids in `TGIDS` are traced. Being in .rodata,
@@ -45,6 +46,11 @@ static BREAKDOWN: u8 = 1;
 /// the csd probes skip every other cross-CPU call with a compare; all 0 when unknown.
 #[unsafe(no_mangle)]
 static IPI_FUNCS: [u64; 3] = [0; 3];
+
+/// Offsets of the breakdown tracepoints' fields, by `field::*` index: set by userspace from the
+/// format files.
+#[unsafe(no_mangle)]
+static FIELDS: [u32; field::COUNT] = field::mainline();
 
 // Offsets in the syscall tracepoints (fixed by the syscall tracepoint ABI: 8-byte args from 16).
 const ENTER_CMD_OFF: usize = 16;
@@ -103,6 +109,11 @@ static HANDLER_NS: HashMap<CallKey, u64> = HashMap::with_max_entries(MAX_WAKERS,
 #[map]
 static HANDLER_START: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
+/// The caller of the membarrier IPI round in flight (kernels without csd tracepoints): the
+/// fentry handler probes charge their time to it. tgid 0: an untraced caller.
+#[map]
+static ROUND_OWNER: Array<CallKey> = Array::with_max_entries(1, 0);
+
 #[inline(always)]
 fn armed() -> bool {
     CONTROL.get(0).is_some_and(|a| *a != 0)
@@ -142,9 +153,21 @@ fn arg(ctx: &TracePointContext, off: usize) -> u64 {
     unsafe { *(ctx.as_ptr() as *const u8).add(off).cast::<u64>() }
 }
 
+/// Field `idx` (a `field::*` index) of the tracepoint record, at the offset userspace read from
+/// the format file: a direct read for the layouts in `field::KNOWN`, else `bpf_probe_read`.
+/// `FIELDS` is constant to the verifier, which removes the branches not taken.
 #[inline(always)]
-fn arg32(ctx: &TracePointContext, off: usize) -> u32 {
-    unsafe { *(ctx.as_ptr() as *const u8).add(off).cast::<u32>() }
+fn record<T: Copy + Default>(ctx: &TracePointContext, idx: usize) -> T {
+    let at = |off: usize| unsafe { *(ctx.as_ptr() as *const u8).add(off).cast::<T>() };
+    let off = unsafe { core::ptr::read_volatile(&FIELDS[idx]) } as usize;
+    let [a, b] = field::KNOWN[idx];
+    if off == a {
+        at(a)
+    } else if off == b {
+        at(b)
+    } else {
+        unsafe { ctx.read_at::<T>(off) }.unwrap_or_default()
+    }
 }
 
 /// Atomic add (BPF_ATOMIC_ADD: the result is unused, so no fetch is needed).
@@ -418,7 +441,7 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
     if let Some(prev) = inside(current_tid()) {
         prev.off_since_ns = now();
     }
-    if let Some(next) = inside(arg32(&ctx, offsets::SCHED_SWITCH_NEXT_PID))
+    if let Some(next) = inside(record::<u32>(&ctx, field::SCHED_SWITCH_NEXT_PID))
         && next.off_since_ns != 0
     {
         next.blocked_ns += now().wrapping_sub(next.off_since_ns);
@@ -431,7 +454,7 @@ pub fn sched_switch(ctx: TracePointContext) -> u32 {
 /// sched_waking runs in the waker's context (sched_wakeup may run on the target CPU).
 #[tracepoint]
 pub fn sched_waking(ctx: TracePointContext) -> u32 {
-    let Some(wakee) = inside(arg32(&ctx, offsets::SCHED_WAKING_PID)) else {
+    let Some(wakee) = inside(record::<u32>(&ctx, field::SCHED_WAKING_PID)) else {
         return 0;
     };
     let key = WakerKey {
@@ -461,9 +484,9 @@ fn ipi_sent(caller: &mut Inflight, cpu: u32) {
 #[tracepoint]
 pub fn ipi_send_cpu(ctx: TracePointContext) -> u32 {
     if let Some(caller) = inside(current_tid())
-        && membarrier_func(arg(&ctx, offsets::IPI_SEND_CALLBACK))
+        && membarrier_func(record::<u64>(&ctx, field::IPI_SEND_CPU_CALLBACK))
     {
-        ipi_sent(caller, arg32(&ctx, offsets::IPI_SEND_CPU_CPU));
+        ipi_sent(caller, record::<u32>(&ctx, field::IPI_SEND_CPU_CPU));
     }
     0
 }
@@ -474,11 +497,11 @@ pub fn ipi_send_cpumask(ctx: TracePointContext) -> u32 {
     let Some(caller) = inside(current_tid()) else {
         return 0;
     };
-    if !membarrier_func(arg(&ctx, offsets::IPI_SEND_CALLBACK)) {
+    if !membarrier_func(record::<u64>(&ctx, field::IPI_SEND_CPUMASK_CALLBACK)) {
         return 0;
     }
     // __data_loc: offset in the low 16 bits, length in the high 16.
-    let loc = arg32(&ctx, offsets::IPI_SEND_CPUMASK_CPUMASK);
+    let loc = record::<u32>(&ctx, field::IPI_SEND_CPUMASK_CPUMASK);
     let Ok(mask) = (unsafe { ctx.read_at::<u64>((loc & 0xffff) as usize) }) else {
         return 0;
     };
@@ -502,7 +525,7 @@ pub fn csd_queue_cpu(ctx: TracePointContext) -> u32 {
     let Some(caller) = inside(current_tid()) else {
         return 0;
     };
-    if !membarrier_func(arg(&ctx, offsets::CSD_QUEUE_CPU_FUNC)) {
+    if !membarrier_func(record::<u64>(&ctx, field::CSD_QUEUE_CPU_FUNC)) {
         return 0;
     }
     let owner = CallKey {
@@ -511,7 +534,7 @@ pub fn csd_queue_cpu(ctx: TracePointContext) -> u32 {
         flags: caller.flags,
     };
     if CSD_OWNER
-        .insert(&arg(&ctx, offsets::CSD_QUEUE_CPU_CSD), &owner, 0)
+        .insert(&record::<u64>(&ctx, field::CSD_QUEUE_CPU_CSD), &owner, 0)
         .is_err()
     {
         bump(counter::DROPPED_DETAIL);
@@ -521,10 +544,10 @@ pub fn csd_queue_cpu(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn csd_function_entry(ctx: TracePointContext) -> u32 {
-    if !membarrier_func(arg(&ctx, offsets::CSD_FUNCTION_FUNC)) {
+    if !membarrier_func(record::<u64>(&ctx, field::CSD_FUNCTION_ENTRY_FUNC)) {
         return 0;
     }
-    let csd = arg(&ctx, offsets::CSD_FUNCTION_CSD);
+    let csd = record::<u64>(&ctx, field::CSD_FUNCTION_ENTRY_CSD);
     if CSD_OWNER.get_ptr(&csd).is_none() {
         return 0;
     }
@@ -540,7 +563,7 @@ pub fn csd_function_exit(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let [since, csd] = unsafe { *start };
-    if since == 0 || csd != arg(&ctx, offsets::CSD_FUNCTION_CSD) {
+    if since == 0 || csd != record::<u64>(&ctx, field::CSD_FUNCTION_EXIT_CSD) {
         return 0;
     }
     unsafe { *start = [0, 0] };
@@ -551,6 +574,150 @@ pub fn csd_function_exit(ctx: TracePointContext) -> u32 {
         let _ = CSD_OWNER.remove(&csd);
         count(&HANDLER_NS, &owner, ns);
     }
+    0
+}
+
+/// Kernels without the ipi/csd tracepoints (before 6.6): the cross-call functions membarrier
+/// calls, by fentry. The targets are the CPUs the callback is queued for, less the caller's own
+/// (that one runs it locally, no IPI). The expedited cmds hold `membarrier_ipi_mutex` and wait
+/// for their handlers, so one round is in flight at a time: its owner is kept for the handlers.
+#[fentry(function = "smp_call_function_many")]
+pub fn smp_call_function_many(ctx: FEntryContext) -> u32 {
+    // (mask, func, info, wait)
+    cross_call(raw_arg(&ctx, 1), CrossCall::Mask(raw_arg(&ctx, 0)));
+    0
+}
+
+#[fentry(function = "on_each_cpu_cond_mask")]
+pub fn on_each_cpu_cond_mask(ctx: FEntryContext) -> u32 {
+    // (cond_func, func, info, wait, mask): SYNC_CORE's on_each_cpu_mask()
+    cross_call(raw_arg(&ctx, 1), CrossCall::Mask(raw_arg(&ctx, 4)));
+    0
+}
+
+#[fentry(function = "smp_call_function_single")]
+pub fn smp_call_function_single(ctx: FEntryContext) -> u32 {
+    // (cpu, func, info, wait): FLAG_CPU
+    cross_call(raw_arg(&ctx, 1), CrossCall::Single(raw_arg(&ctx, 0) as u32));
+    0
+}
+
+/// Argument `n` of an fentry program, read as a plain word: older verifiers (6.1) refuse a
+/// direct context read of a function-pointer argument ("is not a struct").
+#[inline(always)]
+fn raw_arg(ctx: &FEntryContext, n: usize) -> u64 {
+    unsafe { bpf_probe_read_kernel((ctx.as_ptr() as *const u64).add(n)) }.unwrap_or(0)
+}
+
+enum CrossCall {
+    /// The address of a `struct cpumask`.
+    Mask(u64),
+    Single(u32),
+}
+
+#[inline(always)]
+fn cross_call(func: u64, to: CrossCall) {
+    if !membarrier_func(func) {
+        return;
+    }
+    let Some(owner) = ROUND_OWNER.get_ptr_mut(0) else {
+        return;
+    };
+    let Some(caller) = inside(current_tid()) else {
+        // Not a traced caller: its handlers are nobody's.
+        unsafe { *owner = CallKey::default() };
+        return;
+    };
+    unsafe {
+        *owner = CallKey {
+            tgid: caller.tgid,
+            cmd: caller.cmd,
+            flags: caller.flags,
+        }
+    };
+    let me = unsafe { bpf_get_smp_processor_id() };
+    match to {
+        CrossCall::Single(cpu) => {
+            if cpu != me {
+                ipi_sent(caller, cpu);
+            }
+        }
+        CrossCall::Mask(mask) => {
+            // Only the first 64 CPUs (the first word), as with ipi_send_cpumask.
+            let mut bits = unsafe { bpf_probe_read_kernel(mask as *const u64) }.unwrap_or(0);
+            if me < 64 {
+                bits &= !(1u64 << me);
+            }
+            for cpu in 0..64u32 {
+                if bits >> cpu & 1 != 0 {
+                    ipi_sent(caller, cpu);
+                }
+            }
+        }
+    }
+}
+
+/// The membarrier callbacks themselves, on the target CPU (fentry/fexit): handler time for the
+/// round's owner. Used where the csd tracepoints are missing.
+#[inline(always)]
+fn handler_begin() {
+    if let Some(start) = HANDLER_START.get_ptr_mut(0) {
+        unsafe { *start = [now(), 0] };
+    }
+}
+
+#[inline(always)]
+fn handler_end() {
+    let Some(start) = HANDLER_START.get_ptr_mut(0) else {
+        return;
+    };
+    let since = unsafe { (*start)[0] };
+    if since == 0 {
+        return;
+    }
+    unsafe { *start = [0, 0] };
+    let Some(owner) = ROUND_OWNER.get_ptr(0) else {
+        return;
+    };
+    let owner = unsafe { *owner };
+    if owner.tgid != 0 {
+        count(&HANDLER_NS, &owner, now().wrapping_sub(since));
+    }
+}
+
+#[fentry(function = "ipi_mb")]
+pub fn ipi_mb_entry(_ctx: FEntryContext) -> u32 {
+    handler_begin();
+    0
+}
+
+#[fexit(function = "ipi_mb")]
+pub fn ipi_mb_exit(_ctx: FExitContext) -> u32 {
+    handler_end();
+    0
+}
+
+#[fentry(function = "ipi_sync_core")]
+pub fn ipi_sync_core_entry(_ctx: FEntryContext) -> u32 {
+    handler_begin();
+    0
+}
+
+#[fexit(function = "ipi_sync_core")]
+pub fn ipi_sync_core_exit(_ctx: FExitContext) -> u32 {
+    handler_end();
+    0
+}
+
+#[fentry(function = "ipi_rseq")]
+pub fn ipi_rseq_entry(_ctx: FEntryContext) -> u32 {
+    handler_begin();
+    0
+}
+
+#[fexit(function = "ipi_rseq")]
+pub fn ipi_rseq_exit(_ctx: FExitContext) -> u32 {
+    handler_end();
     0
 }
 

@@ -7,20 +7,20 @@ use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::{FEntry, FExit, ProgramError, TracePoint},
+    programs::{FEntry, FExit, Program, ProgramError, TracePoint},
 };
 use membarrier_trace_common::{
-    CallKey, CpuKey, Inflight, Stats, StatsKey, WakerKey, counter, offsets,
+    CallKey, CpuKey, Inflight, Stats, StatsKey, WakerKey, counter, field,
 };
 
 use crate::{
     hist::Histogram,
-    model::{Attach, GraceSource, RawRow, Snapshot, comm_str},
+    hook::{Attach, AttachMode, Hook, Kind},
+    model::{GraceSource, RawRow, Snapshot, comm_str},
     preflight,
 };
 
-static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/membarrier-trace"));
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MEMBARRIER_TRACE_EBPF_OBJECT"));
 
 /// What to trace.
 pub struct Options {
@@ -32,25 +32,6 @@ pub struct Options {
     pub breakdown: bool,
     pub attach: AttachMode,
 }
-
-/// How the membarrier syscall is hooked (`--attach`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum AttachMode {
-    /// fentry where the kernel allows it, else the syscall tracepoints.
-    Auto,
-    /// syscalls:sys_enter/exit_membarrier.
-    Tracepoint,
-    /// fentry/fexit on the syscall function; an error where the kernel refuses it.
-    Fentry,
-}
-
-/// The kernel function behind the syscall, for fentry.
-#[cfg(target_arch = "x86_64")]
-const SYSCALL_FUNC: &str = "__x64_sys_membarrier";
-#[cfg(target_arch = "aarch64")]
-const SYSCALL_FUNC: &str = "__arm64_sys_membarrier";
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-const SYSCALL_FUNC: &str = "sys_membarrier";
 
 pub struct Collector {
     // Owns the programs; dropping it detaches them.
@@ -66,120 +47,227 @@ pub struct Collector {
     comms: HashMap<u32, String>,
     started: Instant,
     tracefs: std::path::PathBuf,
+    /// The kernel's BTF, read on the first fentry attach.
+    btf: Option<aya::Btf>,
     grace_source: GraceSource,
     breakdown: bool,
     attach_mode: AttachMode,
-    attach: Attach,
+    /// The row of the hook table that is attached.
+    hook: &'static Hook,
 }
 
-/// A classic tracepoint program and the record fields it reads directly (name, offset).
+/// One program and where it attaches.
 struct Probe {
     prog: &'static str,
-    category: &'static str,
-    fields: &'static [(&'static str, usize)],
+    at: At,
+}
+
+enum At {
+    /// The classic tracepoint `category:prog` (named like the program), with the record fields
+    /// the program reads.
+    Tracepoint {
+        category: &'static str,
+        fields: Fields,
+    },
+    /// fentry, or with `exit` fexit, on a kernel function.
+    Btf { func: &'static str, exit: bool },
+}
+
+/// The record fields a tracepoint program reads, by name.
+#[derive(Clone, Copy)]
+enum Fields {
+    /// At offsets built into the program: the layout must match.
+    Fixed(&'static [(&'static str, usize)]),
+    /// At the `field::*` index of the program's FIELDS, read from the format file at load.
+    Loaded(&'static [(&'static str, usize)]),
 }
 
 impl Probe {
-    /// The program is named after its tracepoint.
-    const fn new(
+    const fn tp(
         category: &'static str,
         prog: &'static str,
         fields: &'static [(&'static str, usize)],
     ) -> Self {
         Self {
             prog,
-            category,
-            fields,
+            at: At::Tracepoint {
+                category,
+                fields: Fields::Loaded(fields),
+            },
+        }
+    }
+
+    const fn fentry(prog: &'static str, func: &'static str) -> Self {
+        Self {
+            prog,
+            at: At::Btf { func, exit: false },
+        }
+    }
+
+    const fn fexit(prog: &'static str, func: &'static str) -> Self {
+        Self {
+            prog,
+            at: At::Btf { func, exit: true },
+        }
+    }
+
+    /// A hook's programs, exit first (attached unarmed, then armed at once: see CONTROL in the
+    /// eBPF programs; exit before enter all the same).
+    fn pair(hook: &'static Hook) -> [Probe; 2] {
+        match hook.kind {
+            Kind::Tracepoint {
+                category,
+                enter_fields,
+                exit_fields,
+            } => [
+                Probe {
+                    prog: hook.exit,
+                    at: At::Tracepoint {
+                        category,
+                        fields: Fields::Fixed(exit_fields),
+                    },
+                },
+                Probe {
+                    prog: hook.enter,
+                    at: At::Tracepoint {
+                        category,
+                        fields: Fields::Fixed(enter_fields),
+                    },
+                },
+            ],
+            Kind::Fentry { func } => [
+                Probe::fexit(hook.exit, func),
+                Probe::fentry(hook.enter, func),
+            ],
         }
     }
 }
 
-/// The probes behind the per-call breakdown: each group is attached only when the kernel has
-/// its tracepoints with the record layout the programs read; otherwise its figures stay 0 and
-/// the user is told.
-const BREAKDOWN: &[(&str, &[Probe])] = &[
+/// The grace period where fentry on synchronize_rcu is refused: off-CPU time inside the call.
+const SCHED_SWITCH: &[Probe] = &[Probe::tp(
+    "sched",
+    "sched_switch",
+    &[("next_pid", field::SCHED_SWITCH_NEXT_PID)],
+)];
+
+/// The probes behind the per-call breakdown. Each group is one figure with its ways of getting
+/// it, best first; a way's probes attach all together or not at all. What the kernel lacks is
+/// left out (its figures stay 0) and the user is told.
+const BREAKDOWN: &[(&str, &[&[Probe]])] = &[
     (
-        "IPI fan-out",
+        "IPI fan-out and handler time",
         &[
-            Probe::new(
-                "ipi",
-                "ipi_send_cpu",
-                &[
-                    ("cpu", offsets::IPI_SEND_CPU_CPU),
-                    ("callback", offsets::IPI_SEND_CALLBACK),
-                ],
-            ),
-            Probe::new(
-                "ipi",
-                "ipi_send_cpumask",
-                &[
-                    ("cpumask", offsets::IPI_SEND_CPUMASK_CPUMASK),
-                    ("callback", offsets::IPI_SEND_CALLBACK),
-                ],
-            ),
-        ],
-    ),
-    (
-        "IPI handler time",
-        &[
-            Probe::new(
-                "csd",
-                "csd_queue_cpu",
-                &[
-                    ("func", offsets::CSD_QUEUE_CPU_FUNC),
-                    ("csd", offsets::CSD_QUEUE_CPU_CSD),
-                ],
-            ),
-            Probe::new(
-                "csd",
-                "csd_function_entry",
-                &[
-                    ("func", offsets::CSD_FUNCTION_FUNC),
-                    ("csd", offsets::CSD_FUNCTION_CSD),
-                ],
-            ),
-            Probe::new(
-                "csd",
-                "csd_function_exit",
-                &[
-                    ("func", offsets::CSD_FUNCTION_FUNC),
-                    ("csd", offsets::CSD_FUNCTION_CSD),
-                ],
-            ),
+            // 6.6 and later.
+            &[
+                Probe::tp(
+                    "ipi",
+                    "ipi_send_cpu",
+                    &[
+                        ("cpu", field::IPI_SEND_CPU_CPU),
+                        ("callback", field::IPI_SEND_CPU_CALLBACK),
+                    ],
+                ),
+                Probe::tp(
+                    "ipi",
+                    "ipi_send_cpumask",
+                    &[
+                        ("cpumask", field::IPI_SEND_CPUMASK_CPUMASK),
+                        ("callback", field::IPI_SEND_CPUMASK_CALLBACK),
+                    ],
+                ),
+                Probe::tp(
+                    "csd",
+                    "csd_queue_cpu",
+                    &[
+                        ("func", field::CSD_QUEUE_CPU_FUNC),
+                        ("csd", field::CSD_QUEUE_CPU_CSD),
+                    ],
+                ),
+                Probe::tp(
+                    "csd",
+                    "csd_function_entry",
+                    &[
+                        ("func", field::CSD_FUNCTION_ENTRY_FUNC),
+                        ("csd", field::CSD_FUNCTION_ENTRY_CSD),
+                    ],
+                ),
+                Probe::tp(
+                    "csd",
+                    "csd_function_exit",
+                    &[
+                        ("func", field::CSD_FUNCTION_EXIT_FUNC),
+                        ("csd", field::CSD_FUNCTION_EXIT_CSD),
+                    ],
+                ),
+            ],
+            // Older kernels that allow fentry: the cross-call functions membarrier calls, and
+            // its callbacks on the target CPUs.
+            &[
+                Probe::fentry("smp_call_function_many", "smp_call_function_many"),
+                Probe::fentry("on_each_cpu_cond_mask", "on_each_cpu_cond_mask"),
+                Probe::fentry("smp_call_function_single", "smp_call_function_single"),
+                Probe::fexit("ipi_mb_exit", "ipi_mb"),
+                Probe::fentry("ipi_mb_entry", "ipi_mb"),
+                Probe::fexit("ipi_sync_core_exit", "ipi_sync_core"),
+                Probe::fentry("ipi_sync_core_entry", "ipi_sync_core"),
+                Probe::fexit("ipi_rseq_exit", "ipi_rseq"),
+                Probe::fentry("ipi_rseq_entry", "ipi_rseq"),
+            ],
         ],
     ),
     (
         "mutex wait",
-        &[
-            Probe::new("lock", "contention_begin", &[]),
-            Probe::new("lock", "contention_end", &[]),
-        ],
+        &[&[
+            Probe::tp("lock", "contention_begin", &[]),
+            Probe::tp("lock", "contention_end", &[]),
+        ]],
     ),
     (
         "waker",
-        &[Probe::new(
+        &[&[Probe::tp(
             "sched",
             "sched_waking",
-            &[("pid", offsets::SCHED_WAKING_PID)],
-        )],
+            &[("pid", field::SCHED_WAKING_PID)],
+        )]],
     ),
 ];
 
-/// Checks that `category:name` exists and has each field at the offset the program reads.
-fn check_layout(
-    tracefs: &Path,
-    category: &str,
-    name: &str,
-    fields: &[(&str, usize)],
-) -> Result<()> {
+/// Checks that `category:name` exists and has each field, at the offset the program reads
+/// where that is built in.
+fn check_layout(tracefs: &Path, category: &str, name: &str, fields: Fields) -> Result<()> {
     preflight::check_tracepoint(tracefs, category, name, "not in this kernel")?;
-    for (field, off) in fields {
+    let (Fields::Fixed(f) | Fields::Loaded(f)) = fields;
+    for (field, off) in f {
         let got = preflight::field_offset(tracefs, category, name, field)?;
-        if got as usize != *off {
+        if matches!(fields, Fields::Fixed(_)) && got as usize != *off {
             anyhow::bail!("{category}:{name} has {field} at offset {got}, the program reads {off}");
         }
     }
     Ok(())
+}
+
+/// The offsets of the breakdown programs' fields in this kernel's records (their FIELDS), from
+/// the format files; mainline's where a tracepoint is missing (its probe is then left out).
+fn field_offsets(tracefs: &Path) -> [u32; field::COUNT] {
+    let mut out = field::mainline();
+    let probes = BREAKDOWN
+        .iter()
+        .flat_map(|(_, ways)| ways.iter().copied().flatten())
+        .chain(SCHED_SWITCH);
+    for p in probes {
+        if let At::Tracepoint {
+            category,
+            fields: Fields::Loaded(fields),
+        } = p.at
+        {
+            for &(name, idx) in fields {
+                if let Ok(off) = preflight::field_offset(tracefs, category, p.prog, name) {
+                    out[idx] = off;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Addresses of membarrier's IPI callbacks, from /proc/kallsyms (0 where not found or hidden).
@@ -204,40 +292,93 @@ fn ipi_funcs() -> [u64; 3] {
     if out.contains(&0) { [0; 3] } else { out }
 }
 
-/// Loads and attaches the fentry (or, with `exit`, fexit) program `prog` on kernel function
-/// `func`; a refusal is one line with the kernel's reason.
-fn attach_btf(ebpf: &mut Ebpf, btf: &aya::Btf, prog: &str, func: &str, exit: bool) -> Result<()> {
-    let refused = |e: ProgramError| match e {
-        ProgramError::LoadError { io_error, .. } => {
-            anyhow::anyhow!("fentry on {func} refused: {io_error}")
+/// Loads and attaches one probe; a refusal is one line with the kernel's reason. `btf` is read
+/// on the first fentry probe and kept.
+fn attach_probe(
+    ebpf: &mut Ebpf,
+    tracefs: &Path,
+    btf: &mut Option<aya::Btf>,
+    p: &Probe,
+) -> Result<()> {
+    let prog = ebpf
+        .program_mut(p.prog)
+        .with_context(|| format!("eBPF program {} missing from the object", p.prog))?;
+    match p.at {
+        At::Tracepoint { category, fields } => {
+            check_layout(tracefs, category, p.prog, fields)?;
+            let tp: &mut TracePoint = prog.try_into()?;
+            tp.load().map_err(|e| load_error(p.prog, e))?;
+            tp.attach(category, p.prog)
+                .with_context(|| format!("attaching to {category}:{}", p.prog))?;
         }
-        e => anyhow::Error::new(e).context(format!("fentry on {func}")),
-    };
-    let p = ebpf
-        .program_mut(prog)
-        .with_context(|| format!("eBPF program {prog} missing from the object"))?;
-    if exit {
-        let p: &mut FExit = p.try_into()?;
-        p.load(func, btf).map_err(refused)?;
-        p.attach().map_err(refused)?;
-    } else {
-        let p: &mut FEntry = p.try_into()?;
-        p.load(func, btf).map_err(refused)?;
-        p.attach().map_err(refused)?;
+        At::Btf { func, exit } => {
+            if btf.is_none() {
+                *btf = Some(aya::Btf::from_sys_fs().context("fentry needs the kernel's BTF")?);
+            }
+            let btf = btf.as_ref().expect("read above");
+            let refused = |e: ProgramError| match e {
+                ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                } => match verdict(&verifier_log.to_string()).map(str::to_string) {
+                    // EPERM where fentry is not allowed at all: no log.
+                    None => anyhow::anyhow!("fentry on {func} refused: {io_error}"),
+                    Some(v) => {
+                        anyhow::anyhow!("fentry on {func} refused: {io_error}; verifier: {v}")
+                    }
+                },
+                e => anyhow::Error::new(e).context(format!("fentry on {func}")),
+            };
+            if exit {
+                let p: &mut FExit = prog.try_into()?;
+                p.load(func, btf).map_err(refused)?;
+                p.attach().map_err(refused)?;
+            } else {
+                let p: &mut FEntry = prog.try_into()?;
+                p.load(func, btf).map_err(refused)?;
+                p.attach().map_err(refused)?;
+            }
+        }
     }
     Ok(())
 }
 
-/// One line for a load or attach failure, with the kernel's reason.
-fn attach(ebpf: &mut Ebpf, prog: &str, category: &str, name: &str) -> Result<()> {
-    let tp: &mut TracePoint = ebpf
-        .program_mut(prog)
-        .with_context(|| format!("eBPF program {prog} missing from the object"))?
-        .try_into()?;
-    tp.load().map_err(|e| load_error(prog, e))?;
-    tp.attach(category, name)
-        .with_context(|| format!("attaching to {category}:{name}"))?;
+/// Attaches `probes` all together: on a failure the ones already attached are unloaded again
+/// (a hook's exit program left attached alone would count every later call as missed).
+fn attach_all(
+    ebpf: &mut Ebpf,
+    tracefs: &Path,
+    btf: &mut Option<aya::Btf>,
+    probes: &[Probe],
+) -> Result<()> {
+    for (i, p) in probes.iter().enumerate() {
+        if let Err(e) = attach_probe(ebpf, tracefs, btf, p) {
+            for done in &probes[..=i] {
+                unload(ebpf, done.prog);
+            }
+            return Err(e);
+        }
+    }
     Ok(())
+}
+
+/// Detaches and unloads a program loaded by [`attach_probe`] (a no-op when it is not loaded).
+fn unload(ebpf: &mut Ebpf, prog: &str) {
+    let _ = match ebpf.program_mut(prog) {
+        Some(Program::TracePoint(p)) => p.unload(),
+        Some(Program::FEntry(p)) => p.unload(),
+        Some(Program::FExit(p)) => p.unload(),
+        _ => Ok(()),
+    };
+}
+
+/// The verifier's verdict: the last line of its log before the statistics.
+fn verdict(log: &str) -> Option<&str> {
+    log.lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("verification time"))
+        .filter(|l| !l.is_empty())
+        .last()
 }
 
 /// A program load failure as one line: the errno and the verifier's verdict (the last line of its
@@ -249,14 +390,7 @@ fn load_error(prog: &str, e: ProgramError) -> anyhow::Error {
             verifier_log,
         } => {
             let log = verifier_log.to_string();
-            let verdict = log
-                .lines()
-                .map(str::trim)
-                .take_while(|l| !l.starts_with("verification time"))
-                .filter(|l| !l.is_empty())
-                .last()
-                .unwrap_or("no verifier log")
-                .to_string();
+            let verdict = verdict(&log).unwrap_or("no verifier log");
             anyhow::anyhow!("the kernel refused to load {prog}: {io_error}; verifier: {verdict}")
         }
         e => anyhow::Error::new(e).context(format!("loading {prog}")),
@@ -305,7 +439,6 @@ fn recursion_misses(ebpf: &Ebpf, prog: &str) -> Result<u64> {
     let bytes = &info[RECURSION_MISSES_OFF..RECURSION_MISSES_OFF + 8];
     Ok(u64::from_ne_bytes(bytes.try_into().expect("8 bytes")))
 }
-
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -316,9 +449,21 @@ where
     T::try_from(map).with_context(|| format!("map {name}"))
 }
 
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup):
+/// lift it, as aya's template does. Should it fail, the map creation says so.
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a live struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
 impl Collector {
     /// Loads the programs. Nothing is attached until [`Collector::start`].
     pub fn load(tracefs: &Path, opts: &Options) -> Result<Self> {
+        raise_memlock();
         let filter = u8::from(!opts.pids.is_empty() || opts.follow_forks);
         let fork_off =
             preflight::field_offset(tracefs, "sched", "sched_process_fork", "child_pid")?;
@@ -327,6 +472,7 @@ impl Collector {
             .override_global("FILTER_TGIDS", &filter, true)
             .override_global("FORK_CHILD_PID_OFF", &fork_off, true)
             .override_global("IPI_FUNCS", &funcs, true)
+            .override_global("FIELDS", &field_offsets(tracefs), true)
             .override_global("BREAKDOWN", &u8::from(opts.breakdown), true)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
@@ -351,10 +497,11 @@ impl Collector {
             comms: HashMap::new(),
             started: Instant::now(),
             tracefs: tracefs.to_path_buf(),
+            btf: None,
             grace_source: GraceSource::None,
             breakdown: opts.breakdown,
             attach_mode: opts.attach,
-            attach: Attach::Tracepoint,
+            hook: Attach::default().hook(),
         };
         for &pid in &opts.pids {
             c.add_pid(pid)?;
@@ -373,56 +520,36 @@ impl Collector {
         Ok(())
     }
 
+    fn attach_all(&mut self, probes: &[Probe]) -> Result<()> {
+        attach_all(&mut self.ebpf, &self.tracefs, &mut self.btf, probes)
+    }
+
     /// Where the grace-period figures come from: fentry on synchronize_rcu* where the kernel
     /// allows it, else sched_switch. Returns a note for the user when it fell back.
     fn attach_grace_period(&mut self) -> (GraceSource, Option<String>) {
-        let fentry = (|| -> Result<()> {
-            let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
-            attach_btf(
-                &mut self.ebpf,
-                &btf,
-                "synchronize_rcu_exit",
-                "synchronize_rcu",
-                true,
-            )?;
-            attach_btf(
-                &mut self.ebpf,
-                &btf,
-                "synchronize_rcu_entry",
-                "synchronize_rcu",
-                false,
-            )?;
-            // synchronize_rcu_expedited alone is optional: synchronize_rcu is the grace period.
-            let func = "synchronize_rcu_expedited";
-            if attach_btf(
-                &mut self.ebpf,
-                &btf,
+        const GP: &[Probe] = &[
+            Probe::fexit("synchronize_rcu_exit", "synchronize_rcu"),
+            Probe::fentry("synchronize_rcu_entry", "synchronize_rcu"),
+        ];
+        // Optional: synchronize_rcu is the grace period GLOBAL waits for.
+        const GP_EXPEDITED: &[Probe] = &[
+            Probe::fexit(
                 "synchronize_rcu_expedited_exit",
-                func,
-                true,
-            )
-            .is_ok()
-            {
-                let _ = attach_btf(
-                    &mut self.ebpf,
-                    &btf,
-                    "synchronize_rcu_expedited_entry",
-                    func,
-                    false,
-                );
+                "synchronize_rcu_expedited",
+            ),
+            Probe::fentry(
+                "synchronize_rcu_expedited_entry",
+                "synchronize_rcu_expedited",
+            ),
+        ];
+        let why = match self.attach_all(GP) {
+            Ok(()) => {
+                let _ = self.attach_all(GP_EXPEDITED);
+                return (GraceSource::Fentry, None);
             }
-            Ok(())
-        })();
-        let why = match fentry {
-            Ok(()) => return (GraceSource::Fentry, None),
             Err(e) => format!("{e:#}"),
         };
-        let sched = self.attach_probe(&Probe::new(
-            "sched",
-            "sched_switch",
-            &[("next_pid", offsets::SCHED_SWITCH_NEXT_PID)],
-        ));
-        match sched {
+        match self.attach_all(SCHED_SWITCH) {
             Ok(()) => (
                 GraceSource::Sched,
                 Some(format!(
@@ -438,22 +565,25 @@ impl Collector {
         }
     }
 
-    /// Attaches a tracepoint program after checking the record layout it reads.
-    fn attach_probe(&mut self, p: &Probe) -> Result<()> {
-        check_layout(&self.tracefs, p.category, p.prog, p.fields)?;
-        attach(&mut self.ebpf, p.prog, p.category, p.prog)
-    }
-
-    /// Attaches the breakdown probes (grace period, IPIs, handler time, mutex wait). What the
-    /// kernel lacks is left out; the returned notes say what and why.
+    /// Attaches the breakdown probes (grace period, IPIs, handler time, mutex wait), each group
+    /// the first way the kernel allows. The returned notes say what is missing and why.
     fn attach_breakdown(&mut self) -> Vec<String> {
         let (source, note) = self.attach_grace_period();
         self.grace_source = source;
         let mut notes: Vec<String> = note.into_iter().collect();
-        for (what, probes) in BREAKDOWN {
-            let r = probes.iter().try_for_each(|p| self.attach_probe(p));
-            if let Err(e) = r {
-                notes.push(format!("no {what} figures: {e:#}"));
+        for (what, ways) in BREAKDOWN {
+            let mut why = Vec::new();
+            for probes in *ways {
+                match self.attach_all(probes) {
+                    Ok(()) => {
+                        why.clear();
+                        break;
+                    }
+                    Err(e) => why.push(format!("{e:#}")),
+                }
+            }
+            if !why.is_empty() {
+                notes.push(format!("no {what} figures: {}", why.join("; ")));
             }
         }
         notes
@@ -462,33 +592,16 @@ impl Collector {
     /// Attaches the programs; from here on calls are counted. Returns notes on what could not
     /// be measured on this kernel.
     pub fn start(&mut self, follow_forks: bool) -> Result<Vec<String>> {
-        let notes = if self.breakdown {
+        let mut notes = if self.breakdown {
             self.attach_breakdown()
         } else {
             Vec::new()
         };
         if follow_forks {
-            attach(
-                &mut self.ebpf,
-                "sched_process_fork",
-                "sched",
-                "sched_process_fork",
-            )?;
+            // Its child_pid offset was read from the format file at load.
+            self.attach_all(&[Probe::tp("sched", "sched_process_fork", &[])])?;
         }
-        let mut notes = notes;
-        self.attach = match self.attach_mode {
-            AttachMode::Tracepoint => self.attach_tracepoints()?,
-            AttachMode::Fentry => self.attach_fentry().map_err(|e| {
-                anyhow::anyhow!("--attach fentry: {e:#}; use --attach tracepoint (or auto)")
-            })?,
-            AttachMode::Auto => match self.attach_fentry() {
-                Ok(a) => a,
-                Err(e) => {
-                    notes.push(format!("{e:#}: using the syscall tracepoints"));
-                    self.attach_tracepoints()?
-                }
-            },
-        };
+        self.hook = self.attach_hook(&mut notes)?;
         self.control
             .set(0, 1, 0)
             .context("arming the eBPF programs")?;
@@ -496,44 +609,36 @@ impl Collector {
         Ok(notes)
     }
 
-    /// The syscall tracepoints: they work everywhere, but enabling them moves every task on the
-    /// box to the slow syscall path.
-    fn attach_tracepoints(&mut self) -> Result<Attach> {
-        // Attached unarmed, then armed at once (see CONTROL in the eBPF programs). Exit before
-        // enter all the same.
-        attach(
-            &mut self.ebpf,
-            "sys_exit_membarrier",
-            "syscalls",
-            "sys_exit_membarrier",
-        )?;
-        attach(
-            &mut self.ebpf,
-            "sys_enter_membarrier",
-            "syscalls",
-            "sys_enter_membarrier",
-        )?;
-        Ok(Attach::Tracepoint)
-    }
-
-    /// fentry/fexit on the syscall's entry function: only membarrier calls pay. Many kernels
-    /// allow it; this project's VMs answer EPERM.
-    fn attach_fentry(&mut self) -> Result<Attach> {
-        let btf = aya::Btf::from_sys_fs().context("fentry needs the kernel's BTF")?;
-        // Exit before entry, as with the tracepoints.
-        attach_btf(&mut self.ebpf, &btf, "membarrier_fexit", SYSCALL_FUNC, true)?;
-        attach_btf(
-            &mut self.ebpf,
-            &btf,
-            "membarrier_fentry",
-            SYSCALL_FUNC,
-            false,
-        )?;
-        Ok(Attach::Fentry)
+    /// The first hook of `--attach`'s candidates that the kernel allows; a note for each one
+    /// passed over on the way.
+    fn attach_hook(&mut self, notes: &mut Vec<String>) -> Result<&'static Hook> {
+        let candidates = self.attach_mode.candidates();
+        let mut refused = Vec::new();
+        for &hook in &candidates {
+            match self.attach_all(&Probe::pair(hook)) {
+                Ok(()) => {
+                    notes.extend(
+                        refused
+                            .into_iter()
+                            .map(|why| format!("{why}: using {}", hook.describe)),
+                    );
+                    return Ok(hook);
+                }
+                Err(e) => refused.push(format!("{e:#}")),
+            }
+        }
+        let refused = refused.join("; ");
+        match candidates.as_slice() {
+            [only] => anyhow::bail!(
+                "--attach {}: {refused}; use --attach auto to fall back to another hook",
+                only.attach.name()
+            ),
+            _ => anyhow::bail!("no hook on membarrier works on this kernel: {refused}"),
+        }
     }
 
     pub fn attach_source(&self) -> Attach {
-        self.attach
+        self.hook.attach
     }
 
     /// Frees the in-flight slots of threads that have exited. The eBPF programs keep a slot per
@@ -600,8 +705,8 @@ impl Collector {
         }
         // A skipped enter shows up as an exit without enter (MISSED_ENTER); a skipped exit
         // leaves its enter behind, so count the exit program's skips directly.
-        let mut missed_calls = self.counter(counter::MISSED_ENTER)?
-            + recursion_misses(&self.ebpf, "sys_exit_membarrier")?;
+        let mut missed_calls =
+            self.counter(counter::MISSED_ENTER)? + recursion_misses(&self.ebpf, self.hook.exit)?;
         if last {
             missed_calls += self
                 .inflight
@@ -626,7 +731,7 @@ impl Collector {
             wakers,
             handler_ns,
             grace_period_source: self.grace_source,
-            attach: self.attach,
+            attach: self.hook.attach,
         })
     }
 }

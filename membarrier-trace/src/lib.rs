@@ -7,6 +7,7 @@
 pub mod cmd;
 pub mod collector;
 pub mod hist;
+pub mod hook;
 pub mod model;
 pub mod output;
 pub mod preflight;

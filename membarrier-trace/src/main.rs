@@ -14,7 +14,8 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, ValueEnum};
 use membarrier_trace::tui::Feed as _;
 use membarrier_trace::{
-    collector::{AttachMode, Collector, Options},
+    collector::{Collector, Options},
+    hook::AttachMode,
     model::{Model, Report},
     output, preflight,
 };
@@ -121,12 +122,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         preflight::check_pid(pid)?;
     }
     let tracefs = preflight::tracefs()?;
-    preflight::check_tracepoint(
-        &tracefs,
-        "syscalls",
-        "sys_enter_membarrier",
-        "needs CONFIG_FTRACE_SYSCALLS",
-    )?;
     let signal = install_signals()?;
     let exits = if cli.pids.is_empty() {
         None

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use membarrier_trace_common::{CallKey, CpuKey, IPI_HIST, StatsKey, WakerKey};
 use serde::Serialize;
 
+pub use crate::hook::Attach;
 use crate::{
     cmd::{self, Kind},
     hist::Histogram,
@@ -54,17 +55,6 @@ impl RawRow {
     }
 }
 
-/// How the membarrier syscall was hooked.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Attach {
-    /// `syscalls:sys_enter/exit_membarrier`.
-    #[default]
-    Tracepoint,
-    /// fentry/fexit on the syscall function.
-    Fentry,
-}
-
 /// A kernel comm (NUL-padded) as text.
 pub fn comm_str(comm: &[u8]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
@@ -92,16 +82,6 @@ impl RawRow {
         self.ipis += r.ipis;
         self.mutex_wait_sum_ns += r.mutex_wait_sum_ns;
         self.mutex_wait_max_ns = self.mutex_wait_max_ns.max(r.mutex_wait_max_ns);
-    }
-}
-
-impl Attach {
-    /// How the calls are hooked, as the outputs say it.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Attach::Fentry => "fentry/fexit on the syscall",
-            Attach::Tracepoint => "syscalls:sys_enter/exit_membarrier",
-        }
     }
 }
 

@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 mod bench;
+mod vmtest;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests drive: real membarrier users and tools to compare against.
@@ -21,7 +22,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   bootstrap        install what building and testing need (nightly rust-src, bpf-linker, Debian packages)
   build            build membarrier-trace (release)
   run [-- ARGS]    build, then run membarrier-trace ARGS as root
-  test [-- ARGS]   run every test as root (ARGS go to cargo test)
+  test [-- ARGS]   run every test as root (ARGS go to cargo test), then the VM kernel matrix
+  vmtest [KERNEL]  the end-to-end tests inside QEMU guests on stock kernels (as root)
   clippy           cargo clippy -D warnings on every crate
   bench [ROUNDS]   what tracing costs, against the untraced baseline (as root; default 5 rounds)";
 
@@ -48,51 +50,39 @@ fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         "build" => {
-            let path = toolchain()?;
-            cargo(
-                &path,
-                &["build", "--release", "--package", "membarrier-trace"],
-            )?;
+            build(&root)?;
             Ok(ExitCode::SUCCESS)
         }
         "run" => {
-            let path = toolchain()?;
-            cargo(
-                &path,
-                &["build", "--release", "--package", "membarrier-trace"],
-            )?;
+            let b = build(&root)?;
             let bin = root.join("target/release/membarrier-trace");
-            status(as_root(Command::new(bin).args(&rest), &path))
+            status(as_root(Command::new(bin).args(&rest), &b.path))
         }
         "test" => {
-            let path = toolchain()?;
             packages(TEST_PACKAGES)?;
-            // Build as the invoking user, then run the tests as root: they load eBPF programs.
-            let mut args = vec![
-                "test",
-                "--release",
-                "--workspace",
-                "--exclude",
-                "membarrier-trace-ebpf",
-            ];
-            cargo(&path, &[&args[..], &["--no-run"]].concat())?;
-            let extra: Vec<&str> = rest.iter().map(String::as_str).collect();
-            if !extra.is_empty() {
-                args.push("--");
-                args.extend(extra);
-            }
+            packages(vmtest::PACKAGES)?;
+            let b = build(&root)?;
             eprintln!("xtask: running the tests (as root: they load eBPF programs)");
-            let mut cmd = Command::new(cargo_bin());
-            cmd.args(&args);
-            status(as_root(&mut cmd, &path))
+            let mut cmd = b.cargo();
+            cmd.args(TEST_ARGS);
+            if !rest.is_empty() {
+                cmd.arg("--").args(&rest);
+            }
+            let code = status(as_root(&mut cmd, &b.path))?;
+            if code != ExitCode::SUCCESS || !rest.is_empty() {
+                // A filtered run is for one test at hand, not the matrix.
+                return Ok(code);
+            }
+            vmtest::run(&root, &b, None)
+        }
+        "vmtest" => {
+            packages(vmtest::PACKAGES)?;
+            let b = build(&root)?;
+            vmtest::run(&root, &b, rest.first().map(String::as_str))
         }
         "bench" => {
-            let path = toolchain()?;
             packages(&["bpftrace"])?;
-            cargo(
-                &path,
-                &["build", "--release", "--package", "membarrier-trace"],
-            )?;
+            build(&root)?;
             if !is_root() {
                 bail!("the benchmark loads eBPF programs and writes tracefs: run it as root");
             }
@@ -101,21 +91,18 @@ fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         "clippy" => {
-            let path = toolchain()?;
-            cargo(
-                &path,
-                &[
-                    "clippy",
-                    "--release",
-                    "--workspace",
-                    "--exclude",
-                    "membarrier-trace-ebpf",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ],
-            )?;
+            let b = build(&root)?;
+            check(b.cargo().args([
+                "clippy",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "membarrier-trace-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
             Ok(ExitCode::SUCCESS)
         }
         _ => {
@@ -184,8 +171,71 @@ fn as_root<'a>(cmd: &'a mut Command, path: &OsString) -> &'a mut Command {
     cmd
 }
 
-fn cargo(path: &OsString, args: &[&str]) -> Result<()> {
-    check(Command::new(cargo_bin()).args(args).env("PATH", path))
+/// `cargo test` builds every binary and test of the workspace, with the dev-dependencies' features
+/// unified in; `build`, `run`, `bench` and `vmtest` build the very same, so each finds the others'
+/// build done instead of rebuilding with other features.
+const TEST_ARGS: &[&str] = &[
+    "test",
+    "--release",
+    "--workspace",
+    "--exclude",
+    "membarrier-trace-ebpf",
+];
+
+/// What a build made: the PATH it ran with (bpf-linker on it), and the eBPF object.
+pub struct Build {
+    pub path: OsString,
+    pub ebpf: PathBuf,
+}
+
+impl Build {
+    /// cargo with the environment the build used, so nothing is rebuilt for a changed variable.
+    fn cargo(&self) -> Command {
+        let mut c = Command::new(cargo_bin());
+        c.env("PATH", &self.path)
+            .env("MEMBARRIER_TRACE_EBPF", &self.ebpf);
+        c
+    }
+}
+
+/// Installs what is missing, builds the eBPF programs, then every binary and test (release).
+fn build(root: &Path) -> Result<Build> {
+    let path = toolchain()?;
+    let ebpf = ebpf(root, &path)?;
+    let b = Build { path, ebpf };
+    check(b.cargo().args(TEST_ARGS).arg("--no-run"))?;
+    Ok(b)
+}
+
+/// Builds the eBPF programs into target/bpf, as aya-build would from build.rs but once, shared
+/// by every later build, with cargo's progress shown as progress (aya-build relays it as
+/// `warning:` lines). Returns the object's path, for build.rs (MEMBARRIER_TRACE_EBPF).
+fn ebpf(root: &Path, path: &OsString) -> Result<PathBuf> {
+    const TARGET: &str = "bpfel-unknown-none";
+    let target_dir = root.join("target/bpf");
+    // The flags aya-build passes: the traced architecture, and BTF for the loader.
+    let flags = [
+        format!("--cfg=bpf_target_arch=\"{}\"", env::consts::ARCH),
+        "-Cdebuginfo=2".to_string(),
+        "-Clink-arg=--btf".to_string(),
+    ]
+    .join("\x1f");
+    eprintln!("xtask: building the eBPF programs");
+    check(
+        Command::new("rustup")
+            .args(["run", "nightly", "cargo", "build", "--release", "--bins"])
+            .args(["--package", "membarrier-trace-ebpf", "--target", TARGET])
+            .args(["-Z", "build-std=core", "--target-dir"])
+            .arg(&target_dir)
+            .env("PATH", path)
+            .env("CARGO_ENCODED_RUSTFLAGS", flags)
+            // Set by the cargo running xtask: they would pick the stable toolchain.
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO"),
+    )?;
+    Ok(target_dir.join(TARGET).join("release/membarrier-trace"))
 }
 
 /// Makes sure the eBPF toolchain is there: nightly with rust-src, and bpf-linker built against

@@ -184,11 +184,17 @@ fn with_spinner(f: impl FnOnce()) {
         thread::spawn(move || {
             pin(cpus - 1);
             // Real-time priority, so other tasks on the machine do not preempt it and every
-            // call finds it running (RT throttling still leaves the CPU 5% for the rest).
+            // call finds it running (RT throttling still leaves the CPU 5% for the rest). Not on
+            // PREEMPT_RT kernels: their timer and RCU threads run at FIFO 1, which a FIFO
+            // spinner starves (RCU stalls, seen on Debian's 6.1-rt); there it stays SCHED_OTHER.
+            let preempt_rt =
+                std::fs::read_to_string("/sys/kernel/realtime").is_ok_and(|s| s.trim() == "1");
             // SAFETY: sched_param is plain data; failure (not root) just leaves it SCHED_OTHER.
-            unsafe {
-                let p = libc::sched_param { sched_priority: 1 };
-                libc::sched_setscheduler(0, libc::SCHED_FIFO, &p);
+            if !preempt_rt {
+                unsafe {
+                    let p = libc::sched_param { sched_priority: 1 };
+                    libc::sched_setscheduler(0, libc::SCHED_FIFO, &p);
+                }
             }
             running.wait();
             // A real-time spinner left behind (its process stopped, never told to stop) would

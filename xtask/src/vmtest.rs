@@ -1,0 +1,470 @@
+//! `cargo xtask vmtest`: the end-to-end tests inside QEMU guests running stock distribution
+//! kernels, in every attach mode, with the results as a table.
+//!
+//! Each guest boots (TCG: this kind of machine has no usable nested KVM) a kernel fetched from
+//! Debian's archive with an initramfs holding busybox, the tracer, the workload and the
+//! end-to-end test binary at the paths they were built at. Its init runs the tests once per
+//! `--attach` mode and writes libtest's output to a second serial port; the kernel's console goes
+//! to the first, kept as a log. The guest is told on its command line what its kernel allows
+//! (`MT_FENTRY`), so the tests assert it instead of accepting either answer.
+
+use std::{
+    collections::BTreeMap,
+    env, fs,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{Build, TEST_ARGS, check, output};
+
+/// Debian packages the guests need.
+pub const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
+
+pub struct Kernel {
+    /// Short name, for the table and `cargo xtask vmtest NAME`.
+    pub name: &'static str,
+    /// The newest `linux-image-6.1.0-N-{flavour}-unsigned` in the archive.
+    flavour: &'static str,
+    /// Whether this kernel lets BPF programs attach with fentry/fexit (checked by hand: Debian's
+    /// 6.1 kernels do).
+    fentry: bool,
+}
+
+pub const KERNELS: &[Kernel] = &[
+    Kernel {
+        name: "debian12-cloud",
+        flavour: "cloud-amd64",
+        fentry: true,
+    },
+    Kernel {
+        name: "debian12-rt",
+        flavour: "rt-amd64",
+        fentry: true,
+    },
+];
+
+const MODES: &[&str] = &["auto", "tracepoint", "fentry"];
+
+/// The end-to-end tests that run in a guest, with their column in the table. Left out: those
+/// that need a compiler and liburcu, tmux, or an unprivileged user (not in the initramfs).
+const TESTS: &[(&str, &str)] = &[
+    ("pid_filter_counts_exactly_and_ignores_others", "counts+gp"),
+    (
+        "command_mode_sees_every_call_and_passes_exit_status",
+        "command",
+    ),
+    (
+        "ipis_go_to_the_running_sibling_and_not_for_a_lone_thread",
+        "ipis",
+    ),
+    ("concurrent_expedited_callers_wait_for_the_mutex", "mutex"),
+    (
+        "attaching_mid_flight_misses_only_the_calls_under_way",
+        "mid-flight",
+    ),
+    ("a_call_under_way_at_attach_is_counted_missed", "missed"),
+    ("sigint_prints_the_final_summary", "sigint"),
+    ("attach_auto_falls_back_and_fentry_is_clear", "attach"),
+];
+
+/// A guest that has not powered off by then has hung.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+
+/// Boots each kernel (or only `only`) and runs the tests in it; fails unless every test passed
+/// in every guest and mode. Nothing is skipped: a kernel that cannot be fetched or a guest that
+/// does not come back is a failure, said as such.
+pub fn run(root: &Path, build: &Build, only: Option<&str>) -> Result<ExitCode> {
+    let kernels: Vec<&Kernel> = KERNELS
+        .iter()
+        .filter(|k| only.is_none_or(|o| o == k.name))
+        .collect();
+    if kernels.is_empty() {
+        let names: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
+        bail!("no kernel named {:?}: one of {}", only, names.join(", "));
+    }
+    let dir = root.join("target/vmtest");
+    fs::create_dir_all(&dir)?;
+    let initrd = initramfs(root, build, &dir)?;
+    let started = Instant::now();
+    let mut table = Vec::new();
+    for k in kernels {
+        let vmlinuz = fetch_kernel(k)?;
+        let t = Instant::now();
+        eprintln!("xtask: vmtest: booting {} ({})", k.name, vmlinuz.display());
+        let results = boot(k, &vmlinuz, &initrd, &dir)?;
+        eprintln!(
+            "xtask: vmtest: {} done in {:.0} s",
+            k.name,
+            t.elapsed().as_secs_f64()
+        );
+        table.push((k, results));
+    }
+    let ok = print_table(&table);
+    eprintln!(
+        "xtask: vmtest: {} in {:.0} s; guest logs in {}",
+        if ok { "passed" } else { "FAILED" },
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Where fetched kernels are kept, beside bpf-linker: once per machine.
+fn cache_dir() -> Result<PathBuf> {
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    Ok(cargo_home.join("membarrier-trace/kernels"))
+}
+
+/// The newest package of `k` in the archive, fetched and unpacked once; returns its vmlinuz.
+fn fetch_kernel(k: &Kernel) -> Result<PathBuf> {
+    let prefix = "linux-image-6.1.0-";
+    let suffix = format!("-{}-unsigned", k.flavour);
+    let newest = |names: &str| -> Option<String> {
+        names
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(prefix) && n.ends_with(&suffix))
+            .max_by_key(|n| {
+                n[prefix.len()..n.len() - suffix.len()]
+                    .parse::<u32>()
+                    .unwrap_or(0)
+            })
+            .map(str::to_string)
+    };
+    let search = || output(Command::new("apt-cache").args(["search", "--names-only", prefix]));
+    let pkg = match newest(&search()?) {
+        Some(p) => p,
+        None => {
+            // A fresh machine's package lists may not be there yet.
+            check(Command::new("apt-get").args(["update", "-q"]))?;
+            newest(&search()?).with_context(|| {
+                format!("no {prefix}N{suffix} in Debian's archive (apt-cache search)")
+            })?
+        }
+    };
+    let dir = cache_dir()?.join(&pkg);
+    let vmlinuz = dir.join("vmlinuz");
+    if vmlinuz.is_file() {
+        return Ok(vmlinuz);
+    }
+    eprintln!("xtask: vmtest: fetching {pkg} into {}", dir.display());
+    let tmp = dir.with_extension("tmp");
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp)?;
+    check(
+        Command::new("apt-get")
+            .args(["download", "-q", &pkg])
+            .current_dir(&tmp),
+    )
+    .with_context(|| format!("fetching {pkg}"))?;
+    let deb = fs::read_dir(&tmp)?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .with_context(|| format!("apt-get download {pkg} left no .deb"))?;
+    let unpacked = tmp.join("root");
+    check(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpacked))?;
+    let image = fs::read_dir(unpacked.join("boot"))?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .with_context(|| format!("no boot/vmlinuz-* in {pkg}"))?;
+    fs::create_dir_all(&dir)?;
+    fs::copy(&image, &vmlinuz)?;
+    let _ = fs::remove_dir_all(&tmp);
+    Ok(vmlinuz)
+}
+
+/// The end-to-end test binary of the last build (cargo's own account of it).
+fn test_binary(build: &Build) -> Result<PathBuf> {
+    let out = build
+        .cargo()
+        .args(TEST_ARGS)
+        .args(["--no-run", "--message-format=json", "--test", "trace"])
+        .stderr(Stdio::null())
+        .output()
+        .context("asking cargo for the test binary")?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "trace")
+        .and_then(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo named no executable for tests/trace.rs")
+}
+
+/// The shared libraries `bin` loads, from ldd (the loader included).
+fn libraries(bin: &Path) -> Result<Vec<PathBuf>> {
+    let out = output(Command::new("ldd").arg(bin))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// Copies `from` to the same absolute path under `root`.
+fn install(root: &Path, from: &Path) -> Result<()> {
+    let to = root.join(from.strip_prefix("/").unwrap_or(from));
+    fs::create_dir_all(to.parent().expect("absolute path"))?;
+    fs::copy(from, &to).with_context(|| format!("copying {}", from.display()))?;
+    Ok(())
+}
+
+/// The guest's init: mounts what the tracer needs, runs the tests once per mode, powers off.
+fn init_script(test_bin: &Path) -> String {
+    let tests: Vec<&str> = TESTS.iter().map(|(t, _)| *t).collect();
+    format!(
+        r#"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tracefs tracefs /sys/kernel/tracing
+mount -t tmpfs tmp /tmp
+out=/dev/ttyS1
+echo "@@kernel $(uname -r) fentry=$MT_FENTRY cpus=$(nproc)" > $out
+for mode in {modes}; do
+    echo "@@mode $mode" > $out
+    MT_ATTACH=$mode {bin} --test-threads=1 --exact {tests} > $out 2>&1
+    echo "@@rc $mode $?" > $out
+done
+echo "@@done" > $out
+sync
+poweroff -f
+"#,
+        modes = MODES.join(" "),
+        bin = test_bin.display(),
+        tests = tests.join(" "),
+    )
+}
+
+/// Builds the initramfs: busybox, the binaries at the paths the test binary was built with,
+/// their libraries, and init.
+fn initramfs(root: &Path, build: &Build, dir: &Path) -> Result<PathBuf> {
+    let test_bin = test_binary(build)?;
+    let release = root.join("target/release");
+    let bins = [
+        test_bin.clone(),
+        release.join("membarrier-trace"),
+        release.join("membarrier-workload"),
+    ];
+    let staging = dir.join("initramfs");
+    let _ = fs::remove_dir_all(&staging);
+    for d in ["bin", "proc", "sys", "dev", "tmp"] {
+        fs::create_dir_all(staging.join(d))?;
+    }
+    fs::copy("/bin/busybox", staging.join("bin/busybox"))
+        .context("copying /bin/busybox (Debian's busybox-static)")?;
+    for applet in [
+        "sh", "mount", "echo", "sync", "poweroff", "uname", "nproc", "cat",
+    ] {
+        std::os::unix::fs::symlink("busybox", staging.join("bin").join(applet))?;
+    }
+    for bin in &bins {
+        install(&staging, bin)?;
+        for lib in libraries(bin)? {
+            install(&staging, &lib)?;
+        }
+    }
+    let init = staging.join("init");
+    fs::write(&init, init_script(&test_bin))?;
+    fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let image = dir.join("initramfs.cpio.gz");
+    check(
+        Command::new("sh")
+            .arg("-c")
+            .arg("find . | cpio -o -H newc --quiet | gzip -1 > \"$0\"")
+            .arg(&image)
+            .current_dir(&staging),
+    )
+    .context("packing the initramfs (cpio, gzip)")?;
+    Ok(image)
+}
+
+/// The result of each test in each mode, from the guest's libtest output.
+type Results = BTreeMap<&'static str, BTreeMap<&'static str, Outcome>>;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    Failed,
+    /// The guest never said: it hung, crashed, or the test binary died.
+    Missing,
+}
+
+/// Boots `k` with the initramfs and collects what its tests said.
+fn boot(k: &Kernel, vmlinuz: &Path, initrd: &Path, dir: &Path) -> Result<Results> {
+    let console = dir.join(format!("{}.console.log", k.name));
+    let results = dir.join(format!("{}.tests.log", k.name));
+    let _ = fs::remove_file(&results);
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet MT_FENTRY={}",
+        if k.fentry { "allowed" } else { "refused" }
+    );
+    let mut child = Command::new("qemu-system-x86_64")
+        // Single-threaded TCG: with one host thread per vCPU, a vCPU calling membarrier in a
+        // tight loop kept running the code as it was before the other vCPU live-patched the
+        // syscall's entry for fentry (no calls seen), or hung on the int3 of the patch (soft
+        // lockup at __x64_sys_membarrier+0). One thread for both vCPUs sees every patch.
+        .args([
+            "-accel",
+            "tcg,thread=single",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "2048",
+        ])
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", results.display()))
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", &append])
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting qemu-system-x86_64 (Debian's qemu-system-x86)")?;
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = fs::read_to_string(&results).unwrap_or_default();
+    match status {
+        None => eprintln!(
+            "xtask: vmtest: {} did not power off within {} s; see {}",
+            k.name,
+            GUEST_TIMEOUT.as_secs(),
+            console.display()
+        ),
+        Some(s) if !text.contains("@@done") => eprintln!(
+            "xtask: vmtest: {} stopped ({s}) before its tests finished; see {}",
+            k.name,
+            console.display()
+        ),
+        Some(_) => {}
+    }
+    // Show the guest's own words for anything that failed.
+    if text.contains("FAILED") || !text.contains("@@done") {
+        eprintln!(
+            "---- {} ----\n{text}---- end of {} ----",
+            results.display(),
+            k.name
+        );
+    }
+    Ok(parse(&text))
+}
+
+fn parse(text: &str) -> Results {
+    let mut results: Results = BTreeMap::new();
+    let mut mode: Option<&'static str> = None;
+    for line in text.lines() {
+        if let Some(m) = line.strip_prefix("@@mode ") {
+            mode = MODES.iter().copied().find(|x| *x == m.trim());
+            continue;
+        }
+        let Some(mode) = mode else { continue };
+        let Some(rest) = line.strip_prefix("test ") else {
+            continue;
+        };
+        let Some((name, verdict)) = rest.split_once(" ... ") else {
+            continue;
+        };
+        if let Some(&(test, _)) = TESTS.iter().find(|(t, _)| *t == name.trim()) {
+            let o = if verdict.trim() == "ok" {
+                Outcome::Ok
+            } else {
+                Outcome::Failed
+            };
+            results.entry(mode).or_default().insert(test, o);
+        }
+    }
+    results
+}
+
+/// Prints kernel x mode x test; true when every cell passed.
+fn print_table(table: &[(&Kernel, Results)]) -> bool {
+    let mut all_ok = true;
+    print!("{:<16} {:<11}", "kernel", "attach");
+    for (_, col) in TESTS {
+        print!(" {col:<10}");
+    }
+    println!();
+    for (k, results) in table {
+        for mode in MODES {
+            print!("{:<16} {:<11}", k.name, mode);
+            for (test, _) in TESTS {
+                let o = results
+                    .get(mode)
+                    .and_then(|r| r.get(test))
+                    .copied()
+                    .unwrap_or(Outcome::Missing);
+                all_ok &= o == Outcome::Ok;
+                let cell = match o {
+                    Outcome::Ok => "ok",
+                    Outcome::Failed => "FAILED",
+                    Outcome::Missing => "no result",
+                };
+                print!(" {cell:<10}");
+            }
+            println!();
+        }
+    }
+    all_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_libtest_output_per_mode() {
+        let text = "@@kernel 6.1.0 fentry=allowed cpus=2\n@@mode auto\n\nrunning 2 tests\n\
+                    test pid_filter_counts_exactly_and_ignores_others ... ok\n\
+                    test concurrent_expedited_callers_wait_for_the_mutex ... FAILED\n\
+                    @@rc auto 101\n@@mode fentry\n\
+                    test sigint_prints_the_final_summary ... ok\n";
+        let r = parse(text);
+        assert!(r["auto"]["pid_filter_counts_exactly_and_ignores_others"] == Outcome::Ok);
+        assert!(r["auto"]["concurrent_expedited_callers_wait_for_the_mutex"] == Outcome::Failed);
+        assert!(r["fentry"]["sigint_prints_the_final_summary"] == Outcome::Ok);
+        assert!(!r.contains_key("tracepoint"));
+    }
+
+    #[test]
+    fn the_guest_runs_every_test_in_every_mode() {
+        let init = init_script(Path::new("/t/trace"));
+        for (t, _) in TESTS {
+            assert!(init.contains(t));
+        }
+        assert!(init.contains("for mode in auto tracepoint fentry;"));
+    }
+}
