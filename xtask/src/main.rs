@@ -23,7 +23,7 @@ const USAGE: &str = "usage: cargo xtask <command>
   build            build membarrier-trace (release)
   run [-- ARGS]    build, then run membarrier-trace ARGS as root
   test [-- ARGS]   run every test as root (ARGS go to cargo test), then the VM kernel matrix
-  vmtest [KERNEL]  the end-to-end tests inside QEMU guests on stock kernels (as root)
+  vmtest [KERNEL]  the end-to-end tests inside QEMU guests on stock kernels, all or one (as root)
   clippy           cargo clippy -D warnings on every crate
   bench [ROUNDS]   what tracing costs, against the untraced baseline (as root; default 5 rounds)";
 
@@ -73,12 +73,15 @@ fn run() -> Result<ExitCode> {
                 // A filtered run is for one test at hand, not the matrix.
                 return Ok(code);
             }
-            vmtest::run(&root, &b, None)
+            vmtest::run(&root, &b, vmtest::Select::Test)
         }
         "vmtest" => {
             packages(vmtest::PACKAGES)?;
             let b = build(&root)?;
-            vmtest::run(&root, &b, rest.first().map(String::as_str))
+            let select = rest
+                .first()
+                .map_or(vmtest::Select::All, |k| vmtest::Select::Named(k));
+            vmtest::run(&root, &b, select)
         }
         "bench" => {
             packages(&["bpftrace"])?;
