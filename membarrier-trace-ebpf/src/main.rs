@@ -584,21 +584,21 @@ pub fn csd_function_exit(ctx: TracePointContext) -> u32 {
 #[fentry(function = "smp_call_function_many")]
 pub fn smp_call_function_many(ctx: FEntryContext) -> u32 {
     // (mask, func, info, wait)
-    cross_call(raw_arg(&ctx, 1), CrossCall::Mask(raw_arg(&ctx, 0)));
+    cross_call(&ctx, 1, CrossCall::Mask(0));
     0
 }
 
 #[fentry(function = "on_each_cpu_cond_mask")]
 pub fn on_each_cpu_cond_mask(ctx: FEntryContext) -> u32 {
     // (cond_func, func, info, wait, mask): SYNC_CORE's on_each_cpu_mask()
-    cross_call(raw_arg(&ctx, 1), CrossCall::Mask(raw_arg(&ctx, 4)));
+    cross_call(&ctx, 1, CrossCall::Mask(4));
     0
 }
 
 #[fentry(function = "smp_call_function_single")]
 pub fn smp_call_function_single(ctx: FEntryContext) -> u32 {
     // (cpu, func, info, wait): FLAG_CPU
-    cross_call(raw_arg(&ctx, 1), CrossCall::Single(raw_arg(&ctx, 0) as u32));
+    cross_call(&ctx, 1, CrossCall::Single(0));
     0
 }
 
@@ -609,15 +609,18 @@ fn raw_arg(ctx: &FEntryContext, n: usize) -> u64 {
     unsafe { bpf_probe_read_kernel((ctx.as_ptr() as *const u64).add(n)) }.unwrap_or(0)
 }
 
+/// Where the targets are: the index of the argument holding them (read only for membarrier's
+/// own cross calls, not for every cross call on the box).
 enum CrossCall {
-    /// The address of a `struct cpumask`.
-    Mask(u64),
-    Single(u32),
+    /// A `struct cpumask *`.
+    Mask(usize),
+    /// A CPU number.
+    Single(usize),
 }
 
 #[inline(always)]
-fn cross_call(func: u64, to: CrossCall) {
-    if !membarrier_func(func) {
+fn cross_call(ctx: &FEntryContext, func_arg: usize, to: CrossCall) {
+    if !membarrier_func(raw_arg(ctx, func_arg)) {
         return;
     }
     let Some(owner) = ROUND_OWNER.get_ptr_mut(0) else {
@@ -637,12 +640,14 @@ fn cross_call(func: u64, to: CrossCall) {
     };
     let me = unsafe { bpf_get_smp_processor_id() };
     match to {
-        CrossCall::Single(cpu) => {
+        CrossCall::Single(n) => {
+            let cpu = raw_arg(ctx, n) as u32;
             if cpu != me {
                 ipi_sent(caller, cpu);
             }
         }
-        CrossCall::Mask(mask) => {
+        CrossCall::Mask(n) => {
+            let mask = raw_arg(ctx, n);
             // Only the first 64 CPUs (the first word), as with ipi_send_cpumask.
             let mut bits = unsafe { bpf_probe_read_kernel(mask as *const u64) }.unwrap_or(0);
             if me < 64 {
