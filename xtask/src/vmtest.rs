@@ -258,6 +258,8 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tracefs tracefs /sys/kernel/tracing
 out=/dev/ttyS1
+# A hang leaves its blocked tasks' stacks in the console log: sysrq-w every 4 minutes.
+(while sleep 240; do echo w > /proc/sysrq-trigger; done) &
 echo "@@kernel $(uname -r) fentry=$MT_FENTRY cpus=$(nproc)" > $out
 for mode in {modes}; do
     echo "@@mode $mode" > $out
@@ -292,7 +294,7 @@ fn initramfs(root: &Path, build: &Build, dir: &Path) -> Result<PathBuf> {
     fs::copy("/bin/busybox", staging.join("bin/busybox"))
         .context("copying /bin/busybox (Debian's busybox-static)")?;
     for applet in [
-        "sh", "mount", "echo", "sync", "poweroff", "uname", "nproc", "cat",
+        "sh", "mount", "echo", "sync", "poweroff", "uname", "nproc", "cat", "sleep",
     ] {
         std::os::unix::fs::symlink("busybox", staging.join("bin").join(applet))?;
     }
@@ -334,7 +336,7 @@ fn boot(k: &Kernel, vmlinuz: &Path, initrd: &Path, dir: &Path) -> Result<Results
     let results = dir.join(format!("{}.tests.log", k.name));
     let _ = fs::remove_file(&results);
     let append = format!(
-        "console=ttyS0 panic=-1 quiet MT_FENTRY={}",
+        "console=ttyS0 panic=-1 loglevel=7 MT_FENTRY={}",
         if k.fentry { "allowed" } else { "refused" }
     );
     let mut child = Command::new("qemu-system-x86_64")
