@@ -57,6 +57,8 @@ pub fn hist_bucket_upper(idx: usize) -> u64 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StatsKey {
     pub tgid: u32,
+    /// Which process of that tgid: see [`Proc::serial`].
+    pub serial: u32,
     /// The `cmd` argument as the kernel's `int`, kept raw so invalid values are seen too.
     pub cmd: u32,
     pub flags: u32,
@@ -106,6 +108,8 @@ pub struct Inflight {
     pub cmd: u32,
     pub flags: u32,
     pub tgid: u32,
+    /// The process's [`Proc::serial`], read when the slot was made.
+    pub serial: u32,
     pub ipis: u32,
     /// When the thread last left the CPU inside the call (0: on CPU).
     pub off_since_ns: u64,
@@ -117,11 +121,29 @@ pub struct Inflight {
     pub gp_since_ns: u64,
 }
 
+/// A process the kernel programs know of, by tgid: one created while tracing (`serial` != 0), or one
+/// userspace put in the filter (`--pid`, the `-- COMMAND` process: `serial` 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Proc {
+    /// Numbers the processes created while tracing, from 1; 0 for those that existed before.
+    /// A pid is only reused after its process is gone and a new one is created, which gets a
+    /// new number: so (tgid, serial) names one process for the whole run, and rows of a dead
+    /// process are never mixed with those of a later one with the same pid.
+    pub serial: u32,
+    /// With a pid filter: 1 when traced (a `--pid`, the command, or a child of a traced one).
+    pub traced: u32,
+    /// Its live tasks (threads), counted for `serial` != 0: the entry is removed when the last
+    /// one exits. 64-bit: the BPF CPU targeted has 64-bit cmpxchg only.
+    pub tasks: u64,
+}
+
 /// Per (process, cmd, flags) and target CPU: IPIs sent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CpuKey {
     pub tgid: u32,
+    pub serial: u32,
     pub cmd: u32,
     pub flags: u32,
     pub cpu: u32,
@@ -132,6 +154,7 @@ pub struct CpuKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WakerKey {
     pub tgid: u32,
+    pub serial: u32,
     pub cmd: u32,
     pub flags: u32,
     pub comm: [u8; COMM_LEN],
@@ -142,6 +165,7 @@ pub struct WakerKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CallKey {
     pub tgid: u32,
+    pub serial: u32,
     pub cmd: u32,
     pub flags: u32,
 }
@@ -165,7 +189,9 @@ pub mod field {
     pub const CSD_FUNCTION_ENTRY_CSD: usize = 9;
     pub const CSD_FUNCTION_EXIT_FUNC: usize = 10;
     pub const CSD_FUNCTION_EXIT_CSD: usize = 11;
-    pub const COUNT: usize = 12;
+    pub const TASK_NEWTASK_PID: usize = 12;
+    pub const TASK_NEWTASK_CLONE_FLAGS: usize = 13;
+    pub const COUNT: usize = 14;
 
     /// Per field, the offsets with a direct read: mainline's, and Debian 12's PREEMPT_RT
     /// (6.1-rt: `common_preempt_lazy_count` makes the header 12 bytes; seen in its format files).
@@ -182,6 +208,8 @@ pub mod field {
         [16, 24],
         [8, 16],
         [16, 24],
+        [8, 12],
+        [32, 32],
     ];
 
     /// Mainline's offsets, the default before userspace sets them.
@@ -201,30 +229,37 @@ pub mod field {
 /// load unless a thread with that index is inside membarrier.
 pub const INSIDE_SLOTS: u32 = 65536;
 
-/// Indices into the per-CPU `COUNTERS` array: what the programs could not account for.
+/// Indices into the per-CPU `COUNTERS` array: what the programs could not account for. Each
+/// lost call is counted once, under one cause.
 pub mod counter {
-    /// An exit with no matching enter: the tracer attached mid-call, or the enter was dropped.
-    pub const MISSED_ENTER: u32 = 0;
-    /// The in-flight map (one slot per thread that calls membarrier) was full at enter; the
-    /// call is lost.
+    /// Exits of traced processes with no open slot: the enter was not seen (the tracer attached
+    /// mid-call, or the enter program was skipped) or got no slot (`DROPPED_INFLIGHT`, counted
+    /// there). Missed calls are this minus `DROPPED_INFLIGHT`.
+    pub const EXIT_WITHOUT_SLOT: u32 = 0;
+    /// The in-flight map was full at enter; the call is lost.
     pub const DROPPED_INFLIGHT: u32 = 1;
     /// The stats map was full at exit; the call is lost.
     pub const DROPPED_STATS: u32 = 2;
-    /// The pid filter was full when a traced process forked; the child is not traced.
-    pub const DROPPED_PIDS: u32 = 3;
+    /// The process map was full when a process was created: with a pid filter, a child of a
+    /// traced process is not traced; without, its rows are not told apart from an earlier
+    /// process with the same pid. Counts processes.
+    pub const DROPPED_PROCS: u32 = 3;
     /// A per-CPU IPI, waker or csd row did not fit; those figures are short.
     pub const DROPPED_DETAIL: u32 = 4;
     pub const COUNT: u32 = 5;
 }
 
-/// Map sizes, shared so userspace can say what a full map means.
-/// 1024 rows x 8.8 KiB = 9 MiB of kernel memory, preallocated.
+/// Default map sizes; userspace sizes STATS, INFLIGHT and PROCS from the machine at load
+/// (docs/design.md, "Bounds").
 pub const MAX_STATS: u32 = 1024;
 pub const MAX_CPU_ROWS: u32 = 8192;
 pub const MAX_WAKERS: u32 = 4096;
 pub const MAX_CSDS: u32 = 4096;
 pub const MAX_INFLIGHT: u32 = 16384;
-pub const MAX_PIDS: u32 = 8192;
+pub const MAX_PROCS: u32 = 16384;
+
+/// `CLONE_THREAD` (linux/sched.h): the new task is a thread of its creator's process.
+pub const CLONE_THREAD: u64 = 0x0001_0000;
 
 #[cfg(feature = "user")]
 mod user {
@@ -235,4 +270,5 @@ mod user {
     unsafe impl aya::Pod for super::CpuKey {}
     unsafe impl aya::Pod for super::WakerKey {}
     unsafe impl aya::Pod for super::CallKey {}
+    unsafe impl aya::Pod for super::Proc {}
 }

@@ -26,19 +26,18 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext, TracePointContext},
 };
 use membarrier_trace_common::{
-    CallKey, CpuKey, HIST_BUCKETS, INSIDE_SLOTS, IPI_HIST, Inflight, MAX_CPU_ROWS, MAX_CSDS,
-    MAX_INFLIGHT, MAX_PIDS, MAX_STATS, MAX_WAKERS, Stats, StatsKey, WakerKey, counter, field,
-    hist_bucket,
+    CLONE_THREAD, CallKey, CpuKey, HIST_BUCKETS, INSIDE_SLOTS, IPI_HIST, Inflight, MAX_CPU_ROWS,
+    MAX_CSDS, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, MAX_WAKERS, Proc, Stats, StatsKey, WakerKey,
+    counter, field, hist_bucket,
 };
 
-/// Set by userspace before load: 1 when only the tgids in `TGIDS` are traced. Being in .rodata,
-/// the verifier prunes the filter branch entirely when it is 0.
+/// Set by userspace before load: 1 when only the processes marked traced in `PROCS` are. Being
+/// in .rodata, the verifier prunes the filter branch entirely when it is 0.
 #[unsafe(no_mangle)]
 static FILTER_TGIDS: u8 = 0;
-/// Offset of `child_pid` in `sched:sched_process_fork`, read by userspace from the tracepoint's
-/// format file (it moved between kernel versions).
+/// Set by userspace: 1 when a traced process's children are traced too (`-- COMMAND`).
 #[unsafe(no_mangle)]
-static FORK_CHILD_PID_OFF: u32 = 44;
+static FOLLOW_FORKS: u8 = 0;
 /// Set by userspace: 1 when the breakdown probes are attached, which need the INSIDE counts.
 #[unsafe(no_mangle)]
 static BREAKDOWN: u8 = 1;
@@ -57,8 +56,15 @@ const ENTER_CMD_OFF: usize = 16;
 const ENTER_FLAGS_OFF: usize = 24;
 const EXIT_RET_OFF: usize = 16;
 
+/// Processes by tgid: their serial number, live tasks and whether they are traced (see `Proc`).
+/// Kept by `task_newtask` and `sched_process_exit`; userspace adds the `--pid`s and the command.
+/// Sized by userspace from the machine.
 #[map]
-static TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_PIDS, 0);
+static PROCS: HashMap<u32, Proc> = HashMap::with_max_entries(MAX_PROCS, 0);
+
+/// [0]: the last serial number given to a process.
+#[map]
+static SERIAL: Array<u64> = Array::with_max_entries(1, 0);
 
 /// [0]: armed. Userspace attaches the enter and exit programs one after the other, then arms
 /// them: calls returning in between would otherwise all count as missed (at a million calls a
@@ -130,8 +136,17 @@ fn filtering() -> bool {
 }
 
 #[inline(always)]
-fn traced(tgid: u32) -> bool {
-    !filtering() || TGIDS.get_ptr(&tgid).is_some()
+fn following() -> bool {
+    unsafe { core::ptr::read_volatile(&FOLLOW_FORKS) != 0 }
+}
+
+/// The process's serial number (0: it existed before tracing) and whether it is traced.
+#[inline(always)]
+fn process(tgid: u32) -> (u32, bool) {
+    match PROCS.get_ptr(&tgid) {
+        Some(p) => unsafe { ((*p).serial, !filtering() || (*p).traced != 0) },
+        None => (0, !filtering()),
+    }
 }
 
 #[inline(always)]
@@ -179,6 +194,22 @@ fn add(p: &mut u64, v: u64) {
 #[inline(always)]
 fn add32(p: *mut u32, v: u32) {
     unsafe { atomic_xadd::<u32, u32, { Relaxed }>(p, v) };
+}
+
+/// Adds `v` to `*p` and returns the value before, or None after losing 8 races in a row. The
+/// object is built for the generic BPF CPU, which has no fetch-and-add; a 64-bit cmpxchg it has.
+#[inline(always)]
+fn fetch_add(p: *mut u64, v: u64) -> Option<u64> {
+    let mut cur = unsafe { core::ptr::read_volatile(p) };
+    for _ in 0..8 {
+        let (now, swapped) =
+            unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(p, cur, cur.wrapping_add(v)) };
+        if swapped {
+            return Some(cur);
+        }
+        cur = now;
+    }
+    None
 }
 
 /// Stores `v` when `better(v, current)`, with a bounded compare-exchange retry (the verifier
@@ -300,17 +331,21 @@ fn on_enter(cmd: u32, flags: u32) {
         tgid,
         ..Default::default()
     };
-    // A thread keeps its INFLIGHT slot between calls (userspace prunes dead threads), so the
+    // A thread keeps its INFLIGHT slot between calls (sched_process_exit frees it), so the
     // common case is one lookup and plain stores, not a hash insert and delete per call. Slots
-    // are only made for traced processes: a slot of this tgid needs no filter lookup either
-    // (another tgid means a reused tid).
+    // are only made for traced processes and carry the process's serial: a slot of this tgid
+    // needs no process lookup (another tgid means a stale slot of a reused tid).
     let slot = match INFLIGHT.get_ptr_mut(&tid) {
         Some(slot) if unsafe { (*slot).tgid } == tgid => slot,
         _ => {
-            if !traced(tgid) {
+            let (serial, traced) = process(tgid);
+            if !traced {
                 return;
             }
-            if INFLIGHT.insert(&tid, &call, 0).is_err() {
+            if INFLIGHT
+                .insert(&tid, &Inflight { serial, ..call }, 0)
+                .is_err()
+            {
                 bump(counter::DROPPED_INFLIGHT);
                 return;
             }
@@ -326,7 +361,10 @@ fn on_enter(cmd: u32, flags: u32) {
         add32(n, 1);
     }
     unsafe {
-        *slot = call;
+        *slot = Inflight {
+            serial: (*slot).serial,
+            ..call
+        };
         // Timestamp last, so the tracer's own work here is not counted as the call's.
         (*slot).start_ns = now();
     }
@@ -349,8 +387,8 @@ fn on_exit(end_ns: u64, ret: i64) {
             call
         },
         _ => {
-            if traced(tgid) {
-                bump(counter::MISSED_ENTER);
+            if process(tgid).1 {
+                bump(counter::EXIT_WITHOUT_SLOT);
             }
             return;
         }
@@ -362,6 +400,7 @@ fn on_exit(end_ns: u64, ret: i64) {
     }
     let key = StatsKey {
         tgid,
+        serial: call.serial,
         cmd: call.cmd,
         flags: call.flags,
         errno: if ret < 0 {
@@ -459,6 +498,7 @@ pub fn sched_waking(ctx: TracePointContext) -> u32 {
     };
     let key = WakerKey {
         tgid: wakee.tgid,
+        serial: wakee.serial,
         cmd: wakee.cmd,
         flags: wakee.flags,
         comm: bpf_get_current_comm().unwrap_or_default(),
@@ -472,6 +512,7 @@ fn ipi_sent(caller: &mut Inflight, cpu: u32) {
     caller.ipis += 1;
     let key = CpuKey {
         tgid: caller.tgid,
+        serial: caller.serial,
         cmd: caller.cmd,
         flags: caller.flags,
         cpu,
@@ -530,6 +571,7 @@ pub fn csd_queue_cpu(ctx: TracePointContext) -> u32 {
     }
     let owner = CallKey {
         tgid: caller.tgid,
+        serial: caller.serial,
         cmd: caller.cmd,
         flags: caller.flags,
     };
@@ -634,6 +676,7 @@ fn cross_call(ctx: &FEntryContext, func_arg: usize, to: CrossCall) {
     unsafe {
         *owner = CallKey {
             tgid: caller.tgid,
+            serial: caller.serial,
             cmd: caller.cmd,
             flags: caller.flags,
         }
@@ -790,22 +833,66 @@ pub fn synchronize_rcu_expedited_exit(_ctx: FExitContext) -> u32 {
     0
 }
 
-/// Follows `-- COMMAND`'s children: a process forked by a traced one is traced too.
+/// A task is created (in its creator's context, before it first runs). A thread is counted in
+/// its process's live tasks; a process gets a new serial number, and with a filter, is traced
+/// when its creator is and children are followed. Every new process passes here, so an entry
+/// left for a dead process with the same pid is overwritten, never inherited.
 #[tracepoint]
-pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
-    let child_off = unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFF) } as usize;
-    // The tracepoint runs in the parent: its tgid decides. New threads pass here too; their tids
-    // in TGIDS are harmless, since a live thread's tid is never another process's tgid.
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if TGIDS.get_ptr(&tgid).is_none() {
+    if record::<u64>(&ctx, field::TASK_NEWTASK_CLONE_FLAGS) & CLONE_THREAD != 0 {
+        if let Some(p) = PROCS.get_ptr_mut(&tgid)
+            && unsafe { (*p).serial } != 0
+        {
+            add(unsafe { &mut (*p).tasks }, 1);
+        }
         return 0;
     }
-    let child = unsafe { ctx.read_at::<u32>(child_off) }.unwrap_or(0);
-    if child == 0 {
+    let child = record::<u32>(&ctx, field::TASK_NEWTASK_PID);
+    let traced = if filtering() {
+        following() && process(tgid).1
+    } else {
+        true
+    };
+    if !traced {
+        // Not ours; nor is whatever entry a dead process with this pid left.
+        let _ = PROCS.remove(&child);
         return 0;
     }
-    if TGIDS.insert(&child, &1, 0).is_err() {
-        bump(counter::DROPPED_PIDS);
+    let Some(last) = SERIAL.get_ptr_mut(0) else {
+        return 0;
+    };
+    // A unique number per process whatever the other CPUs do.
+    let Some(serial) = fetch_add(last, 1).map(|n| n.wrapping_add(1) as u32) else {
+        let _ = PROCS.remove(&child);
+        bump(counter::DROPPED_PROCS);
+        return 0;
+    };
+    let p = Proc {
+        serial,
+        tasks: 1,
+        traced: 1,
+    };
+    if PROCS.insert(&child, &p, 0).is_err() {
+        let _ = PROCS.remove(&child);
+        bump(counter::DROPPED_PROCS);
+    }
+    0
+}
+
+/// A task exits (in its own context): its in-flight slot is freed, and the last task of a
+/// process created while tracing removes the process (its pid cannot be reused before this:
+/// the process is a zombie until reaped).
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let _ = INFLIGHT.remove(&(pid_tgid as u32));
+    if let Some(p) = PROCS.get_ptr_mut(&tgid)
+        && unsafe { (*p).serial } != 0
+        && fetch_add(unsafe { &raw mut (*p).tasks }, u64::MAX) == Some(1)
+    {
+        let _ = PROCS.remove(&tgid);
     }
     0
 }

@@ -10,13 +10,13 @@ use aya::{
     programs::{FEntry, FExit, Program, ProgramError, TracePoint},
 };
 use membarrier_trace_common::{
-    CallKey, CpuKey, Inflight, Stats, StatsKey, WakerKey, counter, field,
+    CallKey, CpuKey, Inflight, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, Proc, Stats, StatsKey, WakerKey,
+    counter, field,
 };
 
 use crate::{
-    hist::Histogram,
     hook::{Attach, AttachMode, Hook, Kind},
-    model::{GraceSource, RawRow, Snapshot, comm_str},
+    model::{GraceSource, Losses, ProcKey, RawRow, Snapshot, comm_str},
     preflight,
 };
 
@@ -39,12 +39,14 @@ pub struct Collector {
     stats: BpfHashMap<MapData, StatsKey, Stats>,
     counters: PerCpuArray<MapData, u64>,
     inflight: BpfHashMap<MapData, u32, Inflight>,
-    tgids: BpfHashMap<MapData, u32, u8>,
+    procs: BpfHashMap<MapData, u32, Proc>,
     control: Array<MapData, u32>,
     ipi_cpus: BpfHashMap<MapData, CpuKey, u64>,
     wakers: BpfHashMap<MapData, WakerKey, u64>,
     handler_ns: BpfHashMap<MapData, CallKey, u64>,
-    comms: HashMap<u32, String>,
+    /// Last known name of each process seen.
+    comms: HashMap<ProcKey, String>,
+    retired: Retired,
     started: Instant,
     tracefs: std::path::PathBuf,
     /// The kernel's BTF, read on the first fentry attach.
@@ -142,6 +144,77 @@ impl Probe {
         }
     }
 }
+
+/// Sizes of the maps that grow with the machine's load (docs/design.md, "Bounds").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Stats rows of live processes (exited ones are moved out): 0.1% of RAM, 1024 to 8192.
+    pub stats: u32,
+    /// Threads that have called membarrier, alive at once: `kernel.threads-max`, 16384 to
+    /// 65536.
+    pub inflight: u32,
+    /// Processes created while tracing, alive at once: `kernel.pid_max`, 16384 to 65536.
+    pub procs: u32,
+}
+
+impl MapSizes {
+    pub fn new(ram_bytes: u64, threads_max: u64, pid_max: u64) -> Self {
+        let row = std::mem::size_of::<Stats>() as u64;
+        let clamp = |v: u64, lo: u32, hi: u32| v.clamp(lo.into(), hi.into()) as u32;
+        Self {
+            stats: clamp(ram_bytes / 1000 / row, MAX_STATS, 8192),
+            inflight: clamp(threads_max, MAX_INFLIGHT, 65536),
+            procs: clamp(pid_max, MAX_PROCS, 65536),
+        }
+    }
+
+    fn of_this_machine() -> Self {
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // SAFETY: sysconf has no memory effects.
+        let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) }.max(0) as u64;
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64;
+        Self::new(
+            pages * page,
+            read("/proc/sys/kernel/threads-max"),
+            read("/proc/sys/kernel/pid_max"),
+        )
+    }
+
+    /// Preallocated kernel memory of these maps, in bytes, by the kernel's own accounting of
+    /// a preallocated hash map: each element is a 48-byte header plus key and value, each
+    /// rounded up to 8 bytes (kernel/bpf/hashtab.c, htab_elem).
+    pub fn kernel_bytes(&self) -> u64 {
+        let elem = |key: usize, value: usize| {
+            (48 + key.next_multiple_of(8) + value.next_multiple_of(8)) as u64
+        };
+        let stats = self.stats as u64
+            * elem(
+                std::mem::size_of::<StatsKey>(),
+                std::mem::size_of::<Stats>(),
+            );
+        let inflight = self.inflight as u64 * elem(4, std::mem::size_of::<Inflight>());
+        let procs = self.procs as u64 * elem(4, std::mem::size_of::<Proc>());
+        stats + inflight + procs
+    }
+}
+
+/// What keeps the process table (serial numbers, live tasks, the filter, in-flight slots).
+const PROCESS: &[Probe] = &[
+    Probe::tp(
+        "task",
+        "task_newtask",
+        &[
+            ("pid", field::TASK_NEWTASK_PID),
+            ("clone_flags", field::TASK_NEWTASK_CLONE_FLAGS),
+        ],
+    ),
+    Probe::tp("sched", "sched_process_exit", &[]),
+];
 
 /// The grace period where fentry on synchronize_rcu is refused: off-CPU time inside the call.
 const SCHED_SWITCH: &[Probe] = &[Probe::tp(
@@ -253,7 +326,8 @@ fn field_offsets(tracefs: &Path) -> [u32; field::COUNT] {
     let probes = BREAKDOWN
         .iter()
         .flat_map(|(_, ways)| ways.iter().copied().flatten())
-        .chain(SCHED_SWITCH);
+        .chain(SCHED_SWITCH)
+        .chain(PROCESS);
     for p in probes {
         if let At::Tracepoint {
             category,
@@ -465,12 +539,14 @@ impl Collector {
     pub fn load(tracefs: &Path, opts: &Options) -> Result<Self> {
         raise_memlock();
         let filter = u8::from(!opts.pids.is_empty() || opts.follow_forks);
-        let fork_off =
-            preflight::field_offset(tracefs, "sched", "sched_process_fork", "child_pid")?;
         let funcs = ipi_funcs();
+        let sizes = MapSizes::of_this_machine();
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries("STATS", sizes.stats)
+            .map_max_entries("INFLIGHT", sizes.inflight)
+            .map_max_entries("PROCS", sizes.procs)
             .override_global("FILTER_TGIDS", &filter, true)
-            .override_global("FORK_CHILD_PID_OFF", &fork_off, true)
+            .override_global("FOLLOW_FORKS", &u8::from(opts.follow_forks), true)
             .override_global("IPI_FUNCS", &funcs, true)
             .override_global("FIELDS", &field_offsets(tracefs), true)
             .override_global("BREAKDOWN", &u8::from(opts.breakdown), true)
@@ -479,7 +555,7 @@ impl Collector {
         let stats = take(&mut ebpf, "STATS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
         let inflight = take(&mut ebpf, "INFLIGHT")?;
-        let tgids = take(&mut ebpf, "TGIDS")?;
+        let procs = take(&mut ebpf, "PROCS")?;
         let control = take(&mut ebpf, "CONTROL")?;
         let ipi_cpus = take(&mut ebpf, "IPI_CPUS")?;
         let wakers = take(&mut ebpf, "WAKERS")?;
@@ -489,12 +565,13 @@ impl Collector {
             stats,
             counters,
             inflight,
-            tgids,
+            procs,
             control,
             ipi_cpus,
             wakers,
             handler_ns,
             comms: HashMap::new(),
+            retired: Retired::default(),
             started: Instant::now(),
             tracefs: tracefs.to_path_buf(),
             btf: None,
@@ -509,15 +586,16 @@ impl Collector {
         Ok(c)
     }
 
-    /// Adds `pid` to the in-kernel filter.
+    /// Adds `pid`, a process that exists now, to the in-kernel filter.
     pub fn add_pid(&mut self, pid: u32) -> Result<()> {
-        self.tgids
-            .insert(pid, 1, 0)
-            .with_context(|| format!("adding pid {pid} to the filter"))?;
-        if let Some(comm) = preflight::comm(pid) {
-            self.comms.insert(pid, comm);
-        }
-        Ok(())
+        let p = Proc {
+            serial: 0,
+            tasks: 0,
+            traced: 1,
+        };
+        self.procs
+            .insert(pid, p, 0)
+            .with_context(|| format!("adding pid {pid} to the filter"))
     }
 
     fn attach_all(&mut self, probes: &[Probe]) -> Result<()> {
@@ -591,16 +669,15 @@ impl Collector {
 
     /// Attaches the programs; from here on calls are counted. Returns notes on what could not
     /// be measured on this kernel.
-    pub fn start(&mut self, follow_forks: bool) -> Result<Vec<String>> {
+    pub fn start(&mut self) -> Result<Vec<String>> {
         let mut notes = if self.breakdown {
             self.attach_breakdown()
         } else {
             Vec::new()
         };
-        if follow_forks {
-            // Its child_pid offset was read from the format file at load.
-            self.attach_all(&[Probe::tp("sched", "sched_process_fork", &[])])?;
-        }
+        // Before the hook: every slot it makes is freed at its thread's exit, and every process
+        // created from here on has its serial number.
+        self.attach_all(PROCESS)?;
         self.hook = self.attach_hook(&mut notes)?;
         self.control
             .set(0, 1, 0)
@@ -661,77 +738,327 @@ impl Collector {
         Ok(self.counters.get(&idx, 0)?.iter().sum())
     }
 
+    /// Whether process `p` is still alive. One created while tracing is alive while its entry
+    /// in PROCS holds its serial (removed when its last task exits, replaced when its pid is
+    /// reused); one from before, while no later process has its pid and /proc has it.
+    fn alive(&self, p: ProcKey) -> bool {
+        match self.procs.get(&p.0, 0) {
+            Ok(entry) if p.1 != 0 || entry.serial != 0 => entry.serial == p.1,
+            _ => p.1 == 0 && Path::new(&format!("/proc/{}", p.0)).exists(),
+        }
+    }
+
+    /// Moves what the kernel maps hold for exited processes into `self.retired`, freeing their
+    /// rows for new processes; the process is gone, nothing adds to its rows any more. Cheap
+    /// enough to run several times a second: it reads keys, and the rows of the dead only.
+    pub fn retire_exited(&mut self) -> Result<()> {
+        let keys: Vec<StatsKey> = self
+            .stats
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("reading the stats map")?;
+        let mut dead: HashMap<ProcKey, bool> = HashMap::new();
+        for k in &keys {
+            let p = (k.tgid, k.serial);
+            if let std::collections::hash_map::Entry::Vacant(e) = dead.entry(p) {
+                e.insert(!self.alive(p));
+            }
+        }
+        if !dead.values().any(|d| *d) {
+            return Ok(());
+        }
+        let is_dead = |p: ProcKey| dead.get(&p).copied().unwrap_or(false);
+        for key in keys {
+            let p = (key.tgid, key.serial);
+            if !is_dead(p) {
+                continue;
+            }
+            let row = self.stats.get(&key, 0).context("reading a stats row")?;
+            self.stats.remove(&key).context("freeing a stats row")?;
+            if row.count != 0 {
+                let comm = self
+                    .comms
+                    .get(&p)
+                    .cloned()
+                    .unwrap_or_else(|| comm_str(&row.comm));
+                self.retired
+                    .add_row(p, &comm, RawRow::from_stats(key, &row));
+            }
+        }
+        let cpus: Vec<(CpuKey, u64)> = self.ipi_cpus.iter().collect::<Result<_, _>>()?;
+        for (k, n) in cpus {
+            if is_dead((k.tgid, k.serial)) {
+                let _ = self.ipi_cpus.remove(&k);
+                let to = self.retired.key_of((k.tgid, k.serial));
+                *self
+                    .retired
+                    .ipi_cpus
+                    .entry(CpuKey {
+                        tgid: to.0,
+                        serial: to.1,
+                        ..k
+                    })
+                    .or_default() += n;
+            }
+        }
+        let wakers: Vec<(WakerKey, u64)> = self.wakers.iter().collect::<Result<_, _>>()?;
+        for (k, n) in wakers {
+            if is_dead((k.tgid, k.serial)) {
+                let _ = self.wakers.remove(&k);
+                let to = self.retired.key_of((k.tgid, k.serial));
+                *self
+                    .retired
+                    .wakers
+                    .entry(WakerKey {
+                        tgid: to.0,
+                        serial: to.1,
+                        ..k
+                    })
+                    .or_default() += n;
+            }
+        }
+        let handler: Vec<(CallKey, u64)> = self.handler_ns.iter().collect::<Result<_, _>>()?;
+        for (k, n) in handler {
+            if is_dead((k.tgid, k.serial)) {
+                let _ = self.handler_ns.remove(&k);
+                let to = self.retired.key_of((k.tgid, k.serial));
+                *self
+                    .retired
+                    .handler_ns
+                    .entry(CallKey {
+                        tgid: to.0,
+                        serial: to.1,
+                        ..k
+                    })
+                    .or_default() += n;
+            }
+        }
+        for (p, d) in dead {
+            if d {
+                self.comms.remove(&p);
+            }
+        }
+        self.retired.moved.clear();
+        Ok(())
+    }
+
     /// Reads the kernel's totals. With `last`, calls still inside membarrier are counted as
     /// missed: tracing stops before they return.
     pub fn snapshot(&mut self, last: bool) -> Result<Snapshot> {
         let elapsed_ns = self.started.elapsed().as_nanos() as u64;
+        self.retire_exited()?;
         let mut rows = Vec::new();
-        let mut kernel_comms: HashMap<u32, String> = HashMap::new();
+        let mut named = std::collections::HashSet::new();
         for item in self.stats.iter() {
             let (key, s) = item.context("reading the stats map")?;
             // A row is created just before its first call is counted into it.
             if s.count == 0 {
                 continue;
             }
-            kernel_comms
-                .entry(key.tgid)
-                .or_insert_with(|| comm_str(&s.comm));
-            rows.push(RawRow {
-                key,
-                count: s.count,
-                sum_ns: s.sum_ns,
-                min_ns: s.min_ns,
-                max_ns: s.max_ns,
-                hist: Histogram {
-                    counts: s.hist.to_vec(),
-                },
-                blocked_sum_ns: s.blocked_sum_ns,
-                blocked_max_ns: s.blocked_max_ns,
-                blocked_hist: Histogram {
-                    counts: s.blocked_hist.to_vec(),
-                },
-                ipis: s.ipis,
-                ipi_hist: s.ipi_hist.to_vec(),
-                mutex_wait_sum_ns: s.mutex_wait_sum_ns,
-                mutex_wait_max_ns: s.mutex_wait_max_ns,
-            });
+            // Live processes are named by /proc, afresh each time (exec and PR_SET_NAME rename
+            // them: the main thread's comm); else by the comm of the thread that made the
+            // first call.
+            let p = (key.tgid, key.serial);
+            if named.insert(p) {
+                let name = preflight::comm(key.tgid)
+                    .filter(|_| self.alive(p))
+                    .unwrap_or_else(|| comm_str(&s.comm));
+                self.comms.insert(p, name);
+            }
+            rows.push(RawRow::from_stats(key, &s));
         }
-        // Name processes by /proc while they live (the main thread's comm); once gone, by the
-        // comm of the thread that made their first call.
-        for (tgid, kcomm) in kernel_comms {
-            self.comms
-                .entry(tgid)
-                .or_insert_with(|| preflight::comm(tgid).unwrap_or(kcomm));
-        }
-        // A skipped enter shows up as an exit without enter (MISSED_ENTER); a skipped exit
-        // leaves its enter behind, so count the exit program's skips directly.
-        let mut missed_calls =
-            self.counter(counter::MISSED_ENTER)? + recursion_misses(&self.ebpf, self.hook.exit)?;
+        // Every lost call once, by cause. An enter that got no slot leaves an exit without
+        // one too: those are counted as dropped, not missed. A skipped exit program leaves
+        // its enter behind: its skips are counted directly.
+        let no_slot = self.counter(counter::DROPPED_INFLIGHT)?;
+        let mut missed = self
+            .counter(counter::EXIT_WITHOUT_SLOT)?
+            .saturating_sub(no_slot)
+            + recursion_misses(&self.ebpf, self.hook.exit)?;
         if last {
-            missed_calls += self
+            missed += self
                 .inflight
                 .iter()
                 .filter(|e| e.as_ref().is_ok_and(|(_, call)| call.start_ns != 0))
                 .count() as u64;
         }
-        let dropped = self.counter(counter::DROPPED_INFLIGHT)?
-            + self.counter(counter::DROPPED_STATS)?
-            + self.counter(counter::DROPPED_PIDS)?
-            + self.counter(counter::DROPPED_DETAIL)?;
-        let ipi_cpus = self.ipi_cpus.iter().collect::<Result<_, _>>()?;
-        let wakers = self.wakers.iter().collect::<Result<_, _>>()?;
-        let handler_ns = self.handler_ns.iter().collect::<Result<_, _>>()?;
+        let losses = Losses {
+            missed_calls: missed,
+            calls_without_row: self.counter(counter::DROPPED_STATS)?,
+            calls_without_inflight_slot: no_slot,
+            processes_not_tracked: self.counter(counter::DROPPED_PROCS)?,
+            detail_rows: self.counter(counter::DROPPED_DETAIL)?,
+        };
+        let mut ipi_cpus: Vec<(CpuKey, u64)> = self.ipi_cpus.iter().collect::<Result<_, _>>()?;
+        let mut wakers: Vec<(WakerKey, u64)> = self.wakers.iter().collect::<Result<_, _>>()?;
+        let mut handler_ns: Vec<(CallKey, u64)> =
+            self.handler_ns.iter().collect::<Result<_, _>>()?;
+        rows.extend(self.retired.rows.values().cloned());
+        ipi_cpus.extend(self.retired.ipi_cpus.iter().map(|(k, v)| (*k, *v)));
+        wakers.extend(self.retired.wakers.iter().map(|(k, v)| (*k, *v)));
+        handler_ns.extend(self.retired.handler_ns.iter().map(|(k, v)| (*k, *v)));
+        let mut comms = self.comms.clone();
+        comms.extend(self.retired.comms.iter().map(|(k, v)| (*k, v.clone())));
         Ok(Snapshot {
             elapsed_ns,
             rows,
-            missed_calls,
-            dropped,
-            comms: self.comms.clone(),
+            losses,
+            comms,
+            exited: self.retired.exited.clone(),
             ipi_cpus,
             wakers,
             handler_ns,
             grace_period_source: self.grace_source,
             attach: self.hook.attach,
         })
+    }
+}
+
+/// Exited processes kept individually in the tracer's memory; later ones are summed per name.
+pub const RETIRED_KEEP: usize = 1024;
+/// Names summed apart; the rest go into one `(other)` entry.
+pub const RETIRED_NAMES: usize = 1024;
+
+/// What the kernel maps held for processes that have exited, moved to userspace. The first
+/// [`RETIRED_KEEP`] keep their own rows; after that each is summed into an entry per name
+/// (tgid 0, serial numbering the names), so memory stays bounded however many processes come
+/// and go, and every call stays counted.
+#[derive(Default)]
+struct Retired {
+    rows: HashMap<StatsKey, RawRow>,
+    ipi_cpus: HashMap<CpuKey, u64>,
+    wakers: HashMap<WakerKey, u64>,
+    handler_ns: HashMap<CallKey, u64>,
+    /// Processes each entry stands for.
+    exited: HashMap<ProcKey, u64>,
+    comms: HashMap<ProcKey, String>,
+    /// Where each exited process went: itself, or its name's entry.
+    moved: HashMap<ProcKey, ProcKey>,
+    by_name: HashMap<String, ProcKey>,
+}
+
+impl Retired {
+    /// The entry exited process `p` is kept under (decided on its first row).
+    fn key_of(&mut self, p: ProcKey) -> ProcKey {
+        self.moved.get(&p).copied().unwrap_or(p)
+    }
+
+    fn add_row(&mut self, p: ProcKey, comm: &str, r: RawRow) {
+        let to = match self.moved.get(&p) {
+            Some(to) => *to,
+            None => {
+                let singles = self.exited.len() - self.by_name.len();
+                let to = if singles < RETIRED_KEEP {
+                    self.comms.insert(p, comm.to_string());
+                    p
+                } else {
+                    let name =
+                        if self.by_name.len() < RETIRED_NAMES || self.by_name.contains_key(comm) {
+                            comm.to_string()
+                        } else {
+                            "(other)".to_string()
+                        };
+                    let next = (0, self.by_name.len() as u32 + 1);
+                    let to = *self.by_name.entry(name.clone()).or_insert(next);
+                    self.comms.insert(to, name);
+                    to
+                };
+                *self.exited.entry(to).or_default() += 1;
+                // `moved` only needs the processes summed away; the rows of one kept as itself
+                // are found under its own key.
+                if to != p {
+                    self.moved.insert(p, to);
+                }
+                to
+            }
+        };
+        let key = StatsKey {
+            tgid: to.0,
+            serial: to.1,
+            ..r.key
+        };
+        match self.rows.get_mut(&key) {
+            Some(row) => row.absorb(&r),
+            None => {
+                self.rows.insert(key, RawRow { key, ..r });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The figures docs/design.md gives for its development machine.
+    #[test]
+    fn map_sizes_and_memory_match_the_design_doc() {
+        assert_eq!(
+            std::mem::size_of::<Stats>(),
+            8792,
+            "the row size in the doc"
+        );
+        let s = MapSizes::new(24 << 30, 192_000, 32768);
+        assert_eq!(
+            s,
+            MapSizes {
+                stats: 2931,
+                inflight: 65536,
+                procs: 32768
+            }
+        );
+        // "about 35 MiB"
+        assert_eq!(s.kernel_bytes() >> 20, 35);
+        // The clamps: a small VM still gets the defaults, a huge box no more than the maxima.
+        let small = MapSizes::new(512 << 20, 4000, 4000);
+        assert_eq!(
+            (small.stats, small.inflight, small.procs),
+            (1024, 16384, 16384)
+        );
+        let huge = MapSizes::new(4 << 40, 4 << 20, 4 << 20);
+        assert_eq!(
+            (huge.stats, huge.inflight, huge.procs),
+            (8192, 65536, 65536)
+        );
+    }
+
+    fn row(tgid: u32, serial: u32, calls: u64) -> RawRow {
+        RawRow {
+            count: calls,
+            ..RawRow::new(StatsKey {
+                tgid,
+                serial,
+                cmd: 0,
+                flags: 0,
+                errno: 0,
+            })
+        }
+    }
+
+    /// Past RETIRED_KEEP, exited processes are summed per name, then under `(other)`: the
+    /// tracer's memory stays bounded and no call or process goes uncounted.
+    #[test]
+    fn retired_processes_are_kept_then_summed_per_name() {
+        let mut r = Retired::default();
+        let n = RETIRED_KEEP + RETIRED_NAMES + 50;
+        for i in 0..n as u32 {
+            r.add_row(
+                (i + 1, i + 1),
+                &format!("p{}", i % (RETIRED_NAMES as u32 + 10)),
+                row(i + 1, i + 1, 2),
+            );
+        }
+        assert_eq!(r.exited.values().sum::<u64>(), n as u64);
+        assert_eq!(r.rows.values().map(|r| r.count).sum::<u64>(), 2 * n as u64);
+        assert!(
+            r.rows.len() <= RETIRED_KEEP + RETIRED_NAMES + 1,
+            "{}",
+            r.rows.len()
+        );
+        assert!(r.comms.values().any(|c| c == "(other)"));
+        // A summed entry is named and counts its processes.
+        let other = r.comms.iter().find(|(_, c)| *c == "(other)").unwrap().0;
+        assert_eq!(other.0, 0);
+        assert!(r.exited[other] >= 1);
     }
 }

@@ -29,11 +29,11 @@ struct Cli {
     #[arg(short, long = "pid", value_name = "PID")]
     pids: Vec<u32>,
     /// Stop after this many seconds.
-    #[arg(short, long, value_name = "SECS", value_parser = positive_secs)]
+    #[arg(short, long, value_name = "SECS", value_parser = duration_secs, allow_negative_numbers = true)]
     duration: Option<f64>,
     /// Print a summary every SECS seconds (JSON: one document per line); the dashboard's refresh
-    /// interval (default 1).
-    #[arg(short, long, value_name = "SECS", value_parser = positive_secs)]
+    /// interval (default 1; at least 0.01).
+    #[arg(short, long, value_name = "SECS", value_parser = interval_secs, allow_negative_numbers = true)]
     interval: Option<f64>,
     /// Only count calls and their latency: leave out the grace-period, IPI, handler and mutex
     /// probes (they run on every context switch, IPI and lock contention on the box).
@@ -61,12 +61,33 @@ enum Format {
 
 /// How often exited threads' in-flight slots are freed.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
+/// How often exited processes' stats rows are moved out of the kernel: often enough that a box
+/// starting thousands of processes a second does not fill the map in between.
+const RETIRE_EVERY: Duration = Duration::from_millis(250);
 
-fn positive_secs(s: &str) -> Result<f64, String> {
+/// Longest `--duration`/`--interval`: a year, far beyond any run, and well inside what a
+/// `Duration` and `Instant` arithmetic hold.
+const MAX_SECS: f64 = 366.0 * 86400.0;
+/// Shortest `--interval`: below it the tracer would spend its time reading maps.
+const MIN_INTERVAL_SECS: f64 = 0.01;
+
+fn secs(s: &str, min: f64) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        Ok(v) if v.is_finite() && v >= min && v > 0.0 && v <= MAX_SECS => Ok(v),
+        Ok(v) if v.is_finite() && v > MAX_SECS => Err(format!(
+            "`{s}` seconds is too long: at most {MAX_SECS} (a year)"
+        )),
+        Ok(v) if v > 0.0 && v < min => Err(format!("`{s}` is too short: at least {min} seconds")),
         _ => Err(format!("`{s}` is not a positive number of seconds")),
     }
+}
+
+fn duration_secs(s: &str) -> Result<f64, String> {
+    secs(s, 0.0)
+}
+
+fn interval_secs(s: &str) -> Result<f64, String> {
+    secs(s, MIN_INTERVAL_SECS)
 }
 
 fn main() -> ExitCode {
@@ -107,19 +128,29 @@ fn install_signals() -> Result<Arc<AtomicI32>> {
     Ok(got)
 }
 
-fn emit(format: Format, report: &Report) {
+/// Writes a report to stdout. An error (the reader went away: EPIPE) ends the run.
+fn emit(format: Format, report: &Report) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
-    let _ = match format {
-        Format::Text => writeln!(out, "{}", output::text(report)),
-        Format::Json => writeln!(out, "{}", output::json(report)),
+    match format {
+        Format::Text => writeln!(out, "{}", output::text(report))?,
+        Format::Json => writeln!(out, "{}", output::json(report))?,
     };
-    let _ = out.flush();
+    out.flush()
 }
+
+/// Exit status when stdout is closed under us: what a shell reports for a process killed by
+/// SIGPIPE (128 + 13), which is what the tracer would have been without Rust's SIG_IGN.
+const EXIT_STDOUT_CLOSED: u8 = 141;
 
 fn run(cli: Cli) -> Result<ExitCode> {
     preflight::check_root()?;
     for &pid in &cli.pids {
         preflight::check_pid(pid)?;
+        if preflight::is_kernel_thread(pid) {
+            eprintln!(
+                "membarrier-trace: warning: pid {pid} is a kernel thread; kernel threads make no system calls, so it will show no calls"
+            );
+        }
     }
     let tracefs = preflight::tracefs()?;
     let signal = install_signals()?;
@@ -150,7 +181,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         child = Some(c);
         notes
     } else {
-        collector.start(false)?
+        collector.start()?
     };
     for note in notes {
         eprintln!("membarrier-trace: {note}");
@@ -180,6 +211,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         child,
         exits,
         next_prune: started + PRUNE_EVERY,
+        next_retire: started + RETIRE_EVERY,
         model: Model::default(),
         exit: None,
         note: None,
@@ -205,11 +237,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         let format = cli.output.unwrap_or(Format::Text);
         let interval = cli.interval.map(Duration::from_secs_f64);
         let mut next_report = interval.map(|i| started + i);
+        let mut closed = None;
         while !session.stopped()? {
             if let (Some(next), Some(i)) = (next_report, interval)
                 && Instant::now() >= next
             {
-                emit(format, &session.report()?);
+                if let Err(e) = emit(format, &session.report()?) {
+                    closed = Some(e);
+                    break;
+                }
                 next_report = Some(next + i);
             }
             // Short ticks keep Ctrl-C and process exit responsive; the kernel does the counting.
@@ -219,7 +255,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             thread::sleep(tick);
         }
-        emit(format, &session.final_report()?);
+        if closed.is_none()
+            && let Err(e) = emit(format, &session.final_report()?)
+        {
+            closed = Some(e);
+        }
+        if let Some(e) = closed {
+            // Detach now (dropping the collector), and stop a command we started.
+            if session.exit.is_none()
+                && let Some(c) = session.child.as_mut()
+            {
+                stop_child(c, libc::SIGTERM);
+            }
+            drop(session);
+            eprintln!("membarrier-trace: stdout closed ({e}): stopped tracing");
+            return Ok(ExitCode::from(EXIT_STDOUT_CLOSED));
+        }
     }
     if let Some(note) = &session.note {
         eprintln!("membarrier-trace: {note}");
@@ -241,6 +292,7 @@ struct Session {
     child: Option<Child>,
     exits: Option<preflight::ExitWatch>,
     next_prune: Instant,
+    next_retire: Instant,
     model: Model,
     /// Set when tracing ended with a status to exit with (the command's).
     exit: Option<ExitCode>,
@@ -283,6 +335,10 @@ impl membarrier_trace::tui::Feed for Session {
         if Instant::now() >= self.next_prune {
             self.collector.prune_exited_threads()?;
             self.next_prune += PRUNE_EVERY;
+        }
+        if Instant::now() >= self.next_retire {
+            self.collector.retire_exited()?;
+            self.next_retire = Instant::now() + RETIRE_EVERY;
         }
         Ok(false)
     }
@@ -340,7 +396,7 @@ fn spawn_traced(
     unsafe { libc::close(pid_r) };
     let started = if n == 4 {
         collector.add_pid(pid as u32)?;
-        collector.start(true)
+        collector.start()
     } else {
         Ok(Vec::new())
     };

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use membarrier_trace_common::{CallKey, CpuKey, IPI_HIST, StatsKey, WakerKey};
+use membarrier_trace_common::{CallKey, CpuKey, IPI_HIST, Stats, StatsKey, WakerKey};
 use serde::Serialize;
 
 pub use crate::hook::Attach;
@@ -55,6 +55,35 @@ impl RawRow {
     }
 }
 
+/// One process for the whole run: (tgid, serial number; see `Proc::serial`). A pid alone can
+/// name several processes over a long run.
+pub type ProcKey = (u32, u32);
+
+impl RawRow {
+    /// A kernel stats row as read.
+    pub fn from_stats(key: StatsKey, s: &Stats) -> Self {
+        Self {
+            key,
+            count: s.count,
+            sum_ns: s.sum_ns,
+            min_ns: s.min_ns,
+            max_ns: s.max_ns,
+            hist: Histogram {
+                counts: s.hist.to_vec(),
+            },
+            blocked_sum_ns: s.blocked_sum_ns,
+            blocked_max_ns: s.blocked_max_ns,
+            blocked_hist: Histogram {
+                counts: s.blocked_hist.to_vec(),
+            },
+            ipis: s.ipis,
+            ipi_hist: s.ipi_hist.to_vec(),
+            mutex_wait_sum_ns: s.mutex_wait_sum_ns,
+            mutex_wait_max_ns: s.mutex_wait_max_ns,
+        }
+    }
+}
+
 /// A kernel comm (NUL-padded) as text.
 pub fn comm_str(comm: &[u8]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
@@ -62,8 +91,9 @@ pub fn comm_str(comm: &[u8]) -> String {
 }
 
 impl RawRow {
-    /// Adds `r`'s calls to this row (rows of one cmd with different outcomes).
-    fn absorb(&mut self, r: &RawRow) {
+    /// Adds `r`'s calls to this row (rows of one cmd with different outcomes, or of processes
+    /// summed together).
+    pub fn absorb(&mut self, r: &RawRow) {
         self.hist.add(&r.hist.counts);
         self.blocked_hist.add(&r.blocked_hist.counts);
         for (a, b) in self.ipi_hist.iter_mut().zip(&r.ipi_hist) {
@@ -104,19 +134,60 @@ pub struct Snapshot {
     /// Time since the programs were attached.
     pub elapsed_ns: u64,
     pub rows: Vec<RawRow>,
-    /// Calls seen only half: an exit without its enter, plus (in the final snapshot) calls still
-    /// inside membarrier when tracing stopped.
-    pub missed_calls: u64,
-    /// Map insertions the kernel refused because a map was full.
-    pub dropped: u64,
-    /// Process names by tgid.
-    pub comms: HashMap<u32, String>,
+    pub losses: Losses,
+    /// Process names.
+    pub comms: HashMap<ProcKey, String>,
+    /// Processes that have exited, with how many processes each entry stands for (1, or the
+    /// number summed into a per-name entry with tgid 0). Live ones are not in it.
+    pub exited: HashMap<ProcKey, u64>,
     pub ipi_cpus: Vec<(CpuKey, u64)>,
     pub wakers: Vec<(WakerKey, u64)>,
     /// IPI handler time on the target CPUs.
     pub handler_ns: Vec<(CallKey, u64)>,
     pub grace_period_source: GraceSource,
     pub attach: Attach,
+}
+
+/// What could not be counted, each lost call once under one cause.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct Losses {
+    /// Calls seen only half: an exit without its enter (the tracer attached mid-call, or the
+    /// kernel skipped a program), plus (in the final snapshot) calls still inside membarrier
+    /// when tracing stopped.
+    pub missed_calls: u64,
+    /// Calls lost because the stats map was full.
+    pub calls_without_row: u64,
+    /// Calls lost because the in-flight map was full at their enter.
+    pub calls_without_inflight_slot: u64,
+    /// Processes the process map had no room for: with `-- COMMAND`, children not followed.
+    pub processes_not_tracked: u64,
+    /// IPI-per-CPU, waker or csd rows that did not fit: those figures are short.
+    pub detail_rows: u64,
+}
+
+/// `dropped` in the report: [`Losses`] but the missed calls, with their total.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct Dropped {
+    pub calls_without_row: u64,
+    pub calls_without_inflight_slot: u64,
+    pub processes_not_tracked: u64,
+    pub detail_rows: u64,
+    pub total: u64,
+}
+
+impl From<Losses> for Dropped {
+    fn from(l: Losses) -> Self {
+        Self {
+            calls_without_row: l.calls_without_row,
+            calls_without_inflight_slot: l.calls_without_inflight_slot,
+            processes_not_tracked: l.processes_not_tracked,
+            detail_rows: l.detail_rows,
+            total: l.calls_without_row
+                + l.calls_without_inflight_slot
+                + l.processes_not_tracked
+                + l.detail_rows,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -126,9 +197,14 @@ pub struct Report {
     /// The window `calls_per_sec` figures are measured over: the last interval, or the whole run.
     pub window_ns: u64,
     pub calls: u64,
+    /// Over the window (`window_ns`).
     pub calls_per_sec: f64,
+    /// Over the whole run (`duration_ns`).
+    pub run_calls_per_sec: f64,
     pub missed_calls: u64,
-    pub dropped: u64,
+    pub dropped: Dropped,
+    /// Processes that have exited, each counted once (per-name entries count all theirs).
+    pub exited_processes: u64,
     /// `tracepoint` or `fentry`.
     pub attach: Attach,
     pub grace_period_source: GraceSource,
@@ -137,9 +213,19 @@ pub struct Report {
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ProcessReport {
+    /// 0 for an entry summing exited processes of one name.
     pub pid: u32,
+    /// Tells apart processes that had the same pid over the run: numbered from 1 in order of
+    /// creation while tracing; 0 for processes that existed when tracing started.
+    pub serial: u32,
     pub comm: String,
+    /// The process has exited (its figures are final).
+    pub exited: bool,
+    /// Processes this entry stands for: 1, or for a per-name entry of exited processes (pid 0)
+    /// how many were summed into it.
+    pub processes: u64,
     pub calls: u64,
+    /// Over the window.
     pub calls_per_sec: f64,
     pub errors: u64,
     /// Calls of REGISTER_* cmds and the time they took (one-off cost, apart from barriers).
@@ -263,8 +349,10 @@ impl Report {
             window_ns: 0,
             calls: 0,
             calls_per_sec: 0.0,
+            run_calls_per_sec: 0.0,
             missed_calls: 0,
-            dropped: 0,
+            dropped: Dropped::default(),
+            exited_processes: 0,
             attach: Attach::Tracepoint,
             grace_period_source: GraceSource::None,
             processes: Vec::new(),
@@ -272,11 +360,14 @@ impl Report {
     }
 }
 
+/// (tgid, serial, cmd, flags): one cmd row of one process.
+type Group = (u32, u32, u32, u32);
+
 /// Turns snapshots into reports, remembering the previous one for per-window rates.
 #[derive(Default)]
 pub struct Model {
-    /// Calls and latency sum per (tgid, cmd, flags) at the previous report.
-    prev: HashMap<(u32, u32, u32), (u64, u64)>,
+    /// Calls and latency sum per (process, cmd, flags) at the previous report.
+    prev: HashMap<Group, (u64, u64)>,
     prev_elapsed_ns: u64,
 }
 
@@ -291,44 +382,45 @@ impl Model {
             }
         };
 
-        // (tgid, cmd, flags) -> rows of each outcome.
-        let mut groups: BTreeMap<(u32, i32, u32), Vec<&RawRow>> = BTreeMap::new();
+        // (tgid, serial, cmd, flags) -> rows of each outcome.
+        let mut groups: BTreeMap<(u32, u32, i32, u32), Vec<&RawRow>> = BTreeMap::new();
         for row in &snap.rows {
             let k = row.key;
             groups
-                .entry((k.tgid, k.cmd as i32, k.flags))
+                .entry((k.tgid, k.serial, k.cmd as i32, k.flags))
                 .or_default()
                 .push(row);
         }
 
-        let mut processes: BTreeMap<u32, ProcessReport> = BTreeMap::new();
+        let mut processes: BTreeMap<ProcKey, ProcessReport> = BTreeMap::new();
         let mut next = HashMap::new();
         // Per process: all its calls' latencies, and latency summed over the window.
-        let mut proc_hist: HashMap<u32, (Histogram, u64, u64)> = HashMap::new();
-        // Breakdown figures kept apart from the stats rows, by (tgid, cmd, flags).
-        let mut per_cpu: HashMap<(u32, u32, u32), BTreeMap<String, u64>> = HashMap::new();
+        let mut proc_hist: HashMap<ProcKey, (Histogram, u64, u64)> = HashMap::new();
+        // Breakdown figures kept apart from the stats rows, by (tgid, serial, cmd, flags).
+        let mut per_cpu: HashMap<Group, BTreeMap<String, u64>> = HashMap::new();
         for (k, n) in &snap.ipi_cpus {
             *per_cpu
-                .entry((k.tgid, k.cmd, k.flags))
+                .entry((k.tgid, k.serial, k.cmd, k.flags))
                 .or_default()
                 .entry(k.cpu.to_string())
                 .or_default() += n;
         }
-        let mut wakers: HashMap<(u32, u32, u32), BTreeMap<String, u64>> = HashMap::new();
+        let mut wakers: HashMap<Group, BTreeMap<String, u64>> = HashMap::new();
         for (k, n) in &snap.wakers {
             *wakers
-                .entry((k.tgid, k.cmd, k.flags))
+                .entry((k.tgid, k.serial, k.cmd, k.flags))
                 .or_default()
                 .entry(comm_str(&k.comm))
                 .or_default() += n;
         }
-        let handler: HashMap<(u32, u32, u32), u64> = snap
+        let handler: HashMap<Group, u64> = snap
             .handler_ns
             .iter()
-            .map(|(k, ns)| ((k.tgid, k.cmd, k.flags), *ns))
+            .map(|(k, ns)| ((k.tgid, k.serial, k.cmd, k.flags), *ns))
             .collect();
 
-        for ((tgid, cmd_value, flags), rows) in groups {
+        for ((tgid, serial, cmd_value, flags), rows) in groups {
+            let proc_key = (tgid, serial);
             let mut all = RawRow::new(rows[0].key);
             let mut errno = BTreeMap::new();
             let mut errors = 0;
@@ -343,11 +435,11 @@ impl Model {
             // The kernel only counts calls with a non-zero breakdown; the rest had none.
             all.blocked_hist.counts[0] += calls.saturating_sub(all.blocked_hist.total());
             all.ipi_hist[0] += calls.saturating_sub(all.ipi_hist.iter().sum());
-            let group = (tgid, cmd_value as u32, flags);
+            let group = (tgid, serial, cmd_value as u32, flags);
             let (before, sum_before) = self.prev.get(&group).copied().unwrap_or((0, 0));
             next.insert(group, (calls, sum));
             let ph = proc_hist
-                .entry(tgid)
+                .entry(proc_key)
                 .or_insert_with(|| (Histogram::default(), u64::MAX, 0));
             ph.0.add(&all.hist.counts);
             ph.1 = ph.1.min(min);
@@ -396,9 +488,12 @@ impl Model {
                     max: all.mutex_wait_max_ns,
                 },
             };
-            let p = processes.entry(tgid).or_insert_with(|| ProcessReport {
+            let p = processes.entry(proc_key).or_insert_with(|| ProcessReport {
                 pid: tgid,
-                comm: snap.comms.get(&tgid).cloned().unwrap_or_default(),
+                serial,
+                comm: snap.comms.get(&proc_key).cloned().unwrap_or_default(),
+                exited: snap.exited.contains_key(&proc_key),
+                processes: snap.exited.get(&proc_key).copied().unwrap_or(1),
                 calls: 0,
                 calls_per_sec: 0.0,
                 errors: 0,
@@ -425,8 +520,8 @@ impl Model {
         }
         self.prev = next;
         self.prev_elapsed_ns = snap.elapsed_ns;
-        for p in processes.values_mut() {
-            let (hist, min, window_sum) = &proc_hist[&p.pid];
+        for (key, p) in processes.iter_mut() {
+            let (hist, min, window_sum) = &proc_hist[key];
             p.latency_ns = Latency::new(hist, *min, p.latency_ns.max, p.latency_ns.sum);
             p.time_inside_pct = if window_ns == 0 {
                 0.0
@@ -437,7 +532,12 @@ impl Model {
 
         let mut processes: Vec<ProcessReport> = processes.into_values().collect();
         // Busiest first; ties by pid so the order is stable.
-        processes.sort_by(|a, b| b.calls.cmp(&a.calls).then(a.pid.cmp(&b.pid)));
+        processes.sort_by(|a, b| {
+            b.calls
+                .cmp(&a.calls)
+                .then(a.pid.cmp(&b.pid))
+                .then(a.serial.cmp(&b.serial))
+        });
         for p in &mut processes {
             p.cmds
                 .sort_by(|a, b| b.calls.cmp(&a.calls).then(a.cmd_value.cmp(&b.cmd_value)));
@@ -448,8 +548,14 @@ impl Model {
             window_ns,
             calls,
             calls_per_sec: processes.iter().fold(0.0, |a, p| a + p.calls_per_sec),
-            missed_calls: snap.missed_calls,
-            dropped: snap.dropped,
+            run_calls_per_sec: if snap.elapsed_ns == 0 {
+                0.0
+            } else {
+                calls as f64 * 1e9 / snap.elapsed_ns as f64
+            },
+            missed_calls: snap.losses.missed_calls,
+            dropped: snap.losses.into(),
+            exited_processes: snap.exited.values().sum(),
             attach: snap.attach,
             grace_period_source: snap.grace_period_source,
             processes,
@@ -472,6 +578,7 @@ pub(crate) mod tests {
             hist,
             ..RawRow::new(StatsKey {
                 tgid,
+                serial: 0,
                 cmd: cmd as u32,
                 flags: 0,
                 errno,
@@ -489,9 +596,11 @@ pub(crate) mod tests {
                 row(7, 0, 0, &[90]),
                 row(7, 3, 22, &[80]),
             ],
-            missed_calls: 1,
-            dropped: 0,
-            comms: [(42, "urcu".to_string()), (7, "other".to_string())].into(),
+            losses: Losses {
+                missed_calls: 1,
+                ..Losses::default()
+            },
+            comms: [((42, 0), "urcu".to_string()), ((7, 0), "other".to_string())].into(),
             ..Snapshot::default()
         }
     }
@@ -542,6 +651,7 @@ pub(crate) mod tests {
         snap.ipi_cpus = vec![(
             CpuKey {
                 tgid: 42,
+                serial: 0,
                 cmd: 8,
                 flags: 0,
                 cpu: 1,
@@ -553,6 +663,7 @@ pub(crate) mod tests {
         snap.wakers = vec![(
             WakerKey {
                 tgid: 42,
+                serial: 0,
                 cmd: 1,
                 flags: 0,
                 comm,
@@ -562,6 +673,7 @@ pub(crate) mod tests {
         snap.handler_ns = vec![(
             CallKey {
                 tgid: 42,
+                serial: 0,
                 cmd: 8,
                 flags: 0,
             },

@@ -1,11 +1,61 @@
 //! Non-interactive outputs: a readable text table and JSON, both rendered from a [`Report`].
 
-use std::fmt::Write as _;
+use std::{borrow::Cow, fmt::Write as _};
 
 use crate::{
     cmd::{self, Kind},
-    model::{CmdReport, GraceSource, Report},
+    model::{CmdReport, Dropped, GraceSource, ProcessReport, Report},
 };
+
+/// `s` safe to put on a terminal: control bytes (ESC, newline, DEL...) written as `\xNN`, so a
+/// process name cannot move the cursor, clear the screen or forge lines in a human view.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            let _ = write!(out, "\\x{:02x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A process's name for a human view: escaped, `?` when unknown, and for a per-name entry of
+/// exited processes, how many.
+pub fn process_name(p: &ProcessReport) -> String {
+    let name = if p.comm.is_empty() {
+        Cow::Borrowed("?")
+    } else {
+        printable(&p.comm)
+    };
+    match (p.pid, p.exited) {
+        (0, _) => format!("{name} x{} exited", p.processes),
+        (_, true) => format!("{name}, exited"),
+        _ => name.into_owned(),
+    }
+}
+
+/// The lost figures by cause, for a human view: empty when nothing was dropped.
+pub fn dropped_causes(d: &Dropped) -> String {
+    let parts: Vec<String> = [
+        (d.calls_without_row, "calls without a stats row"),
+        (
+            d.calls_without_inflight_slot,
+            "calls without an in-flight slot",
+        ),
+        (d.processes_not_tracked, "processes not tracked"),
+        (d.detail_rows, "detail rows"),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{n} {what}"))
+    .collect();
+    parts.join(", ")
+}
 
 /// A duration in ns as text with a unit: `412ns`, `1.25us`, `12.3ms`, `1.50s`.
 pub fn fmt_ns(ns: u64) -> String {
@@ -33,14 +83,21 @@ pub fn text(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "membarrier-trace: {:.2} s traced, {} calls ({}/s over the last {:.2} s), {} missed, {} dropped",
+        "membarrier-trace: {:.2} s traced, {} calls ({}/s over the run, {}/s over the last {:.2} s), {} missed, {} dropped",
         r.duration_ns as f64 / 1e9,
         r.calls,
+        fmt_rate(r.run_calls_per_sec),
         fmt_rate(r.calls_per_sec),
         r.window_ns as f64 / 1e9,
         r.missed_calls,
-        r.dropped
+        r.dropped.total
     );
+    if r.dropped.total > 0 {
+        let _ = writeln!(s, "dropped: {}", dropped_causes(&r.dropped));
+    }
+    if r.exited_processes > 0 {
+        let _ = writeln!(s, "exited processes: {}", r.exited_processes);
+    }
     let _ = writeln!(
         s,
         "attached: {}; grace periods: {}",
@@ -60,7 +117,7 @@ pub fn text(r: &Report) -> String {
             s,
             "\nPID {} ({}): {} calls, {}/s, {} errors",
             p.pid,
-            if p.comm.is_empty() { "?" } else { &p.comm },
+            process_name(p),
             p.calls,
             fmt_rate(p.calls_per_sec),
             p.errors
@@ -117,7 +174,7 @@ pub fn text(r: &Report) -> String {
 pub fn counts(map: &std::collections::BTreeMap<String, u64>, prefix: &str) -> String {
     let parts: Vec<String> = map
         .iter()
-        .map(|(k, n)| format!("{prefix}{k}:{n}"))
+        .map(|(k, n)| format!("{prefix}{}:{n}", printable(k)))
         .collect();
     parts.join(" ")
 }
@@ -168,6 +225,15 @@ pub fn json(r: &Report) -> String {
 mod tests {
     use super::*;
     use crate::model::{Model, Snapshot, tests::snapshot};
+
+    #[test]
+    fn control_bytes_are_escaped() {
+        assert_eq!(printable("urcu"), "urcu");
+        assert_eq!(
+            printable("\x1b[2J\x1b[31mEV\nIL\x7f"),
+            "\\x1b[2J\\x1b[31mEV\\x0aIL\\x7f"
+        );
+    }
 
     #[test]
     fn units() {

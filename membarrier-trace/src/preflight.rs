@@ -127,6 +127,18 @@ pub fn check_pid(pid: u32) -> Result<()> {
     Ok(())
 }
 
+/// Whether `pid` is a kernel thread (PF_KTHREAD in /proc/PID/stat's flags): it never makes a
+/// system call, so tracing it alone shows nothing.
+pub fn is_kernel_thread(pid: u32) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The comm (field 2) may hold spaces and parentheses: count fields after the last ')'.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(6))
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
 /// Watches processes for exit through pidfds. Unlike reading /proc/PID/stat, this takes no
 /// reference on the process's mm: such a reference makes the kernel see a second mm user and
 /// send membarrier IPIs it would otherwise skip, changing what is being measured.

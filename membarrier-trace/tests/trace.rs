@@ -51,7 +51,25 @@ fn fentry_allowed() -> bool {
     })
 }
 
-fn require_root() {
+/// Tests share the machine; those that churn through tens of thousands of processes (and so
+/// fill a system-wide tracer's maps, or lower pid_max) take it alone.
+static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// The tests that churn processes: alone on the machine.
+fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    let g = MACHINE.write().unwrap_or_else(|e| e.into_inner());
+    root();
+    g
+}
+
+/// Every other test: root, and no churn alongside. Hold the guard for the whole test.
+fn require_root() -> std::sync::RwLockReadGuard<'static, ()> {
+    let g = MACHINE.read().unwrap_or_else(|e| e.into_inner());
+    root();
+    g
+}
+
+fn root() {
     assert_eq!(
         unsafe { libc::geteuid() },
         0,
@@ -59,21 +77,40 @@ fn require_root() {
     );
 }
 
-/// Waits for `child` to exit, killing it after TIMEOUT so a hung tracer fails the test.
+/// Waits for `child` to exit, killing it after TIMEOUT so a hung tracer fails the test. Its
+/// pipes are drained meanwhile: a report bigger than a pipe's buffer would block it forever.
 fn wait_output(mut child: Child) -> Output {
+    fn drain(r: Option<impl std::io::Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>> {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + TIMEOUT;
-    while child.try_wait().unwrap().is_none() {
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
+            let _ = child.wait();
             panic!(
                 "timed out; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&stderr.join().unwrap())
             );
         }
         thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
     }
-    child.wait_with_output().unwrap()
 }
 
 /// A running tracer whose stderr has said it is attached.
@@ -290,7 +327,7 @@ const MIX: &[&str] = &[
 
 #[test]
 fn pid_filter_counts_exactly_and_ignores_others() {
-    require_root();
+    let _machine = require_root();
     // Another process making calls at the same time must not appear.
     let other = Workload::start(&["--expedited", "5000", "--query", "5", "--global", "1"]);
     let other_pid = other.pid;
@@ -326,7 +363,7 @@ fn pid_filter_counts_exactly_and_ignores_others() {
     // PRIVATE_EXPEDITED before registering: flagged.
     assert_eq!(p["unregistered_eperm"], 11);
     assert_eq!(report["missed_calls"], 0);
-    assert_eq!(report["dropped"], 0);
+    assert_eq!(report["dropped"]["total"], 0);
 
     // Latency is measured inside the kernel, so it never exceeds what the workload measured
     // around the same calls: per row, the sum and the max are bounded by userspace's.
@@ -405,7 +442,7 @@ fn pid_filter_counts_exactly_and_ignores_others() {
 
 #[test]
 fn ipis_go_to_the_running_sibling_and_not_for_a_lone_thread() {
-    require_root();
+    let _machine = require_root();
     const N: u64 = 5000;
     let pair = Workload::start(&["--spinner-calls", &N.to_string()]);
     let lone = Workload::start(&["--expedited", &N.to_string()]);
@@ -450,7 +487,7 @@ fn ipis_go_to_the_running_sibling_and_not_for_a_lone_thread() {
 
 #[test]
 fn concurrent_expedited_callers_wait_for_the_mutex() {
-    require_root();
+    let _machine = require_root();
     let args = ["--expedited", "20000", "--threads", "2"];
     let (a, b) = (Workload::start(&args), Workload::start(&args));
     let pids = [a.pid, b.pid];
@@ -474,7 +511,7 @@ fn concurrent_expedited_callers_wait_for_the_mutex() {
 
 #[test]
 fn command_mode_sees_every_call_and_passes_exit_status() {
-    require_root();
+    let _machine = require_root();
     let out = run(tracer()
         .args([
             "-o",
@@ -498,6 +535,8 @@ fn command_mode_sees_every_call_and_passes_exit_status() {
     let report = last_json_with(&stdout, "processes");
     let p = process(&report, mine["pid"].as_u64().unwrap() as u32);
     assert_eq!(tracer_counts(p), workload_counts(&mine));
+    // Named after exec, not after the tracer that forked it.
+    assert_eq!(p["comm"], "membarrier-work");
     assert_eq!(p["calls"], 2 + 1 + 500 + 1);
     assert_eq!(p["unregistered_eperm"], 0);
     assert_eq!(report["missed_calls"], 0);
@@ -505,7 +544,7 @@ fn command_mode_sees_every_call_and_passes_exit_status() {
 
 #[test]
 fn liburcu_memb_matches_strace() {
-    require_root();
+    let _machine = require_root();
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/urcu/urcu_memb_writer.c");
     let bin = dir.join("urcu_memb_writer");
@@ -584,7 +623,7 @@ fn liburcu_memb_matches_strace() {
 
 #[test]
 fn sigint_prints_the_final_summary() {
-    require_root();
+    let _machine = require_root();
     let tracer = Tracer::start(&["-o", "text"]);
     let mut w = Workload::start(&["--expedited", "1000"]);
     w.go();
@@ -601,14 +640,14 @@ fn sigint_prints_the_final_summary() {
     assert!(text.starts_with("membarrier-trace: "), "{text}");
     // Tracing every process: the workload's row is there, exact (1000 calls + registration).
     assert!(
-        text.contains(&format!("PID {pid} (membarrier-work): 1001 calls")),
+        text.contains(&format!("PID {pid} (membarrier-work, exited): 1001 calls")),
         "{text}"
     );
 }
 
 #[test]
 fn sigterm_in_command_mode_stops_the_command_too() {
-    require_root();
+    let _machine = require_root();
     let mut child = tracer()
         .args(["-o", "json", "--", "sleep", "30"])
         .stdout(Stdio::piped())
@@ -627,7 +666,7 @@ fn sigterm_in_command_mode_stops_the_command_too() {
 
 #[test]
 fn interval_prints_one_json_document_per_line() {
-    require_root();
+    let _machine = require_root();
     let start = Instant::now();
     let out = run(tracer().args(["-o", "json", "-i", "0.25", "-d", "1.1"]));
     assert!(out.status.success());
@@ -648,7 +687,7 @@ fn interval_prints_one_json_document_per_line() {
 
 #[test]
 fn a_call_under_way_at_attach_is_counted_missed() {
-    require_root();
+    let _machine = require_root();
     // GLOBAL calls back to back: the thread is almost always inside one, so the tracer attaches
     // mid-call and stops mid-call.
     let w = Command::new(WORKLOAD)
@@ -687,7 +726,7 @@ fn expect_error(cmd: &mut Command, needle: &str) {
 
 #[test]
 fn bad_input_is_one_line_and_exit_2() {
-    require_root();
+    let _machine = require_root();
     let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
         .unwrap()
         .trim()
@@ -743,7 +782,7 @@ fn bad_input_is_one_line_and_exit_2() {
 /// The dashboard in a real terminal: tmux runs a shell, the shell runs the tracer.
 #[test]
 fn dashboard_in_tmux_shows_the_process_and_quits_on_q() {
-    require_root();
+    let _machine = require_root();
     let sock = format!("mbtrace-test-{}", std::process::id());
     let tmux = |args: &[&str]| {
         let out = Command::new("tmux")
@@ -835,7 +874,7 @@ fn dashboard_in_tmux_shows_the_process_and_quits_on_q() {
 /// counted as missed: hundreds at this rate.)
 #[test]
 fn attaching_mid_flight_misses_only_the_calls_under_way() {
-    require_root();
+    let _machine = require_root();
     let mut w = Command::new(WORKLOAD)
         .args(["--loop-expedited", "2000000000"])
         .stdout(Stdio::null())
@@ -861,7 +900,7 @@ fn attaching_mid_flight_misses_only_the_calls_under_way() {
 /// exact either way. `--attach fentry` where it is refused is a one-line error.
 #[test]
 fn attach_auto_falls_back_and_fentry_is_clear() {
-    require_root();
+    let _machine = require_root();
     let out = run(Command::new(TRACER).args([
         "--attach",
         "auto",
@@ -935,4 +974,169 @@ fn attach_auto_falls_back_and_fentry_is_clear() {
     let report = last_json_with(&String::from_utf8_lossy(&tp.stdout), "processes");
     assert_eq!(report["attach"], "tracepoint");
     assert_eq!(report["calls"], 2);
+}
+
+/// Sets /proc/sys/kernel/pid_max for the life of the guard, so pids wrap within a test.
+struct PidMax(String);
+
+impl PidMax {
+    fn set(v: u32) -> PidMax {
+        let old = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap();
+        std::fs::write("/proc/sys/kernel/pid_max", v.to_string()).unwrap();
+        PidMax(old)
+    }
+}
+
+impl Drop for PidMax {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/pid_max", self.0.trim());
+    }
+}
+
+/// Calls per (cmd) summed over every process entry of the report named `comm`, and the number
+/// of processes those entries stand for.
+fn calls_named(report: &Value, comm: &str) -> (BTreeMap<i64, u64>, u64) {
+    let mut calls = BTreeMap::new();
+    let mut procs = 0;
+    for p in report["processes"].as_array().unwrap() {
+        if p["comm"] != comm {
+            continue;
+        }
+        procs += p["processes"].as_u64().unwrap();
+        for c in p["cmds"].as_array().unwrap() {
+            *calls.entry(c["cmd_value"].as_i64().unwrap()).or_default() +=
+                c["calls"].as_u64().unwrap();
+        }
+    }
+    (calls, procs)
+}
+
+#[test]
+fn command_mode_follows_every_child_through_pid_wraps_and_no_stranger() {
+    let _machine = alone();
+    // 4000 pids for 100,000 + 30,000 processes: pids wrap about 30 times, so the command's dead
+    // children's pids go to strangers (and the other way round) again and again.
+    let _pid_max = PidMax::set(4000);
+    let stranger = Command::new(WORKLOAD)
+        .args(["--name", "stranger", "--fork-children", "30000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = run(tracer().args(["-o", "json", "-i", "1", "--"]).args([
+        WORKLOAD,
+        "--name",
+        "followed",
+        "--fork-children",
+        "100000",
+        "--thread-churn",
+        "5000",
+    ]));
+    let stranger = wait_output(stranger);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mine = last_json_with(&stdout, "outcomes");
+    assert_eq!(mine["children"], 100_000, "the workload's own count");
+    let theirs = last_json_with(&String::from_utf8_lossy(&stranger.stdout), "outcomes");
+    assert_eq!(theirs["children"], 30_000, "the stranger ran alongside");
+    let report = last_json_with(&stdout, "processes");
+    // Every call of the command's processes, exactly: the children's (one QUERY each) and the
+    // threads' (one QUERY each, in the parent)...
+    let (calls, procs) = calls_named(&report, "followed");
+    assert_eq!(calls, [(0, 105_000)].into(), "{}", report["dropped"]);
+    // ...every process counted once (the parent and its children)...
+    assert_eq!(procs, 100_001);
+    // ...and nobody else's.
+    for p in report["processes"].as_array().unwrap() {
+        assert_eq!(p["comm"], "followed", "a stranger traced: {p}");
+    }
+    assert_eq!(report["dropped"]["total"], 0, "{}", report["dropped"]);
+    assert_eq!(report["missed_calls"], 0);
+    assert!(report["exited_processes"].as_u64().unwrap() >= 100_000);
+}
+
+#[test]
+fn system_wide_sees_new_processes_after_thousands_have_exited() {
+    let _machine = alone();
+    let tracer = Tracer::start(&["-o", "json", "--no-breakdown"]);
+    // More processes than the stats map has rows: only freeing exited ones lets the last in.
+    let w = run(Command::new(WORKLOAD).args(["--name", "sysw-churn", "--fork-children", "12000"]));
+    assert!(w.status.success());
+    tracer.signal(libc::SIGINT);
+    let out = tracer.finish();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+    let (calls, procs) = calls_named(&report, "sysw-churn");
+    assert_eq!(calls, [(0, 12_000)].into(), "{}", report["dropped"]);
+    assert_eq!(procs, 12_000);
+    assert_eq!(report["dropped"]["calls_without_row"], 0);
+}
+
+#[test]
+fn hostile_process_names_are_escaped_in_text() {
+    let _machine = require_root();
+    let name = "\x1b[2J\x1b[31mEV\nIL";
+    let out = run(tracer().args(["-o", "text", "--", WORKLOAD, "--query", "1", "--name", name]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains('\x1b'), "raw ESC in: {text:?}");
+    assert!(
+        text.contains("(\\x1b[2J\\x1b[31mEV\\x0aIL, exited)"),
+        "{text}"
+    );
+    // JSON keeps the name as it is, escaped the JSON way.
+    let out = run(tracer().args(["-o", "json", "--", WORKLOAD, "--query", "1", "--name", name]));
+    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+    assert_eq!(report["processes"][0]["comm"], name);
+}
+
+#[test]
+fn closed_stdout_stops_the_tracer() {
+    let _machine = require_root();
+    let mut child = tracer()
+        .args(["-o", "json", "-i", "0.1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with('{'), "{line}");
+    // The reader is gone (like `| head -1`): the next write fails and the tracer detaches.
+    let t = Instant::now();
+    let out = wait_output(child);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(out.status.code(), Some(141));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stdout closed"), "{err}");
+}
+
+#[test]
+fn bad_durations_are_refused_before_attaching() {
+    for (args, says) in [
+        (&["-d", "1e300"][..], "too long"),
+        (&["-i", "1e19"][..], "too long"),
+        (&["-d", "-1"][..], "not a positive number"),
+        (&["-i", "0.001"][..], "too short"),
+        (&["-d", "nan"][..], "not a positive number"),
+    ] {
+        let out = run(Command::new(TRACER).args(args));
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
 }

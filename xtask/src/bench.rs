@@ -273,7 +273,7 @@ fn tracer_cost(p: &Paths, tui: bool) -> Result<Value> {
         let calls = r["calls"].as_f64().unwrap_or(0.0);
         v["calls_per_sec"] = json!(calls * 1e9 / r["duration_ns"].as_f64().unwrap_or(1.0));
         v["missed_calls"] = r["missed_calls"].clone();
-        v["dropped"] = r["dropped"].clone();
+        v["dropped"] = r["dropped"]["total"].clone();
     }
     Ok(v)
 }

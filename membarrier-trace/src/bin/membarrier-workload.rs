@@ -57,6 +57,20 @@ struct Args {
     /// `loops.pingpong_ns`.
     #[arg(long, default_value_t = 0)]
     loop_pingpong: u64,
+    /// Name the process this (PR_SET_NAME) before any call; its children inherit it.
+    #[arg(long)]
+    name: Option<String>,
+    /// Short-lived child processes, started one after another: each makes one QUERY call and
+    /// exits (`children` in the output).
+    #[arg(long, default_value_t = 0)]
+    fork_children: u64,
+    /// Short-lived threads, started one after another: each makes one QUERY call and exits
+    /// (counted with the process's own calls).
+    #[arg(long, default_value_t = 0)]
+    thread_churn: u64,
+    /// After the other calls, rename the process to this (PR_SET_NAME) and make one QUERY call.
+    #[arg(long)]
+    rename: Option<String>,
     /// Exit with this status (to test that the tracer passes it on).
     #[arg(long, default_value_t = 0)]
     exit_code: u8,
@@ -214,9 +228,42 @@ fn with_spinner(f: impl FnOnce()) {
     spinner.join().unwrap();
 }
 
+/// PR_SET_NAME on the calling thread (the main thread names the process).
+fn set_name(name: &str) {
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated buffer of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
+}
+
+/// `n` child processes, one at a time, each making one QUERY call. Returns how many exited 0
+/// (a child whose call failed exits 1).
+fn fork_children(n: u64) -> u64 {
+    let mut ok = 0;
+    for _ in 0..n {
+        // SAFETY: the workload is single-threaded here; the child only makes raw syscalls.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let r = unsafe { libc::syscall(libc::SYS_membarrier, cmd::QUERY, 0, 0) };
+            unsafe { libc::_exit(i32::from(r < 0)) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        if pid > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+            ok += 1;
+        }
+    }
+    ok
+}
+
 fn main() {
     let args = Args::parse();
     let pid = std::process::id();
+    if let Some(name) = &args.name {
+        set_name(name);
+    }
     if args.wait_stdin {
         println!("ready {pid}");
         let _ = std::io::stdout().flush();
@@ -271,6 +318,22 @@ fn main() {
         });
     }
     call(&mut tally, args.global, cmd::GLOBAL, 0, true);
+    // Before any thread of ours is started below: fork from a single-threaded process.
+    let children = fork_children(args.fork_children);
+    for _ in 0..args.thread_churn {
+        let mut mine = Tally::new();
+        mine = thread::spawn(move || {
+            call(&mut mine, 1, cmd::QUERY, 0, false);
+            mine
+        })
+        .join()
+        .unwrap();
+        merge(&mut tally, mine);
+    }
+    if let Some(name) = &args.rename {
+        set_name(name);
+        call(&mut tally, 1, cmd::QUERY, 0, false);
+    }
     let mut loops = serde_json::Map::new();
     if args.loop_expedited > 0 {
         call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
@@ -300,7 +363,7 @@ fn main() {
         .collect();
     println!(
         "{}",
-        serde_json::json!({ "pid": pid, "outcomes": outcomes, "loops": loops })
+        serde_json::json!({ "pid": pid, "outcomes": outcomes, "loops": loops, "children": children })
     );
     std::process::exit(args.exit_code.into());
 }

@@ -312,9 +312,9 @@ mod tests {
                 row(9, 0, 22, &[300, 300, 300]),
             ],
             comms: [
-                (42, "urcu".into()),
-                (7, "dotnet".into()),
-                (9, "java".into()),
+                ((42, 0), "urcu".into()),
+                ((7, 0), "dotnet".into()),
+                ((9, 0), "java".into()),
             ]
             .into(),
             ..Snapshot::default()

@@ -105,7 +105,7 @@ fn render_header(f: &mut Frame, app: &App, area: Rect) {
         GraceSource::None => "none",
     };
     // Line 1: the figures that matter most, missed and dropped never cut off.
-    let lost = Style::new().fg(if r.missed_calls + r.dropped > 0 {
+    let lost = Style::new().fg(if r.missed_calls + r.dropped.total > 0 {
         Color::Red
     } else {
         Color::Reset
@@ -117,7 +117,7 @@ fn render_header(f: &mut Frame, app: &App, area: Rect) {
         ),
         Span::raw(format!("{} calls/s  ", rate(r.calls_per_sec))),
         Span::styled(
-            format!("missed {}  dropped {}", r.missed_calls, r.dropped),
+            format!("missed {}  dropped {}", r.missed_calls, r.dropped.total),
             lost,
         ),
         Span::raw(format!(
@@ -173,7 +173,7 @@ fn process_cells(app: &App, p: &ProcessReport) -> Vec<String> {
     };
     vec![
         pid,
-        p.comm.clone(),
+        crate::output::process_name(p),
         rate(p.calls_per_sec),
         count(p.calls),
         count(p.errors),
@@ -278,7 +278,11 @@ fn render_detail(f: &mut Frame, app: &App, area: Rect) {
 }
 
 fn render_cmds(f: &mut Frame, app: &App, p: &ProcessReport, area: Rect) {
-    let title = format!(" {} {}: cmds (Tab, then j/k) ", p.pid, p.comm);
+    let title = format!(
+        " {} {}: cmds (Tab, then j/k) ",
+        p.pid,
+        crate::output::process_name(p)
+    );
     let header = Row::new([
         "CMD", "CALLS", "CALLS/S", "ERRORS", "P50", "P99", "MAX", "BLOCKED", "IPI/CALL",
     ])
@@ -451,10 +455,15 @@ mod tests {
                 row(4242, 1, 0, &[9_000_000, 12_000_000]),
                 row(77, 0, 0, &[400]),
             ],
-            comms: [(4242, "urcu-writer".into()), (77, "dotnet".into())].into(),
+            comms: [
+                ((4242, 0), "urcu-writer".into()),
+                ((77, 0), "dotnet".into()),
+            ]
+            .into(),
             ipi_cpus: vec![(
                 membarrier_trace_common::CpuKey {
                     tgid: 4242,
+                    serial: 0,
                     cmd: 8,
                     flags: 0,
                     cpu: 1,
