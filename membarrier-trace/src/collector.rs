@@ -1,7 +1,11 @@
 //! Loads the eBPF programs, attaches them, and reads the kernel's aggregates into a
 //! [`Snapshot`].
 
-use std::{collections::HashMap, path::Path, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    time::Instant,
+};
 
 use anyhow::{Context as _, Result};
 use aya::{
@@ -718,22 +722,6 @@ impl Collector {
         self.hook.attach
     }
 
-    /// Frees the in-flight slots of threads that have exited. The eBPF programs keep a slot per
-    /// thread between calls (cheaper than an insert and a delete per call); this bounds them.
-    pub fn prune_exited_threads(&mut self) -> Result<()> {
-        let gone: Vec<u32> = self
-            .inflight
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|tid| !Path::new(&format!("/proc/{tid}")).exists())
-            .collect();
-        for tid in gone {
-            // It may have been removed or reused meanwhile; either way the slot is not ours.
-            let _ = self.inflight.remove(&tid);
-        }
-        Ok(())
-    }
-
     fn counter(&self, idx: u32) -> Result<u64> {
         Ok(self.counters.get(&idx, 0)?.iter().sum())
     }
@@ -751,104 +739,62 @@ impl Collector {
     /// Moves what the kernel maps hold for exited processes into `self.retired`, freeing their
     /// rows for new processes; the process is gone, nothing adds to its rows any more. Cheap
     /// enough to run several times a second: it reads keys, and the rows of the dead only.
-    pub fn retire_exited(&mut self) -> Result<()> {
+    /// Returns the processes found alive.
+    pub fn retire_exited(&mut self) -> Result<HashSet<ProcKey>> {
         let keys: Vec<StatsKey> = self
             .stats
             .keys()
             .collect::<Result<_, _>>()
             .context("reading the stats map")?;
-        let mut dead: HashMap<ProcKey, bool> = HashMap::new();
-        for k in &keys {
-            let p = (k.tgid, k.serial);
-            if let std::collections::hash_map::Entry::Vacant(e) = dead.entry(p) {
-                e.insert(!self.alive(p));
+        let (mut live, mut dead) = (HashSet::new(), HashSet::new());
+        for p in keys.iter().map(ProcKeyed::proc) {
+            if !live.contains(&p) && !dead.contains(&p) {
+                if self.alive(p) {
+                    live.insert(p);
+                } else {
+                    dead.insert(p);
+                }
             }
         }
-        if !dead.values().any(|d| *d) {
-            return Ok(());
+        if dead.is_empty() {
+            return Ok(live);
         }
-        let is_dead = |p: ProcKey| dead.get(&p).copied().unwrap_or(false);
-        for key in keys {
-            let p = (key.tgid, key.serial);
-            if !is_dead(p) {
+        // Where each dead process's figures go: its own entry, or its name's.
+        let mut dest: HashMap<ProcKey, ProcKey> = HashMap::new();
+        for key in keys.iter().filter(|k| dead.contains(&k.proc())) {
+            let row = self.stats.get(key, 0).context("reading a stats row")?;
+            self.stats.remove(key).context("freeing a stats row")?;
+            if row.count == 0 {
                 continue;
             }
-            let row = self.stats.get(&key, 0).context("reading a stats row")?;
-            self.stats.remove(&key).context("freeing a stats row")?;
-            if row.count != 0 {
-                let comm = self
-                    .comms
-                    .get(&p)
-                    .cloned()
-                    .unwrap_or_else(|| comm_str(&row.comm));
-                self.retired
-                    .add_row(p, &comm, RawRow::from_stats(key, &row));
-            }
+            let p = key.proc();
+            let to = match dest.get(&p) {
+                Some(to) => *to,
+                None => {
+                    let comm = self.comms.remove(&p).unwrap_or_else(|| comm_str(&row.comm));
+                    let to = self.retired.place(p, comm);
+                    dest.insert(p, to);
+                    to
+                }
+            };
+            self.retired
+                .add_row(RawRow::from_stats(key.moved_to(to), &row));
         }
-        let cpus: Vec<(CpuKey, u64)> = self.ipi_cpus.iter().collect::<Result<_, _>>()?;
-        for (k, n) in cpus {
-            if is_dead((k.tgid, k.serial)) {
-                let _ = self.ipi_cpus.remove(&k);
-                let to = self.retired.key_of((k.tgid, k.serial));
-                *self
-                    .retired
-                    .ipi_cpus
-                    .entry(CpuKey {
-                        tgid: to.0,
-                        serial: to.1,
-                        ..k
-                    })
-                    .or_default() += n;
-            }
-        }
-        let wakers: Vec<(WakerKey, u64)> = self.wakers.iter().collect::<Result<_, _>>()?;
-        for (k, n) in wakers {
-            if is_dead((k.tgid, k.serial)) {
-                let _ = self.wakers.remove(&k);
-                let to = self.retired.key_of((k.tgid, k.serial));
-                *self
-                    .retired
-                    .wakers
-                    .entry(WakerKey {
-                        tgid: to.0,
-                        serial: to.1,
-                        ..k
-                    })
-                    .or_default() += n;
-            }
-        }
-        let handler: Vec<(CallKey, u64)> = self.handler_ns.iter().collect::<Result<_, _>>()?;
-        for (k, n) in handler {
-            if is_dead((k.tgid, k.serial)) {
-                let _ = self.handler_ns.remove(&k);
-                let to = self.retired.key_of((k.tgid, k.serial));
-                *self
-                    .retired
-                    .handler_ns
-                    .entry(CallKey {
-                        tgid: to.0,
-                        serial: to.1,
-                        ..k
-                    })
-                    .or_default() += n;
-            }
-        }
-        for (p, d) in dead {
-            if d {
-                self.comms.remove(&p);
-            }
-        }
-        self.retired.moved.clear();
-        Ok(())
+        let r = &mut self.retired;
+        retire_detail(&mut self.ipi_cpus, &mut r.ipi_cpus, &dead, &dest)?;
+        retire_detail(&mut self.wakers, &mut r.wakers, &dead, &dest)?;
+        retire_detail(&mut self.handler_ns, &mut r.handler_ns, &dead, &dest)?;
+        self.comms.retain(|p, _| !dead.contains(p));
+        Ok(live)
     }
 
     /// Reads the kernel's totals. With `last`, calls still inside membarrier are counted as
     /// missed: tracing stops before they return.
     pub fn snapshot(&mut self, last: bool) -> Result<Snapshot> {
         let elapsed_ns = self.started.elapsed().as_nanos() as u64;
-        self.retire_exited()?;
+        let live = self.retire_exited()?;
         let mut rows = Vec::new();
-        let mut named = std::collections::HashSet::new();
+        let mut named = HashSet::new();
         for item in self.stats.iter() {
             let (key, s) = item.context("reading the stats map")?;
             // A row is created just before its first call is counted into it.
@@ -861,7 +807,7 @@ impl Collector {
             let p = (key.tgid, key.serial);
             if named.insert(p) {
                 let name = preflight::comm(key.tgid)
-                    .filter(|_| self.alive(p))
+                    .filter(|_| live.contains(&p))
                     .unwrap_or_else(|| comm_str(&s.comm));
                 self.comms.insert(p, name);
             }
@@ -932,58 +878,83 @@ struct Retired {
     /// Processes each entry stands for.
     exited: HashMap<ProcKey, u64>,
     comms: HashMap<ProcKey, String>,
-    /// Where each exited process went: itself, or its name's entry.
-    moved: HashMap<ProcKey, ProcKey>,
     by_name: HashMap<String, ProcKey>,
 }
 
 impl Retired {
-    /// The entry exited process `p` is kept under (decided on its first row).
-    fn key_of(&mut self, p: ProcKey) -> ProcKey {
-        self.moved.get(&p).copied().unwrap_or(p)
+    /// Counts exited process `p`, named `comm`, and returns the entry its figures go to.
+    fn place(&mut self, p: ProcKey, comm: String) -> ProcKey {
+        let singles = self.exited.len() - self.by_name.len();
+        let (to, name) = if singles < RETIRED_KEEP {
+            (p, comm)
+        } else {
+            let name = if self.by_name.len() < RETIRED_NAMES || self.by_name.contains_key(&comm) {
+                comm
+            } else {
+                "(other)".to_string()
+            };
+            let next = (0, self.by_name.len() as u32 + 1);
+            (*self.by_name.entry(name.clone()).or_insert(next), name)
+        };
+        self.comms.insert(to, name);
+        *self.exited.entry(to).or_default() += 1;
+        to
     }
 
-    fn add_row(&mut self, p: ProcKey, comm: &str, r: RawRow) {
-        let to = match self.moved.get(&p) {
-            Some(to) => *to,
-            None => {
-                let singles = self.exited.len() - self.by_name.len();
-                let to = if singles < RETIRED_KEEP {
-                    self.comms.insert(p, comm.to_string());
-                    p
-                } else {
-                    let name =
-                        if self.by_name.len() < RETIRED_NAMES || self.by_name.contains_key(comm) {
-                            comm.to_string()
-                        } else {
-                            "(other)".to_string()
-                        };
-                    let next = (0, self.by_name.len() as u32 + 1);
-                    let to = *self.by_name.entry(name.clone()).or_insert(next);
-                    self.comms.insert(to, name);
-                    to
-                };
-                *self.exited.entry(to).or_default() += 1;
-                // `moved` only needs the processes summed away; the rows of one kept as itself
-                // are found under its own key.
-                if to != p {
-                    self.moved.insert(p, to);
-                }
-                to
-            }
-        };
-        let key = StatsKey {
-            tgid: to.0,
-            serial: to.1,
-            ..r.key
-        };
-        match self.rows.get_mut(&key) {
+    /// Adds a row, already keyed by the entry [`Retired::place`] gave.
+    fn add_row(&mut self, r: RawRow) {
+        match self.rows.get_mut(&r.key) {
             Some(row) => row.absorb(&r),
             None => {
-                self.rows.insert(key, RawRow { key, ..r });
+                self.rows.insert(r.key, r);
             }
         }
     }
+}
+
+/// The keys of the kernel maps that name a process by (tgid, serial).
+trait ProcKeyed: Copy {
+    fn proc(&self) -> ProcKey;
+    /// The same key for process `p`.
+    fn moved_to(self, p: ProcKey) -> Self;
+}
+
+macro_rules! proc_keyed {
+    ($($t:ty),*) => {$(
+        impl ProcKeyed for $t {
+            fn proc(&self) -> ProcKey {
+                (self.tgid, self.serial)
+            }
+            fn moved_to(self, p: ProcKey) -> Self {
+                Self { tgid: p.0, serial: p.1, ..self }
+            }
+        }
+    )*};
+}
+proc_keyed!(StatsKey, CpuKey, WakerKey, CallKey);
+
+/// Moves the entries of `dead` processes from a kernel detail map into `into`, under the entry
+/// each went to (`dest`; itself when it had no stats row).
+fn retire_detail<K>(
+    map: &mut BpfHashMap<MapData, K, u64>,
+    into: &mut HashMap<K, u64>,
+    dead: &HashSet<ProcKey>,
+    dest: &HashMap<ProcKey, ProcKey>,
+) -> Result<()>
+where
+    K: ProcKeyed + aya::Pod + Eq + std::hash::Hash,
+{
+    let entries: Vec<(K, u64)> = map.iter().collect::<Result<_, _>>()?;
+    for (k, n) in entries {
+        let p = k.proc();
+        if dead.contains(&p) {
+            let _ = map.remove(&k);
+            *into
+                .entry(k.moved_to(dest.get(&p).copied().unwrap_or(p)))
+                .or_default() += n;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1042,11 +1013,15 @@ mod tests {
         let mut r = Retired::default();
         let n = RETIRED_KEEP + RETIRED_NAMES + 50;
         for i in 0..n as u32 {
-            r.add_row(
+            let to = r.place(
                 (i + 1, i + 1),
-                &format!("p{}", i % (RETIRED_NAMES as u32 + 10)),
-                row(i + 1, i + 1, 2),
+                format!("p{}", i % (RETIRED_NAMES as u32 + 10)),
             );
+            let one = row(i + 1, i + 1, 2);
+            r.add_row(RawRow {
+                key: one.key.moved_to(to),
+                ..one
+            });
         }
         assert_eq!(r.exited.values().sum::<u64>(), n as u64);
         assert_eq!(r.rows.values().map(|r| r.count).sum::<u64>(), 2 * n as u64);

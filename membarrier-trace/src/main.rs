@@ -59,8 +59,6 @@ enum Format {
     Json,
 }
 
-/// How often exited threads' in-flight slots are freed.
-const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// How often exited processes' stats rows are moved out of the kernel: often enough that a box
 /// starting thousands of processes a second does not fill the map in between.
 const RETIRE_EVERY: Duration = Duration::from_millis(250);
@@ -210,7 +208,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         deadline: cli.duration.map(|d| started + Duration::from_secs_f64(d)),
         child,
         exits,
-        next_prune: started + PRUNE_EVERY,
         next_retire: started + RETIRE_EVERY,
         model: Model::default(),
         exit: None,
@@ -291,7 +288,6 @@ struct Session {
     deadline: Option<Instant>,
     child: Option<Child>,
     exits: Option<preflight::ExitWatch>,
-    next_prune: Instant,
     next_retire: Instant,
     model: Model,
     /// Set when tracing ended with a status to exit with (the command's).
@@ -331,10 +327,6 @@ impl membarrier_trace::tui::Feed for Session {
         {
             self.note = Some("every traced process has exited".into());
             return Ok(true);
-        }
-        if Instant::now() >= self.next_prune {
-            self.collector.prune_exited_threads()?;
-            self.next_prune += PRUNE_EVERY;
         }
         if Instant::now() >= self.next_retire {
             self.collector.retire_exited()?;

@@ -53,13 +53,7 @@ impl RawRow {
             mutex_wait_max_ns: 0,
         }
     }
-}
 
-/// One process for the whole run: (tgid, serial number; see `Proc::serial`). A pid alone can
-/// name several processes over a long run.
-pub type ProcKey = (u32, u32);
-
-impl RawRow {
     /// A kernel stats row as read.
     pub fn from_stats(key: StatsKey, s: &Stats) -> Self {
         Self {
@@ -83,6 +77,10 @@ impl RawRow {
         }
     }
 }
+
+/// One process for the whole run: (tgid, serial number; see `Proc::serial`). A pid alone can
+/// name several processes over a long run.
+pub type ProcKey = (u32, u32);
 
 /// A kernel comm (NUL-padded) as text.
 pub fn comm_str(comm: &[u8]) -> String {

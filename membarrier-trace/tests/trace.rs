@@ -1111,20 +1111,15 @@ fn hostile_process_names_are_escaped_in_text() {
 #[test]
 fn closed_stdout_stops_the_tracer() {
     let _machine = require_root();
-    let mut child = tracer()
-        .args(["-o", "json", "-i", "0.1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut tracer = Tracer::start(&["-o", "json", "-i", "0.1"]);
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
+    BufReader::new(tracer.child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     assert!(line.starts_with('{'), "{line}");
     // The reader is gone (like `| head -1`): the next write fails and the tracer detaches.
     let t = Instant::now();
-    let out = wait_output(child);
+    let out = tracer.finish();
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert_eq!(out.status.code(), Some(141));
     let err = String::from_utf8_lossy(&out.stderr);
