@@ -246,7 +246,12 @@ pub mod counter {
     pub const DROPPED_PROCS: u32 = 3;
     /// A per-CPU IPI, waker or csd row did not fit; those figures are short.
     pub const DROPPED_DETAIL: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// Calls of traced processes whose exit program was skipped (the kernel skips a program
+    /// that is already running on the CPU: fentry on PREEMPT_RT, where programs are
+    /// preemptible). Found when the thread's slot is still open at its next enter or at its
+    /// exit; slots open at the end are counted by userspace.
+    pub const EXIT_SKIPPED: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Default map sizes; userspace sizes STATS, INFLIGHT and PROCS from the machine at load

@@ -355,7 +355,11 @@ fn on_enter(cmd: u32, flags: u32) {
             }
         }
     };
-    if breakdown()
+    if unsafe { (*slot).start_ns } != 0 {
+        // Still open: the exit of this thread's last call was skipped (it stays counted as
+        // inside membarrier, so it is not counted in again).
+        bump(counter::EXIT_SKIPPED);
+    } else if breakdown()
         && let Some(n) = inside_counter(tid)
     {
         add32(n, 1);
@@ -887,7 +891,20 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let _ = INFLIGHT.remove(&(pid_tgid as u32));
+    let tid = pid_tgid as u32;
+    // A slot still open at exit: the exit of the thread's last call was skipped (a thread
+    // cannot exit inside a syscall).
+    if let Some(slot) = INFLIGHT.get_ptr_mut(&tid)
+        && unsafe { (*slot).start_ns } != 0
+    {
+        bump(counter::EXIT_SKIPPED);
+        if breakdown()
+            && let Some(n) = inside_counter(tid)
+        {
+            add32(n, u32::MAX);
+        }
+    }
+    let _ = INFLIGHT.remove(&tid);
     if let Some(p) = PROCS.get_ptr_mut(&tgid)
         && unsafe { (*p).serial } != 0
         && fetch_add(unsafe { &raw mut (*p).tasks }, u64::MAX) == Some(1)

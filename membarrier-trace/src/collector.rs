@@ -693,7 +693,15 @@ impl Collector {
     /// The first hook of `--attach`'s candidates that the kernel allows; a note for each one
     /// passed over on the way.
     fn attach_hook(&mut self, notes: &mut Vec<String>) -> Result<&'static Hook> {
-        let candidates = self.attach_mode.candidates();
+        let rt = preflight::preempt_rt();
+        let candidates = self.attach_mode.candidates(rt);
+        if rt && self.attach_mode == AttachMode::Auto {
+            notes.push(
+                "PREEMPT_RT kernel: the syscall tracepoints first (fentry programs are \
+                 preemptible there, and the kernel skips runs that overlap on a CPU)"
+                    .into(),
+            );
+        }
         let mut refused = Vec::new();
         for &hook in &candidates {
             match self.attach_all(&Probe::pair(hook)) {
@@ -715,6 +723,26 @@ impl Collector {
                 only.attach.name()
             ),
             _ => anyhow::bail!("no hook on membarrier works on this kernel: {refused}"),
+        }
+    }
+
+    /// How often the kernel skipped an attached program other than the hook's (whose skips
+    /// are found as missed calls).
+    fn probe_runs_skipped(&self) -> Result<u64> {
+        let mut n = 0;
+        for (name, p) in self.ebpf.programs() {
+            if p.fd().is_ok() && name != self.hook.enter && name != self.hook.exit {
+                n += recursion_misses(&self.ebpf, name)?;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Detaches and unloads every program: tracing stops, the maps stay readable.
+    pub fn detach(&mut self) {
+        let names: Vec<String> = self.ebpf.programs().map(|(n, _)| n.to_string()).collect();
+        for name in names {
+            unload(&mut self.ebpf, &name);
         }
     }
 
@@ -815,12 +843,13 @@ impl Collector {
         }
         // Every lost call once, by cause. An enter that got no slot leaves an exit without
         // one too: those are counted as dropped, not missed. A skipped exit program leaves
-        // its enter behind: its skips are counted directly.
+        // its slot open, found at the thread's next call or exit (the kernel's own count of
+        // skipped runs would also count untraced processes' calls).
         let no_slot = self.counter(counter::DROPPED_INFLIGHT)?;
         let mut missed = self
             .counter(counter::EXIT_WITHOUT_SLOT)?
             .saturating_sub(no_slot)
-            + recursion_misses(&self.ebpf, self.hook.exit)?;
+            + self.counter(counter::EXIT_SKIPPED)?;
         if last {
             missed += self
                 .inflight
@@ -834,6 +863,7 @@ impl Collector {
             calls_without_inflight_slot: no_slot,
             processes_not_tracked: self.counter(counter::DROPPED_PROCS)?,
             detail_rows: self.counter(counter::DROPPED_DETAIL)?,
+            probe_runs_skipped: self.probe_runs_skipped()?,
         };
         let mut ipi_cpus: Vec<(CpuKey, u64)> = self.ipi_cpus.iter().collect::<Result<_, _>>()?;
         let mut wakers: Vec<(WakerKey, u64)> = self.wakers.iter().collect::<Result<_, _>>()?;

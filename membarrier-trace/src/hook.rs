@@ -50,7 +50,9 @@ pub const SYSCALL_FUNC: &str = "sys_membarrier";
 
 /// In the order `--attach auto` tries them: fentry first (only membarrier calls pay), then the
 /// syscall tracepoints (they work everywhere, but every syscall on the box takes the slow path
-/// while they are attached).
+/// while they are attached). On PREEMPT_RT the order is reversed: fentry programs run
+/// preemptible there, and the kernel skips a run that starts while another task on the CPU is
+/// inside the same program (calls counted as missed, not lost, but no longer exact).
 pub const HOOKS: &[Hook] = &[
     Hook {
         attach: Attach::Fentry,
@@ -107,9 +109,10 @@ pub enum AttachMode {
 }
 
 impl AttachMode {
-    /// The hooks to try, in order.
-    pub fn candidates(self) -> Vec<&'static Hook> {
+    /// The hooks to try, in order, on a PREEMPT_RT kernel or not.
+    pub fn candidates(self, preempt_rt: bool) -> Vec<&'static Hook> {
         match self {
+            AttachMode::Auto if preempt_rt => HOOKS.iter().rev().collect(),
             AttachMode::Auto => HOOKS.iter().collect(),
             AttachMode::Tracepoint => vec![Attach::Tracepoint.hook()],
             AttachMode::Fentry => vec![Attach::Fentry.hook()],
@@ -129,15 +132,23 @@ mod tests {
             assert_eq!(HOOKS.iter().filter(|h| h.attach == a).count(), 1);
             assert_eq!(a.hook().attach, a);
         }
-        assert_eq!(AttachMode::Auto.candidates().len(), HOOKS.len());
+        assert_eq!(AttachMode::Auto.candidates(false).len(), HOOKS.len());
         for a in [Attach::Tracepoint, Attach::Fentry] {
             assert_eq!(serde_json::to_value(a).unwrap(), a.name());
             assert_eq!(
-                AttachMode::from_str(a.name(), false).unwrap().candidates()[0].attach,
+                AttachMode::from_str(a.name(), false)
+                    .unwrap()
+                    .candidates(true)[0]
+                    .attach,
                 a
             );
         }
-        assert_eq!(AttachMode::Auto.candidates()[0].attach, Attach::Fentry);
+        assert_eq!(AttachMode::Auto.candidates(false)[0].attach, Attach::Fentry);
+        assert_eq!(
+            AttachMode::Auto.candidates(true)[0].attach,
+            Attach::Tracepoint
+        );
+        assert_eq!(AttachMode::Auto.candidates(true).len(), HOOKS.len());
         // Every program name is distinct: per-hook figures are read by name.
         let mut names: Vec<_> = HOOKS.iter().flat_map(|h| [h.enter, h.exit]).collect();
         names.sort();

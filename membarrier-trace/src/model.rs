@@ -161,6 +161,9 @@ pub struct Losses {
     pub processes_not_tracked: u64,
     /// IPI-per-CPU, waker or csd rows that did not fit: those figures are short.
     pub detail_rows: u64,
+    /// Runs of the breakdown probes the kernel skipped (another BPF program was running on
+    /// the CPU; fentry on PREEMPT_RT): the grace-period, IPI, handler and mutex figures are short.
+    pub probe_runs_skipped: u64,
 }
 
 /// `dropped` in the report: [`Losses`] but the missed calls, with their total.
@@ -170,6 +173,9 @@ pub struct Dropped {
     pub calls_without_inflight_slot: u64,
     pub processes_not_tracked: u64,
     pub detail_rows: u64,
+    /// Not in `total`: not calls, processes or rows, and common (an IPI handler's csd events
+    /// arrive while the target CPU is inside another tracer program).
+    pub probe_runs_skipped: u64,
     pub total: u64,
 }
 
@@ -180,6 +186,7 @@ impl From<Losses> for Dropped {
             calls_without_inflight_slot: l.calls_without_inflight_slot,
             processes_not_tracked: l.processes_not_tracked,
             detail_rows: l.detail_rows,
+            probe_runs_skipped: l.probe_runs_skipped,
             total: l.calls_without_row
                 + l.calls_without_inflight_slot
                 + l.processes_not_tracked

@@ -95,6 +95,13 @@ pub fn text(r: &Report) -> String {
     if r.dropped.total > 0 {
         let _ = writeln!(s, "dropped: {}", dropped_causes(&r.dropped));
     }
+    if r.dropped.probe_runs_skipped > 0 {
+        let _ = writeln!(
+            s,
+            "breakdown probe runs skipped by the kernel: {} (IPI, handler, lock or grace-period figures may be short)",
+            r.dropped.probe_runs_skipped
+        );
+    }
     if r.exited_processes > 0 {
         let _ = writeln!(s, "exited processes: {}", r.exited_processes);
     }

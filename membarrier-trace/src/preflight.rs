@@ -195,6 +195,14 @@ pub fn comm(pid: u32) -> Option<String> {
         .map(|s| s.trim_end().to_string())
 }
 
+/// Whether the running kernel is PREEMPT_RT: `/sys/kernel/realtime` (the RT patches, and
+/// mainline since 6.12) or the build string (`uname -v`).
+pub fn preempt_rt() -> bool {
+    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+    read("/sys/kernel/realtime").trim() == "1"
+        || read("/proc/sys/kernel/version").contains("PREEMPT_RT")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

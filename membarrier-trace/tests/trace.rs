@@ -51,6 +51,51 @@ fn fentry_allowed() -> bool {
     })
 }
 
+/// Whether the kernel is PREEMPT_RT. `cargo xtask vmtest` says so for each guest kernel
+/// (`MT_PREEMPT_RT=yes|no`); elsewhere the kernel's build string is asked.
+fn preempt_rt() -> bool {
+    match std::env::var("MT_PREEMPT_RT").as_deref() {
+        Ok("yes") => true,
+        Ok("no") => false,
+        _ => std::fs::read_to_string("/proc/sys/kernel/version")
+            .unwrap()
+            .contains("PREEMPT_RT"),
+    }
+}
+
+/// Whether the kernel may skip the hook's programs when two tasks on a CPU run them at once:
+/// fentry on PREEMPT_RT, where programs are preemptible. Such calls are counted as missed.
+fn hook_may_skip() -> bool {
+    std::env::var("MT_ATTACH").as_deref() == Ok("fentry") && preempt_rt()
+}
+
+/// The tracer's counts for process `p` against the workload's own, per (cmd, flags, errno):
+/// equal, with nothing missed; or, where the hook may skip, each call counted once or in
+/// `missed_calls`: no row over, and the shortfall exactly the missed calls (`p` being the only
+/// traced process). Returns the missed calls.
+fn assert_counts(report: &Value, p: &Value, mine: &Value) -> u64 {
+    let (ours, truth) = (tracer_counts(p), workload_counts(mine));
+    let missed = report["missed_calls"].as_u64().unwrap();
+    let why = format!("missed {missed}, dropped {}", report["dropped"]);
+    if !hook_may_skip() || missed == 0 {
+        assert_eq!(ours, truth, "{why}");
+        assert_eq!(missed, 0, "{why}");
+        return 0;
+    }
+    assert!(
+        ours.keys().all(|k| truth.contains_key(k)),
+        "{ours:?} {truth:?}"
+    );
+    let mut short = 0;
+    for (k, &n) in &truth {
+        let got = ours.get(k).copied().unwrap_or(0);
+        assert!(got <= n, "{k:?}: {got} counted of {n}");
+        short += n - got;
+    }
+    assert_eq!(short, missed, "{ours:?} vs {truth:?}: {why}");
+    missed
+}
+
 /// Tests share the machine; those that churn through tens of thousands of processes (and so
 /// fill a system-wide tracer's maps, or lower pid_max) take it alone.
 static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
@@ -343,13 +388,7 @@ fn pid_filter_counts_exactly_and_ignores_others() {
 
     // Exactly the workload's calls, per cmd, flags and errno: no more, no fewer.
     let expected = workload_counts(&mine);
-    assert_eq!(
-        tracer_counts(p),
-        expected,
-        "missed {}, dropped {}",
-        report["missed_calls"],
-        report["dropped"]
-    );
+    let missed = assert_counts(&report, p, &mine);
     // And that is the mix we asked for (the workload really made these calls).
     assert_eq!(expected[&(8, 0, "EPERM".into())], 11);
     assert_eq!(expected[&(0, 0, String::new())], 3);
@@ -358,11 +397,15 @@ fn pid_filter_counts_exactly_and_ignores_others() {
     assert_eq!(expected[&(16, 0, String::new())], 1);
     assert_eq!(expected[&(8, 0, String::new())], 30000);
     assert_eq!(expected[&(1, 0, String::new())], 5);
-    assert_eq!(p["calls"], 30000 + 11 + 3 + 7 + 2 + 1 + 5);
-    assert_eq!(p["errors"], 11 + 7 + 2);
-    // PRIVATE_EXPEDITED before registering: flagged.
-    assert_eq!(p["unregistered_eperm"], 11);
-    assert_eq!(report["missed_calls"], 0);
+    assert_eq!(
+        p["calls"].as_u64().unwrap() + missed,
+        30000 + 11 + 3 + 7 + 2 + 1 + 5
+    );
+    if missed == 0 {
+        assert_eq!(p["errors"], 11 + 7 + 2);
+        // PRIVATE_EXPEDITED before registering: flagged.
+        assert_eq!(p["unregistered_eperm"], 11);
+    }
     assert_eq!(report["dropped"]["total"], 0);
 
     // Latency is measured inside the kernel, so it never exceeds what the workload measured
@@ -488,25 +531,26 @@ fn ipis_go_to_the_running_sibling_and_not_for_a_lone_thread() {
 #[test]
 fn concurrent_expedited_callers_wait_for_the_mutex() {
     let _machine = require_root();
-    let args = ["--expedited", "20000", "--threads", "2"];
-    let (a, b) = (Workload::start(&args), Workload::start(&args));
-    let pids = [a.pid, b.pid];
-    let (_, report, _) = trace_pids(vec![a, b], vec![]);
-    let waits: Vec<u64> = pids
-        .iter()
-        .map(|&pid| {
-            cmd_row(process(&report, pid), 8, 0)["mutex_wait_ns"]["sum"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
-    assert!(waits.iter().any(|&w| w > 0), "no mutex wait in {waits:?}");
-    for &pid in &pids {
-        let row = cmd_row(process(&report, pid), 8, 0);
-        let m = &row["mutex_wait_ns"];
-        assert!(m["max"].as_u64() <= m["sum"].as_u64());
-        assert!(m["sum"].as_u64().unwrap() <= row["latency_ns"]["sum"].as_u64().unwrap());
+    // Whether two calls meet at the mutex is up to the scheduler: a PREEMPT_RT guest under
+    // TCG once ran 80,000 calls without one wait. Up to three rounds, each checked in full.
+    let mut waits = Vec::new();
+    for _round in 0..3 {
+        let args = ["--expedited", "20000", "--threads", "2"];
+        let (a, b) = (Workload::start(&args), Workload::start(&args));
+        let pids = [a.pid, b.pid];
+        let (_, report, _) = trace_pids(vec![a, b], vec![]);
+        for &pid in &pids {
+            let row = cmd_row(process(&report, pid), 8, 0);
+            let m = &row["mutex_wait_ns"];
+            assert!(m["max"].as_u64() <= m["sum"].as_u64());
+            assert!(m["sum"].as_u64().unwrap() <= row["latency_ns"]["sum"].as_u64().unwrap());
+            waits.push(m["sum"].as_u64().unwrap());
+        }
+        if waits.iter().any(|&w| w > 0) {
+            return;
+        }
     }
+    panic!("no mutex wait in three rounds: {waits:?}");
 }
 
 #[test]
@@ -534,12 +578,11 @@ fn command_mode_sees_every_call_and_passes_exit_status() {
     let mine = last_json_with(&stdout, "outcomes");
     let report = last_json_with(&stdout, "processes");
     let p = process(&report, mine["pid"].as_u64().unwrap() as u32);
-    assert_eq!(tracer_counts(p), workload_counts(&mine));
+    let missed = assert_counts(&report, p, &mine);
     // Named after exec, not after the tracer that forked it.
     assert_eq!(p["comm"], "membarrier-work");
-    assert_eq!(p["calls"], 2 + 1 + 500 + 1);
+    assert_eq!(p["calls"].as_u64().unwrap() + missed, 2 + 1 + 500 + 1);
     assert_eq!(p["unregistered_eperm"], 0);
-    assert_eq!(report["missed_calls"], 0);
 }
 
 #[test]
@@ -786,15 +829,43 @@ fn bad_input_is_one_line_and_exit_2() {
     );
 }
 
-/// The dashboard in a real terminal: tmux runs a shell, the shell runs the tracer.
-#[test]
-fn dashboard_in_tmux_shows_the_process_and_quits_on_q() {
-    let _machine = require_root();
-    let sock = format!("mbtrace-test-{}", std::process::id());
-    let tmux = |args: &[&str]| {
+/// A shell in a tmux session of its own (its own server socket), killed when dropped.
+struct Tmux {
+    sock: String,
+}
+
+impl Tmux {
+    /// A `width` x `height` terminal with bash at its `mbt$ ` prompt.
+    fn shell(width: u16, height: u16) -> Tmux {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = Tmux {
+            sock: format!("mbtrace-test-{}-{n}", std::process::id()),
+        };
+        let (w, h) = (width.to_string(), height.to_string());
+        t.run(&[
+            "new-session",
+            "-d",
+            "-x",
+            &w,
+            "-y",
+            &h,
+            "bash --norc --noprofile",
+        ]);
+        // Keys typed before the shell is ready can be lost: wait for its first prompt.
+        t.wait_for("no shell prompt", &|s| {
+            s.lines()
+                .any(|l| l.trim_end().ends_with('#') || l.trim_end().ends_with('$'))
+        });
+        t.keys("PS1='mbt$ '; clear");
+        t.wait_for("no prompt", &|s| s.lines().any(|l| l.trim_end() == "mbt$"));
+        t
+    }
+
+    fn run(&self, args: &[&str]) -> String {
         let out = Command::new("tmux")
             .arg("-L")
-            .arg(&sock)
+            .arg(&self.sock)
             .args(args)
             .output()
             .expect("tmux");
@@ -804,48 +875,66 @@ fn dashboard_in_tmux_shows_the_process_and_quits_on_q() {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    }
+
+    /// Types `line` and Enter.
+    fn keys(&self, line: &str) {
+        self.run(&["send-keys", line, "Enter"]);
+    }
+
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p"])
+    }
+
+    fn wait_for(&self, what: &str, ok: &dyn Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let screen = self.screen();
+            if ok(&screen) {
+                return screen;
+            }
+            assert!(Instant::now() < deadline, "{what}; screen:\n{screen}");
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until the shell is back: its prompt the last line, nothing running.
+    fn wait_for_prompt(&self) -> String {
+        let screen = self.wait_for("the shell prompt did not come back", &|s| {
+            s.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .is_some_and(|l| l.trim_end() == "mbt$")
+        });
+        assert_eq!(
+            self.run(&["display-message", "-p", "#{pane_current_command}"])
+                .trim(),
+            "bash"
+        );
+        screen
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.sock, "kill-server"])
+            .status();
+    }
+}
+
+/// The dashboard in a real terminal: tmux runs a shell, the shell runs the tracer.
+#[test]
+fn dashboard_in_tmux_shows_the_process_and_quits_on_q() {
+    let _machine = require_root();
     // GLOBAL calls (a grace period each, mostly asleep) for longer than the test; killed at the
     // end.
     let mut w = Workload::start(&["--global", "100000"]);
     w.go();
-    tmux(&[
-        "new-session",
-        "-d",
-        "-x",
-        "120",
-        "-y",
-        "40",
-        "-e",
-        "PS1=mbt$ ",
-        "bash --norc --noprofile",
-    ]);
-    let wait_for = |what: &str, ok: &dyn Fn(&str) -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let screen = tmux(&["capture-pane", "-p"]);
-            if ok(&screen) {
-                return screen;
-            }
-            if Instant::now() > deadline {
-                let _ = Command::new("tmux")
-                    .args(["-L", &sock, "kill-server"])
-                    .status();
-                panic!("{what}; screen:\n{screen}");
-            }
-            thread::sleep(Duration::from_millis(200));
-        }
-    };
-    // Keys typed before the shell is ready can be lost: wait for its first prompt.
-    wait_for("no shell prompt", &|s| {
-        s.lines()
-            .any(|l| l.trim_end().ends_with('#') || l.trim_end().ends_with('$'))
-    });
-    tmux(&["send-keys", "PS1='mbt$ '; clear", "Enter"]);
-    wait_for("no prompt", &|s| s.lines().any(|l| l.trim_end() == "mbt$"));
-    tmux(&["send-keys", &format!("{TRACER} --pid {}", w.pid), "Enter"]);
+    let t = Tmux::shell(120, 40);
+    t.keys(&format!("{TRACER} --pid {}", w.pid));
     let pid = w.pid.to_string();
-    let screen = wait_for("no row with the workload and a rate", &|s| {
+    let screen = t.wait_for("no row with the workload and a rate", &|s| {
         s.lines().any(|l| {
             let f: Vec<&str> = l
                 .trim_matches(|c| c == '│' || c == ' ')
@@ -856,23 +945,50 @@ fn dashboard_in_tmux_shows_the_process_and_quits_on_q() {
     });
     assert!(screen.contains("membarrier-trace"), "{screen}");
     assert!(screen.contains("GLOBAL"), "{screen}");
-    tmux(&["send-keys", "q"]);
-    // Back at the shell: the prompt is the last line and the shell runs nothing.
-    wait_for("the shell prompt did not come back", &|s| {
-        s.lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .is_some_and(|l| l.trim_end() == "mbt$")
-    });
-    assert_eq!(
-        tmux(&["display-message", "-p", "#{pane_current_command}"]).trim(),
-        "bash"
+    t.keys("q");
+    // Back at the shell, with the summary printed above the prompt.
+    let screen = t.wait_for_prompt();
+    assert!(
+        screen.contains(&format!("PID {pid} (membarrier-work)")),
+        "{screen}"
     );
-    let _ = Command::new("tmux")
-        .args(["-L", &sock, "kill-server"])
-        .status();
     let _ = w.child.kill();
     let _ = w.child.wait();
+}
+
+/// With `-- COMMAND`, the dashboard outlives the command: its final figures stay on screen,
+/// with its exit status, until q; then the text summary is printed and the command's status
+/// passed on.
+#[test]
+fn dashboard_stays_open_after_the_command_exits() {
+    let _machine = require_root();
+    let t = Tmux::shell(100, 30);
+    t.keys(&format!(
+        "{TRACER} -- {WORKLOAD} --query 2 --expedited 300 --exit-code 3; echo rc=$?"
+    ));
+    let ended = |s: &str| s.contains("exited with status 3; tracing stopped, q leaves");
+    let screen = t.wait_for("the dashboard did not say the command exited", &ended);
+    let row = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("│") && l.contains("membarrier-work"))
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+    };
+    // PID COMM CALLS/S CALLS: every call, counted exactly.
+    let cells = row(&screen).unwrap_or_else(|| panic!("no row: {screen}"));
+    assert_eq!(cells[3], "303", "{screen}");
+    // Still there a while later: not closed, not updated.
+    thread::sleep(Duration::from_millis(1500));
+    let later = t.screen();
+    assert!(ended(&later), "{later}");
+    assert_eq!(row(&later), Some(cells));
+    t.keys("q");
+    let screen = t.wait_for_prompt();
+    assert!(screen.contains("rc=3"), "{screen}");
+    assert!(screen.contains("303 calls"), "{screen}");
+    assert!(
+        screen.contains("(membarrier-work, exited): 303 calls"),
+        "{screen}"
+    );
 }
 
 /// Attaching to a process already making calls as fast as it can: only the call under way at
@@ -930,16 +1046,22 @@ fn attach_auto_falls_back_and_fentry_is_clear() {
     let report = last_json_with(&stdout, "processes");
     let mine = last_json_with(&stdout, "outcomes");
     let p = process(&report, mine["pid"].as_u64().unwrap() as u32);
-    assert_eq!(tracer_counts(p), workload_counts(&mine));
-    assert_eq!(p["calls"], 3 + 1 + 50);
+    let missed = assert_counts(&report, p, &mine);
+    assert_eq!(p["calls"].as_u64().unwrap() + missed, 3 + 1 + 50);
     let fentry = Command::new(TRACER)
         .args(["--attach", "fentry", "-d", "0.2", "-o", "json"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&fentry.stderr);
-    if fentry_allowed() {
+    if fentry_allowed() && preempt_rt() {
+        // auto took the tracepoints and said why; fentry alone is still allowed.
+        assert_eq!(report["attach"], "tracepoint", "{stderr}");
+        assert!(stderr.contains("PREEMPT_RT kernel"), "{stderr}");
+        assert!(fentry.status.success(), "{err}");
+    } else if fentry_allowed() {
         // auto took fentry, and fentry alone runs to its end (snapshots read the hook attached).
         assert_eq!(report["attach"], "fentry", "{stderr}");
+        assert!(!stderr.contains("PREEMPT_RT"), "{stderr}");
         assert!(!stderr.contains("refused"), "{stderr}");
         assert!(fentry.status.success(), "{err}");
         let r = last_json_with(&String::from_utf8_lossy(&fentry.stdout), "processes");
