@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, ValueEnum};
-use membarrier_trace::tui::Feed as _;
+use membarrier_trace::tui::{Feed as _, Stop};
 use membarrier_trace::{
     collector::{Collector, Options},
     hook::AttachMode,
@@ -212,6 +212,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         model: Model::default(),
         exit: None,
         note: None,
+        // Its program's name: the dashboard says it on one line.
+        command: cli
+            .command
+            .first()
+            .map(|c| c.rsplit('/').next().unwrap_or(c).to_string())
+            .unwrap_or_default(),
     };
     if tui {
         let hook = session.collector.attach_source().describe();
@@ -223,19 +229,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
         let interval = cli
             .interval
             .map_or(Duration::from_secs(1), Duration::from_secs_f64);
-        membarrier_trace::tui::run(&mut session, interval, source)?;
+        let last = membarrier_trace::tui::run(&mut session, interval, source)?;
         // Quitting the dashboard also stops a command we started.
         if session.exit.is_none()
             && let Some(c) = session.child.as_mut()
         {
             session.exit = Some(stop_child(c, libc::SIGTERM));
         }
+        // The figures stay on the terminal after the screen is gone.
+        let last = match last {
+            Some(r) => r,
+            None => session.final_report()?,
+        };
+        if emit(Format::Text, &last).is_err() {
+            eprintln!("membarrier-trace: stdout closed: no summary printed");
+        }
     } else {
         let format = cli.output.unwrap_or(Format::Text);
         let interval = cli.interval.map(Duration::from_secs_f64);
         let mut next_report = interval.map(|i| started + i);
         let mut closed = None;
-        while !session.stopped()? {
+        while session.stop()?.is_none() {
             if let (Some(next), Some(i)) = (next_report, interval)
                 && Instant::now() >= next
             {
@@ -294,49 +308,65 @@ struct Session {
     exit: Option<ExitCode>,
     /// Why tracing ended, when the user should be told.
     note: Option<String>,
+    /// The program of `-- COMMAND`.
+    command: String,
 }
 
 impl Session {
-    fn final_report(&mut self) -> Result<Report> {
-        Ok(self.model.report(&self.collector.snapshot(true)?))
-    }
-}
-
-impl membarrier_trace::tui::Feed for Session {
-    fn stopped(&mut self) -> Result<bool> {
+    /// Whether tracing should end, and why.
+    fn stop(&mut self) -> Result<Option<Stop>> {
         let sig = self.signal.load(Ordering::SeqCst);
         if sig != 0 {
             if let Some(c) = self.child.as_mut() {
                 self.exit = Some(stop_child(c, sig));
             }
-            return Ok(true);
+            return Ok(Some(Stop::Leave));
         }
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
-            return Ok(true);
+            return Ok(Some(Stop::Linger("--duration is over".into())));
         }
         if let Some(c) = self.child.as_mut()
             && let Some(status) = c.try_wait().context("waiting for the command")?
         {
             self.exit = Some(exit_code(status));
-            return Ok(true);
+            let how = match (status.code(), status.signal()) {
+                (Some(code), _) => format!("exited with status {code}"),
+                (None, Some(sig)) => format!("was killed by signal {sig}"),
+                _ => "exited".into(),
+            };
+            let name = output::printable(&self.command);
+            return Ok(Some(Stop::Linger(format!("`{name}` {how}"))));
         }
         if self
             .exits
             .as_ref()
             .is_some_and(preflight::ExitWatch::all_exited)
         {
-            self.note = Some("every traced process has exited".into());
-            return Ok(true);
+            let why = "every traced process has exited";
+            self.note = Some(why.into());
+            return Ok(Some(Stop::Linger(why.into())));
         }
         if Instant::now() >= self.next_retire {
             self.collector.retire_exited()?;
             self.next_retire = Instant::now() + RETIRE_EVERY;
         }
-        Ok(false)
+        Ok(None)
+    }
+}
+
+impl membarrier_trace::tui::Feed for Session {
+    fn stopped(&mut self) -> Result<Option<Stop>> {
+        self.stop()
     }
 
     fn report(&mut self) -> Result<Report> {
         Ok(self.model.report(&self.collector.snapshot(false)?))
+    }
+
+    fn final_report(&mut self) -> Result<Report> {
+        let report = self.model.report(&self.collector.snapshot(true)?);
+        self.collector.detach();
+        Ok(report)
     }
 }
 

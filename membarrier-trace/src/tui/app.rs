@@ -51,7 +51,7 @@ impl Column {
             Column::P99 => "P99",
             Column::Max => "MAX",
             Column::MainCmd => "MAIN CMD",
-            Column::Inside => "%TIME IN",
+            Column::Inside => "IN CALL",
         }
     }
 }
@@ -82,6 +82,9 @@ pub struct App {
     pub selected_cmd: usize,
     pub help: bool,
     pub quit: bool,
+    /// Set when tracing has ended (the command exited, ...): why, said on screen; the final
+    /// figures stay until the user leaves.
+    pub ended: Option<String>,
     /// Calls per report, per process, oldest first.
     history: HashMap<u32, VecDeque<u64>>,
     prev_calls: HashMap<u32, u64>,
@@ -106,6 +109,7 @@ impl App {
             selected_cmd: 0,
             help: false,
             quit: false,
+            ended: None,
             history: HashMap::new(),
             prev_calls: HashMap::new(),
             exited: HashMap::new(),
@@ -131,6 +135,13 @@ impl App {
             self.shown = self.latest.clone();
         }
         self.keep_selection();
+    }
+
+    /// Tracing has ended: `report` is the final one, shown (unpaused) until the user leaves.
+    pub fn end(&mut self, report: Report, why: String, alive: impl Fn(u32) -> bool) {
+        self.paused = false;
+        self.update(report, alive);
+        self.ended = Some(why);
     }
 
     pub fn is_exited(&self, pid: u32) -> bool {

@@ -40,6 +40,8 @@ const MIN_W: u16 = 40;
 const MIN_H: u16 = 10;
 /// Below this height the detail pane is left out.
 const DETAIL_MIN_H: u16 = 20;
+/// Rows the histogram, sparkline and breakdown under the cmd list need at least.
+const DETAIL_BELOW_H: u16 = 9;
 
 /// A bucket bound as a short label: `512ns`, `16us`, `2ms`, `1s`.
 fn short_ns(ns: u64) -> String {
@@ -87,8 +89,14 @@ pub fn render(f: &mut Frame, app: &App) {
     if area.height < DETAIL_MIN_H {
         render_processes(f, app, body);
     } else {
+        // Each pane as tall as its rows, as far as the other leaves room: the table gets at
+        // least 45% when both want more.
+        let table_want = app.rows().len().max(1) as u16 + 3;
+        let detail_want = app.selected().map_or(0, |p| p.cmds.len() as u16) + 3 + DETAIL_BELOW_H;
+        let table_h =
+            table_want.min((body.height * 45 / 100).max(body.height.saturating_sub(detail_want)));
         let [table, detail] =
-            Layout::vertical([Constraint::Percentage(45), Constraint::Percentage(55)]).areas(body);
+            Layout::vertical([Constraint::Length(table_h), Constraint::Min(0)]).areas(body);
         render_processes(f, app, table);
         render_detail(f, app, detail);
     }
@@ -104,52 +112,87 @@ fn render_header(f: &mut Frame, app: &App, area: Rect) {
         GraceSource::Sched => "sched",
         GraceSource::None => "none",
     };
-    // Line 1: the figures that matter most, missed and dropped never cut off.
+    // Line 1: the figures that matter most. Parts are kept in order of importance as far as
+    // the width allows: missed and dropped always, whole (the line wraps before they are cut).
     let lost = Style::new().fg(if r.missed_calls + r.dropped.total > 0 {
         Color::Red
     } else {
         Color::Reset
     });
-    let mut top = vec![
-        Span::styled(
-            "membarrier-trace ",
-            Style::new().add_modifier(Modifier::BOLD),
+    let parts: [(u8, Span); 6] = [
+        (
+            3,
+            Span::styled(
+                "membarrier-trace ",
+                Style::new().add_modifier(Modifier::BOLD),
+            ),
         ),
-        Span::raw(format!("{} calls/s  ", rate(r.calls_per_sec))),
-        Span::styled(
-            format!("missed {}  dropped {}", r.missed_calls, r.dropped.total),
-            lost,
+        (2, Span::raw(format!("{} calls/s  ", rate(r.calls_per_sec)))),
+        (
+            0,
+            Span::styled(
+                format!("missed {}  dropped {}", r.missed_calls, r.dropped.total),
+                lost,
+            ),
         ),
-        Span::raw(format!(
-            "  up {:.0}s  every {}s",
-            r.duration_ns as f64 / 1e9,
-            app.interval_secs
-        )),
+        (
+            4,
+            Span::raw(format!("  up {:.0}s", r.duration_ns as f64 / 1e9)),
+        ),
+        (5, Span::raw(format!("  every {}s", app.interval_secs))),
+        (
+            1,
+            Span::styled(
+                if app.paused { "  PAUSED" } else { "" },
+                Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
+            ),
+        ),
     ];
-    if app.paused {
-        top.push(Span::styled(
-            "  PAUSED",
-            Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
-        ));
-    }
-    let bottom = match &app.editing {
-        Some(text) => format!("filter: {text}_  (Enter apply, Esc cancel)"),
-        None => {
+    let top = Line::from(fitting(parts, area.width));
+    let bottom = match (&app.ended, &app.editing) {
+        (Some(why), _) => Line::from(format!("{why}; tracing stopped, q leaves"))
+            .style(Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD)),
+        (None, Some(text)) => Line::from(format!("filter: {text}_  (Enter apply, Esc cancel)"))
+            .style(Style::new().fg(Color::DarkGray)),
+        (None, None) => {
             let filter = if app.filter.is_empty() {
                 String::new()
             } else {
                 format!("filter: {}  ", app.filter)
             };
-            format!("{filter}{}, grace periods: {grace}   ? keys", app.source)
+            Line::from(format!(
+                "{filter}{}, grace periods: {grace}   ? keys",
+                app.source
+            ))
+            .style(Style::new().fg(Color::DarkGray))
         }
     };
     f.render_widget(
-        Paragraph::new(vec![
-            Line::from(top),
-            Line::from(bottom).style(Style::new().fg(Color::DarkGray)),
-        ]),
+        Paragraph::new(vec![top, bottom]).wrap(Wrap { trim: true }),
         area,
     );
+}
+
+/// The spans of `parts` (priority, span; 0 first) that fit in `width` together, taken by
+/// priority and kept in their order. The first is always kept.
+fn fitting<const N: usize>(parts: [(u8, Span<'static>); N], width: u16) -> Vec<Span<'static>> {
+    let mut by_priority: Vec<usize> = (0..N).collect();
+    by_priority.sort_by_key(|&i| parts[i].0);
+    let mut keep = [false; N];
+    let mut used = 0;
+    for (n, i) in by_priority.into_iter().enumerate() {
+        let w = parts[i].1.width();
+        if n == 0 || used + w <= width as usize {
+            keep[i] = true;
+            used += w;
+        }
+    }
+    parts
+        .into_iter()
+        .zip(keep)
+        .filter(|(_, k)| *k)
+        .map(|((_, span), _)| span)
+        .collect()
 }
 
 fn focus_block(title: String, focused: bool) -> Block<'static> {
@@ -181,8 +224,56 @@ fn process_cells(app: &App, p: &ProcessReport) -> Vec<String> {
         fmt_ns(p.latency_ns.p99),
         fmt_ns(p.latency_ns.max),
         p.cmds.first().map(|c| c.cmd.clone()).unwrap_or_default(),
-        format!("{:.1}", p.time_inside_pct),
+        // Threads inside membarrier on average (the time inside over the interval).
+        format!("{:.2}", p.time_inside_pct / 100.0),
     ]
+}
+
+/// The process table's columns, most wanted first, with their least width: on a narrow
+/// terminal the last ones go, PID and COMM stay.
+const PROCESS_COLUMNS: [(Column, u16); 10] = [
+    (Column::Pid, 8),
+    (Column::Comm, 8),
+    (Column::Rate, 7),
+    (Column::Calls, 7),
+    (Column::P99, 6),
+    (Column::Errors, 6),
+    (Column::P50, 6),
+    (Column::Max, 6),
+    (Column::Inside, 7),
+    (Column::MainCmd, 8),
+];
+
+/// The columns that fit in `width` (inside the borders, one space between columns), in table
+/// order, with their widths: what is left over widens COMM (2 parts) and MAIN CMD (3 parts).
+fn process_columns(width: u16) -> Vec<(usize, u16)> {
+    let mut kept = Vec::new();
+    let mut used = 0u16;
+    for (n, &(col, w)) in PROCESS_COLUMNS.iter().enumerate() {
+        let need = w + u16::from(n > 0);
+        if n < 2 || used + need <= width {
+            kept.push((col, w));
+            used += need;
+        }
+    }
+    let spare = width.saturating_sub(used);
+    let has_main = kept.iter().any(|(c, _)| *c == Column::MainCmd);
+    let mut cols: Vec<(usize, u16)> = Column::ALL
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            let &(_, w) = kept.iter().find(|(k, _)| k == c)?;
+            let extra = match c {
+                Column::Comm if has_main => spare * 2 / 5,
+                Column::Comm => spare,
+                Column::MainCmd => spare - spare * 2 / 5,
+                _ => 0,
+            };
+            Some((i, w + extra))
+        })
+        .collect();
+    cols.shrink_to_fit();
+    cols
 }
 
 fn render_processes(f: &mut Frame, app: &App, area: Rect) {
@@ -205,8 +296,10 @@ fn render_processes(f: &mut Frame, app: &App, area: Rect) {
         );
         return;
     }
-    let header = Row::new(Column::ALL.iter().map(|c| {
-        let mark = if *c == app.sort {
+    let cols = process_columns(area.width.saturating_sub(2));
+    let header = Row::new(cols.iter().map(|&(i, _)| {
+        let c = Column::ALL[i];
+        let mark = if c == app.sort {
             if app.descending { "▼" } else { "▲" }
         } else {
             ""
@@ -220,21 +313,10 @@ fn render_processes(f: &mut Frame, app: &App, area: Rect) {
         } else {
             Style::new()
         };
-        Row::new(process_cells(app, p)).style(style)
+        let mut cells = process_cells(app, p);
+        Row::new(cols.iter().map(|&(i, _)| std::mem::take(&mut cells[i]))).style(style)
     });
-    // Fits 80 columns with COMM at 8; wider terminals give COMM and MAIN CMD the room.
-    let widths = [
-        Constraint::Length(8),
-        Constraint::Fill(2),
-        Constraint::Length(7),
-        Constraint::Length(7),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Fill(3),
-        Constraint::Length(8),
-    ];
+    let widths = cols.iter().map(|&(_, w)| Constraint::Length(w));
     let table = Table::new(body, widths)
         .header(header)
         .block(block)
@@ -251,7 +333,7 @@ fn render_detail(f: &mut Frame, app: &App, area: Rect) {
     };
     // The cmd rows on top, full width; below, the selected cmd's histogram beside the call
     // rate sparkline and where its time went.
-    let cmds_h = (p.cmds.len() as u16 + 3).min(area.height / 2);
+    let cmds_h = (p.cmds.len() as u16 + 3).min(area.height.saturating_sub(DETAIL_BELOW_H).max(4));
     let [cmds, below] =
         Layout::vertical([Constraint::Length(cmds_h), Constraint::Min(0)]).areas(area);
     render_cmds(f, app, p, cmds);
@@ -380,12 +462,20 @@ fn render_breakdown(f: &mut Frame, c: &CmdReport, area: Rect) {
             fmt_ns(c.on_cpu_ns),
             fmt_ns(c.blocked_ns.p50)
         )),
-        Line::from(format!(
-            "IPIs {:.2}/call {}; handler {}",
-            c.ipis_per_call(),
-            counts(&c.ipis.per_cpu, "cpu"),
-            fmt_ns(c.ipis.handler_ns)
-        )),
+        Line::from(if c.ipis.per_cpu.is_empty() {
+            format!(
+                "IPIs {:.2}/call; handler {}",
+                c.ipis_per_call(),
+                fmt_ns(c.ipis.handler_ns)
+            )
+        } else {
+            format!(
+                "IPIs {:.2}/call {}; handler {}",
+                c.ipis_per_call(),
+                counts(&c.ipis.per_cpu, "cpu"),
+                fmt_ns(c.ipis.handler_ns)
+            )
+        }),
         Line::from(format!(
             "mutex wait {} (max {})",
             fmt_ns(c.mutex_wait_ns.sum),
@@ -512,6 +602,46 @@ mod tests {
             draw(&app(), w, h);
         }
         insta::assert_snapshot!(draw(&app(), 20, 5));
+    }
+
+    fn text(b: &TestBackend) -> Vec<String> {
+        let buf = b.buffer();
+        (0..buf.area.height)
+            .map(|y| {
+                (0..buf.area.width)
+                    .map(|x| buf[(x, y)].symbol())
+                    .collect::<String>()
+            })
+            .collect()
+    }
+
+    /// Losses are shown whole at every width, and rows keep PID and COMM: other columns go.
+    #[test]
+    fn narrow_terminals_keep_losses_pid_and_comm() {
+        let mut model = Model::default();
+        let mut app = App::new("tracepoints".into(), 1.0);
+        let snap = Snapshot {
+            elapsed_ns: 1_000_000_000,
+            rows: vec![row(4_194_303, 8, 0, &[500; 3])],
+            comms: [((4_194_303, 0), "urcu-writer".into())].into(),
+            losses: crate::model::Losses {
+                missed_calls: 123_456_789,
+                calls_without_row: 9952,
+                ..Default::default()
+            },
+            ..Snapshot::default()
+        };
+        app.update(model.report(&snap), |_| true);
+        for w in [40, 50, 63, 64, 80, 200] {
+            let lines = text(&draw(&app, w, 24));
+            let all = lines.concat();
+            assert!(all.contains("missed 123456789"), "{w}: {lines:#?}");
+            assert!(all.contains("dropped 9952"), "{w}: {lines:#?}");
+            let row = lines.iter().find(|l| l.contains("4194303")).unwrap();
+            assert!(row.contains("urcu-wri"), "{w}: {row}");
+            assert!(w < 80 || row.contains("PRIVATE_"), "{w}: {row}");
+        }
+        insta::assert_snapshot!(draw(&app, 40, 12));
     }
 
     #[test]
