@@ -64,12 +64,22 @@ pub fn kind(cmd: i32) -> Kind {
     }
 }
 
-/// `flags` as text: `0`, `CPU`, or the raw value with unknown bits.
+/// What a call of `cmd` with `flags` does: the kernel refuses flags other than `FLAG_CPU`,
+/// and that one except with PRIVATE_EXPEDITED_RSEQ (EINVAL before any barrier).
+pub fn kind_with_flags(cmd: i32, flags: u32) -> Kind {
+    const PRIVATE_EXPEDITED_RSEQ: i32 = 128;
+    match flags {
+        0 => kind(cmd),
+        FLAG_CPU if cmd == PRIVATE_EXPEDITED_RSEQ => kind(cmd),
+        _ => Kind::Invalid,
+    }
+}
+
+/// `flags` as text: `0`, `CPU`, or the raw value when any other bit is set.
 pub fn flags_name(flags: u32) -> String {
     match flags {
         0 => "0".to_string(),
         FLAG_CPU => "CPU".to_string(),
-        f if f & FLAG_CPU != 0 => format!("CPU|{:#x}", f & !FLAG_CPU),
         f => format!("{f:#x}"),
     }
 }
@@ -138,8 +148,17 @@ mod tests {
     fn flags_and_errno() {
         assert_eq!(flags_name(0), "0");
         assert_eq!(flags_name(1), "CPU");
-        assert_eq!(flags_name(3), "CPU|0x2");
+        assert_eq!(flags_name(3), "0x3");
         assert_eq!(flags_name(4), "0x4");
+        assert_eq!(flags_name(u32::MAX), "0xffffffff");
+        assert_eq!(kind_with_flags(GLOBAL, 0), Kind::GracePeriod);
+        assert_eq!(kind_with_flags(GLOBAL, 1), Kind::Invalid);
+        assert_eq!(
+            kind_with_flags(REGISTER_PRIVATE_EXPEDITED, 4),
+            Kind::Invalid
+        );
+        assert_eq!(kind_with_flags(128, FLAG_CPU), Kind::Barrier);
+        assert_eq!(kind_with_flags(128, 3), Kind::Invalid);
         assert_eq!(errno_name(1), "EPERM");
         assert_eq!(errno_name(22), "EINVAL");
         assert_eq!(errno_name(200), "E200");

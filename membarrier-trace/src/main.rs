@@ -159,7 +159,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
     let follow = !cli.command.is_empty();
     let mut collector = Collector::load(
-        &tracefs,
+        &tracefs.path,
         &Options {
             pids: cli.pids.clone(),
             follow_forks: follow,

@@ -233,8 +233,10 @@ pub struct ProcessReport {
     /// Over the window.
     pub calls_per_sec: f64,
     pub errors: u64,
-    /// Calls of REGISTER_* cmds and the time they took (one-off cost, apart from barriers).
+    /// Successful calls of REGISTER_* cmds, the failed ones, and the time all of them took
+    /// (one-off cost, apart from barriers).
     pub registrations: u64,
+    pub registrations_failed: u64,
     pub registration_ns: u64,
     /// EPERM from expedited cmds: the process issued them without registering first.
     pub unregistered_eperm: u64,
@@ -452,7 +454,7 @@ impl Model {
             let row = CmdReport {
                 cmd: cmd::display_name(cmd_value),
                 cmd_value,
-                kind: cmd::kind(cmd_value),
+                kind: cmd::kind_with_flags(cmd_value, flags),
                 flags,
                 calls,
                 calls_per_sec: per_sec(calls.saturating_sub(before)),
@@ -503,6 +505,7 @@ impl Model {
                 calls_per_sec: 0.0,
                 errors: 0,
                 registrations: 0,
+                registrations_failed: 0,
                 registration_ns: 0,
                 unregistered_eperm: 0,
                 latency_ns: Latency::default(),
@@ -512,7 +515,8 @@ impl Model {
             p.latency_ns.sum += row.latency_ns.sum;
             p.latency_ns.max = p.latency_ns.max.max(row.latency_ns.max);
             if row.kind == Kind::Registration {
-                p.registrations += row.calls;
+                p.registrations += row.calls - row.errors;
+                p.registrations_failed += row.errors;
                 p.registration_ns += row.latency_ns.sum;
             }
             if row.kind == Kind::Barrier {

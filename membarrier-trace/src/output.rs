@@ -129,10 +129,15 @@ pub fn text(r: &Report) -> String {
             fmt_rate(p.calls_per_sec),
             p.errors
         );
-        if p.registrations > 0 {
+        if p.registrations + p.registrations_failed > 0 {
+            let failed = if p.registrations_failed > 0 {
+                format!(" ({} more failed)", p.registrations_failed)
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "  registration: {} calls, {} in all",
+                "  registered: {} calls{failed}, {} in all",
                 p.registrations,
                 fmt_ns(p.registration_ns)
             );
@@ -150,10 +155,13 @@ pub fn text(r: &Report) -> String {
             "CMD", "FLAGS", "CALLS", "CALLS/S", "ERRORS", "P50", "P99", "MAX"
         );
         for c in &p.cmds {
-            let name = if c.kind == Kind::GracePeriod {
-                format!("{} (grace period)", c.cmd)
-            } else {
-                c.cmd.clone()
+            let name = match c.kind {
+                Kind::GracePeriod => format!("{} (grace period)", c.cmd),
+                // A known cmd with flags the kernel refuses: EINVAL, no barrier.
+                Kind::Invalid if cmd::name(c.cmd_value).is_some() => {
+                    format!("{} (invalid flags)", c.cmd)
+                }
+                _ => c.cmd.clone(),
             };
             let mut line = format!(
                 "  {:<44} {:>5} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}",
@@ -191,7 +199,7 @@ fn breakdown(s: &mut String, c: &CmdReport) {
     let mut parts = Vec::new();
     if c.blocked_ns.sum > 0 {
         let mut p = format!(
-            "blocked {} of {} ({:.0}%), p50 {}, max {}",
+            "blocked {} of {} in the call, summed over calls ({:.0}%), p50 {}, max {}",
             fmt_ns(c.blocked_ns.sum),
             fmt_ns(c.latency_ns.sum),
             c.blocked_pct(),

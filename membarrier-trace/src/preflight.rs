@@ -24,15 +24,42 @@ fn tracefs_ready(dir: &Path) -> bool {
     dir.join("events").is_dir()
 }
 
+/// Where tracefs is mounted. When the tracer mounted it, dropping this unmounts it again.
+pub struct Tracefs {
+    pub path: PathBuf,
+    mounted: bool,
+}
+
+impl Drop for Tracefs {
+    fn drop(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        let Ok(c) = CString::new(self.path.as_os_str().as_encoded_bytes()) else {
+            return;
+        };
+        // Lazy: nothing of ours holds it open by now, but another reader might.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            eprintln!(
+                "membarrier-trace: unmounted tracefs from {}",
+                self.path.display()
+            );
+        }
+    }
+}
+
 /// The tracefs mount, mounting it at /sys/kernel/tracing when nothing is mounted (as root we
-/// can, and users should not have to know about it).
-pub fn tracefs() -> Result<PathBuf> {
-    if let Some(p) = TRACEFS_MOUNTS
+/// can, and users should not have to know about it); unmounted again when the result drops.
+pub fn tracefs() -> Result<Tracefs> {
+    if let Some(path) = TRACEFS_MOUNTS
         .iter()
         .map(PathBuf::from)
         .find(|p| tracefs_ready(p))
     {
-        return Ok(p);
+        return Ok(Tracefs {
+            path,
+            mounted: false,
+        });
     }
     let target = Path::new(TRACEFS_MOUNTS[0]);
     let c = |s: &str| CString::new(s).expect("no NUL");
@@ -55,8 +82,14 @@ pub fn tracefs() -> Result<PathBuf> {
             std::io::Error::last_os_error()
         );
     }
-    eprintln!("membarrier-trace: mounted tracefs at {}", target.display());
-    Ok(target.to_path_buf())
+    eprintln!(
+        "membarrier-trace: mounted tracefs at {} (unmounted again on exit)",
+        target.display()
+    );
+    Ok(Tracefs {
+        path: target.to_path_buf(),
+        mounted: true,
+    })
 }
 
 /// Fails unless the kernel has the tracepoint `category:name`.

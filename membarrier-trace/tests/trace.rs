@@ -1264,3 +1264,33 @@ fn bad_durations_are_refused_before_attaching() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+/// Without tracefs the tracer mounts it, says so, and unmounts it on exit. In a mount namespace
+/// of its own (unshare), so the other tests keep theirs.
+#[test]
+fn a_missing_tracefs_is_mounted_and_unmounted_again() {
+    let _machine = require_root();
+    let script = format!(
+        "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug 2>/dev/null; \
+         if grep -qw tracefs /proc/self/mounts; then echo still-mounted; exit 9; fi; \
+         {WORKLOAD} --query 3 >/dev/null & \
+         {TRACER} -o json -d 0.5 --no-breakdown || exit $?; wait; \
+         echo tracefs-mounts=$(grep -cw tracefs /proc/self/mounts)"
+    );
+    let out =
+        run(Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("mounted tracefs at /sys/kernel/tracing (unmounted again on exit)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("unmounted tracefs from /sys/kernel/tracing"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("tracefs-mounts=0"), "{stdout}");
+    let report = last_json_with(&stdout, "processes");
+    assert_eq!(report["dropped"]["total"], 0);
+}

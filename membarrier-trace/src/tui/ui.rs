@@ -456,7 +456,7 @@ fn render_histogram(f: &mut Frame, c: &CmdReport, area: Rect) {
 fn render_breakdown(f: &mut Frame, c: &CmdReport, area: Rect) {
     let mut lines = vec![
         Line::from(format!(
-            "blocked {} ({:.0}%), on CPU {}; p50 blocked {}",
+            "blocked {} ({:.0}%), on CPU {}, summed over calls; p50 blocked {}",
             fmt_ns(c.blocked_ns.sum),
             c.blocked_pct(),
             fmt_ns(c.on_cpu_ns),
