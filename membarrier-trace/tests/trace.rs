@@ -735,20 +735,23 @@ fn a_call_under_way_at_attach_is_counted_missed() {
     // mid-call and stops mid-call. With fentry a call under way at attach is not seen at all
     // (its return does not pass the new trampoline), so the one under way at the stop counts:
     // two callers make "neither inside at that instant" (about 6% each in a TCG guest) rare.
+    // More calls than any attach takes (seconds on a PREEMPT_RT guest), stopped at the end.
     let spawn = || {
         Command::new(WORKLOAD)
-            .args(["--global", "150"])
-            .stdout(Stdio::piped())
+            .args(["--global", "1000000"])
+            .stdout(Stdio::null())
             .spawn()
             .unwrap()
     };
-    let (a, b) = (spawn(), spawn());
+    let (mut a, mut b) = (spawn(), spawn());
     thread::sleep(Duration::from_millis(300));
     let (pa, pb) = (a.id().to_string(), b.id().to_string());
     let tracer = Tracer::start(&["--pid", &pa, "--pid", &pb, "-o", "json", "-d", "0.5"]);
     let out = tracer.finish();
-    let _ = wait_output(a);
-    let _ = wait_output(b);
+    for w in [&mut a, &mut b] {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
     let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
     assert!(report["missed_calls"].as_u64().unwrap() >= 1, "{report}");
 }
