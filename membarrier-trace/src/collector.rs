@@ -477,7 +477,7 @@ fn load_error(prog: &str, e: ProgramError) -> anyhow::Error {
 
 /// How often the kernel skipped `prog` because another BPF program was running on that CPU
 /// (`recursion_misses` in `bpf_prog_info`; aya does not expose it).
-fn recursion_misses(ebpf: &Ebpf, prog: &str) -> Result<u64> {
+fn recursion_misses(prog: &Program) -> Result<u64> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     // struct bpf_prog_info up to and including recursion_misses (at offset 208).
     const INFO_LEN: usize = 216;
@@ -489,10 +489,7 @@ fn recursion_misses(ebpf: &Ebpf, prog: &str) -> Result<u64> {
         info_len: u32,
         info: u64,
     }
-    let p = ebpf
-        .program(prog)
-        .with_context(|| format!("eBPF program {prog} missing"))?;
-    let fd = p.fd()?.as_fd().as_raw_fd();
+    let fd = prog.fd()?.as_fd().as_raw_fd();
     let mut info = [0u8; INFO_LEN];
     let mut attr = GetInfo {
         bpf_fd: fd as u32,
@@ -731,8 +728,9 @@ impl Collector {
     fn probe_runs_skipped(&self) -> Result<u64> {
         let mut n = 0;
         for (name, p) in self.ebpf.programs() {
+            // Loaded: attached (a program that failed to attach is unloaded again).
             if p.fd().is_ok() && name != self.hook.enter && name != self.hook.exit {
-                n += recursion_misses(&self.ebpf, name)?;
+                n += recursion_misses(p)?;
             }
         }
         Ok(n)

@@ -187,6 +187,23 @@ impl Tracer {
         out.stderr = self.stderr.join().unwrap().into_bytes();
         out
     }
+
+    /// [`Tracer::finish`], which must succeed, and its last JSON report.
+    fn report(self) -> (Output, Value) {
+        let out = self.finish();
+        let report = report_of(&out);
+        (out, report)
+    }
+}
+
+/// The last JSON report of a tracer run, which must have succeeded.
+fn report_of(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    last_json_with(&String::from_utf8_lossy(&out.stdout), "processes")
 }
 
 /// Reads `stderr` in the background until a line starting with `prefix` (the tracer is
@@ -267,13 +284,7 @@ fn trace_pids(traced: Vec<Workload>, others: Vec<Workload>) -> (Output, Value, V
         .for_each(Workload::go);
     let own: Vec<(u32, Value)> = traced.into_iter().map(|w| (w.pid, w.finish())).collect();
     others.into_iter().for_each(|w| drop(w.finish()));
-    let out = tracer.finish();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+    let (out, report) = tracer.report();
     (out, report, own)
 }
 
@@ -622,12 +633,7 @@ fn liburcu_memb_matches_strace() {
         .arg(&strace_log)
         .arg(&bin)
         .arg("300"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+    let report = report_of(&out);
 
     let log = std::fs::read_to_string(&strace_log).unwrap();
     let mut strace: BTreeMap<String, u64> = BTreeMap::new();
@@ -752,7 +758,7 @@ fn a_call_under_way_at_attach_is_counted_missed() {
         let _ = w.kill();
         let _ = w.wait();
     }
-    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+    let report = report_of(&out);
     assert!(report["missed_calls"].as_u64().unwrap() >= 1, "{report}");
 }
 
@@ -1010,12 +1016,7 @@ fn attaching_mid_flight_misses_only_the_calls_under_way() {
     let out = run(tracer().args(["--pid", &w.id().to_string(), "-o", "json", "-d", "1"]));
     let _ = w.kill();
     let _ = w.wait();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+    let report = report_of(&out);
     let calls = report["calls"].as_u64().unwrap();
     assert!(calls > 10_000, "the workload was busy: {calls}");
     assert!(report["missed_calls"].as_u64().unwrap() <= 2, "{report}");
@@ -1198,13 +1199,7 @@ fn system_wide_sees_new_processes_after_thousands_have_exited() {
     let w = run(Command::new(WORKLOAD).args(["--name", "sysw-churn", "--fork-children", "12000"]));
     assert!(w.status.success());
     tracer.signal(libc::SIGINT);
-    let out = tracer.finish();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report = last_json_with(&String::from_utf8_lossy(&out.stdout), "processes");
+    let (_, report) = tracer.report();
     let (calls, procs) = calls_named(&report, "sysw-churn");
     assert_eq!(calls, [(0, 12_000)].into(), "{}", report["dropped"]);
     assert_eq!(procs, 12_000);

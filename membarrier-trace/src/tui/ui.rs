@@ -86,19 +86,25 @@ pub fn render(f: &mut Frame, app: &App) {
     }
     let [header, body] = Layout::vertical([Constraint::Length(2), Constraint::Min(0)]).areas(area);
     render_header(f, app, header);
+    // Filtered and sorted once a frame; both panes read it.
+    let rows = app.rows();
     if area.height < DETAIL_MIN_H {
-        render_processes(f, app, body);
+        render_processes(f, app, &rows, body);
     } else {
+        let selected = rows
+            .iter()
+            .copied()
+            .find(|p| Some(p.pid) == app.selected_pid);
         // Each pane as tall as its rows, as far as the other leaves room: the table gets at
         // least 45% when both want more.
-        let table_want = app.rows().len().max(1) as u16 + 3;
-        let detail_want = app.selected().map_or(0, |p| p.cmds.len() as u16) + 3 + DETAIL_BELOW_H;
+        let table_want = rows.len().max(1) as u16 + 3;
+        let detail_want = selected.map_or(0, |p| p.cmds.len() as u16) + 3 + DETAIL_BELOW_H;
         let table_h =
             table_want.min((body.height * 45 / 100).max(body.height.saturating_sub(detail_want)));
         let [table, detail] =
             Layout::vertical([Constraint::Length(table_h), Constraint::Min(0)]).areas(body);
-        render_processes(f, app, table);
-        render_detail(f, app, detail);
+        render_processes(f, app, &rows, table);
+        render_detail(f, app, selected, detail);
     }
     if app.help {
         render_help(f, area);
@@ -258,7 +264,7 @@ fn process_columns(width: u16) -> Vec<(usize, u16)> {
     }
     let spare = width.saturating_sub(used);
     let has_main = kept.iter().any(|(c, _)| *c == Column::MainCmd);
-    let mut cols: Vec<(usize, u16)> = Column::ALL
+    Column::ALL
         .iter()
         .enumerate()
         .filter_map(|(i, c)| {
@@ -271,13 +277,10 @@ fn process_columns(width: u16) -> Vec<(usize, u16)> {
             };
             Some((i, w + extra))
         })
-        .collect();
-    cols.shrink_to_fit();
-    cols
+        .collect()
 }
 
-fn render_processes(f: &mut Frame, app: &App, area: Rect) {
-    let rows = app.rows();
+fn render_processes(f: &mut Frame, app: &App, rows: &[&ProcessReport], area: Rect) {
     let block = focus_block(
         format!(" processes ({}; x = exited) ", rows.len()),
         app.focus == Pane::Processes,
@@ -326,8 +329,8 @@ fn render_processes(f: &mut Frame, app: &App, area: Rect) {
     f.render_stateful_widget(table, area, &mut state);
 }
 
-fn render_detail(f: &mut Frame, app: &App, area: Rect) {
-    let Some(p) = app.selected() else {
+fn render_detail(f: &mut Frame, app: &App, selected: Option<&ProcessReport>, area: Rect) {
+    let Some(p) = selected else {
         f.render_widget(focus_block(" detail ".into(), false), area);
         return;
     };
