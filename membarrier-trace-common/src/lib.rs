@@ -262,6 +262,14 @@ pub const MAX_WAKERS: u32 = 4096;
 pub const MAX_CSDS: u32 = 4096;
 pub const MAX_INFLIGHT: u32 = 16384;
 pub const MAX_PROCS: u32 = 16384;
+/// Names of processes whose main thread exited lately (an LRU: userspace reads them within a
+/// retire pass, 250 ms; an entry evicted before that costs only the rename, not a call).
+pub const MAX_EXIT_NAMES: u32 = 4096;
+
+/// The key of `EXIT_NAMES`: `tgid << 32 | serial`.
+pub const fn proc_id(tgid: u32, serial: u32) -> u64 {
+    (tgid as u64) << 32 | serial as u64
+}
 
 /// `CLONE_THREAD` (linux/sched.h): the new task is a thread of its creator's process.
 pub const CLONE_THREAD: u64 = 0x0001_0000;

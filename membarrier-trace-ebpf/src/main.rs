@@ -22,13 +22,13 @@ use aya_ebpf::{
         bpf_probe_read_kernel,
     },
     macros::{fentry, fexit, map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{FEntryContext, FExitContext, TracePointContext},
 };
 use membarrier_trace_common::{
-    CLONE_THREAD, CallKey, CpuKey, HIST_BUCKETS, INSIDE_SLOTS, IPI_HIST, Inflight, MAX_CPU_ROWS,
-    MAX_CSDS, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, MAX_WAKERS, Proc, Stats, StatsKey, WakerKey,
-    counter, field, hist_bucket,
+    CLONE_THREAD, COMM_LEN, CallKey, CpuKey, HIST_BUCKETS, INSIDE_SLOTS, IPI_HIST, Inflight,
+    MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, MAX_WAKERS, Proc,
+    Stats, StatsKey, WakerKey, counter, field, hist_bucket, proc_id,
 };
 
 /// Set by userspace before load: 1 when only the processes marked traced in `PROCS` are. Being
@@ -61,6 +61,12 @@ const EXIT_RET_OFF: usize = 16;
 /// Sized by userspace from the machine.
 #[map]
 static PROCS: HashMap<u32, Proc> = HashMap::with_max_entries(MAX_PROCS, 0);
+
+/// The name of a traced process as its main thread exits, by `proc_id(tgid, serial)`: the name
+/// it had last (a rename or exec just before exiting is seen by no snapshot).
+#[map]
+static EXIT_NAMES: LruHashMap<u64, [u8; COMM_LEN]> =
+    LruHashMap::with_max_entries(MAX_EXIT_NAMES, 0);
 
 /// [0]: the last serial number given to a process.
 #[map]
@@ -905,6 +911,12 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         }
     }
     let _ = INFLIGHT.remove(&tid);
+    if tid == tgid {
+        let (serial, traced) = process(tgid);
+        if traced && let Ok(comm) = bpf_get_current_comm() {
+            let _ = EXIT_NAMES.insert(&proc_id(tgid, serial), &comm, 0);
+        }
+    }
     if let Some(p) = PROCS.get_ptr_mut(&tgid)
         && unsafe { (*p).serial } != 0
         && fetch_add(unsafe { &raw mut (*p).tasks }, u64::MAX) == Some(1)

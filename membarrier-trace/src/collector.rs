@@ -14,13 +14,13 @@ use aya::{
     programs::{FEntry, FExit, Program, ProgramError, TracePoint},
 };
 use membarrier_trace_common::{
-    CallKey, CpuKey, Inflight, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, Proc, Stats, StatsKey, WakerKey,
-    counter, field,
+    COMM_LEN, CallKey, CpuKey, Inflight, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, Proc, Stats, StatsKey,
+    WakerKey, counter, field, proc_id,
 };
 
 use crate::{
     hook::{Attach, AttachMode, Hook, Kind},
-    model::{GraceSource, Losses, ProcKey, RawRow, Snapshot, comm_str},
+    model::{GraceSource, Losses, Maps, ProcKey, RawRow, Snapshot, comm_str},
     preflight,
 };
 
@@ -48,6 +48,7 @@ pub struct Collector {
     ipi_cpus: BpfHashMap<MapData, CpuKey, u64>,
     wakers: BpfHashMap<MapData, WakerKey, u64>,
     handler_ns: BpfHashMap<MapData, CallKey, u64>,
+    exit_names: BpfHashMap<MapData, u64, [u8; COMM_LEN]>,
     /// Last known name of each process seen.
     comms: HashMap<ProcKey, String>,
     retired: Retired,
@@ -60,6 +61,7 @@ pub struct Collector {
     attach_mode: AttachMode,
     /// The row of the hook table that is attached.
     hook: &'static Hook,
+    maps: Maps,
 }
 
 /// One program and where it attaches.
@@ -189,21 +191,37 @@ impl MapSizes {
         )
     }
 
-    /// Preallocated kernel memory of these maps, in bytes, by the kernel's own accounting of
-    /// a preallocated hash map: each element is a 48-byte header plus key and value, each
-    /// rounded up to 8 bytes (kernel/bpf/hashtab.c, htab_elem).
-    pub fn kernel_bytes(&self) -> u64 {
-        let elem = |key: usize, value: usize| {
-            (48 + key.next_multiple_of(8) + value.next_multiple_of(8)) as u64
+    /// Kernel memory of these three maps, in bytes, by the kernel's own accounting of a
+    /// preallocated hash map (kernel/bpf/hashtab.c, htab_map_mem_usage): per element a 48-byte
+    /// header plus key and value, each rounded up to 8 bytes, and one spare element per CPU;
+    /// 16 bytes per bucket, buckets being a power of two at least the elements; under 1 KiB
+    /// of header and locks.
+    pub fn kernel_bytes(&self, cpus: u64) -> u64 {
+        let htab = |max: u32, key: usize, value: usize| {
+            let elem = (48 + key.next_multiple_of(8) + value.next_multiple_of(8)) as u64;
+            elem * (u64::from(max) + cpus) + 16 * u64::from(max).next_power_of_two() + 1024
         };
-        let stats = self.stats as u64
-            * elem(
-                std::mem::size_of::<StatsKey>(),
-                std::mem::size_of::<Stats>(),
-            );
-        let inflight = self.inflight as u64 * elem(4, std::mem::size_of::<Inflight>());
-        let procs = self.procs as u64 * elem(4, std::mem::size_of::<Proc>());
-        stats + inflight + procs
+        htab(
+            self.stats,
+            std::mem::size_of::<StatsKey>(),
+            std::mem::size_of::<Stats>(),
+        ) + htab(self.inflight, 4, std::mem::size_of::<Inflight>())
+            + htab(self.procs, 4, std::mem::size_of::<Proc>())
+    }
+
+    /// The most kernel memory all the maps take: these three, and the fixed-size others
+    /// (detail maps, per-CPU counters and the row template): under 4 MiB plus 16 KiB a CPU.
+    pub fn kernel_bytes_bound(&self, cpus: u64) -> u64 {
+        self.kernel_bytes(cpus) + (4 << 20) + cpus * (16 << 10)
+    }
+
+    pub fn report(&self, cpus: u64) -> Maps {
+        Maps {
+            stats_rows: self.stats,
+            inflight_slots: self.inflight,
+            processes: self.procs,
+            kernel_bytes_bound: self.kernel_bytes_bound(cpus),
+        }
     }
 }
 
@@ -526,6 +544,11 @@ where
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup):
 /// lift it, as aya's template does. Should it fail, the map creation says so.
+/// CPUs the kernel could bring online: what it sizes per-CPU parts of maps by.
+fn possible_cpus() -> u64 {
+    aya::util::nr_cpus().map_or(1, |n| n as u64)
+}
+
 fn raise_memlock() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
@@ -561,6 +584,7 @@ impl Collector {
         let ipi_cpus = take(&mut ebpf, "IPI_CPUS")?;
         let wakers = take(&mut ebpf, "WAKERS")?;
         let handler_ns = take(&mut ebpf, "HANDLER_NS")?;
+        let exit_names = take(&mut ebpf, "EXIT_NAMES")?;
         let mut c = Self {
             ebpf,
             stats,
@@ -571,6 +595,7 @@ impl Collector {
             ipi_cpus,
             wakers,
             handler_ns,
+            exit_names,
             comms: HashMap::new(),
             retired: Retired::default(),
             started: Instant::now(),
@@ -580,6 +605,7 @@ impl Collector {
             breakdown: opts.breakdown,
             attach_mode: opts.attach,
             hook: Attach::default().hook(),
+            maps: sizes.report(possible_cpus()),
         };
         for &pid in &opts.pids {
             c.add_pid(pid)?;
@@ -797,7 +823,14 @@ impl Collector {
             let to = match dest.get(&p) {
                 Some(to) => *to,
                 None => {
-                    let comm = self.comms.remove(&p).unwrap_or_else(|| comm_str(&row.comm));
+                    // Its name as it exited, else as last seen alive, else at its first call.
+                    let id = proc_id(p.0, p.1);
+                    let at_exit = self.exit_names.get(&id, 0).ok();
+                    let _ = self.exit_names.remove(&id);
+                    let comm = at_exit
+                        .map(|c| comm_str(&c))
+                        .or_else(|| self.comms.remove(&p))
+                        .unwrap_or_else(|| comm_str(&row.comm));
                     let to = self.retired.place(p, comm);
                     dest.insert(p, to);
                     to
@@ -884,6 +917,7 @@ impl Collector {
             handler_ns,
             grace_period_source: self.grace_source,
             attach: self.hook.attach,
+            maps: self.maps,
         })
     }
 }
@@ -1007,7 +1041,9 @@ mod tests {
             }
         );
         // "about 35 MiB"
-        assert_eq!(s.kernel_bytes() >> 20, 35);
+        assert_eq!(s.kernel_bytes(2) >> 20, 35);
+        // "under 40 MiB in all"
+        assert_eq!(s.kernel_bytes_bound(2) >> 20, 39);
         // The clamps: a small VM still gets the defaults, a huge box no more than the maxima.
         let small = MapSizes::new(512 << 20, 4000, 4000);
         assert_eq!(

@@ -144,6 +144,21 @@ pub struct Snapshot {
     pub handler_ns: Vec<(CallKey, u64)>,
     pub grace_period_source: GraceSource,
     pub attach: Attach,
+    pub maps: Maps,
+}
+
+/// How big the kernel maps were made for this machine (docs/design.md, "Bounds").
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct Maps {
+    /// Stats rows: processes alive at once times the (cmd, flags, errno) each uses.
+    pub stats_rows: u32,
+    /// Threads that have called membarrier, alive at once.
+    pub inflight_slots: u32,
+    /// Processes created while tracing, alive at once.
+    pub processes: u32,
+    /// The most kernel memory all the maps take, by the kernel's own accounting (what
+    /// `memlock` in the maps' fdinfo sums to); preallocated, so it does not grow.
+    pub kernel_bytes_bound: u64,
 }
 
 /// What could not be counted, each lost call once under one cause.
@@ -213,6 +228,7 @@ pub struct Report {
     /// `tracepoint` or `fentry`.
     pub attach: Attach,
     pub grace_period_source: GraceSource,
+    pub maps: Maps,
     pub processes: Vec<ProcessReport>,
 }
 
@@ -362,6 +378,7 @@ impl Report {
             exited_processes: 0,
             attach: Attach::Tracepoint,
             grace_period_source: GraceSource::None,
+            maps: Maps::default(),
             processes: Vec::new(),
         }
     }
@@ -567,6 +584,7 @@ impl Model {
             exited_processes: snap.exited.values().sum(),
             attach: snap.attach,
             grace_period_source: snap.grace_period_source,
+            maps: snap.maps,
             processes,
         }
     }

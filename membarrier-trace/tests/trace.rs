@@ -1117,20 +1117,22 @@ fn attach_auto_falls_back_and_fentry_is_clear() {
     assert_eq!(report["calls"], 2);
 }
 
-/// Sets /proc/sys/kernel/pid_max for the life of the guard, so pids wrap within a test.
-struct PidMax(String);
+/// Sets a sysctl (a path under /proc/sys) for the life of the guard: e.g. kernel/pid_max, so
+/// pids wrap within a test.
+struct Sysctl(String, String);
 
-impl PidMax {
-    fn set(v: u32) -> PidMax {
-        let old = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap();
-        std::fs::write("/proc/sys/kernel/pid_max", v.to_string()).unwrap();
-        PidMax(old)
+impl Sysctl {
+    fn set(name: &str, v: u32) -> Sysctl {
+        let path = format!("/proc/sys/{name}");
+        let old = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, v.to_string()).unwrap();
+        Sysctl(path, old)
     }
 }
 
-impl Drop for PidMax {
+impl Drop for Sysctl {
     fn drop(&mut self) {
-        let _ = std::fs::write("/proc/sys/kernel/pid_max", self.0.trim());
+        let _ = std::fs::write(&self.0, self.1.trim());
     }
 }
 
@@ -1157,7 +1159,7 @@ fn command_mode_follows_every_child_through_pid_wraps_and_no_stranger() {
     let _machine = alone();
     // 4000 pids for 100,000 + 30,000 processes: pids wrap about 30 times, so the command's dead
     // children's pids go to strangers (and the other way round) again and again.
-    let _pid_max = PidMax::set(4000);
+    let _pid_max = Sysctl::set("kernel/pid_max", 4000);
     let stranger = Command::new(WORKLOAD)
         .args(["--name", "stranger", "--fork-children", "30000"])
         .stdout(Stdio::piped())
@@ -1212,6 +1214,58 @@ fn system_wide_sees_new_processes_after_thousands_have_exited() {
     assert_eq!(calls, [(0, 12_000)].into(), "{}", report["dropped"]);
     assert_eq!(procs, 12_000);
     assert_eq!(report["dropped"]["calls_without_row"], 0);
+}
+
+#[test]
+fn a_full_inflight_map_counts_each_call_it_loses_once() {
+    let _machine = alone();
+    // Each thread maps a stack and a signal stack, with guard pages: more than the default 65,530.
+    let _maps = Sysctl::set("vm/max_map_count", 262_144);
+    let mut w = Workload::start(&["--name", "wide", "--live-threads", "17000"]);
+    let tracer = {
+        // INFLIGHT is sized from kernel.threads-max at load, 16384 slots at the least: load with
+        // that, then give the machine its threads back for the workload's 17,000.
+        let _threads = Sysctl::set("kernel/threads-max", 16384);
+        Tracer::start(&["-o", "json", "--pid", &w.pid.to_string()])
+    };
+    w.go();
+    let pid = w.pid;
+    let mine = w.finish();
+    assert_eq!(mine["threads"], 17_000);
+    let (_, report) = tracer.report();
+    let query = cmd_row(process(&report, pid), 0, 0)["calls"]
+        .as_u64()
+        .unwrap();
+    let dropped = &report["dropped"];
+    // Each thread holds its slot until it exits, and none exits before all have called: the
+    // first 16,384 calls are counted, the rest each once as a call without a slot.
+    assert_eq!(query, 16_384, "{dropped}");
+    assert_eq!(dropped["calls_without_inflight_slot"], 17_000 - 16_384);
+    assert_eq!(dropped["total"], 17_000 - 16_384);
+    assert_eq!(report["missed_calls"], 0, "not also counted as missed");
+}
+
+#[test]
+fn a_rename_just_before_exit_names_the_process() {
+    let _machine = require_root();
+    // No report while it runs (no -i): only the kernel saw the new name.
+    let out = run(tracer().args(["-o", "json", "--"]).args([
+        WORKLOAD,
+        "--name",
+        "before-rename",
+        "--query",
+        "3",
+        "--rename",
+        "after-rename",
+    ]));
+    let report = report_of(&out);
+    let (calls, procs) = calls_named(&report, "after-rename");
+    assert_eq!(
+        (calls, procs),
+        ([(0, 4)].into(), 1),
+        "{}",
+        report["processes"]
+    );
 }
 
 #[test]

@@ -74,6 +74,7 @@ const TESTS: &[(&str, &str)] = &[
         "ipis",
     ),
     ("concurrent_expedited_callers_wait_for_the_mutex", "mutex"),
+    ("a_rename_just_before_exit_names_the_process", "rename"),
     (
         "attaching_mid_flight_misses_only_the_calls_under_way",
         "mid-flight",

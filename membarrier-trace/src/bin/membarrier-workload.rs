@@ -4,7 +4,8 @@
 //!
 //! Order of calls: PRIVATE_EXPEDITED before registering (EPERM), QUERY, invalid cmd (EINVAL),
 //! bad flags (EINVAL), REGISTER_PRIVATE_EXPEDITED, PRIVATE_EXPEDITED from `--threads` threads,
-//! then GLOBAL.
+//! the spinner's calls, GLOBAL, the steady caller, the churn of children and threads (in rounds
+//! with `--repeat-secs`), the live threads, the rename, then the benchmark loops.
 
 use std::{
     collections::BTreeMap,
@@ -68,6 +69,18 @@ struct Args {
     /// (counted with the process's own calls).
     #[arg(long, default_value_t = 0)]
     thread_churn: u64,
+    /// Repeat the churn (`--fork-children`, `--thread-churn`) round after round until this many
+    /// seconds have passed since the start (at least one round).
+    #[arg(long, default_value_t = 0.0)]
+    repeat_secs: f64,
+    /// Threads alive at once, each making one QUERY call, all exiting once every one has called
+    /// (each holds an in-flight slot of the tracer's meanwhile).
+    #[arg(long, default_value_t = 0)]
+    live_threads: u64,
+    /// Registered PRIVATE_EXPEDITED calls from the main thread, back to back, for this many
+    /// seconds (a steady caller at full rate).
+    #[arg(long, default_value_t = 0.0)]
+    steady_secs: f64,
     /// After the other calls, rename the process to this (PR_SET_NAME) and make one QUERY call.
     #[arg(long)]
     rename: Option<String>,
@@ -258,8 +271,31 @@ fn fork_children(n: u64) -> u64 {
     ok
 }
 
+/// `n` threads alive at once, each making one QUERY call; they exit together once all have.
+fn live_threads(n: u64) -> Tally {
+    let shared = Arc::new(Mutex::new(Tally::new()));
+    let called = Arc::new(Barrier::new(n as usize));
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let (shared, called) = (Arc::clone(&shared), Arc::clone(&called));
+            thread::Builder::new()
+                .stack_size(64 << 10)
+                .spawn(move || {
+                    let mut mine = Tally::new();
+                    call(&mut mine, 1, cmd::QUERY, 0, false);
+                    merge(&mut shared.lock().unwrap(), mine);
+                    called.wait();
+                })
+                .expect("starting a thread")
+        })
+        .collect();
+    handles.into_iter().for_each(|h| h.join().unwrap());
+    std::mem::take(&mut *shared.lock().unwrap())
+}
+
 fn main() {
     let args = Args::parse();
+    let started = Instant::now();
     let pid = std::process::id();
     if let Some(name) = &args.name {
         set_name(name);
@@ -318,17 +354,35 @@ fn main() {
         });
     }
     call(&mut tally, args.global, cmd::GLOBAL, 0, true);
-    // Before any thread of ours is started below: fork from a single-threaded process.
-    let children = fork_children(args.fork_children);
-    for _ in 0..args.thread_churn {
-        let mut mine = Tally::new();
-        mine = thread::spawn(move || {
-            call(&mut mine, 1, cmd::QUERY, 0, false);
-            mine
-        })
-        .join()
-        .unwrap();
-        merge(&mut tally, mine);
+    if args.steady_secs > 0.0 {
+        call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
+        let until = Instant::now() + std::time::Duration::from_secs_f64(args.steady_secs);
+        while Instant::now() < until {
+            call(&mut tally, 1000, cmd::PRIVATE_EXPEDITED, 0, false);
+        }
+    }
+    let (mut children, mut threads) = (0, 0);
+    loop {
+        // Before any thread of ours is started below: fork from a single-threaded process.
+        children += fork_children(args.fork_children);
+        for _ in 0..args.thread_churn {
+            let mut mine = Tally::new();
+            mine = thread::spawn(move || {
+                call(&mut mine, 1, cmd::QUERY, 0, false);
+                mine
+            })
+            .join()
+            .unwrap();
+            merge(&mut tally, mine);
+        }
+        threads += args.thread_churn;
+        if started.elapsed().as_secs_f64() >= args.repeat_secs {
+            break;
+        }
+    }
+    if args.live_threads > 0 {
+        merge(&mut tally, live_threads(args.live_threads));
+        threads += args.live_threads;
     }
     if let Some(name) = &args.rename {
         set_name(name);
@@ -363,7 +417,13 @@ fn main() {
         .collect();
     println!(
         "{}",
-        serde_json::json!({ "pid": pid, "outcomes": outcomes, "loops": loops, "children": children })
+        serde_json::json!({
+            "pid": pid,
+            "outcomes": outcomes,
+            "loops": loops,
+            "children": children,
+            "threads": threads,
+        })
     );
     std::process::exit(args.exit_code.into());
 }
