@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 mod bench;
+mod soak;
 mod vmtest;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -22,7 +23,10 @@ const USAGE: &str = "usage: cargo xtask <command>
   bootstrap        install what building and testing need (nightly rust-src, bpf-linker, Debian packages)
   build            build membarrier-trace (release)
   run [-- ARGS]    build, then run membarrier-trace ARGS as root
-  test [-- ARGS]   run every test as root (ARGS go to cargo test), then the VM kernel matrix
+  test [-- ARGS]   run every test as root (ARGS go to cargo test), a 1-minute soak, then the VM
+                   kernel matrix
+  soak [MINUTES]   two tracers on a churning box, checked against the workloads' counts (as root;
+                   default 10 minutes)
   vmtest [KERNEL]  the end-to-end tests inside QEMU guests on stock kernels, all or one (as root)
   clippy           cargo clippy -D warnings on every crate
   bench [ROUNDS]   what tracing costs, against the untraced baseline (as root; default 5 rounds)";
@@ -70,9 +74,13 @@ fn run() -> Result<ExitCode> {
             }
             let code = status(as_root(&mut cmd, &b.path))?;
             if code != ExitCode::SUCCESS || !rest.is_empty() {
-                // A filtered run is for one test at hand, not the matrix.
+                // A filtered run is for one test at hand, not the soak or the matrix.
                 return Ok(code);
             }
+            if !is_root() {
+                bail!("the soak loads eBPF programs and lowers kernel.pid_max: run it as root");
+            }
+            soak::soak(&root, 1.0)?;
             vmtest::run(&root, &b, vmtest::Select::Test)
         }
         "vmtest" => {
@@ -91,6 +99,15 @@ fn run() -> Result<ExitCode> {
             }
             let rounds = rest.first().map(|r| r.parse()).transpose()?.unwrap_or(5);
             bench::bench(&root, rounds)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "soak" => {
+            build(&root)?;
+            if !is_root() {
+                bail!("the soak loads eBPF programs and lowers kernel.pid_max: run it as root");
+            }
+            let minutes = rest.first().map(|m| m.parse()).transpose()?.unwrap_or(10.0);
+            soak::soak(&root, minutes)?;
             Ok(ExitCode::SUCCESS)
         }
         "clippy" => {
