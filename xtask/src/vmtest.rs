@@ -52,10 +52,8 @@ pub const KERNELS: &[Kernel] = &[
         fentry: true,
         preempt_rt: true,
         // The slowest guest (about 2.5 minutes a mode): every fentry program detached waits for
-        // RCU-tasks grace periods, which PREEMPT_RT under TCG makes slow. Out of CI until it
-        // has passed a run of fresh-clone CI runs: each run so far found a new timing flake
-        // (fixed: calls skipped under fentry, the mutex test, workloads ending before attach).
-        in_test: false,
+        // RCU-tasks grace periods, which PREEMPT_RT under TCG makes slow.
+        in_test: true,
     },
 ];
 
