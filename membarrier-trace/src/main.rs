@@ -181,7 +181,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     } else {
         collector.start()?
     };
-    for note in notes {
+    for note in tracefs.note().into_iter().chain(notes) {
         eprintln!("membarrier-trace: {note}");
     }
     let what = if follow {

@@ -28,6 +28,20 @@ fn tracefs_ready(dir: &Path) -> bool {
 pub struct Tracefs {
     pub path: PathBuf,
     mounted: bool,
+    said: std::cell::Cell<bool>,
+}
+
+impl Tracefs {
+    /// What to tell the user once tracing has started: that we mounted it.
+    pub fn note(&self) -> Option<String> {
+        self.said.set(self.mounted);
+        self.mounted.then(|| {
+            format!(
+                "mounted tracefs at {} (unmounted again on exit)",
+                self.path.display()
+            )
+        })
+    }
 }
 
 impl Drop for Tracefs {
@@ -38,8 +52,9 @@ impl Drop for Tracefs {
         let Ok(c) = CString::new(self.path.as_os_str().as_encoded_bytes()) else {
             return;
         };
-        // Lazy: nothing of ours holds it open by now, but another reader might.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        // Lazy: nothing of ours holds it open by now, but another reader might. Said only if
+        // the mount was (a run that failed before tracing says one line: its error).
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 && self.said.get() {
             eprintln!(
                 "membarrier-trace: unmounted tracefs from {}",
                 self.path.display()
@@ -59,6 +74,7 @@ pub fn tracefs() -> Result<Tracefs> {
         return Ok(Tracefs {
             path,
             mounted: false,
+            said: Default::default(),
         });
     }
     let target = Path::new(TRACEFS_MOUNTS[0]);
@@ -82,13 +98,10 @@ pub fn tracefs() -> Result<Tracefs> {
             std::io::Error::last_os_error()
         );
     }
-    eprintln!(
-        "membarrier-trace: mounted tracefs at {} (unmounted again on exit)",
-        target.display()
-    );
     Ok(Tracefs {
         path: target.to_path_buf(),
         mounted: true,
+        said: Default::default(),
     })
 }
 

@@ -77,10 +77,13 @@ fn run() -> Result<ExitCode> {
                 // A filtered run is for one test at hand, not the soak or the matrix.
                 return Ok(code);
             }
-            if !is_root() {
-                bail!("the soak loads eBPF programs and lowers kernel.pid_max: run it as root");
+            let code = status(as_root(
+                Command::new(env::current_exe()?).args(["soak", "1"]),
+                &b.path,
+            ))?;
+            if code != ExitCode::SUCCESS {
+                return Ok(code);
             }
-            soak::soak(&root, 1.0)?;
             vmtest::run(&root, &b, vmtest::Select::Test)
         }
         "vmtest" => {
@@ -94,18 +97,14 @@ fn run() -> Result<ExitCode> {
         "bench" => {
             packages(&["bpftrace"])?;
             build(&root)?;
-            if !is_root() {
-                bail!("the benchmark loads eBPF programs and writes tracefs: run it as root");
-            }
+            require_root("the benchmark loads eBPF programs and writes tracefs")?;
             let rounds = rest.first().map(|r| r.parse()).transpose()?.unwrap_or(5);
             bench::bench(&root, rounds)?;
             Ok(ExitCode::SUCCESS)
         }
         "soak" => {
             build(&root)?;
-            if !is_root() {
-                bail!("the soak loads eBPF programs and lowers kernel.pid_max: run it as root");
-            }
+            require_root("the soak loads eBPF programs and lowers kernel.pid_max")?;
             let minutes = rest.first().map(|m| m.parse()).transpose()?.unwrap_or(10.0);
             soak::soak(&root, minutes)?;
             Ok(ExitCode::SUCCESS)
@@ -173,6 +172,13 @@ fn output(cmd: &mut Command) -> Result<String> {
 
 fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_ok_and(|u| u == "0")
+}
+
+fn require_root(why: &str) -> Result<()> {
+    if !is_root() {
+        bail!("{why}: run it as root");
+    }
+    Ok(())
 }
 
 /// `cmd` with PATH set, run through sudo unless we are root already.
