@@ -21,9 +21,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
-    macros::{fentry, fexit, map, tracepoint},
+    macros::{btf_tracepoint, fentry, fexit, map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{FEntryContext, FExitContext, TracePointContext},
+    programs::{BtfTracePointContext, FEntryContext, FExitContext, TracePointContext},
 };
 use membarrier_trace_common::{
     CLONE_THREAD, COMM_LEN, CallKey, CpuKey, HIST_BUCKETS, INSIDE_SLOTS, IPI_HIST, Inflight,
@@ -311,6 +311,49 @@ pub fn membarrier_fexit(ctx: FExitContext) -> u32 {
     on_exit(end_ns, ret);
     0
 }
+
+/// `--attach raw`: the raw syscall tracepoints, which every syscall on the box runs through;
+/// anything but membarrier returns at the first compare. Cheaper per membarrier call than the
+/// syscall tracepoints (no record is built), dearer for every other syscall. tp_btf rather
+/// than raw_tp: the registers are read with direct loads, not `bpf_probe_read`. The syscall's
+/// number is an argument at entry, and read from the registers at exit.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn raw_sys_enter(ctx: BtfTracePointContext) -> i32 {
+    // (regs, id)
+    let id: i64 = ctx.arg(1);
+    if id != NR_MEMBARRIER {
+        return 0;
+    }
+    let regs: *const u8 = ctx.arg(0);
+    let reg = |off: usize| unsafe { *regs.add(off).cast::<u64>() };
+    on_enter(reg(PT_REGS_ARG0) as u32, reg(PT_REGS_ARG1) as u32);
+    0
+}
+
+#[btf_tracepoint(function = "sys_exit")]
+pub fn raw_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    // (regs, ret)
+    let regs: *const u8 = ctx.arg(0);
+    if i64::from(unsafe { *regs.add(PT_REGS_NR).cast::<SyscallNr>() }) != NR_MEMBARRIER {
+        return 0;
+    }
+    let end_ns = now();
+    on_exit(end_ns, ctx.arg(1));
+    0
+}
+
+#[cfg(bpf_target_arch = "x86_64")]
+const NR_MEMBARRIER: i64 = 324;
+#[cfg(bpf_target_arch = "x86_64")]
+const PT_REGS_NR: usize = 120; // orig_ax
+#[cfg(bpf_target_arch = "x86_64")]
+type SyscallNr = i64;
+#[cfg(not(bpf_target_arch = "x86_64"))]
+const NR_MEMBARRIER: i64 = 283; // the generic table: aarch64, riscv64
+#[cfg(not(bpf_target_arch = "x86_64"))]
+const PT_REGS_NR: usize = 280; // aarch64: syscallno
+#[cfg(not(bpf_target_arch = "x86_64"))]
+type SyscallNr = i32;
 
 // Offsets of the first two syscall arguments in struct pt_regs.
 #[cfg(bpf_target_arch = "x86_64")]

@@ -13,6 +13,8 @@ pub enum Attach {
     Tracepoint,
     /// fentry/fexit on the syscall function.
     Fentry,
+    /// BTF raw tracepoints on every syscall's entry and exit, returning unless it is membarrier.
+    Raw,
 }
 
 /// How a hook's programs attach.
@@ -27,6 +29,11 @@ pub enum Kind {
     },
     /// fentry and fexit on a kernel function.
     Fentry { func: &'static str },
+    /// BTF-typed raw tracepoints (`tp_btf`) `enter` and `exit`.
+    BtfTracepoint {
+        enter: &'static str,
+        exit: &'static str,
+    },
 }
 
 #[derive(Debug)]
@@ -52,7 +59,9 @@ pub const SYSCALL_FUNC: &str = "sys_membarrier";
 /// syscall tracepoints (they work everywhere, but every syscall on the box takes the slow path
 /// while they are attached). On PREEMPT_RT the order is reversed: fentry programs run
 /// preemptible there, and the kernel skips a run that starts while another task on the CPU is
-/// inside the same program (calls counted as missed, not lost, but no longer exact).
+/// inside the same program (calls counted as missed, not lost, but no longer exact). The raw
+/// syscall tracepoints last, and never by `auto`: cheapest per membarrier call of the
+/// tracepoints, but every other syscall on the box runs a program too.
 pub const HOOKS: &[Hook] = &[
     Hook {
         attach: Attach::Fentry,
@@ -72,6 +81,16 @@ pub const HOOKS: &[Hook] = &[
         enter: "sys_enter_membarrier",
         exit: "sys_exit_membarrier",
         describe: "syscalls:sys_enter/exit_membarrier",
+    },
+    Hook {
+        attach: Attach::Raw,
+        kind: Kind::BtfTracepoint {
+            enter: "sys_enter",
+            exit: "sys_exit",
+        },
+        enter: "raw_sys_enter",
+        exit: "raw_sys_exit",
+        describe: "raw tracepoints sys_enter/sys_exit (every syscall runs a program)",
     },
 ];
 
@@ -93,6 +112,7 @@ impl Attach {
         match self {
             Attach::Tracepoint => "tracepoint",
             Attach::Fentry => "fentry",
+            Attach::Raw => "raw",
         }
     }
 }
@@ -106,16 +126,23 @@ pub enum AttachMode {
     Tracepoint,
     /// fentry/fexit on the syscall function; an error where the kernel refuses it.
     Fentry,
+    /// Raw tracepoints sys_enter/sys_exit: the cheapest tracepoint per membarrier call, but
+    /// every other syscall on the box pays about twice what the syscall tracepoints cost it.
+    /// For boxes where membarrier dominates; never chosen by auto.
+    Raw,
 }
 
 impl AttachMode {
     /// The hooks to try, in order, on a PREEMPT_RT kernel or not.
     pub fn candidates(self, preempt_rt: bool) -> Vec<&'static Hook> {
         match self {
-            AttachMode::Auto if preempt_rt => HOOKS.iter().rev().collect(),
-            AttachMode::Auto => HOOKS.iter().collect(),
+            AttachMode::Auto if preempt_rt => {
+                vec![Attach::Tracepoint.hook(), Attach::Fentry.hook()]
+            }
+            AttachMode::Auto => vec![Attach::Fentry.hook(), Attach::Tracepoint.hook()],
             AttachMode::Tracepoint => vec![Attach::Tracepoint.hook()],
             AttachMode::Fentry => vec![Attach::Fentry.hook()],
+            AttachMode::Raw => vec![Attach::Raw.hook()],
         }
     }
 }
@@ -127,13 +154,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_attach_has_one_row_and_auto_tries_them_all() {
-        for a in [Attach::Tracepoint, Attach::Fentry] {
+    fn every_attach_has_one_row_and_auto_tries_all_but_raw() {
+        let all = [Attach::Tracepoint, Attach::Fentry, Attach::Raw];
+        for a in all {
             assert_eq!(HOOKS.iter().filter(|h| h.attach == a).count(), 1);
             assert_eq!(a.hook().attach, a);
         }
-        assert_eq!(AttachMode::Auto.candidates(false).len(), HOOKS.len());
-        for a in [Attach::Tracepoint, Attach::Fentry] {
+        assert_eq!(AttachMode::Auto.candidates(false).len(), HOOKS.len() - 1);
+        assert!(
+            AttachMode::Auto
+                .candidates(false)
+                .iter()
+                .all(|h| h.attach != Attach::Raw)
+        );
+        for a in all {
             assert_eq!(serde_json::to_value(a).unwrap(), a.name());
             assert_eq!(
                 AttachMode::from_str(a.name(), false)
@@ -148,7 +182,7 @@ mod tests {
             AttachMode::Auto.candidates(true)[0].attach,
             Attach::Tracepoint
         );
-        assert_eq!(AttachMode::Auto.candidates(true).len(), HOOKS.len());
+        assert_eq!(AttachMode::Auto.candidates(true).len(), HOOKS.len() - 1);
         // Every program name is distinct: per-hook figures are read by name.
         let mut names: Vec<_> = HOOKS.iter().flat_map(|h| [h.enter, h.exit]).collect();
         names.sort();

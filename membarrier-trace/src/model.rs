@@ -225,7 +225,7 @@ pub struct Report {
     pub dropped: Dropped,
     /// Processes that have exited, each counted once (per-name entries count all theirs).
     pub exited_processes: u64,
-    /// `tracepoint` or `fentry`.
+    /// `tracepoint`, `fentry` or `raw`.
     pub attach: Attach,
     pub grace_period_source: GraceSource,
     pub maps: Maps,

@@ -1117,6 +1117,48 @@ fn attach_auto_falls_back_and_fentry_is_clear() {
     assert_eq!(report["calls"], 2);
 }
 
+#[test]
+fn raw_tracepoints_count_exactly_and_are_never_chosen_by_auto() {
+    let _machine = require_root();
+    let out = run(Command::new(TRACER)
+        .args(["--attach", "raw", "-o", "json", "--"])
+        .args([
+            WORKLOAD,
+            "--eperm",
+            "2",
+            "--query",
+            "3",
+            "--invalid",
+            "1",
+            "--bad-flags",
+            "1",
+            "--expedited",
+            "2000",
+            "--threads",
+            "2",
+            "--global",
+            "2",
+            // Other syscalls by the thousand, which the raw programs see and must pass over.
+            "--loop-getppid",
+            "100000",
+        ]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = report_of(&out);
+    assert_eq!(report["attach"], "raw");
+    let mine = last_json_with(&stdout, "outcomes");
+    let p = process(&report, mine["pid"].as_u64().unwrap() as u32);
+    assert_eq!(
+        tracer_counts(p),
+        workload_counts(&mine),
+        "{}",
+        report["dropped"]
+    );
+    assert_eq!(report["missed_calls"], 0);
+    assert_eq!(report["dropped"]["total"], 0);
+    let auto = run(tracer().args(["--attach", "auto", "-d", "0.1", "-o", "json"]));
+    assert_ne!(report_of(&auto)["attach"], "raw");
+}
+
 /// Sets a sysctl (a path under /proc/sys) for the life of the guard: e.g. kernel/pid_max, so
 /// pids wrap within a test.
 struct Sysctl(String, String);

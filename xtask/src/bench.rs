@@ -48,6 +48,8 @@ enum Cond {
     FloorSched,
     Traced,
     TracedCore,
+    /// The tracer on the raw syscall tracepoints (`--attach raw`).
+    TracedRaw,
     Bpftrace,
 }
 
@@ -59,6 +61,7 @@ impl Cond {
             Cond::FloorSched => "floor+sched",
             Cond::Traced => "traced",
             Cond::TracedCore => "no-breakdown",
+            Cond::TracedRaw => "raw",
             Cond::Bpftrace => "bpftrace",
         }
     }
@@ -134,10 +137,13 @@ fn run_loops(p: &Paths, cond: Cond) -> Result<BTreeMap<String, f64>> {
             fs::write(p.tracefs.join("trace"), "")?; // drop what the floor recorded
             out?
         }
-        Cond::Traced | Cond::TracedCore => {
+        Cond::Traced | Cond::TracedCore | Cond::TracedRaw => {
             let mut c = Command::new(&p.tracer);
             if cond == Cond::TracedCore {
                 c.arg("--no-breakdown");
+            }
+            if cond == Cond::TracedRaw {
+                c.args(["--attach", "raw"]);
             }
             c.args(["-o", "json", "--"]).args(&args).output()?
         }
@@ -360,6 +366,7 @@ pub fn bench(root: &Path, rounds: usize) -> Result<()> {
         Cond::FloorSched,
         Cond::Traced,
         Cond::TracedCore,
+        Cond::TracedRaw,
     ];
     if bpftrace {
         conds.push(Cond::Bpftrace);

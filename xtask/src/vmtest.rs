@@ -57,7 +57,7 @@ pub const KERNELS: &[Kernel] = &[
     },
 ];
 
-const MODES: &[&str] = &["auto", "tracepoint", "fentry"];
+const MODES: &[&str] = &["auto", "tracepoint", "fentry", "raw"];
 
 /// The end-to-end tests that run in a guest, with their column in the table. Left out: those
 /// that need a compiler and liburcu, tmux, or an unprivileged user (not in the initramfs).
