@@ -62,6 +62,8 @@ pub struct Collector {
     /// The row of the hook table that is attached.
     hook: &'static Hook,
     maps: Maps,
+    /// Stats rows in use at the last retire pass.
+    rows_in_use: usize,
 }
 
 /// One program and where it attaches.
@@ -632,6 +634,7 @@ impl Collector {
             attach_mode: opts.attach,
             hook: Attach::default().hook(),
             maps: sizes.report(possible_cpus()),
+            rows_in_use: 0,
         };
         for &pid in &opts.pids {
             c.add_pid(pid)?;
@@ -824,6 +827,7 @@ impl Collector {
             .keys()
             .collect::<Result<_, _>>()
             .context("reading the stats map")?;
+        self.rows_in_use = keys.len();
         let (mut live, mut dead) = (HashSet::new(), HashSet::new());
         for p in keys.iter().map(ProcKeyed::proc) {
             if !live.contains(&p) && !dead.contains(&p) {
@@ -871,6 +875,12 @@ impl Collector {
         retire_detail(&mut self.handler_ns, &mut r.handler_ns, &dead, &dest)?;
         self.comms.retain(|p, _| !dead.contains(p));
         Ok(live)
+    }
+
+    /// Whether the stats map was over a quarter full at the last retire pass: processes are
+    /// coming and going fast (thousands a second), and the next pass should come sooner.
+    pub fn rows_filling(&self) -> bool {
+        self.rows_in_use * 4 > self.maps.stats_rows as usize
     }
 
     /// Reads the kernel's totals. With `last`, calls still inside membarrier are counted as

