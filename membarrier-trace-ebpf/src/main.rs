@@ -149,7 +149,13 @@ fn following() -> bool {
 /// The process's serial number (0: it existed before tracing) and whether it is traced.
 #[inline(always)]
 fn process(tgid: u32) -> (u32, bool) {
-    match PROCS.get_ptr(&tgid) {
+    process_of(PROCS.get_ptr(&tgid))
+}
+
+/// [`process`] of an entry already looked up.
+#[inline(always)]
+fn process_of(p: Option<*const Proc>) -> (u32, bool) {
+    match p {
         Some(p) => unsafe { ((*p).serial, !filtering() || (*p).traced != 0) },
         None => (0, !filtering()),
     }
@@ -954,13 +960,15 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         }
     }
     let _ = INFLIGHT.remove(&tid);
+    // One lookup serves the name and the task count.
+    let p = PROCS.get_ptr_mut(&tgid);
     if tid == tgid {
-        let (serial, traced) = process(tgid);
+        let (serial, traced) = process_of(p.map(|p| p.cast_const()));
         if traced && let Ok(comm) = bpf_get_current_comm() {
             let _ = EXIT_NAMES.insert(&proc_id(tgid, serial), &comm, 0);
         }
     }
-    if let Some(p) = PROCS.get_ptr_mut(&tgid)
+    if let Some(p) = p
         && unsafe { (*p).serial } != 0
         && fetch_add(unsafe { &raw mut (*p).tasks }, u64::MAX) == Some(1)
     {

@@ -570,13 +570,13 @@ where
     T::try_from(map).with_context(|| format!("map {name}"))
 }
 
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup):
-/// lift it, as aya's template does. Should it fail, the map creation says so.
 /// CPUs the kernel could bring online: what it sizes per-CPU parts of maps by.
 fn possible_cpus() -> u64 {
     aya::util::nr_cpus().map_or(1, |n| n as u64)
 }
 
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup):
+/// lift it, as aya's template does. Should it fail, the map creation says so.
 fn raise_memlock() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,

@@ -97,7 +97,7 @@ fn set_events(p: &Paths, events: &[&str], on: bool) -> Result<()> {
     Ok(())
 }
 
-fn last_json(out: &[u8], key: &str) -> Result<Value> {
+pub(crate) fn last_json(out: &[u8], key: &str) -> Result<Value> {
     String::from_utf8_lossy(out)
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

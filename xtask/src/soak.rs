@@ -133,11 +133,9 @@ impl Drop for Proc {
     }
 }
 
+/// The last JSON document in `text` with `key`.
 fn last_json(text: &str, key: &str) -> Result<Value> {
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .rfind(|v| v.get(key).is_some())
-        .with_context(|| format!("no JSON with {key:?} in:\n{text}"))
+    crate::bench::last_json(text.as_bytes(), key)
 }
 
 /// A workload's own count: every process it made and every call, under its name.
