@@ -2,34 +2,56 @@
 
 use membarrier_trace_common::{HIST_BUCKETS, hist_bucket, hist_bucket_lower, hist_bucket_upper};
 
-/// A latency histogram as the kernel keeps it: `counts[i]` calls fell in bucket `i`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A latency histogram in the kernel's buckets, kept sparse: a process that made two calls
+/// holds two buckets, not [`HIST_BUCKETS`] (the tracer keeps a thousand exited processes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Histogram {
-    pub counts: Vec<u64>,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Self {
-            counts: vec![0; HIST_BUCKETS],
-        }
-    }
+    /// (bucket index, calls), ascending by index, no zero counts.
+    nonzero: Vec<(u16, u64)>,
 }
 
 impl Histogram {
-    pub fn add(&mut self, other: &[u64]) {
-        for (a, b) in self.counts.iter_mut().zip(other) {
-            *a += b;
+    /// A histogram from the kernel's dense array (`counts[i]` calls in bucket `i`).
+    pub fn from_counts(counts: &[u64]) -> Self {
+        Self {
+            nonzero: counts
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(|(i, &c)| (i as u16, c))
+                .collect(),
+        }
+    }
+
+    /// Adds `n` calls to bucket `i`.
+    pub fn add_to(&mut self, i: usize, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let i = i.min(HIST_BUCKETS - 1) as u16;
+        match self.nonzero.binary_search_by_key(&i, |b| b.0) {
+            Ok(at) => self.nonzero[at].1 += n,
+            Err(at) => self.nonzero.insert(at, (i, n)),
+        }
+    }
+
+    pub fn add(&mut self, other: &Histogram) {
+        if self.nonzero.is_empty() {
+            self.nonzero.clone_from(&other.nonzero);
+            return;
+        }
+        for &(i, n) in &other.nonzero {
+            self.add_to(usize::from(i), n);
         }
     }
 
     /// Records one value (userspace side; the kernel does the same in the eBPF program).
     pub fn record(&mut self, ns: u64) {
-        self.counts[hist_bucket(ns)] += 1;
+        self.add_to(hist_bucket(ns), 1);
     }
 
     pub fn total(&self) -> u64 {
-        self.counts.iter().sum()
+        self.nonzero.iter().map(|b| b.1).sum()
     }
 
     /// The `q` quantile (0 < q <= 1) by nearest rank: the middle of the bucket holding the
@@ -42,9 +64,10 @@ impl Histogram {
         }
         let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
         let mut seen = 0;
-        for (i, &c) in self.counts.iter().enumerate() {
+        for &(i, c) in &self.nonzero {
             seen += c;
             if seen >= rank {
+                let i = usize::from(i);
                 let (lo, hi) = (hist_bucket_lower(i), hist_bucket_upper(i));
                 return (lo + (hi - lo) / 2).clamp(min, max);
             }
@@ -55,11 +78,10 @@ impl Histogram {
     /// Non-empty buckets as (inclusive upper bound, count). The last bucket is open-ended; its
     /// bound is raised to `max` when values above the nominal bound fell in it.
     pub fn buckets(&self, max: u64) -> Vec<(u64, u64)> {
-        self.counts
+        self.nonzero
             .iter()
-            .enumerate()
-            .filter(|(_, c)| **c > 0)
-            .map(|(i, &c)| {
+            .map(|&(i, c)| {
+                let i = usize::from(i);
                 let le = hist_bucket_upper(i);
                 (
                     if i + 1 == HIST_BUCKETS {
@@ -155,6 +177,28 @@ mod tests {
         h.record(12_345_678);
         assert_eq!(h.quantile(0.5, 12_345_678, 12_345_678), 12_345_678);
         assert_eq!(h.quantile(0.99, 12_345_678, 12_345_678), 12_345_678);
+    }
+
+    #[test]
+    fn sparse_merge_matches_dense() {
+        let mut seed = 7u64;
+        let mut dense = vec![0u64; HIST_BUCKETS];
+        let mut a = Histogram::default();
+        let mut b = Histogram::default();
+        for n in 0..5000 {
+            let v = xorshift(&mut seed) % 1_000_000_000;
+            dense[hist_bucket(v)] += 1;
+            if n % 3 == 0 { a.record(v) } else { b.record(v) }
+        }
+        a.add(&b);
+        assert_eq!(a, Histogram::from_counts(&dense));
+        assert_eq!(a.total(), 5000);
+        a.add_to(0, 0);
+        assert_eq!(
+            a,
+            Histogram::from_counts(&dense),
+            "a zero add keeps no empty bucket"
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub struct RawRow {
     pub blocked_hist: Histogram,
     pub ipis: u64,
     /// Calls by IPIs sent (index = IPIs, the last = that many or more); calls with none are not
-    /// in it.
+    /// in it. Empty buckets past the last used one may be left off.
     pub ipi_hist: Vec<u64>,
     pub mutex_wait_sum_ns: u64,
     pub mutex_wait_max_ns: u64,
@@ -62,16 +62,14 @@ impl RawRow {
             sum_ns: s.sum_ns,
             min_ns: s.min_ns,
             max_ns: s.max_ns,
-            hist: Histogram {
-                counts: s.hist.to_vec(),
-            },
+            hist: Histogram::from_counts(&s.hist),
             blocked_sum_ns: s.blocked_sum_ns,
             blocked_max_ns: s.blocked_max_ns,
-            blocked_hist: Histogram {
-                counts: s.blocked_hist.to_vec(),
-            },
+            blocked_hist: Histogram::from_counts(&s.blocked_hist),
             ipis: s.ipis,
-            ipi_hist: s.ipi_hist.to_vec(),
+            // Up to the last non-empty bucket: most rows have none (tracers keep thousands).
+            ipi_hist: s.ipi_hist[..s.ipi_hist.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1)]
+                .to_vec(),
             mutex_wait_sum_ns: s.mutex_wait_sum_ns,
             mutex_wait_max_ns: s.mutex_wait_max_ns,
         }
@@ -92,8 +90,11 @@ impl RawRow {
     /// Adds `r`'s calls to this row (rows of one cmd with different outcomes, or of processes
     /// summed together).
     pub fn absorb(&mut self, r: &RawRow) {
-        self.hist.add(&r.hist.counts);
-        self.blocked_hist.add(&r.blocked_hist.counts);
+        self.hist.add(&r.hist);
+        self.blocked_hist.add(&r.blocked_hist);
+        if self.ipi_hist.len() < r.ipi_hist.len() {
+            self.ipi_hist.resize(r.ipi_hist.len(), 0);
+        }
         for (a, b) in self.ipi_hist.iter_mut().zip(&r.ipi_hist) {
             *a += b;
         }
@@ -457,7 +458,8 @@ impl Model {
             }
             let (calls, sum, min, max) = (all.count, all.sum_ns, all.min_ns, all.max_ns);
             // The kernel only counts calls with a non-zero breakdown; the rest had none.
-            all.blocked_hist.counts[0] += calls.saturating_sub(all.blocked_hist.total());
+            all.blocked_hist
+                .add_to(0, calls.saturating_sub(all.blocked_hist.total()));
             all.ipi_hist[0] += calls.saturating_sub(all.ipi_hist.iter().sum());
             let group = (tgid, serial, cmd_value as u32, flags);
             let (before, sum_before) = self.prev.get(&group).copied().unwrap_or((0, 0));
@@ -465,7 +467,7 @@ impl Model {
             let ph = proc_hist
                 .entry(proc_key)
                 .or_insert_with(|| (Histogram::default(), u64::MAX, 0));
-            ph.0.add(&all.hist.counts);
+            ph.0.add(&all.hist);
             ph.1 = ph.1.min(min);
             ph.2 += sum.saturating_sub(sum_before);
             let row = CmdReport {
