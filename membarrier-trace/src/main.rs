@@ -1,6 +1,9 @@
 use std::{
     io::Write as _,
-    os::unix::process::{CommandExt as _, ExitStatusExt as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::process::{CommandExt as _, ExitStatusExt as _},
+    },
     process::{Child, Command, ExitCode},
     sync::{
         Arc,
@@ -178,7 +181,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .then(|| std::env::temp_dir().join(format!("membarrier-trace-{}.log", std::process::id())));
     let mut child = None;
     let notes = if follow {
-        let (c, notes) = spawn_traced(&cli.command, command_log.as_deref(), &mut collector)?;
+        let (c, notes) = spawn_traced(
+            &cli.command,
+            command_log.as_deref(),
+            tracefs.outer_ns.as_ref().map(|fd| fd.as_raw_fd()),
+            &mut collector,
+        )?;
         child = Some(c);
         notes
     } else {
@@ -379,10 +387,12 @@ impl membarrier_trace::tui::Feed for Session {
 }
 
 /// Starts `argv` held just before exec, so its pid is in the filter and the programs are
-/// attached before its first instruction runs (library constructors call membarrier too).
+/// attached before its first instruction runs (library constructors call membarrier too). It
+/// runs in `outer_ns`, the mount namespace we were started in, when we left it for tracefs.
 fn spawn_traced(
     argv: &[String],
     log: Option<&std::path::Path>,
+    outer_ns: Option<i32>,
     collector: &mut Collector,
 ) -> Result<(Child, Vec<String>)> {
     let mut go = [0i32; 2];
@@ -403,9 +413,14 @@ fn spawn_traced(
             .stdout(f.try_clone()?)
             .stderr(f);
     }
-    // SAFETY: only async-signal-safe calls (getpid, write, read) between fork and exec.
+    // SAFETY: only async-signal-safe calls (setns, getpid, write, read) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(fd) = outer_ns
+                && libc::setns(fd, libc::CLONE_NEWNS) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             let pid = libc::getpid();
             libc::write(pid_w, (&raw const pid).cast(), 4);
             let mut b = 0u8;

@@ -24,47 +24,31 @@ fn tracefs_ready(dir: &Path) -> bool {
     dir.join("events").is_dir()
 }
 
-/// Where tracefs is mounted. When the tracer mounted it, dropping this unmounts it again.
+/// Where tracefs is mounted, for the tracer.
 pub struct Tracefs {
     pub path: PathBuf,
-    mounted: bool,
-    said: std::cell::Cell<bool>,
+    /// The mount namespace we were started in, when the tracer moved to one of its own to mount
+    /// tracefs there: a traced command goes back to it before exec.
+    pub outer_ns: Option<std::os::fd::OwnedFd>,
 }
 
 impl Tracefs {
     /// What to tell the user once tracing has started: that we mounted it.
     pub fn note(&self) -> Option<String> {
-        self.said.set(self.mounted);
-        self.mounted.then(|| {
+        self.outer_ns.as_ref().map(|_| {
             format!(
-                "mounted tracefs at {} (unmounted again on exit)",
+                "mounted tracefs at {} for this run only (the system's mounts are unchanged)",
                 self.path.display()
             )
         })
     }
 }
 
-impl Drop for Tracefs {
-    fn drop(&mut self) {
-        if !self.mounted {
-            return;
-        }
-        let Ok(c) = CString::new(self.path.as_os_str().as_encoded_bytes()) else {
-            return;
-        };
-        // Lazy: nothing of ours holds it open by now, but another reader might. Said only if
-        // the mount was (a run that failed before tracing says one line: its error).
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 && self.said.get() {
-            eprintln!(
-                "membarrier-trace: unmounted tracefs from {}",
-                self.path.display()
-            );
-        }
-    }
-}
-
-/// The tracefs mount, mounting it at /sys/kernel/tracing when nothing is mounted (as root we
-/// can, and users should not have to know about it); unmounted again when the result drops.
+/// The tracefs mount. When nothing is mounted, mounts it at /sys/kernel/tracing (as root we
+/// can, and users should not have to know about it) in a mount namespace of the tracer's own:
+/// the system's mounts never change, so tracers started side by side cannot unmount it under
+/// one another, and it goes away with the tracer. Call before any thread is started: the
+/// namespace is the calling thread's, and new threads inherit it.
 pub fn tracefs() -> Result<Tracefs> {
     if let Some(path) = TRACEFS_MOUNTS
         .iter()
@@ -73,35 +57,50 @@ pub fn tracefs() -> Result<Tracefs> {
     {
         return Ok(Tracefs {
             path,
-            mounted: false,
-            said: Default::default(),
+            outer_ns: None,
         });
     }
     let target = Path::new(TRACEFS_MOUNTS[0]);
+    let could_not = |what: &str| {
+        anyhow::anyhow!(
+            "tracefs is not mounted and could not be mounted ({what}: {}): run `mount -t tracefs tracefs /sys/kernel/tracing`",
+            std::io::Error::last_os_error()
+        )
+    };
+    let outer = fs::File::open("/proc/self/ns/mnt").map_err(|_| could_not("/proc/self/ns/mnt"))?;
     let c = |s: &str| CString::new(s).expect("no NUL");
-    let ret = if target.is_dir() {
-        unsafe {
-            libc::mount(
+    // SAFETY: plain system calls on constant C strings. Private before mounting: a copy of a
+    // shared mount would pass our mount back to the system's namespace.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(could_not("unshare"));
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c("/").as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(could_not("making mounts private"));
+        }
+        if !target.is_dir()
+            || libc::mount(
                 c("tracefs").as_ptr(),
                 c(TRACEFS_MOUNTS[0]).as_ptr(),
                 c("tracefs").as_ptr(),
                 0,
                 std::ptr::null(),
-            )
+            ) != 0
+            || !tracefs_ready(target)
+        {
+            return Err(could_not("mount"));
         }
-    } else {
-        -1
-    };
-    if ret != 0 || !tracefs_ready(target) {
-        bail!(
-            "tracefs is not mounted and could not be mounted ({}): run `mount -t tracefs tracefs /sys/kernel/tracing`",
-            std::io::Error::last_os_error()
-        );
     }
     Ok(Tracefs {
         path: target.to_path_buf(),
-        mounted: true,
-        said: Default::default(),
+        outer_ns: Some(outer.into()),
     })
 }
 

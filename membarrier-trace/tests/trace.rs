@@ -1375,16 +1375,22 @@ fn bad_durations_are_refused_before_attaching() {
     }
 }
 
-/// Without tracefs the tracer mounts it, says so, and unmounts it on exit. In a mount namespace
-/// of its own (unshare), so the other tests keep theirs.
+/// Without tracefs the tracer mounts it in a mount namespace of its own and says so: the
+/// mounts it was started among never change (tracers side by side cannot unmount it under one
+/// another), and a traced command runs among them. The test itself runs in a namespace of its
+/// own (unshare) where it unmounts tracefs, so the other tests keep theirs.
 #[test]
-fn a_missing_tracefs_is_mounted_and_unmounted_again() {
+fn a_missing_tracefs_is_mounted_for_the_tracer_alone() {
     let _machine = require_root();
     let script = format!(
         "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug 2>/dev/null; \
          if grep -qw tracefs /proc/self/mounts; then echo still-mounted; exit 9; fi; \
-         {WORKLOAD} --query 3 >/dev/null & \
-         {TRACER} -o json -d 0.5 --no-breakdown || exit $?; wait; \
+         outer=$(readlink /proc/self/ns/mnt); \
+         {TRACER} -o json --no-breakdown -- sh -c \
+           '{WORKLOAD} --query 3 >/dev/null; \
+            echo command-tracefs-mounts=$(grep -cw tracefs /proc/self/mounts); \
+            echo command-ns=$(readlink /proc/self/ns/mnt)' || exit $?; \
+         echo outer-ns=$outer; \
          echo tracefs-mounts=$(grep -cw tracefs /proc/self/mounts)"
     );
     let out =
@@ -1393,14 +1399,25 @@ fn a_missing_tracefs_is_mounted_and_unmounted_again() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(
-        stderr.contains("mounted tracefs at /sys/kernel/tracing (unmounted again on exit)"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("unmounted tracefs from /sys/kernel/tracing"),
+        stderr.contains(
+            "mounted tracefs at /sys/kernel/tracing for this run only (the system's mounts are unchanged)"
+        ),
         "{stderr}"
     );
     assert!(stdout.contains("tracefs-mounts=0"), "{stdout}");
+    assert!(stdout.contains("command-tracefs-mounts=0"), "{stdout}");
+    let ns = |tag: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .unwrap_or_else(|| panic!("no {tag} in {stdout}"))
+            .to_string()
+    };
+    assert_eq!(
+        ns("command-ns="),
+        ns("outer-ns="),
+        "the command runs in our mount namespace"
+    );
     let report = last_json_with(&stdout, "processes");
     assert_eq!(report["dropped"]["total"], 0);
 }
