@@ -119,6 +119,56 @@ pub struct Inflight {
     pub mutex_wait_ns: u64,
     /// fentry on synchronize_rcu*: entry time (0: not inside).
     pub gp_since_ns: u64,
+    /// The userspace grace period (liburcu's `synchronize_rcu`) the thread is inside, kept
+    /// across its membarrier calls.
+    pub writer: Writer,
+}
+
+/// A thread inside a userspace RCU grace-period function (uprobe to uretprobe).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Writer {
+    /// Entry time (0: not inside).
+    pub start_ns: u64,
+    /// The return address at entry: the code that called the function.
+    pub caller: u64,
+    /// Which attached function (the uprobe's cookie; userspace's table).
+    pub func: u32,
+    /// Nested entries (a grace-period function calling another): only the outermost counts.
+    pub depth: u32,
+    /// Membarrier calls made inside, and their time.
+    pub calls: u64,
+    pub membarrier_ns: u64,
+    /// Off-CPU time inside, outside membarrier calls: waiting for readers.
+    pub blocked_ns: u64,
+}
+
+/// Aggregation key of grace periods: per process, thread, function and caller.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WriterKey {
+    pub tgid: u32,
+    pub serial: u32,
+    pub tid: u32,
+    pub func: u32,
+    pub caller: u64,
+}
+
+/// Grace periods for one [`WriterKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct WriterStats {
+    pub count: u64,
+    pub sum_ns: u64,
+    /// u64::MAX until the first.
+    pub min_ns: u64,
+    pub max_ns: u64,
+    pub membarrier_calls: u64,
+    pub membarrier_ns: u64,
+    pub blocked_ns: u64,
+    /// The thread's comm when the row was created.
+    pub comm: [u8; COMM_LEN],
+    pub hist: [u64; HIST_BUCKETS],
 }
 
 /// A process the kernel programs know of, by tgid: one created while tracing (`serial` != 0), or one
@@ -251,7 +301,12 @@ pub mod counter {
     /// preemptible). Found when the thread's slot is still open at its next enter or at its
     /// exit; slots open at the end are counted by userspace.
     pub const EXIT_SKIPPED: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Returns from a grace-period function whose entry was not seen (the tracer attached
+    /// mid-call, or the thread had no in-flight slot: counted there). Counts grace periods.
+    pub const WRITER_EXIT_WITHOUT_ENTRY: u32 = 6;
+    /// The writers map was full at a grace period's return; it is lost.
+    pub const DROPPED_WRITERS: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Default map sizes; userspace sizes STATS, INFLIGHT and PROCS from the machine at load
@@ -265,6 +320,8 @@ pub const MAX_PROCS: u32 = 16384;
 /// Names of processes whose main thread exited lately (an LRU: userspace reads them within a
 /// retire pass, 250 ms; an entry evicted before that costs only the rename, not a call).
 pub const MAX_EXIT_NAMES: u32 = 4096;
+/// Grace-period rows (per process, thread, function and caller).
+pub const MAX_WRITERS: u32 = 1024;
 
 /// The key of `EXIT_NAMES`: `tgid << 32 | serial`.
 pub const fn proc_id(tgid: u32, serial: u32) -> u64 {
@@ -284,4 +341,6 @@ mod user {
     unsafe impl aya::Pod for super::WakerKey {}
     unsafe impl aya::Pod for super::CallKey {}
     unsafe impl aya::Pod for super::Proc {}
+    unsafe impl aya::Pod for super::WriterKey {}
+    unsafe impl aya::Pod for super::WriterStats {}
 }

@@ -19,16 +19,20 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_get_attach_cookie,
     },
-    macros::{btf_tracepoint, fentry, fexit, map, tracepoint},
+    macros::{btf_tracepoint, fentry, fexit, map, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{BtfTracePointContext, FEntryContext, FExitContext, TracePointContext},
+    programs::{
+        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext,
+        TracePointContext,
+    },
 };
 use membarrier_trace_common::{
     CLONE_THREAD, COMM_LEN, CallKey, CpuKey, HIST_BUCKETS, INSIDE_SLOTS, IPI_HIST, Inflight,
-    MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, MAX_WAKERS, Proc,
-    Stats, StatsKey, WakerKey, counter, field, hist_bucket, proc_id,
+    MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, MAX_WAKERS,
+    MAX_WRITERS, Proc, Stats, StatsKey, WakerKey, Writer, WriterKey, WriterStats, counter, field,
+    hist_bucket, proc_id,
 };
 
 /// Set by userspace before load: 1 when only the processes marked traced in `PROCS` are. Being
@@ -97,6 +101,14 @@ static STATS: HashMap<StatsKey, Stats> = HashMap::with_max_entries(MAX_STATS, 0)
 /// Template for new stats rows: the BPF stack (512 bytes) cannot hold one.
 #[map]
 static SCRATCH: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Userspace RCU grace periods, per (process, thread, function, caller).
+#[map]
+static WRITERS: HashMap<WriterKey, WriterStats> = HashMap::with_max_entries(MAX_WRITERS, 0);
+
+/// A zeroed row to insert into WRITERS (too large for the stack).
+#[map]
+static WRITER_SCRATCH: PerCpuArray<WriterStats> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -267,15 +279,18 @@ fn inside_counter(tid: u32) -> Option<*mut u32> {
 /// (a task that is not) to one inlined load.
 #[inline(always)]
 fn inside(tid: u32) -> Option<&'static mut Inflight> {
+    marked(tid).filter(|slot| slot.start_ns != 0)
+}
+
+/// The slot of `tid` if a thread with its index in INSIDE is inside membarrier or a userspace
+/// grace period.
+#[inline(always)]
+fn marked(tid: u32) -> Option<&'static mut Inflight> {
     let n = inside_counter(tid)?;
     if unsafe { *n } == 0 {
         return None;
     }
-    let slot = unsafe { &mut *INFLIGHT.get_ptr_mut(&tid)? };
-    if slot.start_ns == 0 {
-        return None;
-    }
-    Some(slot)
+    Some(unsafe { &mut *INFLIGHT.get_ptr_mut(&tid)? })
 }
 
 #[inline(always)]
@@ -379,36 +394,8 @@ fn on_enter(cmd: u32, flags: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
-    let call = Inflight {
-        start_ns: 0,
-        cmd,
-        flags,
-        tgid,
-        ..Default::default()
-    };
-    // A thread keeps its INFLIGHT slot between calls (sched_process_exit frees it), so the
-    // common case is one lookup and plain stores, not a hash insert and delete per call. Slots
-    // are only made for traced processes and carry the process's serial: a slot of this tgid
-    // needs no process lookup (another tgid means a stale slot of a reused tid).
-    let slot = match INFLIGHT.get_ptr_mut(&tid) {
-        Some(slot) if unsafe { (*slot).tgid } == tgid => slot,
-        _ => {
-            let (serial, traced) = process(tgid);
-            if !traced {
-                return;
-            }
-            if INFLIGHT
-                .insert(&tid, &Inflight { serial, ..call }, 0)
-                .is_err()
-            {
-                bump(counter::DROPPED_INFLIGHT);
-                return;
-            }
-            match INFLIGHT.get_ptr_mut(&tid) {
-                Some(slot) => slot,
-                None => return,
-            }
-        }
+    let Some(slot) = slot_of(tgid, tid) else {
+        return;
     };
     if unsafe { (*slot).start_ns } != 0 {
         // Still open: the exit of this thread's last call was skipped (it stays counted as
@@ -421,11 +408,43 @@ fn on_enter(cmd: u32, flags: u32) {
     }
     unsafe {
         *slot = Inflight {
+            cmd,
+            flags,
+            tgid,
             serial: (*slot).serial,
-            ..call
+            writer: (*slot).writer,
+            ..Default::default()
         };
         // Timestamp last, so the tracer's own work here is not counted as the call's.
         (*slot).start_ns = now();
+    }
+}
+
+/// The in-flight slot of thread `tid` of traced process `tgid`, made on first use.
+#[inline(always)]
+fn slot_of(tgid: u32, tid: u32) -> Option<*mut Inflight> {
+    // A thread keeps its INFLIGHT slot between calls (sched_process_exit frees it), so the
+    // common case is one lookup and plain stores, not a hash insert and delete per call. Slots
+    // are only made for traced processes and carry the process's serial: a slot of this tgid
+    // needs no process lookup (another tgid means a stale slot of a reused tid).
+    match INFLIGHT.get_ptr_mut(&tid) {
+        Some(slot) if unsafe { (*slot).tgid } == tgid => Some(slot),
+        _ => {
+            let (serial, traced) = process(tgid);
+            if !traced {
+                return None;
+            }
+            let fresh = Inflight {
+                tgid,
+                serial,
+                ..Default::default()
+            };
+            if INFLIGHT.insert(&tid, &fresh, 0).is_err() {
+                bump(counter::DROPPED_INFLIGHT);
+                return None;
+            }
+            INFLIGHT.get_ptr_mut(&tid)
+        }
     }
 }
 
@@ -438,12 +457,12 @@ fn on_exit(end_ns: u64, ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
-    let call = match INFLIGHT.get_ptr_mut(&tid) {
+    let (call, slot) = match INFLIGHT.get_ptr_mut(&tid) {
         // start_ns 0: the slot is idle, this exit's enter was not seen.
         Some(slot) if unsafe { (*slot).start_ns } != 0 => unsafe {
             let call = *slot;
             (*slot).start_ns = 0;
-            call
+            (call, slot)
         },
         _ => {
             if process(tgid).1 {
@@ -468,11 +487,17 @@ fn on_exit(end_ns: u64, ret: i64) {
             0
         },
     };
+    let ns = end_ns.wrapping_sub(call.start_ns);
+    if call.writer.start_ns != 0 {
+        // Inside a userspace grace period: its membarrier share.
+        let w = unsafe { &mut (*slot).writer };
+        w.calls += 1;
+        w.membarrier_ns += ns;
+    }
     let Some(row) = stats_row(&key) else {
         bump(counter::DROPPED_STATS);
         return;
     };
-    let ns = end_ns.wrapping_sub(call.start_ns);
     let row = unsafe { &mut *row };
     add(&mut row.count, 1);
     add(&mut row.sum_ns, ns);
@@ -504,6 +529,110 @@ fn on_exit(end_ns: u64, ret: i64) {
     }
 }
 
+/// Entry of a userspace grace-period function (liburcu's `synchronize_rcu`, or one named with
+/// `--rcu-func`): opens the thread's grace period. The cookie says which function.
+#[uprobe]
+pub fn rcu_gp_enter(ctx: ProbeContext) -> u32 {
+    if !armed() {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(slot) = slot_of((pid_tgid >> 32) as u32, pid_tgid as u32) else {
+        return 0;
+    };
+    let w = unsafe { &mut (*slot).writer };
+    if w.depth != 0 {
+        w.depth += 1;
+        return 0;
+    }
+    // At entry the return address is on top of the stack: the caller, no frame pointers needed.
+    let sp = unsafe { (*ctx.regs).rsp };
+    let caller = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+    *w = Writer {
+        caller,
+        func: unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32,
+        depth: 1,
+        ..Default::default()
+    };
+    if breakdown()
+        && let Some(n) = inside_counter(pid_tgid as u32)
+    {
+        add32(n, 1);
+    }
+    w.start_ns = now();
+    0
+}
+
+/// Return of a grace-period function: folds the grace period into its WRITERS row.
+#[uretprobe]
+pub fn rcu_gp_exit(_ctx: RetProbeContext) -> u32 {
+    let end_ns = now();
+    if !armed() {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let slot = match INFLIGHT.get_ptr_mut(&tid) {
+        Some(slot) if unsafe { (*slot).tgid == tgid && (*slot).writer.depth != 0 } => unsafe {
+            &mut *slot
+        },
+        _ => {
+            if process(tgid).1 {
+                bump(counter::WRITER_EXIT_WITHOUT_ENTRY);
+            }
+            return 0;
+        }
+    };
+    slot.writer.depth -= 1;
+    if slot.writer.depth != 0 {
+        return 0;
+    }
+    let w = slot.writer;
+    slot.writer.start_ns = 0;
+    if breakdown()
+        && let Some(n) = inside_counter(tid)
+    {
+        add32(n, u32::MAX); // -1
+    }
+    let key = WriterKey {
+        tgid,
+        serial: slot.serial,
+        tid,
+        func: w.func,
+        caller: w.caller,
+    };
+    let Some(row) = writer_row(&key) else {
+        bump(counter::DROPPED_WRITERS);
+        return 0;
+    };
+    let row = unsafe { &mut *row };
+    let ns = end_ns.wrapping_sub(w.start_ns);
+    add(&mut row.count, 1);
+    add(&mut row.sum_ns, ns);
+    update(&mut row.min_ns, ns, |new, cur| new < cur);
+    update(&mut row.max_ns, ns, |new, cur| new > cur);
+    add(&mut row.hist[bucket(ns)], 1);
+    add(&mut row.membarrier_calls, w.calls);
+    add(&mut row.membarrier_ns, w.membarrier_ns);
+    add(&mut row.blocked_ns, w.blocked_ns);
+    0
+}
+
+/// The WRITERS row for `key`, created on first use.
+#[inline(always)]
+fn writer_row(key: &WriterKey) -> Option<*mut WriterStats> {
+    if let Some(row) = WRITERS.get_ptr_mut(key) {
+        return Some(row);
+    }
+    let tmpl = WRITER_SCRATCH.get_ptr_mut(0)?;
+    unsafe {
+        (*tmpl).comm = bpf_get_current_comm().unwrap_or_default();
+        (*tmpl).min_ns = u64::MAX;
+    }
+    let _ = WRITERS.insert(key, unsafe { &*tmpl }, BPF_NOEXIST as u64);
+    WRITERS.get_ptr_mut(key)
+}
+
 /// Histogram bucket of `ns`, masked so the verifier sees the bound. The volatile read hides the
 /// range LLVM already knows, so the mask survives; the verifier cannot follow the log2
 /// arithmetic to see the bound itself.
@@ -531,21 +660,49 @@ fn stats_row(key: &StatsKey) -> Option<*mut Stats> {
     STATS.get_ptr_mut(key)
 }
 
-/// Off-CPU time inside the call: the caller switching out starts the clock, switching back in
-/// stops it. Runs on every context switch: two array loads for tasks outside membarrier.
+/// Off-CPU time inside the call (or inside a userspace grace period, outside its membarrier
+/// calls): the thread switching out starts the clock, switching back in stops it. Runs on
+/// every context switch: two array loads for tasks outside both.
 #[tracepoint]
 pub fn sched_switch(ctx: TracePointContext) -> u32 {
+    off_cpu(&ctx, true);
+    0
+}
+
+/// [`sched_switch`] for userspace grace periods only, where fentry on synchronize_rcu measures
+/// the membarrier calls' grace period.
+#[tracepoint]
+pub fn sched_switch_writers(ctx: TracePointContext) -> u32 {
+    off_cpu(&ctx, false);
+    0
+}
+
+#[inline(always)]
+fn off_cpu(ctx: &TracePointContext, calls: bool) {
     // The tracepoint runs in the task being switched out.
-    if let Some(prev) = inside(current_tid()) {
-        prev.off_since_ns = now();
+    if let Some(prev) = marked(current_tid()) {
+        let open = if calls {
+            prev.start_ns | prev.writer.start_ns
+        } else if prev.start_ns == 0 {
+            prev.writer.start_ns
+        } else {
+            0
+        };
+        if open != 0 {
+            prev.off_since_ns = now();
+        }
     }
-    if let Some(next) = inside(record::<u32>(&ctx, field::SCHED_SWITCH_NEXT_PID))
+    if let Some(next) = marked(record::<u32>(ctx, field::SCHED_SWITCH_NEXT_PID))
         && next.off_since_ns != 0
     {
-        next.blocked_ns += now().wrapping_sub(next.off_since_ns);
+        let off = now().wrapping_sub(next.off_since_ns);
+        if next.start_ns != 0 {
+            next.blocked_ns += off;
+        } else {
+            next.writer.blocked_ns += off;
+        }
         next.off_since_ns = 0;
     }
-    0
 }
 
 /// Who wakes a caller blocked inside membarrier (for GLOBAL, usually an RCU kthread).

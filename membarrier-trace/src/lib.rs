@@ -11,4 +11,6 @@ pub mod hook;
 pub mod model;
 pub mod output;
 pub mod preflight;
+pub mod rcu;
 pub mod tui;
+pub mod writers;

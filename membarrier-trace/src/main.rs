@@ -42,6 +42,13 @@ struct Cli {
     /// probes (they run on every context switch, IPI and lock contention on the box).
     #[arg(long)]
     no_breakdown: bool,
+    /// Leave out userspace RCU writers: no uprobes on liburcu's synchronize_rcu.
+    #[arg(long)]
+    no_rcu: bool,
+    /// Also count the grace periods of this function (repeatable): e.g. QEMU's
+    /// synchronize_rcu, DPDK's rte_rcu_qsbr_synchronize.
+    #[arg(long, value_name = "PATH:SYMBOL")]
+    rcu_func: Vec<membarrier_trace::rcu::CustomFunc>,
     /// How to hook the syscall: fentry on its entry function (only membarrier calls pay),
     /// the syscall tracepoints (work everywhere; every syscall on the box takes the slow path
     /// while attached), or auto: fentry where the kernel allows it.
@@ -68,6 +75,8 @@ const RETIRE_EVERY: Duration = Duration::from_millis(250);
 /// When the stats map is filling: at 10,000 new processes a second, 500 rows a pass. (The
 /// loop's tick is 50 ms: sooner would not be kept.)
 const RETIRE_SOON: Duration = Duration::from_millis(50);
+/// How often the traced processes' mappings are looked at for grace-period functions (dlopen).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// Longest `--duration`/`--interval`: a year, far beyond any run, and well inside what a
 /// `Duration` and `Instant` arithmetic hold.
@@ -171,6 +180,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             follow_forks: follow,
             breakdown: !cli.no_breakdown,
             attach: cli.attach,
+            rcu: !cli.no_rcu,
+            rcu_funcs: cli.rcu_func.clone(),
         },
     )?;
 
@@ -220,6 +231,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         child,
         exits,
         next_retire: started + RETIRE_EVERY,
+        next_probe: started + PROBE_EVERY,
+        probe_pids: (!follow).then(|| cli.pids.clone()),
+        quiet_notes: tui,
+        late_notes: Vec::new(),
         model: Model::default(),
         exit: None,
         note: None,
@@ -294,7 +309,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_STDOUT_CLOSED));
         }
     }
-    if let Some(note) = &session.note {
+    for note in session.late_notes.iter().chain(&session.note) {
         eprintln!("membarrier-trace: {note}");
     }
     if let Some(log) = &command_log {
@@ -314,6 +329,14 @@ struct Session {
     child: Option<Child>,
     exits: Option<preflight::ExitWatch>,
     next_retire: Instant,
+    /// When to look for grace-period functions newly mapped by the traced processes.
+    next_probe: Instant,
+    /// Whose mappings to look at: the `--pid`s; None: the traced processes in the kernel's
+    /// table (a command and its children). Empty system-wide (the installed libraries are).
+    probe_pids: Option<Vec<u32>>,
+    /// Under the dashboard notes wait for it to close (stderr would scribble over it).
+    quiet_notes: bool,
+    late_notes: Vec<String>,
     model: Model,
     /// Set when tracing ended with a status to exit with (the command's).
     exit: Option<ExitCode>,
@@ -365,6 +388,20 @@ impl Session {
                 RETIRE_EVERY
             };
             self.next_retire = Instant::now() + every;
+        }
+        if Instant::now() >= self.next_probe {
+            let pids = match &self.probe_pids {
+                Some(pids) => pids.clone(),
+                None => self.collector.traced_pids(),
+            };
+            for note in self.collector.probe_new_mappings(pids) {
+                if self.quiet_notes {
+                    self.late_notes.push(note);
+                } else {
+                    eprintln!("membarrier-trace: {note}");
+                }
+            }
+            self.next_probe = Instant::now() + PROBE_EVERY;
         }
         Ok(None)
     }
@@ -441,6 +478,10 @@ fn spawn_traced(
     unsafe { libc::close(pid_r) };
     let started = if n == 4 {
         collector.add_pid(pid as u32)?;
+        // An executable with liburcu linked in: probed before its first grace period.
+        if let Some(exe) = in_path(&argv[0]) {
+            collector.probe_file(&exe);
+        }
         collector.start()
     } else {
         Ok(Vec::new())
@@ -455,6 +496,21 @@ fn spawn_traced(
         .map_err(|_| anyhow::anyhow!("spawner thread panicked"))?
         .with_context(|| format!("cannot run `{}`", argv[0]))?;
     Ok((child, started?))
+}
+
+/// Where exec finds `program`: itself when it has a slash, else the first executable of that
+/// name in $PATH.
+fn in_path(program: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if program.contains('/') {
+        return Some(program.into());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// Passes the signal we got on to the command and waits a little for it to end.

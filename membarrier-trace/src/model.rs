@@ -11,6 +11,8 @@ pub use crate::hook::Attach;
 use crate::{
     cmd::{self, Kind},
     hist::Histogram,
+    rcu::GpFunc,
+    writers::{self, Caller, WriterReport, WriterRow},
 };
 
 /// One kernel stats row, summed over CPUs.
@@ -146,6 +148,14 @@ pub struct Snapshot {
     pub grace_period_source: GraceSource,
     pub attach: Attach,
     pub maps: Maps,
+    /// Userspace RCU grace periods, per (process, thread, function, caller).
+    pub writers: Vec<WriterRow>,
+    /// The probed grace-period functions, indexed by [`WriterKey::func`].
+    ///
+    /// [`WriterKey::func`]: membarrier_trace_common::WriterKey::func
+    pub gp_funcs: Vec<GpFunc>,
+    /// Callers symbolized, by process and return address.
+    pub callers: HashMap<(ProcKey, u64), Caller>,
 }
 
 /// How big the kernel maps were made for this machine (docs/design.md, "Bounds").
@@ -180,6 +190,11 @@ pub struct Losses {
     /// Runs of the breakdown probes the kernel skipped (another BPF program was running on
     /// the CPU; fentry on PREEMPT_RT): the grace-period, IPI, handler and mutex figures are short.
     pub probe_runs_skipped: u64,
+    /// Returns from a userspace grace-period function whose entry was not seen (the tracer
+    /// attached mid-call).
+    pub missed_grace_periods: u64,
+    /// Grace periods lost because the writers map was full.
+    pub grace_periods_without_row: u64,
 }
 
 /// `dropped` in the report: [`Losses`] but the missed calls, with their total.
@@ -189,6 +204,7 @@ pub struct Dropped {
     pub calls_without_inflight_slot: u64,
     pub processes_not_tracked: u64,
     pub detail_rows: u64,
+    pub grace_periods_without_row: u64,
     /// Not in `total`: not calls, processes or rows, and common (an IPI handler's csd events
     /// arrive while the target CPU is inside another tracer program).
     pub probe_runs_skipped: u64,
@@ -202,11 +218,13 @@ impl From<Losses> for Dropped {
             calls_without_inflight_slot: l.calls_without_inflight_slot,
             processes_not_tracked: l.processes_not_tracked,
             detail_rows: l.detail_rows,
+            grace_periods_without_row: l.grace_periods_without_row,
             probe_runs_skipped: l.probe_runs_skipped,
             total: l.calls_without_row
                 + l.calls_without_inflight_slot
                 + l.processes_not_tracked
-                + l.detail_rows,
+                + l.detail_rows
+                + l.grace_periods_without_row,
         }
     }
 }
@@ -223,6 +241,8 @@ pub struct Report {
     /// Over the whole run (`duration_ns`).
     pub run_calls_per_sec: f64,
     pub missed_calls: u64,
+    /// Grace periods of userspace RCU writers seen only at their return.
+    pub missed_grace_periods: u64,
     pub dropped: Dropped,
     /// Processes that have exited, each counted once (per-name entries count all theirs).
     pub exited_processes: u64,
@@ -231,6 +251,8 @@ pub struct Report {
     pub grace_period_source: GraceSource,
     pub maps: Maps,
     pub processes: Vec<ProcessReport>,
+    /// Userspace RCU grace periods per (process, function, caller), busiest first.
+    pub rcu_writers: Vec<WriterReport>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -345,7 +367,7 @@ pub struct Latency {
 
 impl Latency {
     /// Exact min, max and sum; percentiles read from `hist`.
-    fn new(hist: &Histogram, min: u64, max: u64, sum: u64) -> Self {
+    pub(crate) fn new(hist: &Histogram, min: u64, max: u64, sum: u64) -> Self {
         Self {
             min,
             max,
@@ -375,12 +397,14 @@ impl Report {
             calls_per_sec: 0.0,
             run_calls_per_sec: 0.0,
             missed_calls: 0,
+            missed_grace_periods: 0,
             dropped: Dropped::default(),
             exited_processes: 0,
             attach: Attach::Tracepoint,
             grace_period_source: GraceSource::None,
             maps: Maps::default(),
             processes: Vec::new(),
+            rcu_writers: Vec::new(),
         }
     }
 }
@@ -582,12 +606,19 @@ impl Model {
                 calls as f64 * 1e9 / snap.elapsed_ns as f64
             },
             missed_calls: snap.losses.missed_calls,
+            missed_grace_periods: snap.losses.missed_grace_periods,
             dropped: snap.losses.into(),
             exited_processes: snap.exited.values().sum(),
             attach: snap.attach,
             grace_period_source: snap.grace_period_source,
             maps: snap.maps,
             processes,
+            rcu_writers: writers::reports(
+                &snap.writers,
+                &snap.gp_funcs,
+                &snap.callers,
+                &snap.comms,
+            ),
         }
     }
 }

@@ -5,6 +5,7 @@ use std::{borrow::Cow, fmt::Write as _};
 use crate::{
     cmd::{self, Kind},
     model::{CmdReport, Dropped, GraceSource, ProcessReport, Report},
+    writers::Caller,
 };
 
 /// `s` safe to put on a terminal: control bytes (ESC, newline, DEL...) written as `\xNN`, so a
@@ -49,6 +50,7 @@ pub fn dropped_causes(d: &Dropped) -> String {
         ),
         (d.processes_not_tracked, "processes not tracked"),
         (d.detail_rows, "detail rows"),
+        (d.grace_periods_without_row, "grace periods without a row"),
     ]
     .iter()
     .filter(|(n, _)| *n > 0)
@@ -115,9 +117,15 @@ pub fn text(r: &Report) -> String {
             GraceSource::None => "not measured on this kernel",
         }
     );
+    if r.missed_grace_periods > 0 {
+        let _ = writeln!(
+            s,
+            "grace periods seen only at their return (under way at attach): {}",
+            r.missed_grace_periods
+        );
+    }
     if r.processes.is_empty() {
         let _ = writeln!(s, "no membarrier calls seen");
-        return s;
     }
     for p in &r.processes {
         let _ = writeln!(
@@ -182,7 +190,77 @@ pub fn text(r: &Report) -> String {
             breakdown(&mut s, c);
         }
     }
+    writers(&mut s, r);
     s
+}
+
+/// Where a grace-period function was called from, for a human view.
+pub fn caller(c: &Caller) -> String {
+    let mut out = match (&c.symbol, c.offset) {
+        (Some(sym), Some(off)) => format!("{}+{off:#x}", printable(sym)),
+        (Some(sym), None) => printable(sym).into_owned(),
+        _ => format!("{:#x}", c.address),
+    };
+    if let Some(file) = &c.file {
+        let file = file.rsplit('/').next().unwrap_or(file);
+        match c.line {
+            Some(line) => {
+                let _ = write!(out, " ({}:{line})", printable(file));
+            }
+            None => {
+                let _ = write!(out, " ({})", printable(file));
+            }
+        }
+    }
+    if let Some(m) = &c.module {
+        let _ = write!(out, " in {}", printable(m.rsplit('/').next().unwrap_or(m)));
+    }
+    out
+}
+
+/// The "RCU writers" section: grace periods per process, function and caller.
+fn writers(s: &mut String, r: &Report) {
+    if r.rcu_writers.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "
+RCU writers (userspace grace periods):"
+    );
+    for w in &r.rcu_writers {
+        let name = if w.comm.is_empty() {
+            Cow::Borrowed("?")
+        } else {
+            printable(&w.comm)
+        };
+        let _ = writeln!(
+            s,
+            "PID {} ({name}): {} [{}] called from {}",
+            w.pid,
+            printable(&w.function),
+            w.flavour,
+            caller(&w.caller)
+        );
+        let _ = writeln!(
+            s,
+            "  {} grace periods, p50 {}, p99 {}, max {}, {} in all: membarrier {} ({} calls), blocked {} (waiting for readers)",
+            w.grace_periods,
+            fmt_ns(w.latency_ns.p50),
+            fmt_ns(w.latency_ns.p99),
+            fmt_ns(w.latency_ns.max),
+            fmt_ns(w.latency_ns.sum),
+            fmt_ns(w.membarrier_ns),
+            w.membarrier_calls,
+            fmt_ns(w.blocked_ns)
+        );
+        let threads: Vec<String> = w
+            .threads
+            .iter()
+            .map(|t| format!("{}({}):{}", printable(&t.name), t.tid, t.grace_periods))
+            .collect();
+        let _ = writeln!(s, "  threads: {}", threads.join(" "));
+    }
 }
 
 /// `name:count` pairs, space-separated, each name with `prefix` (`cpu1:30 cpu2:4`).

@@ -1421,3 +1421,154 @@ fn a_missing_tracefs_is_mounted_for_the_tracer_alone() {
     let report = last_json_with(&stdout, "processes");
     assert_eq!(report["dropped"]["total"], 0);
 }
+
+/// Builds a C test program of tests/urcu against Debian's liburcu (`cargo xtask test` installs
+/// gcc and liburcu-dev), without frame pointers, as distributions build.
+fn build_urcu_program(name: &str, lib: &str) -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/urcu/{name}.c"));
+    let bin = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let cc = Command::new("cc")
+        .args(["-O2", "-fomit-frame-pointer", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .args([lib, "-lpthread"])
+        .output()
+        .expect("cc (cargo xtask test installs gcc and liburcu-dev)");
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    bin
+}
+
+/// Two liburcu writer functions in two named threads, traced by --pid: each one's grace
+/// periods are counted exactly, attributed to it by the symbolized caller, with its thread,
+/// their time within 15% below the program's own timing, and membarrier calls inside.
+#[test]
+fn rcu_writers_are_counted_per_caller_and_thread() {
+    let _machine = require_root();
+    let bin = build_urcu_program("urcu_writers", "-lurcu-memb");
+    let mut prog = Command::new(&bin)
+        .args(["400", "250"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(prog.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let pid: u32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    let pid_arg = pid.to_string();
+    let tracer = Tracer::start(&["-o", "json", "-p", &pid_arg]);
+    let mut stdin = prog.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    // "<function> <thread> <tid> <grace periods> <ns>", per writer.
+    let mut own = Vec::new();
+    for _ in 0..2 {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f.len(), 5, "{line}");
+        own.push((
+            f[0].to_string(),
+            f[1].to_string(),
+            f[2].parse::<u64>().unwrap(),
+            f[3].parse::<u64>().unwrap(),
+            f[4].parse::<u64>().unwrap(),
+        ));
+    }
+    // A long-lived writer: the tracer symbolizes its callers while it lives (within 250 ms).
+    thread::sleep(Duration::from_millis(1000));
+    drop(stdin);
+    assert!(prog.wait().unwrap().success());
+    let (out, report) = tracer.report();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("RCU writers: probing urcu_memb_synchronize_rcu in "),
+        "{stderr}"
+    );
+    assert_eq!(report["missed_grace_periods"], 0);
+    assert_eq!(report["dropped"]["total"], 0);
+    let writers = report["rcu_writers"].as_array().unwrap();
+    assert_eq!(writers.len(), 2, "{writers:#?}");
+    for (function, thread_name, tid, n, ns) in own {
+        let w = writers
+            .iter()
+            .find(|w| w["caller"]["symbol"] == function.as_str())
+            .unwrap_or_else(|| panic!("no writer called from {function}: {writers:#?}"));
+        assert_eq!(w["pid"], pid);
+        assert_eq!(w["flavour"], "memb");
+        assert_eq!(w["function"], "urcu_memb_synchronize_rcu");
+        assert!(
+            w["library"].as_str().unwrap().contains("liburcu"),
+            "{}",
+            w["library"]
+        );
+        assert!(
+            w["caller"]["module"]
+                .as_str()
+                .unwrap()
+                .ends_with("urcu_writers"),
+            "{}",
+            w["caller"]
+        );
+        assert_eq!(w["grace_periods"], n, "{function}");
+        assert_eq!(
+            w["threads"],
+            serde_json::json!([{"tid": tid, "name": thread_name, "grace_periods": n}])
+        );
+        // Inside the program's own clock readings around each call, and not much less.
+        let sum = w["latency_ns"]["sum"].as_u64().unwrap();
+        assert!(
+            sum <= ns && sum * 100 >= ns * 85,
+            "{function}: {sum} ns, own {ns} ns"
+        );
+        // liburcu-memb issues membarrier before and after waiting for readers.
+        assert!(
+            w["membarrier_calls"].as_u64().unwrap() >= 2 * n,
+            "{function}: {}",
+            w["membarrier_calls"]
+        );
+        assert!(w["membarrier_ns"].as_u64().unwrap() <= sum);
+        assert!(w["blocked_ns"].as_u64().unwrap() <= sum);
+        let hist: u64 = w["histogram"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(hist, n);
+    }
+}
+
+/// `-- COMMAND` sees grace periods from the first one (the installed library is probed before
+/// the command runs); a process without liburcu shows none, and no error; `--no-rcu` probes
+/// nothing.
+#[test]
+fn rcu_writers_from_the_first_grace_period_and_none_without_liburcu() {
+    let _machine = require_root();
+    let bin = build_urcu_program("urcu_memb_writer", "-lurcu-memb");
+    let out = run(tracer().args(["-o", "json", "--"]).arg(&bin).arg("300"));
+    let report = report_of(&out);
+    let writers = report["rcu_writers"].as_array().unwrap();
+    assert_eq!(writers.len(), 1, "{writers:#?}");
+    assert_eq!(writers[0]["grace_periods"], 300);
+    assert_eq!(writers[0]["threads"][0]["grace_periods"], 300);
+    assert_eq!(report["missed_grace_periods"], 0);
+
+    let out = run(tracer().args(["-o", "text", "--", WORKLOAD, "--query", "2"]));
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("RCU writers"), "{text}");
+    let out = run(tracer().args(["-o", "json", "--", WORKLOAD, "--query", "2"]));
+    assert_eq!(report_of(&out)["rcu_writers"], serde_json::json!([]));
+
+    let out = run(tracer()
+        .args(["-o", "json", "--no-rcu", "--"])
+        .arg(&bin)
+        .arg("10"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("RCU writers"), "{stderr}");
+    assert_eq!(report_of(&out)["rcu_writers"], serde_json::json!([]));
+}

@@ -1,0 +1,279 @@
+//! Userspace RCU writers: the grace-period functions (liburcu's `synchronize_rcu` of each
+//! flavour, and any named with `--rcu-func`) found in the binaries the traced processes run,
+//! with a uprobe and a uretprobe on each. The kernel side aggregates each grace period per
+//! (process, thread, function, caller); see `rcu_gp_enter` in the eBPF programs.
+
+use std::{
+    collections::{HashMap, HashSet},
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf,
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+    },
+};
+use object::{Object as _, ObjectSymbol as _};
+
+/// liburcu's grace-period functions: the names since 0.11 (`urcu_<flavour>_`), then the older
+/// ones, which later releases no longer export.
+const LIBURCU: &[(&str, &str)] = &[
+    ("urcu_memb_synchronize_rcu", "memb"),
+    ("urcu_mb_synchronize_rcu", "mb"),
+    ("urcu_qsbr_synchronize_rcu", "qsbr"),
+    ("urcu_bp_synchronize_rcu", "bp"),
+    ("urcu_signal_synchronize_rcu", "signal"),
+    ("synchronize_rcu_memb", "memb"),
+    ("synchronize_rcu_mb", "mb"),
+    ("synchronize_rcu_qsbr", "qsbr"),
+    ("synchronize_rcu_bp", "bp"),
+    ("synchronize_rcu_sig", "signal"),
+];
+
+/// Where distributions install liburcu; system-wide and for `-- COMMAND` (whose libraries are
+/// not mapped yet when it starts) the libraries there are probed.
+const LIB_DIRS: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib64",
+    "/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+    "/usr/local/lib64",
+];
+
+/// A probed grace-period function; its index in [`Writers::funcs`] is the uprobe's cookie.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpFunc {
+    /// `memb`, `mb`, `qsbr`, `bp`, `signal`, or `custom` (`--rcu-func`).
+    pub flavour: &'static str,
+    pub function: String,
+    /// The file it is in.
+    pub library: PathBuf,
+}
+
+/// A `--rcu-func PATH:SYMBOL`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CustomFunc {
+    pub path: PathBuf,
+    pub symbol: String,
+}
+
+impl std::str::FromStr for CustomFunc {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.rsplit_once(':') {
+            Some((path, symbol)) if !path.is_empty() && !symbol.is_empty() => Ok(Self {
+                path: path.into(),
+                symbol: symbol.into(),
+            }),
+            _ => Err(format!("{s:?}: expected PATH:SYMBOL")),
+        }
+    }
+}
+
+/// The grace-period functions in the ELF file at `path`, as (symbol, flavour): one name per
+/// address (liburcu exports some under two names).
+pub fn find_in(path: &Path) -> Vec<(String, &'static str)> {
+    let Ok(data) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    let Ok(obj) = object::File::parse(&*data) else {
+        return Vec::new();
+    };
+    let mut seen = HashSet::new();
+    let mut found = Vec::new();
+    for sym in obj.dynamic_symbols().chain(obj.symbols()) {
+        if sym.is_undefined() || sym.address() == 0 {
+            continue;
+        }
+        let Ok(name) = sym.name() else { continue };
+        if let Some(&(_, flavour)) = LIBURCU.iter().find(|(n, _)| *n == name)
+            && seen.insert(sym.address())
+        {
+            found.push((name.to_string(), flavour));
+        }
+    }
+    found
+}
+
+/// The probes on grace-period functions, and what was looked at so far.
+pub struct Writers {
+    pub funcs: Vec<GpFunc>,
+    /// Files already looked at, by (device, inode): each is probed once, for all processes.
+    files: HashSet<(u64, u64)>,
+    /// Why a function could not be probed, said once each.
+    pub notes: Vec<String>,
+}
+
+impl Writers {
+    /// Loads the two programs. Nothing is attached yet.
+    pub fn load(ebpf: &mut Ebpf) -> Result<Self> {
+        for name in ["rcu_gp_exit", "rcu_gp_enter"] {
+            let p: &mut UProbe = program(ebpf, name)?;
+            p.load().with_context(|| format!("loading {name}"))?;
+        }
+        Ok(Self {
+            funcs: Vec::new(),
+            files: HashSet::new(),
+            notes: Vec::new(),
+        })
+    }
+
+    /// Probes the liburcu libraries installed on the box.
+    pub fn probe_installed(&mut self, ebpf: &mut Ebpf) {
+        let mut libs: Vec<PathBuf> = LIB_DIRS
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("liburcu") && n.contains(".so"))
+            })
+            .collect();
+        libs.sort();
+        for lib in libs {
+            self.probe_file(ebpf, &lib);
+        }
+    }
+
+    /// Probes what process `pid` maps that has grace-period functions (shared libraries, and
+    /// an executable with liburcu linked in), unless looked at before. Cheap to call again:
+    /// it reads /proc/PID/maps and stats each file.
+    pub fn probe_process(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            return;
+        };
+        let mut paths = HashSet::new();
+        for line in maps.lines() {
+            let mut f = line.split_whitespace();
+            let perms = f.nth(1).unwrap_or_default();
+            if !perms.contains('x') {
+                continue;
+            }
+            if let Some(path) = f.nth(3)
+                && path.starts_with('/')
+            {
+                paths.insert(path.to_string());
+            }
+        }
+        for path in paths {
+            // Through the process's root: the file may be in another mount namespace.
+            let via_proc = PathBuf::from(format!("/proc/{pid}/root{path}"));
+            let file = if via_proc.exists() {
+                via_proc
+            } else {
+                PathBuf::from(path)
+            };
+            self.probe_file(ebpf, &file);
+        }
+    }
+
+    /// Probes the liburcu functions in `path`, once per file.
+    pub fn probe_file(&mut self, ebpf: &mut Ebpf, path: &Path) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        if !self.files.insert((meta.dev(), meta.ino())) {
+            return;
+        }
+        for (symbol, flavour) in find_in(path) {
+            self.attach(ebpf, path, &symbol, flavour);
+        }
+    }
+
+    /// Probes a `--rcu-func`.
+    pub fn probe_custom(&mut self, ebpf: &mut Ebpf, f: &CustomFunc) -> Result<()> {
+        self.try_attach(ebpf, &f.path, &f.symbol, "custom")
+            .with_context(|| format!("--rcu-func {}:{}", f.path.display(), f.symbol))
+    }
+
+    fn attach(&mut self, ebpf: &mut Ebpf, path: &Path, symbol: &str, flavour: &'static str) {
+        if let Err(e) = self.try_attach(ebpf, path, symbol, flavour) {
+            self.notes.push(format!(
+                "no grace periods from {symbol} in {}: {e:#}",
+                path.display()
+            ));
+        }
+    }
+
+    fn try_attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        path: &Path,
+        symbol: &str,
+        flavour: &'static str,
+    ) -> Result<()> {
+        let cookie = self.funcs.len() as u64;
+        // The return probe first: an entry seen without it would leave the thread marked
+        // inside a grace period.
+        for name in ["rcu_gp_exit", "rcu_gp_enter"] {
+            let p: &mut UProbe = program(ebpf, name)?;
+            p.attach(
+                UProbeAttachPoint {
+                    location: UProbeAttachLocation::Symbol(symbol),
+                    cookie: Some(cookie),
+                },
+                path,
+                UProbeScope::AllProcesses,
+            )
+            .with_context(|| format!("attaching {name}"))?;
+        }
+        self.funcs.push(GpFunc {
+            flavour,
+            function: symbol.to_string(),
+            library: path
+                .to_str()
+                .and_then(|p| p.split_once("/root/").filter(|_| p.starts_with("/proc/")))
+                .map_or_else(|| path.to_path_buf(), |(_, rest)| Path::new("/").join(rest)),
+        });
+        Ok(())
+    }
+
+    /// One line for the user: what is probed.
+    pub fn describe(&self) -> String {
+        if self.funcs.is_empty() {
+            return "no userspace RCU grace-period functions found to probe yet".into();
+        }
+        let mut by_lib: HashMap<&Path, Vec<&str>> = HashMap::new();
+        for f in &self.funcs {
+            by_lib.entry(&f.library).or_default().push(&f.function);
+        }
+        let mut parts: Vec<String> = by_lib
+            .into_iter()
+            .map(|(lib, fs)| format!("{} in {}", fs.join(", "), lib.display()))
+            .collect();
+        parts.sort();
+        format!("RCU writers: probing {}", parts.join("; "))
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rcu_func_parses_path_and_symbol() {
+        let f: CustomFunc = "/usr/bin/qemu-system-x86_64:synchronize_rcu"
+            .parse()
+            .unwrap();
+        assert_eq!(f.path, Path::new("/usr/bin/qemu-system-x86_64"));
+        assert_eq!(f.symbol, "synchronize_rcu");
+        assert!("nosymbol".parse::<CustomFunc>().is_err());
+        assert!("/lib/x.so:".parse::<CustomFunc>().is_err());
+    }
+}
