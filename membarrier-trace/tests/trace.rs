@@ -608,20 +608,7 @@ fn command_mode_sees_every_call_and_passes_exit_status() {
 fn liburcu_memb_matches_strace() {
     let _machine = require_root();
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/urcu/urcu_memb_writer.c");
-    let bin = dir.join("urcu_memb_writer");
-    let cc = Command::new("cc")
-        .args(["-O2", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .args(["-lurcu-memb", "-lpthread"])
-        .output()
-        .expect("cc (cargo xtask test installs gcc and liburcu-dev)");
-    assert!(
-        cc.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cc.stderr)
-    );
+    let bin = build_urcu_program("urcu_memb_writer", "-lurcu-memb");
     let strace_log = dir.join(format!("urcu-strace-{}.log", std::process::id()));
 
     // strace runs the program under the tracer: both watch the very same calls, from the

@@ -53,8 +53,9 @@ pub const KERNELS: &[Kernel] = &[
         preempt_rt: true,
         // The slowest guest (about 2.5 minutes a mode): every fentry program detached waits for
         // RCU-tasks grace periods, which PREEMPT_RT under TCG makes slow. Passed every test on
-        // two fresh clones (24/24 in 454 s, 27/27 in 501 s) before joining CI.
-        in_test: true,
+        // two fresh clones (24/24 in 454 s, 27/27 in 501 s), then in CI its fentry mode missed
+        // 8,461 of 30,000 calls: out of CI until that is understood.
+        in_test: false,
     },
 ];
 
