@@ -301,9 +301,10 @@ pub mod counter {
     /// preemptible). Found when the thread's slot is still open at its next enter or at its
     /// exit; slots open at the end are counted by userspace.
     pub const EXIT_SKIPPED: u32 = 5;
-    /// Returns from a grace-period function whose entry was not seen (the tracer attached
-    /// mid-call, or the thread had no in-flight slot: counted there). Counts grace periods.
-    pub const WRITER_EXIT_WITHOUT_ENTRY: u32 = 6;
+    /// Grace periods seen only half: a return whose entry was not seen (the tracer attached
+    /// mid-call, or the thread had no in-flight slot: counted there), or an entry whose thread
+    /// exited before the return.
+    pub const MISSED_WRITERS: u32 = 6;
     /// The writers map was full at a grace period's return; it is lost.
     pub const DROPPED_WRITERS: u32 = 7;
     pub const COUNT: u32 = 8;

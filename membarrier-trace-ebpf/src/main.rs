@@ -457,13 +457,9 @@ fn on_exit(end_ns: u64, ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
-    let (call, slot) = match INFLIGHT.get_ptr_mut(&tid) {
+    let call = match INFLIGHT.get_ptr_mut(&tid) {
         // start_ns 0: the slot is idle, this exit's enter was not seen.
-        Some(slot) if unsafe { (*slot).start_ns } != 0 => unsafe {
-            let call = *slot;
-            (*slot).start_ns = 0;
-            (call, slot)
-        },
+        Some(slot) if unsafe { (*slot).start_ns } != 0 => unsafe { &mut *slot },
         _ => {
             if process(tgid).1 {
                 bump(counter::EXIT_WITHOUT_SLOT);
@@ -471,10 +467,17 @@ fn on_exit(end_ns: u64, ret: i64) {
             return;
         }
     };
+    let ns = end_ns.wrapping_sub(call.start_ns);
+    call.start_ns = 0;
     if breakdown()
         && let Some(n) = inside_counter(tid)
     {
         add32(n, u32::MAX); // -1
+    }
+    if call.writer.start_ns != 0 {
+        // Inside a userspace grace period: its membarrier share.
+        call.writer.calls += 1;
+        call.writer.membarrier_ns += ns;
     }
     let key = StatsKey {
         tgid,
@@ -487,23 +490,12 @@ fn on_exit(end_ns: u64, ret: i64) {
             0
         },
     };
-    let ns = end_ns.wrapping_sub(call.start_ns);
-    if call.writer.start_ns != 0 {
-        // Inside a userspace grace period: its membarrier share.
-        let w = unsafe { &mut (*slot).writer };
-        w.calls += 1;
-        w.membarrier_ns += ns;
-    }
-    let Some(row) = stats_row(&key) else {
+    let Some(row) = row_of(&STATS, &SCRATCH, &key) else {
         bump(counter::DROPPED_STATS);
         return;
     };
     let row = unsafe { &mut *row };
-    add(&mut row.count, 1);
-    add(&mut row.sum_ns, ns);
-    update(&mut row.min_ns, ns, |new, cur| new < cur);
-    update(&mut row.max_ns, ns, |new, cur| new > cur);
-    add(&mut row.hist[bucket(ns)], 1);
+    row.count_one(ns);
     // The breakdown: zero for most calls, so only non-zero parts are added (userspace derives
     // the zero buckets from the count).
     if call.blocked_ns != 0 {
@@ -578,7 +570,7 @@ pub fn rcu_gp_exit(_ctx: RetProbeContext) -> u32 {
         },
         _ => {
             if process(tgid).1 {
-                bump(counter::WRITER_EXIT_WITHOUT_ENTRY);
+                bump(counter::MISSED_WRITERS);
             }
             return 0;
         }
@@ -601,36 +593,63 @@ pub fn rcu_gp_exit(_ctx: RetProbeContext) -> u32 {
         func: w.func,
         caller: w.caller,
     };
-    let Some(row) = writer_row(&key) else {
+    let Some(row) = row_of(&WRITERS, &WRITER_SCRATCH, &key) else {
         bump(counter::DROPPED_WRITERS);
         return 0;
     };
     let row = unsafe { &mut *row };
-    let ns = end_ns.wrapping_sub(w.start_ns);
-    add(&mut row.count, 1);
-    add(&mut row.sum_ns, ns);
-    update(&mut row.min_ns, ns, |new, cur| new < cur);
-    update(&mut row.max_ns, ns, |new, cur| new > cur);
-    add(&mut row.hist[bucket(ns)], 1);
+    row.count_one(end_ns.wrapping_sub(w.start_ns));
     add(&mut row.membarrier_calls, w.calls);
     add(&mut row.membarrier_ns, w.membarrier_ns);
     add(&mut row.blocked_ns, w.blocked_ns);
     0
 }
 
-/// The WRITERS row for `key`, created on first use.
+/// A row made on first use from a per-CPU template (too large for the stack), which is never
+/// counted into, so its histograms stay zero; counted into one call (or grace period) at a
+/// time.
+trait Row {
+    /// Fills in what a new row starts with: the creating thread's comm, min at its maximum.
+    fn start(&mut self);
+    /// Counts one of `ns` into the latency figures.
+    fn count_one(&mut self, ns: u64);
+}
+
+/// [`Row`] for the row types, which share these fields' names.
+macro_rules! row {
+    ($($t:ty),*) => {$(
+        impl Row for $t {
+            #[inline(always)]
+            fn start(&mut self) {
+                self.comm = bpf_get_current_comm().unwrap_or_default();
+                self.min_ns = u64::MAX;
+            }
+
+            #[inline(always)]
+            fn count_one(&mut self, ns: u64) {
+                add(&mut self.count, 1);
+                add(&mut self.sum_ns, ns);
+                update(&mut self.min_ns, ns, |new, cur| new < cur);
+                update(&mut self.max_ns, ns, |new, cur| new > cur);
+                add(&mut self.hist[bucket(ns)], 1);
+            }
+        }
+    )*};
+}
+row!(Stats, WriterStats);
+
+/// The row of `map` for `key`, created from `template` on first use.
 #[inline(always)]
-fn writer_row(key: &WriterKey) -> Option<*mut WriterStats> {
-    if let Some(row) = WRITERS.get_ptr_mut(key) {
+fn row_of<K, V: Row>(map: &HashMap<K, V>, template: &PerCpuArray<V>, key: &K) -> Option<*mut V> {
+    if let Some(row) = map.get_ptr_mut(key) {
         return Some(row);
     }
-    let tmpl = WRITER_SCRATCH.get_ptr_mut(0)?;
-    unsafe {
-        (*tmpl).comm = bpf_get_current_comm().unwrap_or_default();
-        (*tmpl).min_ns = u64::MAX;
-    }
-    let _ = WRITERS.insert(key, unsafe { &*tmpl }, BPF_NOEXIST as u64);
-    WRITERS.get_ptr_mut(key)
+    // Slow path, once per row.
+    let tmpl = template.get_ptr_mut(0)?;
+    unsafe { (*tmpl).start() };
+    // NOEXIST: another CPU may have created the row meanwhile; then use theirs.
+    let _ = map.insert(key, unsafe { &*tmpl }, BPF_NOEXIST as u64);
+    map.get_ptr_mut(key)
 }
 
 /// Histogram bucket of `ns`, masked so the verifier sees the bound. The volatile read hides the
@@ -641,23 +660,6 @@ fn bucket(ns: u64) -> usize {
     let b = hist_bucket(ns);
     let b = unsafe { core::ptr::read_volatile(&b) };
     b & (HIST_BUCKETS - 1)
-}
-
-/// The stats row for `key`, created on first use.
-#[inline(always)]
-fn stats_row(key: &StatsKey) -> Option<*mut Stats> {
-    if let Some(row) = STATS.get_ptr_mut(key) {
-        return Some(row);
-    }
-    // Slow path, once per row: SCRATCH is never counted into, so its histograms stay zero.
-    let tmpl = SCRATCH.get_ptr_mut(0)?;
-    unsafe {
-        (*tmpl).comm = bpf_get_current_comm().unwrap_or_default();
-        (*tmpl).min_ns = u64::MAX;
-    }
-    // NOEXIST: another CPU may have created the row meanwhile; then use theirs.
-    let _ = STATS.insert(key, unsafe { &*tmpl }, BPF_NOEXIST as u64);
-    STATS.get_ptr_mut(key)
 }
 
 /// Off-CPU time inside the call (or inside a userspace grace period, outside its membarrier
@@ -1105,15 +1107,21 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
     // A slot still open at exit: the exit of the thread's last call was skipped (a thread
-    // cannot exit inside a syscall).
-    if let Some(slot) = INFLIGHT.get_ptr_mut(&tid)
-        && unsafe { (*slot).start_ns } != 0
-    {
-        bump(counter::EXIT_SKIPPED);
+    // cannot exit inside a syscall), or the thread died inside a userspace grace period. Each
+    // open one was counted into INSIDE.
+    if let Some(slot) = INFLIGHT.get_ptr(&tid) {
+        let (call, gp) = unsafe { ((*slot).start_ns != 0, (*slot).writer.depth != 0) };
+        if call {
+            bump(counter::EXIT_SKIPPED);
+        }
+        if gp {
+            bump(counter::MISSED_WRITERS);
+        }
         if breakdown()
+            && (call || gp)
             && let Some(n) = inside_counter(tid)
         {
-            add32(n, u32::MAX);
+            add32(n, (u32::from(call) + u32::from(gp)).wrapping_neg());
         }
     }
     let _ = INFLIGHT.remove(&tid);

@@ -20,10 +20,10 @@ use membarrier_trace_common::{
 
 use crate::{
     hook::{Attach, AttachMode, Hook, Kind},
-    model::{GraceSource, Losses, Maps, ProcKey, RawRow, Snapshot, comm_str},
+    model::{Caller, GraceSource, Losses, Maps, ProcKey, RawRow, Snapshot, WriterRow, comm_str},
     preflight,
     rcu::{CustomFunc, Writers},
-    writers::{Caller, Symbolizer, WriterRow},
+    symbolize::Symbolizer,
 };
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MEMBARRIER_TRACE_EBPF_OBJECT"));
@@ -57,7 +57,6 @@ pub struct Collector {
     writer_rows: BpfHashMap<MapData, WriterKey, WriterStats>,
     /// The probed grace-period functions (None: `--no-rcu`).
     writers: Option<Writers>,
-    rcu_funcs: Vec<CustomFunc>,
     /// `--pid`s: their mappings are probed for grace-period functions.
     pids: Vec<u32>,
     follow_forks: bool,
@@ -659,7 +658,7 @@ impl Collector {
         let exit_names = take(&mut ebpf, "EXIT_NAMES")?;
         let writer_rows = take(&mut ebpf, "WRITERS")?;
         let writers = if opts.rcu {
-            Some(Writers::load(&mut ebpf)?)
+            Some(Writers::load(&mut ebpf, opts.rcu_funcs.clone())?)
         } else {
             None
         };
@@ -676,7 +675,6 @@ impl Collector {
             exit_names,
             writer_rows,
             writers,
-            rcu_funcs: opts.rcu_funcs.clone(),
             pids: opts.pids.clone(),
             follow_forks: opts.follow_forks,
             writers_off_cpu: false,
@@ -808,9 +806,7 @@ impl Collector {
         let Some(w) = self.writers.as_mut() else {
             return Ok(());
         };
-        for f in &self.rcu_funcs {
-            w.probe_custom(&mut self.ebpf, f)?;
-        }
+        w.probe_custom(&mut self.ebpf)?;
         if self.pids.is_empty() || self.follow_forks {
             w.probe_installed(&mut self.ebpf);
         }
@@ -1025,13 +1021,8 @@ impl Collector {
             if let Some(c) = self.callers.remove(&(p, key.caller)) {
                 self.callers.insert((to, key.caller), c);
             }
-            let r = WriterRow::from_stats(key.moved_to(to), &row);
-            match self.retired.writers.get_mut(&r.key) {
-                Some(into) => into.absorb(&r),
-                None => {
-                    self.retired.writers.insert(r.key, r);
-                }
-            }
+            self.retired
+                .add_writer(WriterRow::from_stats(key.moved_to(to), &row));
         }
         let r = &mut self.retired;
         retire_detail(&mut self.ipi_cpus, &mut r.ipi_cpus, &dead, &dest)?;
@@ -1104,12 +1095,13 @@ impl Collector {
             .counter(counter::EXIT_WITHOUT_SLOT)?
             .saturating_sub(no_slot)
             + self.counter(counter::EXIT_SKIPPED)?;
+        let mut missed_grace_periods = self.counter(counter::MISSED_WRITERS)?;
         if last {
-            missed += self
-                .inflight
-                .iter()
-                .filter(|e| e.as_ref().is_ok_and(|(_, call)| call.start_ns != 0))
-                .count() as u64;
+            // Calls and grace periods still under way: tracing stops before they return.
+            for (_, slot) in self.inflight.iter().flatten() {
+                missed += u64::from(slot.start_ns != 0);
+                missed_grace_periods += u64::from(slot.writer.depth != 0);
+            }
         }
         let mut writers = Vec::new();
         for item in self.writer_rows.iter() {
@@ -1130,7 +1122,7 @@ impl Collector {
         writers.extend(self.retired.writers.values().cloned());
         let losses = Losses {
             missed_calls: missed,
-            missed_grace_periods: self.counter(counter::WRITER_EXIT_WITHOUT_ENTRY)?,
+            missed_grace_periods,
             grace_periods_without_row: self.counter(counter::DROPPED_WRITERS)?,
             calls_without_row: self.counter(counter::DROPPED_STATS)?,
             calls_without_inflight_slot: no_slot,
@@ -1211,6 +1203,16 @@ impl Retired {
         self.comms.insert(to, name);
         *self.exited.entry(to).or_default() += 1;
         to
+    }
+
+    /// Adds a grace-period row, already keyed by the entry [`Retired::place`] gave.
+    fn add_writer(&mut self, r: WriterRow) {
+        match self.writers.get_mut(&r.key) {
+            Some(row) => row.absorb(&r),
+            None => {
+                self.writers.insert(r.key, r);
+            }
+        }
     }
 
     /// Adds a row, already keyed by the entry [`Retired::place`] gave.

@@ -12,5 +12,5 @@ pub mod model;
 pub mod output;
 pub mod preflight;
 pub mod rcu;
+pub mod symbolize;
 pub mod tui;
-pub mod writers;

@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use membarrier_trace_common::{CallKey, CpuKey, IPI_HIST, Stats, StatsKey, WakerKey};
+use membarrier_trace_common::{
+    CallKey, CpuKey, IPI_HIST, Stats, StatsKey, WakerKey, WriterKey, WriterStats,
+};
 use serde::Serialize;
 
 pub use crate::hook::Attach;
@@ -12,7 +14,6 @@ use crate::{
     cmd::{self, Kind},
     hist::Histogram,
     rcu::GpFunc,
-    writers::{self, Caller, WriterReport, WriterRow},
 };
 
 /// One kernel stats row, summed over CPUs.
@@ -190,8 +191,8 @@ pub struct Losses {
     /// Runs of the breakdown probes the kernel skipped (another BPF program was running on
     /// the CPU; fentry on PREEMPT_RT): the grace-period, IPI, handler and mutex figures are short.
     pub probe_runs_skipped: u64,
-    /// Returns from a userspace grace-period function whose entry was not seen (the tracer
-    /// attached mid-call).
+    /// Userspace grace periods seen only half: under way when tracing started or (in the final
+    /// snapshot) stopped, or their thread exited inside them.
     pub missed_grace_periods: u64,
     /// Grace periods lost because the writers map was full.
     pub grace_periods_without_row: u64,
@@ -613,14 +614,182 @@ impl Model {
             grace_period_source: snap.grace_period_source,
             maps: snap.maps,
             processes,
-            rcu_writers: writers::reports(
-                &snap.writers,
-                &snap.gp_funcs,
-                &snap.callers,
-                &snap.comms,
-            ),
+            rcu_writers: writer_reports(&snap.writers, &snap.gp_funcs, &snap.callers, &snap.comms),
         }
     }
+}
+
+// Userspace RCU writers: the kernel's grace-period rows (per process, thread, function and
+// caller) grouped per (process, function, caller).
+
+/// One kernel grace-period row, as read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriterRow {
+    pub key: WriterKey,
+    pub count: u64,
+    pub sum_ns: u64,
+    pub min_ns: u64,
+    pub max_ns: u64,
+    pub hist: Histogram,
+    pub membarrier_calls: u64,
+    pub membarrier_ns: u64,
+    pub blocked_ns: u64,
+    /// The thread's name when its row was made.
+    pub thread: String,
+}
+
+impl WriterRow {
+    pub fn from_stats(key: WriterKey, s: &WriterStats) -> Self {
+        Self {
+            key,
+            count: s.count,
+            sum_ns: s.sum_ns,
+            min_ns: s.min_ns,
+            max_ns: s.max_ns,
+            hist: Histogram::from_counts(&s.hist),
+            membarrier_calls: s.membarrier_calls,
+            membarrier_ns: s.membarrier_ns,
+            blocked_ns: s.blocked_ns,
+            thread: comm_str(&s.comm),
+        }
+    }
+
+    /// Adds `r`'s grace periods to this row (rows of processes summed together).
+    pub fn absorb(&mut self, r: &WriterRow) {
+        self.min_ns = if self.count == 0 {
+            r.min_ns
+        } else {
+            self.min_ns.min(r.min_ns)
+        };
+        self.max_ns = self.max_ns.max(r.max_ns);
+        self.count += r.count;
+        self.sum_ns += r.sum_ns;
+        self.hist.add(&r.hist);
+        self.membarrier_calls += r.membarrier_calls;
+        self.membarrier_ns += r.membarrier_ns;
+        self.blocked_ns += r.blocked_ns;
+    }
+}
+
+/// The code that called a grace-period function: its return address, symbolized while the
+/// process lived.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Caller {
+    /// The return address at entry, in the process's address space.
+    pub address: u64,
+    /// The function it is in (demangled); null where the module has no symbol for it.
+    pub symbol: Option<String>,
+    /// Bytes from the start of `symbol` to `address`.
+    pub offset: Option<u64>,
+    /// The executable or library.
+    pub module: Option<String>,
+    /// Source file and line of the call, where the module has debug info.
+    pub file: Option<String>,
+    pub line: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WriterThread {
+    pub tid: u32,
+    pub name: String,
+    pub grace_periods: u64,
+}
+
+/// Grace periods of one (process, function, caller).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WriterReport {
+    pub pid: u32,
+    pub serial: u32,
+    pub comm: String,
+    /// `memb`, `mb`, `qsbr`, `bp`, `signal`, or `custom` (`--rcu-func`).
+    pub flavour: String,
+    pub function: String,
+    pub library: String,
+    pub caller: Caller,
+    pub threads: Vec<WriterThread>,
+    pub grace_periods: u64,
+    /// Entry to return of each grace period.
+    pub latency_ns: Latency,
+    pub histogram: Vec<Bucket>,
+    /// Membarrier calls made inside the grace periods, and their time.
+    pub membarrier_calls: u64,
+    pub membarrier_ns: u64,
+    /// Off-CPU time inside, outside membarrier calls: waiting for readers.
+    pub blocked_ns: u64,
+}
+
+/// Groups grace-period rows per (process, function, caller), busiest first.
+pub fn writer_reports(
+    rows: &[WriterRow],
+    funcs: &[GpFunc],
+    callers: &HashMap<(ProcKey, u64), Caller>,
+    comms: &HashMap<ProcKey, String>,
+) -> Vec<WriterReport> {
+    let mut groups: BTreeMap<(u32, u32, u32, u64), Vec<&WriterRow>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.count > 0) {
+        let k = r.key;
+        groups
+            .entry((k.tgid, k.serial, k.func, k.caller))
+            .or_default()
+            .push(r);
+    }
+    let mut out: Vec<WriterReport> = groups
+        .into_iter()
+        .map(|((tgid, serial, func, caller), rows)| {
+            let mut all = rows[0].clone();
+            for r in &rows[1..] {
+                all.absorb(r);
+            }
+            let mut threads: BTreeMap<u32, WriterThread> = BTreeMap::new();
+            for r in &rows {
+                threads
+                    .entry(r.key.tid)
+                    .or_insert_with(|| WriterThread {
+                        tid: r.key.tid,
+                        name: r.thread.clone(),
+                        grace_periods: 0,
+                    })
+                    .grace_periods += r.count;
+            }
+            let f = funcs.get(func as usize);
+            WriterReport {
+                pid: tgid,
+                serial,
+                comm: comms.get(&(tgid, serial)).cloned().unwrap_or_default(),
+                flavour: f.map_or("unknown", |f| f.flavour).to_string(),
+                function: f.map(|f| f.function.clone()).unwrap_or_default(),
+                library: f
+                    .map(|f| f.library.display().to_string())
+                    .unwrap_or_default(),
+                caller: callers
+                    .get(&((tgid, serial), caller))
+                    .cloned()
+                    .unwrap_or(Caller {
+                        address: caller,
+                        ..Default::default()
+                    }),
+                threads: threads.into_values().collect(),
+                grace_periods: all.count,
+                latency_ns: Latency::new(&all.hist, all.min_ns, all.max_ns, all.sum_ns),
+                histogram: all
+                    .hist
+                    .buckets(all.max_ns)
+                    .into_iter()
+                    .map(|(le_ns, count)| Bucket { le_ns, count })
+                    .collect(),
+                membarrier_calls: all.membarrier_calls,
+                membarrier_ns: all.membarrier_ns,
+                blocked_ns: all.blocked_ns,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.grace_periods
+            .cmp(&a.grace_periods)
+            .then(a.pid.cmp(&b.pid))
+            .then(a.caller.address.cmp(&b.caller.address))
+    });
+    out
 }
 
 #[cfg(test)]

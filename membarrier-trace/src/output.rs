@@ -4,8 +4,7 @@ use std::{borrow::Cow, fmt::Write as _};
 
 use crate::{
     cmd::{self, Kind},
-    model::{CmdReport, Dropped, GraceSource, ProcessReport, Report},
-    writers::Caller,
+    model::{Caller, CmdReport, Dropped, GraceSource, ProcessReport, Report},
 };
 
 /// `s` safe to put on a terminal: control bytes (ESC, newline, DEL...) written as `\xNN`, so a
@@ -120,7 +119,7 @@ pub fn text(r: &Report) -> String {
     if r.missed_grace_periods > 0 {
         let _ = writeln!(
             s,
-            "grace periods seen only at their return (under way at attach): {}",
+            "grace periods seen only half (under way at start or stop, or their thread exited): {}",
             r.missed_grace_periods
         );
     }

@@ -79,10 +79,12 @@ impl std::str::FromStr for CustomFunc {
 /// The grace-period functions in the ELF file at `path`, as (symbol, flavour): one name per
 /// address (liburcu exports some under two names).
 pub fn find_in(path: &Path) -> Vec<(String, &'static str)> {
-    let Ok(data) = std::fs::read(path) else {
+    // Read as needed: executables can be hundreds of MiB, their symbol tables are not.
+    let Ok(file) = std::fs::File::open(path) else {
         return Vec::new();
     };
-    let Ok(obj) = object::File::parse(&*data) else {
+    let cache = object::ReadCache::new(file);
+    let Ok(obj) = object::File::parse(&cache) else {
         return Vec::new();
     };
     let mut seen = HashSet::new();
@@ -108,11 +110,13 @@ pub struct Writers {
     files: HashSet<(u64, u64)>,
     /// Why a function could not be probed, said once each.
     pub notes: Vec<String>,
+    /// `--rcu-func`s not probed yet.
+    custom: Vec<CustomFunc>,
 }
 
 impl Writers {
     /// Loads the two programs. Nothing is attached yet.
-    pub fn load(ebpf: &mut Ebpf) -> Result<Self> {
+    pub fn load(ebpf: &mut Ebpf, custom: Vec<CustomFunc>) -> Result<Self> {
         for name in ["rcu_gp_exit", "rcu_gp_enter"] {
             let p: &mut UProbe = program(ebpf, name)?;
             p.load().with_context(|| format!("loading {name}"))?;
@@ -121,6 +125,7 @@ impl Writers {
             funcs: Vec::new(),
             files: HashSet::new(),
             notes: Vec::new(),
+            custom,
         })
     }
 
@@ -165,19 +170,19 @@ impl Writers {
             }
         }
         for path in paths {
-            // Through the process's root: the file may be in another mount namespace.
+            // Read through the process's root: the file may be in another mount namespace.
             let via_proc = PathBuf::from(format!("/proc/{pid}/root{path}"));
-            let file = if via_proc.exists() {
-                via_proc
-            } else {
-                PathBuf::from(path)
-            };
-            self.probe_file(ebpf, &file);
+            self.probe_as(ebpf, &via_proc, Path::new(&path));
         }
     }
 
     /// Probes the liburcu functions in `path`, once per file.
     pub fn probe_file(&mut self, ebpf: &mut Ebpf, path: &Path) {
+        self.probe_as(ebpf, path, path);
+    }
+
+    /// [`Writers::probe_file`] of the file at `path`, reported as `shown`.
+    fn probe_as(&mut self, ebpf: &mut Ebpf, path: &Path, shown: &Path) {
         let Ok(meta) = std::fs::metadata(path) else {
             return;
         };
@@ -185,29 +190,30 @@ impl Writers {
             return;
         }
         for (symbol, flavour) in find_in(path) {
-            self.attach(ebpf, path, &symbol, flavour);
+            if let Err(e) = self.try_attach(ebpf, path, shown, &symbol, flavour) {
+                self.notes.push(format!(
+                    "no grace periods from {symbol} in {}: {e:#}",
+                    shown.display()
+                ));
+            }
         }
     }
 
-    /// Probes a `--rcu-func`.
-    pub fn probe_custom(&mut self, ebpf: &mut Ebpf, f: &CustomFunc) -> Result<()> {
-        self.try_attach(ebpf, &f.path, &f.symbol, "custom")
-            .with_context(|| format!("--rcu-func {}:{}", f.path.display(), f.symbol))
-    }
-
-    fn attach(&mut self, ebpf: &mut Ebpf, path: &Path, symbol: &str, flavour: &'static str) {
-        if let Err(e) = self.try_attach(ebpf, path, symbol, flavour) {
-            self.notes.push(format!(
-                "no grace periods from {symbol} in {}: {e:#}",
-                path.display()
-            ));
+    /// Probes the `--rcu-func`s: an error if one cannot be.
+    pub fn probe_custom(&mut self, ebpf: &mut Ebpf) -> Result<()> {
+        for f in std::mem::take(&mut self.custom) {
+            self.try_attach(ebpf, &f.path, &f.path, &f.symbol, "custom")
+                .with_context(|| format!("--rcu-func {}:{}", f.path.display(), f.symbol))?;
         }
+        Ok(())
     }
 
+    /// Attaches both probes to `symbol` in the file at `path` (`shown` in reports).
     fn try_attach(
         &mut self,
         ebpf: &mut Ebpf,
         path: &Path,
+        shown: &Path,
         symbol: &str,
         flavour: &'static str,
     ) -> Result<()> {
@@ -229,10 +235,7 @@ impl Writers {
         self.funcs.push(GpFunc {
             flavour,
             function: symbol.to_string(),
-            library: path
-                .to_str()
-                .and_then(|p| p.split_once("/root/").filter(|_| p.starts_with("/proc/")))
-                .map_or_else(|| path.to_path_buf(), |(_, rest)| Path::new("/").join(rest)),
+            library: shown.to_path_buf(),
         });
         Ok(())
     }

@@ -1,5 +1,5 @@
 /* Two liburcu (urcu-memb) writers for membarrier-trace's tests, built -O2 -fomit-frame-pointer:
- * writer_a() in a thread named "writer-a" and writer_b() in one named "writer-b" each wait for
+ * writer_a() in a thread named "writer-a", then writer_b() in one named "writer-b", each wait for
  * grace periods with urcu_memb_synchronize_rcu() while slow readers sleep inside read-side
  * critical sections. Prints "ready <pid>" and waits for a line on stdin before the first grace
  * period; then, per writer, "<function> <thread name> <tid> <grace periods> <ns>", the ns being
@@ -20,6 +20,7 @@
 
 struct writer {
 	const char *thread;
+	void (*write)(struct writer *);
 	int n;
 	long long ns;
 	pid_t tid;
@@ -76,28 +77,19 @@ __attribute__((noinline)) void writer_b(struct writer *w)
 	}
 }
 
-static void *run_a(void *arg)
+static void *run(void *arg)
 {
 	struct writer *w = arg;
 	w->tid = syscall(SYS_gettid);
 	pthread_setname_np(pthread_self(), w->thread);
-	writer_a(w);
-	return NULL;
-}
-
-static void *run_b(void *arg)
-{
-	struct writer *w = arg;
-	w->tid = syscall(SYS_gettid);
-	pthread_setname_np(pthread_self(), w->thread);
-	writer_b(w);
+	w->write(w);
 	return NULL;
 }
 
 int main(int argc, char **argv)
 {
-	struct writer a = {"writer-a", argc > 1 ? atoi(argv[1]) : 100, 0, 0};
-	struct writer b = {"writer-b", argc > 2 ? atoi(argv[2]) : 100, 0, 0};
+	struct writer a = {"writer-a", writer_a, argc > 1 ? atoi(argv[1]) : 100, 0, 0};
+	struct writer b = {"writer-b", writer_b, argc > 2 ? atoi(argv[2]) : 100, 0, 0};
 	pthread_t readers[READERS], ta, tb;
 	char line[16];
 
@@ -111,9 +103,13 @@ int main(int argc, char **argv)
 	fflush(stdout);
 	if (!fgets(line, sizeof line, stdin))
 		return 1;
-	if (pthread_create(&ta, NULL, run_a, &a) || pthread_create(&tb, NULL, run_b, &b))
+	/* One writer after the other: liburcu lets concurrent synchronize_rcu() callers share one
+	 * grace period, the waiters making no membarrier calls of their own. */
+	if (pthread_create(&ta, NULL, run, &a))
 		return 1;
 	pthread_join(ta, NULL);
+	if (pthread_create(&tb, NULL, run, &b))
+		return 1;
 	pthread_join(tb, NULL);
 	stop = 1;
 	for (int i = 0; i < READERS; i++)
