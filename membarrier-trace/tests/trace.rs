@@ -515,9 +515,10 @@ fn ipis_go_to_the_running_sibling_and_not_for_a_lone_thread() {
     assert_eq!(row["calls"], N);
     let ipis = &row["ipis"];
     let sent = ipis["sent"].as_u64().unwrap();
-    // The sibling spins on the last CPU, the caller is pinned to CPU 0: a call that finds the
-    // sibling running sends it one IPI (tests running alongside may preempt it sometimes).
-    assert!((N / 2..=N).contains(&sent), "{ipis}");
+    // The sibling spins on the last CPU, the caller is pinned to CPU 0 and calls only once it
+    // has seen the sibling run: each call finds it running and sends it one IPI, but for the
+    // rare preemption between the look and the call (5000 of 5000 here, also beside stress-ng).
+    assert!((N * 9 / 10..=N).contains(&sent), "{ipis}");
     let last_cpu = (std::thread::available_parallelism().unwrap().get() - 1).to_string();
     let per_cpu = ipis["per_cpu"].as_object().unwrap();
     assert_eq!(
