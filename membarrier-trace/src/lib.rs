@@ -2,10 +2,13 @@
 //!
 //! [`collector`] loads the eBPF programs and reads their in-kernel aggregates into a
 //! [`model::Snapshot`]; [`model::Model`] turns snapshots into [`model::Report`]s; [`output`]
-//! renders reports as text or JSON, [`tui`] as a live dashboard.
+//! renders reports as text or JSON, [`tui`] as a live dashboard, [`exporter`] as Prometheus
+//! metrics ([`exposition`]).
 
 pub mod cmd;
 pub mod collector;
+pub mod exporter;
+pub mod exposition;
 pub mod hist;
 pub mod hook;
 pub mod model;

@@ -18,6 +18,8 @@ use clap::{Parser, ValueEnum};
 use membarrier_trace::tui::{Feed as _, Stop};
 use membarrier_trace::{
     collector::{Collector, Options},
+    exporter::Exporter,
+    exposition::By,
     hook::AttachMode,
     model::{Model, Report},
     output, preflight,
@@ -55,8 +57,22 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     attach: AttachMode,
     /// Output format; without it, a live dashboard when stdout is a terminal, else text.
+    /// `none`: nothing on stdout (with --listen: a plain exporter).
     #[arg(short, long, value_enum)]
     output: Option<Format>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9479), beside any
+    /// output. Unauthenticated: keep it on loopback or the fleet's scrape network.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Metrics per process (pid and comm labels) or per process name (comm only: fewer series,
+    /// and exited processes stay counted in their name's series).
+    /// [default: pid]
+    #[arg(long, value_enum)]
+    by: Option<By>,
+    /// With --by pid, an exited process's series leave the metrics this long after it exited
+    /// [default: 300].
+    #[arg(long, value_name = "SECS", value_parser = duration_secs, allow_negative_numbers = true)]
+    keep_exited: Option<f64>,
     /// Run COMMAND, trace it and the processes it starts, stop when it exits and exit with its
     /// status.
     #[arg(last = true, value_name = "COMMAND")]
@@ -67,6 +83,7 @@ struct Cli {
 enum Format {
     Text,
     Json,
+    None,
 }
 
 /// How often exited processes' stats rows are moved out of the kernel: often enough that a box
@@ -147,6 +164,7 @@ fn emit(format: Format, report: &Report) -> std::io::Result<()> {
     match format {
         Format::Text => writeln!(out, "{}", output::text(report))?,
         Format::Json => writeln!(out, "{}", output::json(report))?,
+        Format::None => return Ok(()),
     };
     out.flush()
 }
@@ -165,6 +183,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
     }
+    if cli.listen.is_none() {
+        if matches!(cli.output, Some(Format::None)) {
+            bail!("-o none shows nothing without --listen ADDR");
+        }
+        if cli.by.is_some() || cli.keep_exited.is_some() {
+            bail!("--by and --keep-exited shape the metrics of --listen ADDR, which is not given");
+        }
+    }
+    let exporter = cli
+        .listen
+        .as_deref()
+        .map(|addr| {
+            let keep = Duration::from_secs_f64(cli.keep_exited.unwrap_or(300.0));
+            Exporter::bind(addr, cli.by.unwrap_or_default(), keep)
+        })
+        .transpose()?;
     let tracefs = preflight::tracefs()?;
     let signal = install_signals()?;
     let exits = if cli.pids.is_empty() {
@@ -222,6 +256,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
     let how = collector.attach_source().describe();
     eprintln!("membarrier-trace: tracing {what} ({how}); Ctrl-C to stop");
+    if let Some(e) = &exporter {
+        eprintln!("membarrier-trace: metrics at http://{}/metrics", e.addr());
+    }
 
     let started = Instant::now();
     let mut session = Session {
@@ -236,6 +273,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         quiet_notes: tui,
         late_notes: Vec::new(),
         model: Model::default(),
+        exporter,
         exit: None,
         note: None,
         // Its program's name: the dashboard says it on one line.
@@ -338,6 +376,8 @@ struct Session {
     quiet_notes: bool,
     late_notes: Vec<String>,
     model: Model,
+    /// `--listen`: answered from the loop, at each tick.
+    exporter: Option<Exporter>,
     /// Set when tracing ended with a status to exit with (the command's).
     exit: Option<ExitCode>,
     /// Why tracing ended, when the user should be told.
@@ -349,6 +389,9 @@ struct Session {
 impl Session {
     /// Whether tracing should end, and why.
     fn stop(&mut self) -> Result<Option<Stop>> {
+        if let Some(e) = &mut self.exporter {
+            e.serve(|| self.collector.snapshot(false))?;
+        }
         let sig = self.signal.load(Ordering::SeqCst);
         if sig != 0 {
             if let Some(c) = self.child.as_mut() {

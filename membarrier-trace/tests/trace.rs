@@ -804,6 +804,20 @@ fn bad_input_is_one_line_and_exit_2() {
         "invalid value 'yaml'",
     );
     expect_error(
+        Command::new(TRACER).args(["-o", "none"]),
+        "-o none shows nothing without --listen",
+    );
+    expect_error(
+        Command::new(TRACER).args(["--by", "comm"]),
+        "--by and --keep-exited shape the metrics of --listen",
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    expect_error(
+        Command::new(TRACER).args(["--listen", &taken]),
+        &format!("listening on {taken}: Address already in use"),
+    );
+    expect_error(
         Command::new(TRACER).args(["--", "/nonexistent/program"]),
         "cannot run `/nonexistent/program`",
     );
@@ -1559,4 +1573,281 @@ fn rcu_writers_from_the_first_grace_period_and_none_without_liburcu() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("RCU writers"), "{stderr}");
     assert_eq!(report_of(&out)["rcu_writers"], serde_json::json!([]));
+}
+
+/// A free TCP port on loopback (bound, read and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `path` from `addr` over HTTP/1.0: (status code, body), or None when nothing answers.
+fn http_get(addr: &str, path: &str, accept: &str) -> Option<(u32, String)> {
+    use std::io::Read as _;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+/// Percent-encodes a PromQL query for a URL.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A Prometheus server on loopback scraping `target` every second, in its own directory; killed
+/// on drop.
+struct Prometheus {
+    child: Child,
+    addr: String,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Prometheus {
+        let dir = std::env::temp_dir().join(format!("mt-prometheus-{}", free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}\n\
+                 scrape_configs:\n  - job_name: membarrier\n    static_configs:\n      \
+                 - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(dir.join("log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("running prometheus (cargo xtask test installs Debian's package)");
+        let p = Prometheus {
+            child,
+            addr,
+            _dir: TempDir(dir),
+        };
+        let until = Instant::now() + TIMEOUT;
+        while http_get(&p.addr, "/-/ready", "*/*").is_none_or(|(code, _)| code != 200) {
+            assert!(Instant::now() < until, "prometheus not ready: {}", p.log());
+            thread::sleep(Duration::from_millis(100));
+        }
+        p
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.0.join("log")).unwrap_or_default()
+    }
+
+    /// An instant query's result vector: (labels, value) per series.
+    fn query(&self, promql: &str) -> Vec<(Value, f64)> {
+        let path = format!("/api/v1/query?query={}", url_encode(promql));
+        let (code, body) = http_get(&self.addr, &path, "*/*").expect("prometheus answers");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(code, 200, "{promql}: {v}");
+        v["data"]["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let value = r["value"][1].as_str().unwrap().parse().unwrap();
+                (r["metric"].clone(), value)
+            })
+            .collect()
+    }
+
+    /// Polls `promql` (a single series) until it equals `want`; returns what it last read.
+    fn wait_for(&self, promql: &str, want: f64) -> Option<f64> {
+        let until = Instant::now() + TIMEOUT;
+        let mut last = None;
+        while Instant::now() < until {
+            last = self.query(promql).first().map(|r| r.1);
+            if last == Some(want) {
+                break;
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+        last
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real Prometheus server scrapes a system-wide exporter (`-o none --listen`) every second:
+/// PromQL over what it stored gives the workload's own call counts per cmd, flags and result,
+/// and its GLOBAL median within 25% (the classic buckets are at most 21% apart).
+#[test]
+fn prometheus_scrapes_exact_counts_errors_and_the_global_median() {
+    let _machine = require_root();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut w = Workload::start(&[
+        "--eperm",
+        "7",
+        "--invalid",
+        "5",
+        "--bad-flags",
+        "3",
+        "--query",
+        "11",
+        "--expedited",
+        "400",
+        "--threads",
+        "2",
+        "--global",
+        "30",
+    ]);
+    let tracer = Tracer::start(&["-o", "none", "--listen", &listen]);
+    let prom = Prometheus::start(&listen);
+    w.go();
+    let mine = w.finish();
+    let pid = mine["pid"].as_u64().unwrap();
+    let truth = workload_counts(&mine);
+    let total: u64 = truth.values().sum();
+    let sel = format!("{{job=\"membarrier\",pid=\"{pid}\"}}");
+    let got = prom.wait_for(&format!("sum(membarrier_calls_total{sel})"), total as f64);
+    assert_eq!(got, Some(total as f64), "{}", prom.log());
+
+    let names = [
+        (0, "QUERY"),
+        (1, "GLOBAL"),
+        (3, "INVALID(3)"),
+        (8, "PRIVATE_EXPEDITED"),
+        (16, "REGISTER_PRIVATE_EXPEDITED"),
+    ];
+    let want: BTreeMap<(String, String, String), f64> = truth
+        .iter()
+        .map(|((cmd, flags, errno), &n)| {
+            let name = names.iter().find(|c| c.0 == *cmd).unwrap().1;
+            let result = if errno.is_empty() { "ok" } else { errno };
+            (
+                (name.to_string(), flags.to_string(), result.to_string()),
+                n as f64,
+            )
+        })
+        .collect();
+    let scraped: BTreeMap<(String, String, String), f64> = prom
+        .query(&format!(
+            "sum by (cmd, flags, result) (membarrier_calls_total{sel})"
+        ))
+        .into_iter()
+        .map(|(m, v)| {
+            let l = |k: &str| m[k].as_str().unwrap().to_string();
+            ((l("cmd"), l("flags"), l("result")), v)
+        })
+        .collect();
+    assert_eq!(scraped, want);
+    assert!(want.keys().any(|k| k.2 == "EINVAL") && want.keys().any(|k| k.2 == "EPERM"));
+
+    // The histogram's count is the calls; the median of the stored buckets is the workload's.
+    let global_sel = format!("{{job=\"membarrier\",pid=\"{pid}\",cmd=\"GLOBAL\"}}");
+    let count = prom.query(&format!(
+        "membarrier_call_duration_seconds_count{global_sel}"
+    ));
+    assert_eq!(count.len(), 1);
+    assert_eq!(count[0].1, 30.0);
+    let p50 = prom.query(&format!(
+        "histogram_quantile(0.5, sum by (le) (membarrier_call_duration_seconds_bucket{global_sel}))"
+    ))[0]
+        .1;
+    let own = mine["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["cmd"] == 1)
+        .unwrap()["p50_ns"]
+        .as_f64()
+        .unwrap()
+        / 1e9;
+    assert!(
+        p50 > own * 0.75 && p50 < own * 1.25,
+        "PromQL p50 {p50} s vs the workload's {own} s"
+    );
+
+    // Scraped as OpenMetrics (Prometheus asks for it first), with the tracer's own series.
+    let up = prom.query("up{job=\"membarrier\"}");
+    assert_eq!(up[0].1, 1.0, "{}", prom.log());
+    let info = prom.query("membarrier_trace_info{job=\"membarrier\"}");
+    assert_eq!(info.len(), 1);
+    assert!(info[0].0["attach"].as_str().is_some_and(|a| !a.is_empty()));
+    assert!(!prom.query("membarrier_trace_dropped_total").is_empty());
+    assert_eq!(
+        prom.query(&format!("membarrier_cpu_seconds_total{sel}"))
+            .len(),
+        2
+    );
+
+    // The 0.0.4 text format passes promtool's lint.
+    let (code, text) = http_get(&listen, "/metrics", "text/plain").unwrap();
+    assert_eq!(code, 200);
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    lint.stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let lint = wait_output(lint);
+    assert!(
+        lint.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    assert_eq!(http_get(&listen, "/nothing", "*/*").unwrap().0, 404);
+
+    // SIGTERM stops a plain exporter cleanly, with nothing on stdout.
+    tracer.signal(libc::SIGTERM);
+    let out = tracer.finish();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
 }

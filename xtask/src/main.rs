@@ -16,8 +16,16 @@ mod soak;
 mod vmtest;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the tests drive: real membarrier users and tools to compare against.
-const TEST_PACKAGES: &[&str] = &["stress-ng", "liburcu-dev", "strace", "tmux", "gcc"];
+/// Debian packages the tests drive: real membarrier users, tools to compare against, and a
+/// Prometheus server to scrape the exporter.
+const TEST_PACKAGES: &[&str] = &[
+    "stress-ng",
+    "liburcu-dev",
+    "strace",
+    "tmux",
+    "gcc",
+    "prometheus",
+];
 
 const USAGE: &str = "usage: cargo xtask <command>
   bootstrap        install what building and testing need (nightly rust-src, bpf-linker, Debian packages)

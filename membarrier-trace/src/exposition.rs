@@ -1,0 +1,356 @@
+//! The report as Prometheus metrics: the text exposition format 0.0.4, or OpenMetrics 1.0 when
+//! the scraper asks for it. Pure rendering; serving and forgetting exited processes are in
+//! [`crate::exporter`].
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::model::{Bucket, CmdReport, ProcessReport, Report};
+
+/// What the series are keyed by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum By {
+    /// One set of series per process (`pid` and `comm` labels).
+    #[default]
+    Pid,
+    /// Processes of one name summed (`comm` label only): bounded by the names on the box, and
+    /// exited processes' counts stay in their name's counters.
+    Comm,
+}
+
+/// Upper bounds (inclusive, ns) of the duration histogram's classic buckets: four per power of
+/// two from 64 ns to 2^34 ns (17 s), at edges of the kernel's own buckets (16 per power of
+/// two: 16/16, 19/16, 23/16 and 27/16 of each), so each count is exact. Neighbours are at most
+/// 21% apart, so `histogram_quantile` (which interpolates inside a bucket) is within 21% of
+/// the true quantile, where two per power of two could be 41% off.
+pub fn duration_bounds_ns() -> Vec<u64> {
+    let mut v = Vec::new();
+    for e in 6..34 {
+        for m in [16u64, 19, 23, 27] {
+            v.push((m << e) / 16 - 1);
+        }
+    }
+    v.push((1u64 << 34) - 1);
+    v
+}
+
+/// Escapes a label value (backslash, double quote, newline), as both formats require.
+fn label(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+fn secs(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// The exposition being written.
+struct Out {
+    s: String,
+    openmetrics: bool,
+}
+
+impl Out {
+    /// A family's header. `name` is the sample name without a suffix (a counter's sample adds
+    /// `_total`, which the 0.0.4 format also puts in the family name and OpenMetrics does not).
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let (fam, kind) = match (kind, self.openmetrics) {
+            ("counter", false) => (format!("{name}_total"), kind),
+            ("info", false) => (format!("{name}_info"), "gauge"),
+            _ => (name.to_string(), kind),
+        };
+        let _ = writeln!(self.s, "# HELP {fam} {help}");
+        let _ = writeln!(self.s, "# TYPE {fam} {kind}");
+    }
+
+    /// One sample: `name{labels} value`, `labels` as made by [`labels`].
+    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        let _ = if labels.is_empty() {
+            writeln!(self.s, "{name} {value}")
+        } else {
+            writeln!(self.s, "{name}{{{labels}}} {value}")
+        };
+    }
+}
+
+/// `k="v",...` with the values escaped.
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let mut s = String::new();
+    for (k, v) in pairs {
+        if !s.is_empty() {
+            s.push(',');
+        }
+        let _ = write!(s, "{k}=\"{}\"", label(v));
+    }
+    s
+}
+
+/// `base` with more labels after it.
+fn and(base: &str, more: &[(&str, &str)]) -> String {
+    let more = labels(more);
+    match (base.is_empty(), more.is_empty()) {
+        (true, _) => more,
+        (_, true) => base.to_string(),
+        _ => format!("{base},{more}"),
+    }
+}
+
+/// A process's (or a name's) figures per cmd, as the series need them.
+#[derive(Default)]
+struct Cmd {
+    /// Calls per (flags, result).
+    calls: BTreeMap<(u32, String), u64>,
+    /// Kernel buckets (inclusive upper bound, calls), summed over flags.
+    buckets: BTreeMap<u64, u64>,
+    count: u64,
+    sum_ns: u64,
+    ipis: BTreeMap<u32, u64>,
+}
+
+#[derive(Default)]
+struct Series {
+    cmds: BTreeMap<String, Cmd>,
+    on_cpu_ns: u64,
+    handler_ns: u64,
+}
+
+impl Series {
+    fn add(&mut self, p: &ProcessReport) {
+        for c in &p.cmds {
+            self.add_cmd(c);
+        }
+    }
+
+    fn add_cmd(&mut self, c: &CmdReport) {
+        let cmd = self.cmds.entry(c.cmd.clone()).or_default();
+        let ok = c.calls - c.errors;
+        if ok > 0 {
+            *cmd.calls.entry((c.flags, "ok".into())).or_default() += ok;
+        }
+        for (errno, n) in &c.errno {
+            *cmd.calls.entry((c.flags, errno.clone())).or_default() += n;
+        }
+        for &Bucket { le_ns, count } in &c.histogram {
+            *cmd.buckets.entry(le_ns).or_default() += count;
+        }
+        cmd.count += c.calls;
+        cmd.sum_ns += c.latency_ns.sum;
+        for (cpu, n) in &c.ipis.per_cpu {
+            if let Ok(cpu) = cpu.parse() {
+                *cmd.ipis.entry(cpu).or_default() += n;
+            }
+        }
+        self.on_cpu_ns += c.on_cpu_ns;
+        self.handler_ns += c.ipis.handler_ns;
+    }
+}
+
+/// The series' identity: (pid, comm), pid empty when keyed by name.
+type Who = (String, String);
+
+/// Groups the report's processes by `by`. Per pid, a pid held by two processes over the run
+/// (reuse) shows the later one: two series may not share labels, and to Prometheus the
+/// counters starting again from zero are a reset, which `rate()` handles. Entries summing
+/// exited processes of one name (pid 0) count only by name.
+fn group(processes: &[&ProcessReport], by: By) -> BTreeMap<Who, Series> {
+    let mut out: BTreeMap<Who, Series> = BTreeMap::new();
+    match by {
+        By::Comm => {
+            for p in processes {
+                out.entry((String::new(), p.comm.clone()))
+                    .or_default()
+                    .add(p);
+            }
+        }
+        By::Pid => {
+            let mut latest: BTreeMap<(u32, &str), &ProcessReport> = BTreeMap::new();
+            for p in processes.iter().filter(|p| p.pid != 0) {
+                let e = latest.entry((p.pid, p.comm.as_str())).or_insert(p);
+                if (p.exited, std::cmp::Reverse(p.serial)) < (e.exited, std::cmp::Reverse(e.serial))
+                {
+                    *e = p;
+                }
+            }
+            for ((pid, comm), p) in latest {
+                out.entry((pid.to_string(), comm.to_string()))
+                    .or_default()
+                    .add(p);
+            }
+        }
+    }
+    out
+}
+
+/// The exposition of `report`, over `processes` (those of the report still shown).
+pub fn render(report: &Report, processes: &[&ProcessReport], by: By, openmetrics: bool) -> String {
+    let mut o = Out {
+        s: String::new(),
+        openmetrics,
+    };
+    let series: Vec<(String, Series)> = group(processes, by)
+        .into_iter()
+        .map(|((pid, comm), s)| {
+            let who = if by == By::Pid {
+                labels(&[("pid", &pid), ("comm", &comm)])
+            } else {
+                labels(&[("comm", &comm)])
+            };
+            (who, s)
+        })
+        .collect();
+
+    o.family(
+        "membarrier_calls",
+        "counter",
+        "membarrier(2) calls, by cmd, flags and result (ok or the errno's name).",
+    );
+    for (who, s) in &series {
+        for (cmd, c) in &s.cmds {
+            for ((flags, result), n) in &c.calls {
+                let l = and(
+                    who,
+                    &[
+                        ("cmd", cmd),
+                        ("flags", &flags.to_string()),
+                        ("result", result),
+                    ],
+                );
+                o.sample("membarrier_calls_total", &l, n);
+            }
+        }
+    }
+
+    o.family(
+        "membarrier_call_duration_seconds",
+        "histogram",
+        "Time inside membarrier(2), entry to return, per call.",
+    );
+    let bounds = duration_bounds_ns();
+    let les: Vec<String> = bounds.iter().map(|&b| secs(b).to_string()).collect();
+    for (who, s) in &series {
+        for (cmd, c) in &s.cmds {
+            let base = and(who, &[("cmd", cmd)]);
+            // Built once per series: a scrape writes about 114 of these lines per cmd row.
+            let bucket = format!("membarrier_call_duration_seconds_bucket{{{base},le=\"");
+            let mut kernel = c.buckets.iter().peekable();
+            let mut cum = 0;
+            for (b, le) in bounds.iter().zip(&les) {
+                while let Some((_, n)) = kernel.next_if(|(k, _)| *k <= b) {
+                    cum += n;
+                }
+                let _ = writeln!(o.s, "{bucket}{le}\"}} {cum}");
+            }
+            let _ = writeln!(o.s, "{bucket}+Inf\"}} {}", c.count);
+            o.sample(
+                "membarrier_call_duration_seconds_sum",
+                &base,
+                secs(c.sum_ns),
+            );
+            o.sample("membarrier_call_duration_seconds_count", &base, c.count);
+        }
+    }
+
+    o.family(
+        "membarrier_ipis",
+        "counter",
+        "IPIs sent by membarrier(2) calls, by target CPU.",
+    );
+    for (who, s) in &series {
+        for (cmd, c) in &s.cmds {
+            for (cpu, n) in &c.ipis {
+                let l = and(who, &[("cmd", cmd), ("cpu", &cpu.to_string())]);
+                o.sample("membarrier_ipis_total", &l, n);
+            }
+        }
+    }
+
+    o.family(
+        "membarrier_cpu_seconds",
+        "counter",
+        "CPU time membarrier(2) costs: on the caller's CPU inside its calls (where=caller), and \
+         in the IPI handlers its calls ran on other CPUs (where=ipi_handler).",
+    );
+    for (who, s) in &series {
+        for (place, ns) in [("caller", s.on_cpu_ns), ("ipi_handler", s.handler_ns)] {
+            let l = and(who, &[("where", place)]);
+            o.sample("membarrier_cpu_seconds_total", &l, secs(ns));
+        }
+    }
+
+    o.family(
+        "membarrier_trace_missed_calls",
+        "counter",
+        "Calls the tracer saw only in part (under way at attach, or skipped by the kernel).",
+    );
+    o.sample(
+        "membarrier_trace_missed_calls_total",
+        "",
+        report.missed_calls,
+    );
+    o.family(
+        "membarrier_trace_dropped",
+        "counter",
+        "What the tracer could not keep, by cause (docs/output.md, `dropped`).",
+    );
+    if let Ok(serde_json::Value::Object(causes)) = serde_json::to_value(report.dropped) {
+        for (cause, n) in causes.iter().filter(|(k, _)| *k != "total") {
+            o.sample(
+                "membarrier_trace_dropped_total",
+                &labels(&[("cause", cause)]),
+                n,
+            );
+        }
+    }
+    o.family(
+        "membarrier_trace",
+        "info",
+        "The tracer: its version, the syscall hook attached, where grace periods come from.",
+    );
+    let attach = serde_json::to_value(report.attach).unwrap_or_default();
+    let source = serde_json::to_value(report.grace_period_source).unwrap_or_default();
+    let l = labels(&[
+        ("version", env!("CARGO_PKG_VERSION")),
+        ("attach", attach.as_str().unwrap_or_default()),
+        ("grace_period_source", source.as_str().unwrap_or_default()),
+    ]);
+    o.sample("membarrier_trace_info", &l, 1);
+    if openmetrics {
+        o.s.push_str("# EOF\n");
+    }
+    o.s
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use membarrier_trace_common::{HIST_BUCKETS, hist_bucket, hist_bucket_upper};
+
+    #[test]
+    fn bounds_are_kernel_bucket_edges_at_most_21_percent_apart() {
+        let b = duration_bounds_ns();
+        assert_eq!(b.len(), 113);
+        for &le in &b {
+            // An inclusive upper bound of some kernel bucket: the next value starts another.
+            let i = hist_bucket(le);
+            assert!(i + 1 < HIST_BUCKETS);
+            assert_eq!(hist_bucket_upper(i), le, "{le}");
+        }
+        for w in b.windows(2) {
+            let r = (w[1] + 1) as f64 / (w[0] + 1) as f64;
+            assert!(r > 1.17 && r < 1.211, "{w:?}: {r}");
+        }
+    }
+
+    #[test]
+    fn labels_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert_eq!(label("plain"), "plain");
+    }
+}
