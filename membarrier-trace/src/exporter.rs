@@ -97,8 +97,20 @@ impl Exporter {
                 now.duration_since(at) < self.keep_exited
             })
             .collect();
+        // Grace periods of processes no longer shown leave with them.
+        let hidden: std::collections::HashSet<(u32, u32)> = report
+            .processes
+            .iter()
+            .filter(|p| !shown.iter().any(|s| std::ptr::eq(*s, *p)))
+            .map(|p| (p.pid, p.serial))
+            .collect();
+        let writers: Vec<_> = report
+            .rcu_writers
+            .iter()
+            .filter(|w| !hidden.contains(&(w.pid, w.serial)))
+            .collect();
         for s in waiting {
-            let text = exposition::render(&report, &shown, self.by, s.openmetrics);
+            let text = exposition::render(&report, &shown, &writers, self.by, s.openmetrics);
             let _ = s.reply.send(text);
         }
         Ok(())

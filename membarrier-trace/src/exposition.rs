@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::model::{Bucket, CmdReport, ProcessReport, Report};
+use crate::model::{Bucket, CmdReport, ProcessReport, Report, WriterReport};
 
 /// What the series are keyed by.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -127,6 +127,8 @@ impl Series {
         for c in &p.cmds {
             self.add_cmd(c);
         }
+        self.on_cpu_ns += p.cpu_ns.caller;
+        self.handler_ns += p.cpu_ns.ipi_handler;
     }
 
     fn add_cmd(&mut self, c: &CmdReport) {
@@ -148,8 +150,6 @@ impl Series {
                 *cmd.ipis.entry(cpu).or_default() += n;
             }
         }
-        self.on_cpu_ns += c.on_cpu_ns;
-        self.handler_ns += c.ipis.handler_ns;
     }
 }
 
@@ -189,8 +189,46 @@ fn group(processes: &[&ProcessReport], by: By) -> BTreeMap<Who, Series> {
     out
 }
 
-/// The exposition of `report`, over `processes` (those of the report still shown).
-pub fn render(report: &Report, processes: &[&ProcessReport], by: By, openmetrics: bool) -> String {
+/// Userspace RCU grace periods per (pid, comm, function) or (comm, function): count, time and
+/// time blocked. Per pid, a reused pid shows its later process, as for the calls.
+fn writer_series(writers: &[&WriterReport], by: By) -> BTreeMap<String, (u64, u64, u64)> {
+    let mut latest: BTreeMap<(u32, &str, &str), u32> = BTreeMap::new();
+    for w in writers {
+        let e = latest
+            .entry((w.pid, w.comm.as_str(), w.function.as_str()))
+            .or_insert(w.serial);
+        *e = (*e).max(w.serial);
+    }
+    let mut out: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    for w in writers {
+        let key = match by {
+            By::Pid if latest[&(w.pid, w.comm.as_str(), w.function.as_str())] != w.serial => {
+                continue;
+            }
+            By::Pid => labels(&[
+                ("pid", &w.pid.to_string()),
+                ("comm", &w.comm),
+                ("function", &w.function),
+            ]),
+            By::Comm => labels(&[("comm", &w.comm), ("function", &w.function)]),
+        };
+        let e = out.entry(key).or_default();
+        e.0 += w.grace_periods;
+        e.1 += w.latency_ns.sum;
+        e.2 += w.blocked_ns;
+    }
+    out
+}
+
+/// The exposition of `report`, over `processes` and `writers` (those of the report still
+/// shown).
+pub fn render(
+    report: &Report,
+    processes: &[&ProcessReport],
+    writers: &[&WriterReport],
+    by: By,
+    openmetrics: bool,
+) -> String {
     let mut o = Out {
         s: String::new(),
         openmetrics,
@@ -283,6 +321,36 @@ pub fn render(report: &Report, processes: &[&ProcessReport], by: By, openmetrics
             let l = and(who, &[("where", place)]);
             o.sample("membarrier_cpu_seconds_total", &l, secs(ns));
         }
+    }
+
+    let gps = writer_series(writers, by);
+    o.family(
+        "membarrier_rcu_grace_periods",
+        "counter",
+        "Userspace RCU grace periods (liburcu's synchronize_rcu, --rcu-func), by function.",
+    );
+    for (l, (n, _, _)) in &gps {
+        o.sample("membarrier_rcu_grace_periods_total", l, n);
+    }
+    o.family(
+        "membarrier_rcu_grace_period_seconds",
+        "counter",
+        "Time inside those grace periods, entry to return.",
+    );
+    for (l, (_, ns, _)) in &gps {
+        o.sample("membarrier_rcu_grace_period_seconds_total", l, secs(*ns));
+    }
+    o.family(
+        "membarrier_rcu_grace_period_blocked_seconds",
+        "counter",
+        "Time off CPU inside those grace periods outside membarrier calls: waiting for readers.",
+    );
+    for (l, (_, _, ns)) in &gps {
+        o.sample(
+            "membarrier_rcu_grace_period_blocked_seconds_total",
+            l,
+            secs(*ns),
+        );
     }
 
     o.family(

@@ -285,7 +285,26 @@ pub struct ProcessReport {
     /// Time its threads spent inside membarrier during the window, as a share of the window
     /// (100 = one thread's worth of wall time; several threads can exceed it).
     pub time_inside_pct: f64,
+    /// CPU time its calls cost, since the start.
+    pub cpu_ns: CpuCost,
+    /// That CPU time over the window as a share of one core (100 = a whole core).
+    pub cpu_pct: f64,
     pub cmds: Vec<CmdReport>,
+}
+
+/// CPU time membarrier calls cost the machine.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct CpuCost {
+    /// On the caller's CPU inside its calls (latency minus time blocked).
+    pub caller: u64,
+    /// In the IPI handlers its calls ran on other CPUs.
+    pub ipi_handler: u64,
+}
+
+impl CpuCost {
+    pub fn total(&self) -> u64 {
+        self.caller + self.ipi_handler
+    }
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -413,11 +432,21 @@ impl Report {
 /// (tgid, serial, cmd, flags): one cmd row of one process.
 type Group = (u32, u32, u32, u32);
 
+/// A process's latency histogram and least latency over the run, and its latency and CPU time
+/// summed over the window.
+struct WindowSums(Histogram, u64, u64, u64);
+
+impl Default for WindowSums {
+    fn default() -> Self {
+        Self(Histogram::default(), u64::MAX, 0, 0)
+    }
+}
+
 /// Turns snapshots into reports, remembering the previous one for per-window rates.
 #[derive(Default)]
 pub struct Model {
-    /// Calls and latency sum per (process, cmd, flags) at the previous report.
-    prev: HashMap<Group, (u64, u64)>,
+    /// Calls, latency sum and CPU time per (process, cmd, flags) at the previous report.
+    prev: HashMap<Group, (u64, u64, u64)>,
     prev_elapsed_ns: u64,
 }
 
@@ -444,8 +473,8 @@ impl Model {
 
         let mut processes: BTreeMap<ProcKey, ProcessReport> = BTreeMap::new();
         let mut next = HashMap::new();
-        // Per process: all its calls' latencies, and latency summed over the window.
-        let mut proc_hist: HashMap<ProcKey, (Histogram, u64, u64)> = HashMap::new();
+        // Per process: all its calls' latencies, and latency and CPU time over the window.
+        let mut proc_hist: HashMap<ProcKey, WindowSums> = HashMap::new();
         // Breakdown figures kept apart from the stats rows, by (tgid, serial, cmd, flags).
         let mut per_cpu: HashMap<Group, BTreeMap<String, u64>> = HashMap::new();
         for (k, n) in &snap.ipi_cpus {
@@ -487,14 +516,18 @@ impl Model {
                 .add_to(0, calls.saturating_sub(all.blocked_hist.total()));
             all.ipi_hist[0] += calls.saturating_sub(all.ipi_hist.iter().sum());
             let group = (tgid, serial, cmd_value as u32, flags);
-            let (before, sum_before) = self.prev.get(&group).copied().unwrap_or((0, 0));
-            next.insert(group, (calls, sum));
-            let ph = proc_hist
-                .entry(proc_key)
-                .or_insert_with(|| (Histogram::default(), u64::MAX, 0));
+            let (before, sum_before, cpu_before) =
+                self.prev.get(&group).copied().unwrap_or((0, 0, 0));
+            let cost = CpuCost {
+                caller: sum.saturating_sub(all.blocked_sum_ns),
+                ipi_handler: handler.get(&group).copied().unwrap_or(0),
+            };
+            next.insert(group, (calls, sum, cost.total()));
+            let ph = proc_hist.entry(proc_key).or_default();
             ph.0.add(&all.hist);
             ph.1 = ph.1.min(min);
             ph.2 += sum.saturating_sub(sum_before);
+            ph.3 += cost.total().saturating_sub(cpu_before);
             let row = CmdReport {
                 cmd: cmd::display_name(cmd_value),
                 cmd_value,
@@ -517,7 +550,7 @@ impl Model {
                     p99: all.blocked_hist.quantile(0.99, 0, all.blocked_max_ns),
                     max: all.blocked_max_ns,
                 },
-                on_cpu_ns: sum.saturating_sub(all.blocked_sum_ns),
+                on_cpu_ns: cost.caller,
                 woken_by: wakers.remove(&group).unwrap_or_default(),
                 ipis: Ipis {
                     sent: all.ipis,
@@ -532,7 +565,7 @@ impl Model {
                             count,
                         })
                         .collect(),
-                    handler_ns: handler.get(&group).copied().unwrap_or(0),
+                    handler_ns: cost.ipi_handler,
                 },
                 mutex_wait_ns: MutexWait {
                     sum: all.mutex_wait_sum_ns,
@@ -554,8 +587,12 @@ impl Model {
                 unregistered_eperm: 0,
                 latency_ns: Latency::default(),
                 time_inside_pct: 0.0,
+                cpu_ns: CpuCost::default(),
+                cpu_pct: 0.0,
                 cmds: Vec::new(),
             });
+            p.cpu_ns.caller += cost.caller;
+            p.cpu_ns.ipi_handler += cost.ipi_handler;
             p.latency_ns.sum += row.latency_ns.sum;
             p.latency_ns.max = p.latency_ns.max.max(row.latency_ns.max);
             if row.kind == Kind::Registration {
@@ -574,13 +611,17 @@ impl Model {
         self.prev = next;
         self.prev_elapsed_ns = snap.elapsed_ns;
         for (key, p) in processes.iter_mut() {
-            let (hist, min, window_sum) = &proc_hist[key];
+            let WindowSums(hist, min, window_sum, window_cpu) = &proc_hist[key];
             p.latency_ns = Latency::new(hist, *min, p.latency_ns.max, p.latency_ns.sum);
-            p.time_inside_pct = if window_ns == 0 {
-                0.0
-            } else {
-                *window_sum as f64 * 100.0 / window_ns as f64
+            let pct = |ns: u64| {
+                if window_ns == 0 {
+                    0.0
+                } else {
+                    ns as f64 * 100.0 / window_ns as f64
+                }
             };
+            p.time_inside_pct = pct(*window_sum);
+            p.cpu_pct = pct(*window_cpu);
         }
 
         let mut processes: Vec<ProcessReport> = processes.into_values().collect();

@@ -149,6 +149,16 @@ pub fn text(r: &Report) -> String {
                 fmt_ns(p.registration_ns)
             );
         }
+        if p.cpu_ns.total() > 0 {
+            let _ = writeln!(
+                s,
+                "  cpu: {} on the callers' CPUs + {} in IPI handlers on others; {:.2}% of a core over the last {:.2} s",
+                fmt_ns(p.cpu_ns.caller),
+                fmt_ns(p.cpu_ns.ipi_handler),
+                p.cpu_pct,
+                r.window_ns as f64 / 1e9
+            );
+        }
         if p.unregistered_eperm > 0 {
             let _ = writeln!(
                 s,
@@ -344,6 +354,7 @@ mod tests {
         );
         assert!(t.contains("1 missed, 0 dropped"));
         assert!(t.contains("PID 42 (urcu): 7 calls"));
+        assert!(t.contains("% of a core over the last 2.00 s"), "{t}");
         assert!(t.contains("GLOBAL (grace period)"));
         assert!(t.contains("EPERM:2"));
         assert!(t.contains("! 2 EPERM from expedited cmds issued without registering"));

@@ -536,6 +536,17 @@ fn ipis_go_to_the_running_sibling_and_not_for_a_lone_thread() {
     assert_eq!(calls, N);
     assert_eq!(weighted, sent);
     assert!(ipis["handler_ns"].as_u64().unwrap() > 0, "{ipis}");
+    // What its calls cost: their on-CPU time and the handler time they caused, summed.
+    let p = process(&report, pair_pid);
+    let sum = |f: &dyn Fn(&Value) -> u64| p["cmds"].as_array().unwrap().iter().map(f).sum::<u64>();
+    assert_eq!(
+        p["cpu_ns"]["ipi_handler"].as_u64().unwrap(),
+        sum(&|c| c["ipis"]["handler_ns"].as_u64().unwrap())
+    );
+    assert_eq!(
+        p["cpu_ns"]["caller"].as_u64().unwrap(),
+        sum(&|c| c["on_cpu_ns"].as_u64().unwrap())
+    );
 
     // One thread alone in its mm: the kernel skips the IPIs (mm_users == 1). Not always zero
     // here: anything that briefly takes a reference on the mm (a /proc/PID/stat reader such as
@@ -1462,7 +1473,8 @@ fn rcu_writers_are_counted_per_caller_and_thread() {
     out.read_line(&mut line).unwrap();
     let pid: u32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
     let pid_arg = pid.to_string();
-    let tracer = Tracer::start(&["-o", "json", "-p", &pid_arg]);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let tracer = Tracer::start(&["-o", "json", "-p", &pid_arg, "--listen", &listen]);
     let mut stdin = prog.stdin.take().unwrap();
     stdin.write_all(b"go\n").unwrap();
     // "<function> <thread> <tid> <grace periods> <ns>", per writer.
@@ -1480,6 +1492,21 @@ fn rcu_writers_are_counted_per_caller_and_thread() {
             f[4].parse::<u64>().unwrap(),
         ));
     }
+    // The exporter has every grace period of the function, all callers together.
+    let (_, metrics) = http_get(&listen, "/metrics", "text/plain").unwrap();
+    let series = format!(
+        "membarrier_rcu_grace_periods_total{{pid=\"{pid}\",comm=\"urcu_writers\",function=\"urcu_memb_synchronize_rcu\"}} "
+    );
+    let total: u64 = own.iter().map(|w| w.3).sum();
+    assert!(
+        metrics.contains(&format!("{series}{total}\n")),
+        "{series}{total} not in:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("rcu"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     // A long-lived writer: the tracer symbolizes its callers while it lives (within 250 ms).
     thread::sleep(Duration::from_millis(1000));
     drop(stdin);
@@ -1841,6 +1868,36 @@ fn prometheus_scrapes_exact_counts_errors_and_the_global_median() {
     );
     assert_eq!(http_get(&listen, "/nothing", "*/*").unwrap().0, 404);
 
+    // Every query of the shipped Grafana dashboard runs (`query` asserts success), and all but
+    // the IPI panel's (this workload may send none) find series.
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(docs().join("prometheus/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let promql = expr
+                .replace("$__rate_interval", "1m")
+                .replace("$instance", ".*");
+            // rate() needs two scrapes of a series: the first may have been the last just now.
+            let until = Instant::now() + Duration::from_secs(10);
+            let mut result = prom.query(&promql);
+            while result.is_empty() && Instant::now() < until {
+                thread::sleep(Duration::from_millis(250));
+                result = prom.query(&promql);
+            }
+            assert!(
+                !result.is_empty() || expr.contains("membarrier_ipis_total"),
+                "{}: {expr} finds nothing",
+                panel["title"]
+            );
+            queries += 1;
+        }
+    }
+    assert!(queries >= 8);
+
     // SIGTERM stops a plain exporter cleanly, with nothing on stdout.
     tracer.signal(libc::SIGTERM);
     let out = tracer.finish();
@@ -1850,4 +1907,28 @@ fn prometheus_scrapes_exact_counts_errors_and_the_global_median() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.stdout.is_empty());
+}
+
+/// The repository's docs/.
+fn docs() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs")
+}
+
+/// The shipped recording and alerting rules load, and their unit tests (each alert raised by a
+/// case that should raise it, quiet on a healthy one near its threshold) pass in promtool.
+#[test]
+fn prometheus_rules_pass_promtool() {
+    let dir = docs().join("prometheus");
+    for args in [
+        &["check", "rules", "rules.yml"][..],
+        &["test", "rules", "rules_test.yml"],
+    ] {
+        let out = run(Command::new("promtool").args(args).current_dir(&dir));
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

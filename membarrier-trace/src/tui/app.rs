@@ -24,10 +24,11 @@ pub enum Column {
     Max,
     MainCmd,
     Inside,
+    Cpu,
 }
 
 impl Column {
-    pub const ALL: [Column; 10] = [
+    pub const ALL: [Column; 11] = [
         Column::Pid,
         Column::Comm,
         Column::Rate,
@@ -38,6 +39,7 @@ impl Column {
         Column::Max,
         Column::MainCmd,
         Column::Inside,
+        Column::Cpu,
     ];
 
     pub fn title(self) -> &'static str {
@@ -52,6 +54,7 @@ impl Column {
             Column::Max => "MAX",
             Column::MainCmd => "MAIN CMD",
             Column::Inside => "IN CALL",
+            Column::Cpu => "CPU%",
         }
     }
 }
@@ -187,6 +190,7 @@ impl App {
                 Column::Max => a.latency_ns.max.cmp(&b.latency_ns.max),
                 Column::MainCmd => main(a).cmp(&main(b)),
                 Column::Inside => a.time_inside_pct.total_cmp(&b.time_inside_pct),
+                Column::Cpu => a.cpu_pct.total_cmp(&b.cpu_pct),
             };
             let o = if self.descending { o.reverse() } else { o };
             o.then(a.pid.cmp(&b.pid))
@@ -362,7 +366,7 @@ mod tests {
         app.on_key(key('s'));
         assert_eq!(app.sort, Column::P99);
         assert_eq!(pids(&app)[0], 7, "GLOBAL's 12 ms is the worst p99");
-        for _ in 0..5 {
+        for _ in 0..6 {
             app.on_key(key('s'));
         }
         assert_eq!(app.sort, Column::Comm);

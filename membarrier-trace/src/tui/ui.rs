@@ -232,12 +232,14 @@ fn process_cells(app: &App, p: &ProcessReport) -> Vec<String> {
         p.cmds.first().map(|c| c.cmd.clone()).unwrap_or_default(),
         // Threads inside membarrier on average (the time inside over the interval).
         format!("{:.2}", p.time_inside_pct / 100.0),
+        // Share of a core its calls cost: on the callers' CPUs and in IPI handlers.
+        format!("{:.1}", p.cpu_pct),
     ]
 }
 
 /// The process table's columns, most wanted first, with their least width: on a narrow
 /// terminal the last ones go, PID and COMM stay.
-const PROCESS_COLUMNS: [(Column, u16); 10] = [
+const PROCESS_COLUMNS: [(Column, u16); 11] = [
     (Column::Pid, 8),
     (Column::Comm, 8),
     (Column::Rate, 7),
@@ -248,6 +250,7 @@ const PROCESS_COLUMNS: [(Column, u16); 10] = [
     (Column::Max, 6),
     (Column::Inside, 7),
     (Column::MainCmd, 8),
+    (Column::Cpu, 5),
 ];
 
 /// The columns that fit in `width` (inside the borders, one space between columns), in table
