@@ -17,6 +17,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, ValueEnum};
 use membarrier_trace::tui::{Feed as _, Stop};
 use membarrier_trace::{
+    calibrate,
     collector::{Collector, Options},
     exporter::Exporter,
     exposition::By,
@@ -27,6 +28,8 @@ use membarrier_trace::{
 
 /// Exact per-process accounting of membarrier(2) calls: counts, errors and in-kernel latency
 /// per process and cmd, measured with eBPF on the syscall tracepoints.
+///
+/// `membarrier-trace calibrate` measures what each cmd costs on this host (see its --help).
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
@@ -120,28 +123,105 @@ fn interval_secs(s: &str) -> Result<f64, String> {
     secs(s, MIN_INTERVAL_SECS)
 }
 
-fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+/// `membarrier-trace calibrate`: what each cmd costs on this host.
+#[derive(Parser, Debug)]
+#[command(name = "membarrier-trace calibrate")]
+struct CalibrateCli {
+    /// Calls of each cheap scenario (the IPI scenarios make a quarter as many, GLOBAL 20).
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(4..=10_000_000))]
+    calls: u64,
+    /// How to hook the syscall (as for tracing).
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    attach: AttachMode,
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+}
+
+/// One line for a bad command line (clap's first line names the problem; its usage block
+/// would bury it), exit status 2; --help and --version as clap prints them.
+fn parse_or_exit<T: Parser>(args: &[String]) -> Result<T, ExitCode> {
+    match T::try_parse_from(args) {
+        Ok(cli) => Ok(cli),
+        Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
-            // clap's first line names the problem; its usage block would bury it.
             let msg = e.to_string();
             let first = msg.lines().next().unwrap_or_default();
             let first = first.trim_start_matches("error: ");
             eprintln!("membarrier-trace: error: {first} (see --help)");
-            return ExitCode::from(2);
-        }
-    };
-    match run(cli) {
-        Ok(code) => code,
-        Err(e) => {
-            // One line, whatever the error carries.
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("membarrier-trace: error: {msg}");
-            ExitCode::from(2)
+            Err(ExitCode::from(2))
         }
     }
+}
+
+/// An error as one line, whatever it carries; exit status 2.
+fn fail(e: anyhow::Error) -> ExitCode {
+    let msg = format!("{e:#}").replace('\n', " ");
+    eprintln!("membarrier-trace: error: {msg}");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some(calibrate::SCENARIO_ARG) => {
+            return calibrate::child(&args[2..]).map_or_else(fail, |()| ExitCode::SUCCESS);
+        }
+        Some("calibrate") => {
+            return match parse_or_exit::<CalibrateCli>(&args[1..]) {
+                Ok(cli) => run_calibrate(cli).map_or_else(fail, |()| ExitCode::SUCCESS),
+                Err(code) => code,
+            };
+        }
+        _ => {}
+    }
+    let cli = match parse_or_exit::<Cli>(&args) {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    run(cli).unwrap_or_else(fail)
+}
+
+fn run_calibrate(cli: CalibrateCli) -> Result<()> {
+    if matches!(cli.output, Format::None) {
+        bail!("calibrate prints a table (text) or JSON: -o none would show nothing");
+    }
+    preflight::check_root()?;
+    let tracefs = preflight::tracefs()?;
+    let mut collector = Collector::load(
+        &tracefs.path,
+        &Options {
+            pids: Vec::new(),
+            follow_forks: true,
+            breakdown: true,
+            attach: cli.attach,
+            rcu: false,
+            rcu_funcs: Vec::new(),
+        },
+    )?;
+    for note in tracefs.note().into_iter().chain(collector.start()?) {
+        eprintln!("membarrier-trace: {note}");
+    }
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let scenarios = calibrate::scenarios(cpus, cli.calls);
+    let rows = calibrate::run(&mut collector, &scenarios, |name| {
+        eprintln!("membarrier-trace: calibrate: {name}");
+    })?;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let about = format!(
+        "Linux {}, {cpus} CPUs, {}",
+        kernel.trim(),
+        collector.attach_source().describe()
+    );
+    let mut out = std::io::stdout().lock();
+    match cli.output {
+        Format::Json => writeln!(
+            out,
+            "{}",
+            serde_json::json!({"host": about, "calibration": rows})
+        )?,
+        Format::Text | Format::None => write!(out, "{}", output::calibration_text(&rows, &about))?,
+    }
+    Ok(())
 }
 
 /// SIGINT or SIGTERM, whichever came.

@@ -323,6 +323,51 @@ pub fn json(r: &Report) -> String {
     serde_json::to_string(r).expect("report serializes")
 }
 
+/// `calibrate`'s table: each scenario's latency, on-CPU time and IPIs per call, and what it
+/// costs at 1,000 calls a second.
+pub fn calibration_text(rows: &[crate::calibrate::Calibration], about: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "membarrier's cost on this host: {about}");
+    let _ = writeln!(
+        s,
+        "{:<46} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8} {:>11} {:>12}",
+        "SCENARIO",
+        "CALLS",
+        "P50",
+        "P99",
+        "CPU/CALL",
+        "IPIS/CALL",
+        "HANDLER",
+        "CORE%@1k/s",
+        "US/S/CPU@1k/s"
+    );
+    for r in rows {
+        let _ = write!(
+            s,
+            "{:<46} {:>7} {:>8} {:>8} {:>8} {:>9.2} {:>8} {:>11.3} {:>12.1}",
+            r.scenario,
+            r.calls,
+            fmt_ns(r.p50_ns),
+            fmt_ns(r.p99_ns),
+            fmt_ns(r.caller_cpu_ns_per_call),
+            r.ipis_per_call,
+            fmt_ns(r.handler_ns_per_ipi),
+            r.caller_pct_at(1000.0),
+            r.handler_us_per_cpu_at(1000.0)
+        );
+        if r.errors > 0 {
+            let _ = write!(s, "  ! {} failed: {}", r.errors, r.errno.join(","));
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(
+        s,
+        "CPU/CALL: the caller's time on CPU inside a call (a grace period's wait is off CPU). HANDLER: one IPI's handler time on the CPU it interrupts.\n\
+         CORE%@1k/s: share of one core the caller spends at 1,000 calls a second; US/S/CPU@1k/s: handler time per second on each CPU interrupted at that rate. Both scale with the rate."
+    );
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

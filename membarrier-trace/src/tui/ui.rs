@@ -259,10 +259,12 @@ fn process_columns(width: u16) -> Vec<(usize, u16)> {
     let mut kept = Vec::new();
     let mut used = 0u16;
     for (n, &(col, w)) in PROCESS_COLUMNS.iter().enumerate() {
-        let need = w + u16::from(n > 0);
+        // CPU% comes only where COMM still gets room for a whole name (15 bytes).
+        let room = if col == Column::Cpu { 18 } else { 0 };
+        let need = w + u16::from(n > 0) + room;
         if n < 2 || used + need <= width {
             kept.push((col, w));
-            used += need;
+            used += need - room;
         }
     }
     let spare = width.saturating_sub(used);

@@ -1,0 +1,351 @@
+//! `membarrier-trace calibrate`: what each membarrier cmd costs on this host, measured by the
+//! tracer's own programs. Each scenario runs in a child process (this binary re-executed with
+//! [`SCENARIO_ARG`]) that the tracer follows by pid, so every scenario has rows of its own.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Command, Stdio},
+    sync::{
+        Arc, Barrier,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+use crate::{
+    cmd,
+    collector::Collector,
+    model::{Model, ProcessReport},
+};
+
+/// argv[1] of a scenario's child process.
+pub const SCENARIO_ARG: &str = "__calibrate-scenario";
+
+/// Siblings spin on CPUs 1..; more than this many add little to the picture and much to the
+/// run time.
+const MAX_SIBLINGS: usize = 7;
+
+/// One measurement: `calls` of `cmd` in a process where `siblings` threads spin on other CPUs
+/// (so an expedited barrier has that many CPUs to interrupt), after `register`, in each of
+/// `processes` processes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scenario {
+    pub name: String,
+    pub cmd: i32,
+    pub calls: u64,
+    pub siblings: usize,
+    pub register: Option<i32>,
+    pub processes: u32,
+}
+
+const GLOBAL_EXPEDITED: i32 = 2;
+const REGISTER_GLOBAL_EXPEDITED: i32 = 4;
+const SYNC_CORE: i32 = 32;
+const REGISTER_SYNC_CORE: i32 = 64;
+const RSEQ: i32 = 128;
+const REGISTER_RSEQ: i32 = 256;
+
+/// The scenarios for a machine with `cpus` CPUs, scaled by `calls` (calls of each cheap one).
+pub fn scenarios(cpus: usize, calls: u64) -> Vec<Scenario> {
+    let s = |name: String, cmd, calls, siblings, register, processes| Scenario {
+        name,
+        cmd,
+        calls,
+        siblings,
+        register,
+        processes,
+    };
+    let most = cpus.saturating_sub(1).min(MAX_SIBLINGS);
+    let mut v = vec![
+        s("QUERY".into(), cmd::QUERY, calls, 0, None, 1),
+        s(
+            "PRIVATE_EXPEDITED, one thread".into(),
+            cmd::PRIVATE_EXPEDITED,
+            calls,
+            0,
+            Some(cmd::REGISTER_PRIVATE_EXPEDITED),
+            1,
+        ),
+    ];
+    for k in 1..=most {
+        v.push(s(
+            format!("PRIVATE_EXPEDITED, {k} sibling{} running", plural(k)),
+            cmd::PRIVATE_EXPEDITED,
+            calls / 4,
+            k,
+            Some(cmd::REGISTER_PRIVATE_EXPEDITED),
+            1,
+        ));
+    }
+    let all = format!("{most} sibling{} running", plural(most));
+    v.extend([
+        s(
+            format!("GLOBAL_EXPEDITED, {all}"),
+            GLOBAL_EXPEDITED,
+            calls / 4,
+            most,
+            Some(REGISTER_GLOBAL_EXPEDITED),
+            1,
+        ),
+        s(
+            format!("PRIVATE_EXPEDITED_SYNC_CORE, {all}"),
+            SYNC_CORE,
+            calls / 4,
+            most,
+            Some(REGISTER_SYNC_CORE),
+            1,
+        ),
+        s(
+            format!("PRIVATE_EXPEDITED_RSEQ, {all}"),
+            RSEQ,
+            calls / 4,
+            most,
+            Some(REGISTER_RSEQ),
+            1,
+        ),
+        s(
+            "GLOBAL (a grace period)".into(),
+            cmd::GLOBAL,
+            20,
+            0,
+            None,
+            1,
+        ),
+        s(
+            "REGISTER_PRIVATE_EXPEDITED, one thread".into(),
+            cmd::REGISTER_PRIVATE_EXPEDITED,
+            1,
+            0,
+            None,
+            10,
+        ),
+        s(
+            "REGISTER_PRIVATE_EXPEDITED, two threads".into(),
+            cmd::REGISTER_PRIVATE_EXPEDITED,
+            1,
+            1,
+            None,
+            10,
+        ),
+    ]);
+    v
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// One scenario's figures, from the tracer's rows of its processes.
+#[derive(Clone, Debug, Serialize)]
+pub struct Calibration {
+    pub scenario: String,
+    pub cmd: String,
+    pub siblings: usize,
+    pub calls: u64,
+    pub errors: u64,
+    /// The errno names of failed calls (a cmd this kernel lacks: EINVAL).
+    pub errno: Vec<String>,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub mean_ns: u64,
+    /// The caller's on-CPU time per call (latency minus time blocked).
+    pub caller_cpu_ns_per_call: u64,
+    pub ipis_per_call: f64,
+    /// Handler time on the target CPU per IPI.
+    pub handler_ns_per_ipi: u64,
+}
+
+impl Calibration {
+    /// Share of one core the caller spends at `rate` calls per second, in percent.
+    pub fn caller_pct_at(&self, rate: f64) -> f64 {
+        rate * self.caller_cpu_ns_per_call as f64 / 1e9 * 100.0
+    }
+
+    /// Handler time per second on each CPU interrupted, at `rate` calls per second, in µs.
+    pub fn handler_us_per_cpu_at(&self, rate: f64) -> f64 {
+        if self.siblings == 0 {
+            return 0.0;
+        }
+        rate * self.ipis_per_call * self.handler_ns_per_ipi as f64 / self.siblings as f64 / 1e3
+    }
+}
+
+/// Runs every scenario under `collector` (loaded with a filter and started) and reads the
+/// figures for each.
+pub fn run(
+    collector: &mut Collector,
+    scenarios: &[Scenario],
+    progress: impl Fn(&str),
+) -> Result<Vec<Calibration>> {
+    let exe = std::env::current_exe().context("finding this program to run the scenarios")?;
+    let mut pids = Vec::new();
+    for (i, s) in scenarios.iter().enumerate() {
+        progress(&s.name);
+        let mut mine = Vec::new();
+        for _ in 0..s.processes {
+            let mut child = Command::new(&exe)
+                .args([SCENARIO_ARG, &i.to_string(), &s.calls.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting a scenario")?;
+            let mut line = String::new();
+            BufReader::new(child.stdout.as_mut().context("scenario stdout")?)
+                .read_line(&mut line)?;
+            if line.trim() != "ready" {
+                bail!("scenario {:?} did not start", s.name);
+            }
+            collector.add_pid(child.id())?;
+            child
+                .stdin
+                .take()
+                .context("scenario stdin")?
+                .write_all(b"go\n")?;
+            let status = child.wait()?;
+            if !status.success() {
+                bail!("scenario {:?} failed: {status}", s.name);
+            }
+            mine.push(child.id());
+        }
+        pids.push(mine);
+    }
+    let report = Model::default().report(&collector.snapshot(true)?);
+    Ok(scenarios
+        .iter()
+        .zip(pids)
+        .map(|(s, pids)| {
+            let procs: Vec<&ProcessReport> = report
+                .processes
+                .iter()
+                .filter(|p| pids.contains(&p.pid))
+                .collect();
+            figures(s, &procs)
+        })
+        .collect())
+}
+
+/// A scenario's figures from its processes' rows of its cmd (every flags and outcome).
+fn figures(s: &Scenario, procs: &[&ProcessReport]) -> Calibration {
+    let mut hist = crate::hist::Histogram::default();
+    let (mut calls, mut errors, mut sum, mut on_cpu, mut ipis, mut handler) = (0, 0, 0, 0, 0, 0);
+    let (mut min, mut max) = (u64::MAX, 0);
+    let mut errno = Vec::new();
+    for c in procs
+        .iter()
+        .flat_map(|p| &p.cmds)
+        .filter(|c| c.cmd_value == s.cmd)
+    {
+        calls += c.calls;
+        errors += c.errors;
+        sum += c.latency_ns.sum;
+        on_cpu += c.on_cpu_ns;
+        ipis += c.ipis.sent;
+        handler += c.ipis.handler_ns;
+        min = min.min(c.latency_ns.min);
+        max = max.max(c.latency_ns.max);
+        for b in &c.histogram {
+            hist.add_to(membarrier_trace_common::hist_bucket(b.le_ns), b.count);
+        }
+        errno.extend(c.errno.keys().cloned());
+    }
+    errno.sort();
+    errno.dedup();
+    let per = |n: u64, d: u64| n.checked_div(d).unwrap_or(0);
+    Calibration {
+        scenario: s.name.clone(),
+        cmd: cmd::display_name(s.cmd),
+        siblings: s.siblings,
+        calls,
+        errors,
+        errno,
+        p50_ns: hist.quantile(0.5, min.min(max), max),
+        p99_ns: hist.quantile(0.99, min.min(max), max),
+        mean_ns: per(sum, calls),
+        caller_cpu_ns_per_call: per(on_cpu, calls),
+        ipis_per_call: if calls == 0 {
+            0.0
+        } else {
+            ipis as f64 / calls as f64
+        },
+        handler_ns_per_ipi: per(handler, ipis),
+    }
+}
+
+fn membarrier(cmd: i32, flags: u32) -> i64 {
+    // SAFETY: membarrier takes no pointers.
+    unsafe { libc::syscall(libc::SYS_membarrier, cmd, flags, 0) }
+}
+
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays in bounds for cpu < CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The child's side: `membarrier-trace __calibrate-scenario INDEX CALLS`. Says `ready`, waits
+/// for a line, runs the scenario and exits.
+pub fn child(args: &[String]) -> Result<()> {
+    let index: usize = args.first().context("scenario index")?.parse()?;
+    let calls: u64 = args.get(1).context("calls")?.parse()?;
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let s = Scenario {
+        calls,
+        ..scenarios(cpus, 0)
+            .into_iter()
+            .nth(index)
+            .context("no such scenario")?
+    };
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+
+    pin(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let laps: Arc<Vec<AtomicU64>> = Arc::new((0..s.siblings).map(|_| AtomicU64::new(0)).collect());
+    let started = Arc::new(Barrier::new(s.siblings + 1));
+    let spinners: Vec<_> = (0..s.siblings)
+        .map(|i| {
+            let (stop, laps, started) = (stop.clone(), laps.clone(), started.clone());
+            thread::spawn(move || {
+                pin(i + 1);
+                started.wait();
+                // Gives up after a minute whatever happens, so none is left spinning.
+                let give_up = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Relaxed) && Instant::now() < give_up {
+                    for _ in 0..50 {
+                        std::hint::spin_loop();
+                    }
+                    laps[i].fetch_add(1, Relaxed);
+                }
+            })
+        })
+        .collect();
+    started.wait();
+    if let Some(r) = s.register {
+        membarrier(r, 0);
+    }
+    for _ in 0..s.calls {
+        // Each call once every sibling has been seen running: a call made while one is off its
+        // CPU interrupts fewer CPUs than the scenario says.
+        for (lap, h) in laps.iter().zip(&spinners) {
+            let at = lap.load(Relaxed);
+            while lap.load(Relaxed) == at && !h.is_finished() {
+                std::hint::spin_loop();
+            }
+        }
+        membarrier(s.cmd, 0);
+    }
+    stop.store(true, Relaxed);
+    for h in spinners {
+        let _ = h.join();
+    }
+    Ok(())
+}
