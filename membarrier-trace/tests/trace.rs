@@ -158,10 +158,20 @@ fn wait_output(mut child: Child) -> Output {
     }
 }
 
-/// A running tracer whose stderr has said it is attached.
+/// A running tracer whose stderr has said it is attached. Killed if dropped unfinished (a
+/// failed assertion must not leave a system-wide tracer running for the tests after it).
 struct Tracer {
-    child: Child,
-    stderr: thread::JoinHandle<String>,
+    child: Option<Child>,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 impl Tracer {
@@ -174,17 +184,24 @@ impl Tracer {
             .spawn()
             .unwrap();
         let stderr = wait_for_line(child.stderr.take().unwrap(), "membarrier-trace: tracing");
-        Tracer { child, stderr }
+        Tracer {
+            child: Some(child),
+            stderr: Some(stderr),
+        }
+    }
+
+    fn child(&mut self) -> &mut Child {
+        self.child.as_mut().unwrap()
     }
 
     fn signal(&self, sig: i32) {
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        unsafe { libc::kill(self.child.as_ref().unwrap().id() as i32, sig) };
     }
 
     /// Waits for the tracer to exit; returns its output with the whole of its stderr.
-    fn finish(self) -> Output {
-        let mut out = wait_output(self.child);
-        out.stderr = self.stderr.join().unwrap().into_bytes();
+    fn finish(mut self) -> Output {
+        let mut out = wait_output(self.child.take().unwrap());
+        out.stderr = self.stderr.take().unwrap().join().unwrap().into_bytes();
         out
     }
 
@@ -1362,7 +1379,7 @@ fn closed_stdout_stops_the_tracer() {
     let _machine = require_root();
     let mut tracer = Tracer::start(&["-o", "json", "-i", "0.1"]);
     let mut line = String::new();
-    BufReader::new(tracer.child.stdout.take().unwrap())
+    BufReader::new(tracer.child().stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     assert!(line.starts_with('{'), "{line}");
@@ -2020,4 +2037,51 @@ fn calibrate_measures_each_cmd_and_agrees_with_the_tracer() {
         a < b * 2.0 && b < a * 2.0,
         "traced p50 {a} ns, calibrate {b} ns"
     );
+}
+
+/// The count of `membarrier_calls_total` of the series whose labels include `labels`, or None
+/// when there is no such series.
+fn scraped_calls(metrics: &str, labels: &str) -> Option<u64> {
+    let found: Vec<u64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("membarrier_calls_total{") && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!found.is_empty()).then(|| found.iter().sum())
+}
+
+/// Exited processes leave the per-pid series after --keep-exited; per name they stay, summed.
+#[test]
+fn exited_processes_leave_the_metrics_after_keep_exited_and_stay_by_comm() {
+    let _machine = require_root();
+    let (by_pid, by_comm) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let a = Tracer::start(&["-o", "none", "--listen", &by_pid, "--keep-exited", "1"]);
+    let b = Tracer::start(&["-o", "none", "--listen", &by_comm, "--by", "comm"]);
+    let scrape = |addr: &str| http_get(addr, "/metrics", "text/plain").unwrap().1;
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        let mut w = Workload::start(&["--query", "5", "--name", "mt-keep-exited"]);
+        w.go();
+        pids.push(w.finish()["pid"].as_u64().unwrap());
+    }
+    // Just exited: still shown (the first scrape that sees it exited starts its clock).
+    let pid_label = |pid: u64| format!("pid=\"{pid}\",comm=\"mt-keep-exited\"");
+    for &pid in &pids {
+        assert_eq!(scraped_calls(&scrape(&by_pid), &pid_label(pid)), Some(5));
+    }
+    thread::sleep(Duration::from_millis(1500));
+    let later = scrape(&by_pid);
+    for &pid in &pids {
+        assert_eq!(scraped_calls(&later, &pid_label(pid)), None, "{pid}");
+    }
+    // By name: no pid label, both processes summed, and they stay.
+    let comm = "{comm=\"mt-keep-exited\",cmd=\"QUERY\",flags=\"0\",result=\"ok\"}";
+    assert!(scrape(&by_comm).contains(&format!("membarrier_calls_total{comm} 10\n")));
+    for t in [a, b] {
+        t.signal(libc::SIGTERM);
+        assert!(t.finish().status.success());
+    }
 }
