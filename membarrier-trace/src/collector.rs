@@ -910,17 +910,21 @@ impl Collector {
         }
     }
 
-    /// How often the kernel skipped an attached program other than the hook's (whose skips
-    /// are found as missed calls).
-    fn probe_runs_skipped(&self) -> Result<u64> {
-        let mut n = 0;
+    /// How often the kernel skipped the attached programs: (the hook's, the others').
+    fn runs_skipped(&self) -> Result<(u64, u64)> {
+        let (mut hook, mut probes) = (0, 0);
         for (name, p) in self.ebpf.programs() {
             // Loaded: attached (a program that failed to attach is unloaded again).
-            if p.fd().is_ok() && name != self.hook.enter && name != self.hook.exit {
-                n += recursion_misses(p)?;
+            if p.fd().is_ok() {
+                let n = recursion_misses(p)?;
+                if name == self.hook.enter || name == self.hook.exit {
+                    hook += n;
+                } else {
+                    probes += n;
+                }
             }
         }
-        Ok(n)
+        Ok((hook, probes))
     }
 
     /// Detaches and unloads every program: tracing stops, the maps stay readable.
@@ -1120,6 +1124,7 @@ impl Collector {
             writers.push(WriterRow::from_stats(key, &s));
         }
         writers.extend(self.retired.writers.values().cloned());
+        let (hook_runs_skipped, probe_runs_skipped) = self.runs_skipped()?;
         let losses = Losses {
             missed_calls: missed,
             missed_grace_periods,
@@ -1128,7 +1133,8 @@ impl Collector {
             calls_without_inflight_slot: no_slot,
             processes_not_tracked: self.counter(counter::DROPPED_PROCS)?,
             detail_rows: self.counter(counter::DROPPED_DETAIL)?,
-            probe_runs_skipped: self.probe_runs_skipped()?,
+            probe_runs_skipped,
+            hook_runs_skipped,
         };
         let mut ipi_cpus: Vec<(CpuKey, u64)> = self.ipi_cpus.iter().collect::<Result<_, _>>()?;
         let mut wakers: Vec<(WakerKey, u64)> = self.wakers.iter().collect::<Result<_, _>>()?;

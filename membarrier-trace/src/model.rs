@@ -191,6 +191,11 @@ pub struct Losses {
     /// Runs of the breakdown probes the kernel skipped (another BPF program was running on
     /// the CPU; fentry on PREEMPT_RT): the grace-period, IPI, handler and mutex figures are short.
     pub probe_runs_skipped: u64,
+    /// Runs of the syscall hook's own programs the kernel skipped, for any process on the box
+    /// (it cannot say whose). A call whose enter or exit alone was skipped is in `missed_calls`;
+    /// one whose enter and exit were both skipped is seen nowhere else. Only where the hook's
+    /// programs can be preempted (fentry on PREEMPT_RT) or nested.
+    pub hook_runs_skipped: u64,
     /// Userspace grace periods seen only half: under way when tracing started or (in the final
     /// snapshot) stopped, or their thread exited inside them.
     pub missed_grace_periods: u64,
@@ -209,6 +214,9 @@ pub struct Dropped {
     /// Not in `total`: not calls, processes or rows, and common (an IPI handler's csd events
     /// arrive while the target CPU is inside another tracer program).
     pub probe_runs_skipped: u64,
+    /// Not in `total`: box-wide, and the calls among them already in `missed_calls` cannot be
+    /// told apart; an upper bound on calls seen nowhere.
+    pub hook_runs_skipped: u64,
     pub total: u64,
 }
 
@@ -221,6 +229,7 @@ impl From<Losses> for Dropped {
             detail_rows: l.detail_rows,
             grace_periods_without_row: l.grace_periods_without_row,
             probe_runs_skipped: l.probe_runs_skipped,
+            hook_runs_skipped: l.hook_runs_skipped,
             total: l.calls_without_row
                 + l.calls_without_inflight_slot
                 + l.processes_not_tracked

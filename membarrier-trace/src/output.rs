@@ -103,6 +103,13 @@ pub fn text(r: &Report) -> String {
             r.dropped.probe_runs_skipped
         );
     }
+    if r.dropped.hook_runs_skipped > 0 {
+        let _ = writeln!(
+            s,
+            "syscall hook runs skipped by the kernel: {} (box-wide; calls whose enter and exit were both skipped are counted nowhere else: use --attach tracepoint for exact counts)",
+            r.dropped.hook_runs_skipped
+        );
+    }
     if r.exited_processes > 0 {
         let _ = writeln!(s, "exited processes: {}", r.exited_processes);
     }

@@ -52,14 +52,31 @@ pub const KERNELS: &[Kernel] = &[
         fentry: true,
         preempt_rt: true,
         // The slowest guest (about 2.5 minutes a mode): every fentry program detached waits for
-        // RCU-tasks grace periods, which PREEMPT_RT under TCG makes slow. Passed every test on
-        // two fresh clones (24/24 in 454 s, 27/27 in 501 s), then in CI its fentry mode missed
-        // 8,461 of 30,000 calls: out of CI until that is understood.
-        in_test: false,
+        // RCU-tasks grace periods, which PREEMPT_RT under TCG makes slow. Its fentry mode runs
+        // only the accounting tests (see RT_FENTRY_TESTS).
+        in_test: true,
     },
 ];
 
 const MODES: &[&str] = &["auto", "tracepoint", "fentry"];
+
+/// What `--attach fentry` runs on PREEMPT_RT. There BPF trampolines run their programs with
+/// migration disabled but preemptible: a thread preempted inside the hook's program holds it
+/// for its CPU, and every other call on that CPU meanwhile has that program skipped (counted
+/// in the program's recursion misses). A call with one half skipped is in `missed_calls`, one
+/// with both skipped only in `dropped.hook_runs_skipped`: counts are no longer exact (CI once
+/// saw 8,461 of 30,000 calls missed), so `auto` takes the tracepoints there, and this mode is
+/// checked for its accounting alone: no call counted twice or invented, every one lost within
+/// `missed_calls` + `hook_runs_skipped`. The tests that need exact counts show `-` here.
+const RT_FENTRY_TESTS: &[&str] = &[
+    "pid_filter_counts_exactly_and_ignores_others",
+    "command_mode_sees_every_call_and_passes_exit_status",
+];
+
+/// Whether `test` runs in `mode` on kernel `k`.
+fn runs(k: &Kernel, mode: &str, test: &str) -> bool {
+    !(k.preempt_rt && mode == "fentry") || RT_FENTRY_TESTS.contains(&test)
+}
 
 /// The end-to-end tests that run in a guest, with their column in the table. Left out: those
 /// that need a compiler and liburcu, tmux, or an unprivileged user (not in the initramfs).
@@ -270,7 +287,10 @@ out=/dev/ttyS1
 echo "@@kernel $(uname -r) fentry=$MT_FENTRY preempt_rt=$MT_PREEMPT_RT cpus=$(nproc)" > $out
 for mode in {modes}; do
     echo "@@mode $mode" > $out
-    MT_ATTACH=$mode {bin} --test-threads=1 --exact {tests} > $out 2>&1
+    tests="{tests}"
+    # Exact counts are not to be had from preemptible fentry programs: RT_FENTRY_TESTS.
+    [ "$MT_PREEMPT_RT" = yes ] && [ $mode = fentry ] && tests="{rt_fentry}"
+    MT_ATTACH=$mode {bin} --test-threads=1 --exact $tests > $out 2>&1
     echo "@@rc $mode $?" > $out
 done
 echo "@@done" > $out
@@ -280,6 +300,7 @@ poweroff -f
         modes = MODES.join(" "),
         bin = test_bin.display(),
         tests = tests.join(" "),
+        rt_fentry = RT_FENTRY_TESTS.join(" "),
     )
 }
 
@@ -452,6 +473,10 @@ fn print_table(table: &[(&Kernel, Results)]) -> bool {
         for mode in MODES {
             print!("{:<16} {:<11}", k.name, mode);
             for (test, _) in TESTS {
+                if !runs(k, mode, test) {
+                    print!(" {:<10}", "-");
+                    continue;
+                }
                 let o = results
                     .get(mode)
                     .and_then(|r| r.get(test))
@@ -467,6 +492,11 @@ fn print_table(table: &[(&Kernel, Results)]) -> bool {
             }
             println!();
         }
+    }
+    if table.iter().any(|(k, _)| k.preempt_rt) {
+        println!(
+            "-: not run: on PREEMPT_RT, fentry programs are preemptible and counts inexact; only the accounting tests run there (`auto` takes the tracepoints)"
+        );
     }
     all_ok
 }
@@ -496,6 +526,22 @@ mod tests {
             assert!(init.contains(t));
         }
         assert!(init.contains("for mode in auto tracepoint fentry;"));
+        // On PREEMPT_RT, fentry runs the accounting tests alone; everything else runs all.
+        let (cloud, rt) = (&KERNELS[0], &KERNELS[1]);
+        assert!(rt.preempt_rt && !cloud.preempt_rt);
+        assert!(init.contains(&format!("tests=\"{}\"", RT_FENTRY_TESTS.join(" "))));
+        for (t, _) in TESTS {
+            for mode in MODES {
+                assert!(runs(cloud, mode, t));
+            }
+            assert!(runs(rt, "auto", t) && runs(rt, "tracepoint", t));
+            assert_eq!(runs(rt, "fentry", t), RT_FENTRY_TESTS.contains(t), "{t}");
+        }
+        assert!(
+            RT_FENTRY_TESTS
+                .iter()
+                .all(|r| TESTS.iter().any(|(t, _)| t == r))
+        );
         // The binaries sit at their build paths, which may be under /tmp.
         for line in init.lines().filter(|l| l.starts_with("mount ")) {
             assert!(!line.ends_with(" /tmp"), "{line}");
