@@ -5,12 +5,7 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     process::{Command, Stdio},
-    sync::{
-        Arc, Barrier,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
-    },
     thread,
-    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -20,6 +15,7 @@ use crate::{
     cmd,
     collector::Collector,
     model::{Model, ProcessReport},
+    siblings::{Siblings, pin},
 };
 
 /// argv[1] of a scenario's child process.
@@ -262,8 +258,8 @@ fn figures(s: &Scenario, procs: &[&ProcessReport]) -> Calibration {
         calls,
         errors,
         errno,
-        p50_ns: hist.quantile(0.5, min.min(max), max),
-        p99_ns: hist.quantile(0.99, min.min(max), max),
+        p50_ns: hist.quantile(0.5, min, max),
+        p99_ns: hist.quantile(0.99, min, max),
         mean_ns: per(sum, calls),
         caller_cpu_ns_per_call: per(on_cpu, calls),
         ipis_per_call: if calls == 0 {
@@ -278,15 +274,6 @@ fn figures(s: &Scenario, procs: &[&ProcessReport]) -> Calibration {
 fn membarrier(cmd: i32, flags: u32) -> i64 {
     // SAFETY: membarrier takes no pointers.
     unsafe { libc::syscall(libc::SYS_membarrier, cmd, flags, 0) }
-}
-
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays in bounds for cpu < CPU_SETSIZE.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
 }
 
 /// The child's side: `membarrier-trace __calibrate-scenario INDEX CALLS`. Says `ready`, waits
@@ -308,44 +295,15 @@ pub fn child(args: &[String]) -> Result<()> {
     std::io::stdin().read_line(&mut line)?;
 
     pin(0);
-    let stop = Arc::new(AtomicBool::new(false));
-    let laps: Arc<Vec<AtomicU64>> = Arc::new((0..s.siblings).map(|_| AtomicU64::new(0)).collect());
-    let started = Arc::new(Barrier::new(s.siblings + 1));
-    let spinners: Vec<_> = (0..s.siblings)
-        .map(|i| {
-            let (stop, laps, started) = (stop.clone(), laps.clone(), started.clone());
-            thread::spawn(move || {
-                pin(i + 1);
-                started.wait();
-                // Gives up after a minute whatever happens, so none is left spinning.
-                let give_up = Instant::now() + Duration::from_secs(60);
-                while !stop.load(Relaxed) && Instant::now() < give_up {
-                    for _ in 0..50 {
-                        std::hint::spin_loop();
-                    }
-                    laps[i].fetch_add(1, Relaxed);
-                }
-            })
-        })
-        .collect();
-    started.wait();
+    let siblings = Siblings::start(&(1..=s.siblings).collect::<Vec<_>>(), false);
     if let Some(r) = s.register {
         membarrier(r, 0);
     }
     for _ in 0..s.calls {
-        // Each call once every sibling has been seen running: a call made while one is off its
-        // CPU interrupts fewer CPUs than the scenario says.
-        for (lap, h) in laps.iter().zip(&spinners) {
-            let at = lap.load(Relaxed);
-            while lap.load(Relaxed) == at && !h.is_finished() {
-                std::hint::spin_loop();
-            }
-        }
+        // Each call once every sibling has been seen running, so it interrupts them all.
+        siblings.seen_running();
         membarrier(s.cmd, 0);
     }
-    stop.store(true, Relaxed);
-    for h in spinners {
-        let _ = h.join();
-    }
+    drop(siblings);
     Ok(())
 }

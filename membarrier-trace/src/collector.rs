@@ -20,7 +20,9 @@ use membarrier_trace_common::{
 
 use crate::{
     hook::{Attach, AttachMode, Hook, Kind},
-    model::{Caller, GraceSource, Losses, Maps, ProcKey, RawRow, Snapshot, WriterRow, comm_str},
+    model::{
+        Absorb, Caller, GraceSource, Losses, Maps, ProcKey, RawRow, Snapshot, WriterRow, comm_str,
+    },
     preflight,
     rcu::{CustomFunc, Writers},
     symbolize::Symbolizer,
@@ -1005,9 +1007,8 @@ impl Collector {
             if row.count == 0 {
                 continue;
             }
-            let to = self.place(&mut dest, key.proc(), &row.comm);
-            self.retired
-                .add_row(RawRow::from_stats(key.moved_to(to), &row));
+            let to = key.moved_to(self.place(&mut dest, key.proc(), &row.comm));
+            add_retired(&mut self.retired.rows, to, RawRow::from_stats(to, &row));
         }
         for key in writer_keys.iter().filter(|k| dead.contains(&k.proc())) {
             let row = self
@@ -1025,8 +1026,12 @@ impl Collector {
             if let Some(c) = self.callers.remove(&(p, key.caller)) {
                 self.callers.insert((to, key.caller), c);
             }
-            self.retired
-                .add_writer(WriterRow::from_stats(key.moved_to(to), &row));
+            let to = key.moved_to(to);
+            add_retired(
+                &mut self.retired.writers,
+                to,
+                WriterRow::from_stats(to, &row),
+            );
         }
         let r = &mut self.retired;
         retire_detail(&mut self.ipi_cpus, &mut r.ipi_cpus, &dead, &dest)?;
@@ -1210,24 +1215,14 @@ impl Retired {
         *self.exited.entry(to).or_default() += 1;
         to
     }
+}
 
-    /// Adds a grace-period row, already keyed by the entry [`Retired::place`] gave.
-    fn add_writer(&mut self, r: WriterRow) {
-        match self.writers.get_mut(&r.key) {
-            Some(row) => row.absorb(&r),
-            None => {
-                self.writers.insert(r.key, r);
-            }
-        }
-    }
-
-    /// Adds a row, already keyed by the entry [`Retired::place`] gave.
-    fn add_row(&mut self, r: RawRow) {
-        match self.rows.get_mut(&r.key) {
-            Some(row) => row.absorb(&r),
-            None => {
-                self.rows.insert(r.key, r);
-            }
+/// Adds `r`, already keyed by the entry [`Retired::place`] gave, to the retired rows.
+fn add_retired<K: Eq + std::hash::Hash, R: Absorb>(rows: &mut HashMap<K, R>, key: K, r: R) {
+    match rows.entry(key) {
+        std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().absorb(&r),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(r);
         }
     }
 }
@@ -1342,10 +1337,8 @@ mod tests {
                 format!("p{}", i % (RETIRED_NAMES as u32 + 10)),
             );
             let one = row(i + 1, i + 1, 2);
-            r.add_row(RawRow {
-                key: one.key.moved_to(to),
-                ..one
-            });
+            let key = one.key.moved_to(to);
+            add_retired(&mut r.rows, key, RawRow { key, ..one });
         }
         assert_eq!(r.exited.values().sum::<u64>(), n as u64);
         assert_eq!(r.rows.values().map(|r| r.count).sum::<u64>(), 2 * n as u64);

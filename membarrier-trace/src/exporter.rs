@@ -86,24 +86,16 @@ impl Exporter {
                 .iter()
                 .any(|p| p.exited && (p.pid, p.serial) == *k)
         });
-        let shown: Vec<_> = report
-            .processes
-            .iter()
-            .filter(|p| {
-                if !p.exited || self.by == By::Comm {
-                    return true;
-                }
-                let at = *exited_at.entry((p.pid, p.serial)).or_insert(now);
-                now.duration_since(at) < self.keep_exited
-            })
-            .collect();
+        let (shown, hidden): (Vec<_>, Vec<_>) = report.processes.iter().partition(|p| {
+            if !p.exited || self.by == By::Comm {
+                return true;
+            }
+            let at = *exited_at.entry((p.pid, p.serial)).or_insert(now);
+            now.duration_since(at) < self.keep_exited
+        });
         // Grace periods of processes no longer shown leave with them.
-        let hidden: std::collections::HashSet<(u32, u32)> = report
-            .processes
-            .iter()
-            .filter(|p| !shown.iter().any(|s| std::ptr::eq(*s, *p)))
-            .map(|p| (p.pid, p.serial))
-            .collect();
+        let hidden: std::collections::HashSet<(u32, u32)> =
+            hidden.iter().map(|p| (p.pid, p.serial)).collect();
         let writers: Vec<_> = report
             .rcu_writers
             .iter()

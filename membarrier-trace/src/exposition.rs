@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::model::{Bucket, CmdReport, ProcessReport, Report, WriterReport};
+use crate::model::{Bucket, CmdReport, CpuCost, ProcessReport, Report, WriterReport};
 
 /// What the series are keyed by.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -112,14 +112,14 @@ struct Cmd {
     buckets: BTreeMap<u64, u64>,
     count: u64,
     sum_ns: u64,
-    ipis: BTreeMap<u32, u64>,
+    /// IPIs per target CPU (as the report names them).
+    ipis: BTreeMap<String, u64>,
 }
 
 #[derive(Default)]
 struct Series {
     cmds: BTreeMap<String, Cmd>,
-    on_cpu_ns: u64,
-    handler_ns: u64,
+    cpu_ns: CpuCost,
 }
 
 impl Series {
@@ -127,8 +127,8 @@ impl Series {
         for c in &p.cmds {
             self.add_cmd(c);
         }
-        self.on_cpu_ns += p.cpu_ns.caller;
-        self.handler_ns += p.cpu_ns.ipi_handler;
+        self.cpu_ns.caller += p.cpu_ns.caller;
+        self.cpu_ns.ipi_handler += p.cpu_ns.ipi_handler;
     }
 
     fn add_cmd(&mut self, c: &CmdReport) {
@@ -146,9 +146,7 @@ impl Series {
         cmd.count += c.calls;
         cmd.sum_ns += c.latency_ns.sum;
         for (cpu, n) in &c.ipis.per_cpu {
-            if let Ok(cpu) = cpu.parse() {
-                *cmd.ipis.entry(cpu).or_default() += n;
-            }
+            *cmd.ipis.entry(cpu.clone()).or_default() += n;
         }
     }
 }
@@ -304,7 +302,7 @@ pub fn render(
     for (who, s) in &series {
         for (cmd, c) in &s.cmds {
             for (cpu, n) in &c.ipis {
-                let l = and(who, &[("cmd", cmd), ("cpu", &cpu.to_string())]);
+                let l = and(who, &[("cmd", cmd), ("cpu", cpu)]);
                 o.sample("membarrier_ipis_total", &l, n);
             }
         }
@@ -317,7 +315,10 @@ pub fn render(
          in the IPI handlers its calls ran on other CPUs (where=ipi_handler).",
     );
     for (who, s) in &series {
-        for (place, ns) in [("caller", s.on_cpu_ns), ("ipi_handler", s.handler_ns)] {
+        for (place, ns) in [
+            ("caller", s.cpu_ns.caller),
+            ("ipi_handler", s.cpu_ns.ipi_handler),
+        ] {
             let l = and(who, &[("where", place)]);
             o.sample("membarrier_cpu_seconds_total", &l, secs(ns));
         }

@@ -1,6 +1,15 @@
 //! Reading percentiles out of the kernel's log-linear latency histogram.
 
 use membarrier_trace_common::{HIST_BUCKETS, hist_bucket, hist_bucket_lower, hist_bucket_upper};
+use serde::Serialize;
+
+/// One non-empty bucket, as the outputs show it.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct Bucket {
+    /// Inclusive upper bound of the bucket.
+    pub le_ns: u64,
+    pub count: u64,
+}
 
 /// A latency histogram in the kernel's buckets, kept sparse: a process that made two calls
 /// holds two buckets, not [`HIST_BUCKETS`] (the tracer keeps a thousand exited processes).
@@ -75,22 +84,22 @@ impl Histogram {
         max
     }
 
-    /// Non-empty buckets as (inclusive upper bound, count). The last bucket is open-ended; its
-    /// bound is raised to `max` when values above the nominal bound fell in it.
-    pub fn buckets(&self, max: u64) -> Vec<(u64, u64)> {
+    /// Non-empty buckets. The last bucket is open-ended; its bound is raised to `max` when
+    /// values above the nominal bound fell in it.
+    pub fn buckets(&self, max: u64) -> Vec<Bucket> {
         self.nonzero
             .iter()
-            .map(|&(i, c)| {
+            .map(|&(i, count)| {
                 let i = usize::from(i);
                 let le = hist_bucket_upper(i);
-                (
-                    if i + 1 == HIST_BUCKETS {
+                Bucket {
+                    le_ns: if i + 1 == HIST_BUCKETS {
                         le.max(max)
                     } else {
                         le
                     },
-                    c,
-                )
+                    count,
+                }
             })
             .collect()
     }
@@ -206,6 +215,15 @@ mod tests {
         let mut h = Histogram::default();
         h.record(5);
         h.record(40_000_000_000);
-        assert_eq!(h.buckets(40_000_000_000), vec![(5, 1), (40_000_000_000, 1)]);
+        assert_eq!(
+            h.buckets(40_000_000_000),
+            vec![
+                Bucket { le_ns: 5, count: 1 },
+                Bucket {
+                    le_ns: 40_000_000_000,
+                    count: 1
+                }
+            ]
+        );
     }
 }

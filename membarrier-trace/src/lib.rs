@@ -16,5 +16,6 @@ pub mod model;
 pub mod output;
 pub mod preflight;
 pub mod rcu;
+pub mod siblings;
 pub mod symbolize;
 pub mod tui;

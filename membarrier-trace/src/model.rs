@@ -9,6 +9,7 @@ use membarrier_trace_common::{
 };
 use serde::Serialize;
 
+pub use crate::hist::Bucket;
 pub use crate::hook::Attach;
 use crate::{
     cmd::{self, Kind},
@@ -89,10 +90,20 @@ pub fn comm_str(comm: &[u8]) -> String {
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
-impl RawRow {
+/// Rows that sum: a stats row or a grace-period row, into another of the same key.
+pub trait Absorb {
+    fn absorb(&mut self, r: &Self);
+}
+
+/// The least of two rows' minimums, where a row with no count has none.
+fn min_with(count: u64, min: u64, other: u64) -> u64 {
+    if count == 0 { other } else { min.min(other) }
+}
+
+impl Absorb for RawRow {
     /// Adds `r`'s calls to this row (rows of one cmd with different outcomes, or of processes
     /// summed together).
-    pub fn absorb(&mut self, r: &RawRow) {
+    fn absorb(&mut self, r: &RawRow) {
         self.hist.add(&r.hist);
         self.blocked_hist.add(&r.blocked_hist);
         if self.ipi_hist.len() < r.ipi_hist.len() {
@@ -101,11 +112,7 @@ impl RawRow {
         for (a, b) in self.ipi_hist.iter_mut().zip(&r.ipi_hist) {
             *a += b;
         }
-        self.min_ns = if self.count == 0 {
-            r.min_ns
-        } else {
-            self.min_ns.min(r.min_ns)
-        };
+        self.min_ns = min_with(self.count, self.min_ns, r.min_ns);
         self.count += r.count;
         self.sum_ns += r.sum_ns;
         self.max_ns = self.max_ns.max(r.max_ns);
@@ -409,13 +416,6 @@ impl Latency {
     }
 }
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
-pub struct Bucket {
-    /// Inclusive upper bound of the bucket.
-    pub le_ns: u64,
-    pub count: u64,
-}
-
 impl Report {
     /// Before the first snapshot.
     pub fn empty() -> Self {
@@ -547,12 +547,7 @@ impl Model {
                 errors,
                 errno,
                 latency_ns: Latency::new(&all.hist, min, max, sum),
-                histogram: all
-                    .hist
-                    .buckets(max)
-                    .into_iter()
-                    .map(|(le_ns, count)| Bucket { le_ns, count })
-                    .collect(),
+                histogram: all.hist.buckets(max),
                 blocked_ns: Blocked {
                     sum: all.blocked_sum_ns,
                     p50: all.blocked_hist.quantile(0.5, 0, all.blocked_max_ns),
@@ -703,14 +698,12 @@ impl WriterRow {
             thread: comm_str(&s.comm),
         }
     }
+}
 
+impl Absorb for WriterRow {
     /// Adds `r`'s grace periods to this row (rows of processes summed together).
-    pub fn absorb(&mut self, r: &WriterRow) {
-        self.min_ns = if self.count == 0 {
-            r.min_ns
-        } else {
-            self.min_ns.min(r.min_ns)
-        };
+    fn absorb(&mut self, r: &WriterRow) {
+        self.min_ns = min_with(self.count, self.min_ns, r.min_ns);
         self.max_ns = self.max_ns.max(r.max_ns);
         self.count += r.count;
         self.sum_ns += r.sum_ns;
@@ -821,12 +814,7 @@ pub fn writer_reports(
                 threads: threads.into_values().collect(),
                 grace_periods: all.count,
                 latency_ns: Latency::new(&all.hist, all.min_ns, all.max_ns, all.sum_ns),
-                histogram: all
-                    .hist
-                    .buckets(all.max_ns)
-                    .into_iter()
-                    .map(|(le_ns, count)| Bucket { le_ns, count })
-                    .collect(),
+                histogram: all.hist.buckets(all.max_ns),
                 membarrier_calls: all.membarrier_calls,
                 membarrier_ns: all.membarrier_ns,
                 blocked_ns: all.blocked_ns,

@@ -16,7 +16,10 @@ use std::{
 };
 
 use clap::Parser;
-use membarrier_trace::cmd;
+use membarrier_trace::{
+    cmd,
+    siblings::{Siblings, pin},
+};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -204,67 +207,17 @@ fn pingpong(n: u64) -> f64 {
     ns
 }
 
-/// Pins the calling thread to `cpu`.
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays in bounds for cpu < CPU_SETSIZE.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
-/// Runs `f` on CPU 0 while a sibling thread spins on the last CPU (SCHED_FIFO when allowed).
-/// `f` gets a function that returns once the sibling has been seen running, to call before
-/// each membarrier call: a call made while the sibling is off its CPU (RT throttling takes it
-/// off for 50 ms of every second) sends no IPI and returns at once, so back-to-back calls
-/// crowd into those windows. A TCG guest once made 4,083 of 5,000 calls there.
+/// Runs `f` on CPU 0 while a sibling thread spins on the last CPU: SCHED_FIFO, so other tasks
+/// do not preempt it (RT throttling still leaves the CPU 5% for the rest), but not on
+/// PREEMPT_RT kernels, whose timer and RCU threads run at FIFO 1, which a FIFO spinner starves
+/// (RCU stalls, seen on Debian's 6.1-rt). `f` gets [`Siblings::seen_running`], to call before
+/// each membarrier call.
 fn with_spinner(f: impl FnOnce(&dyn Fn())) {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
-    let stop = Arc::new(AtomicBool::new(false));
-    let laps = Arc::new(AtomicU64::new(0));
-    let running = Arc::new(Barrier::new(2));
-    let spinner = {
-        let (stop, laps, running) = (Arc::clone(&stop), Arc::clone(&laps), Arc::clone(&running));
-        thread::spawn(move || {
-            pin(cpus - 1);
-            // Real-time priority, so other tasks on the machine do not preempt it and every
-            // call finds it running (RT throttling still leaves the CPU 5% for the rest). Not on
-            // PREEMPT_RT kernels: their timer and RCU threads run at FIFO 1, which a FIFO
-            // spinner starves (RCU stalls, seen on Debian's 6.1-rt); there it stays SCHED_OTHER.
-            let preempt_rt =
-                std::fs::read_to_string("/sys/kernel/realtime").is_ok_and(|s| s.trim() == "1");
-            // SAFETY: sched_param is plain data; failure (not root) just leaves it SCHED_OTHER.
-            if !preempt_rt {
-                unsafe {
-                    let p = libc::sched_param { sched_priority: 1 };
-                    libc::sched_setscheduler(0, libc::SCHED_FIFO, &p);
-                }
-            }
-            running.wait();
-            // A real-time spinner left behind (its process stopped, never told to stop) would
-            // starve the CPU for good: it gives up after a minute whatever happens.
-            let give_up = Instant::now() + std::time::Duration::from_secs(60);
-            while !stop.load(Relaxed) && Instant::now() < give_up {
-                for _ in 0..50 {
-                    std::hint::spin_loop();
-                }
-                laps.fetch_add(1, Relaxed);
-            }
-        })
-    };
+    let preempt_rt = std::fs::read_to_string("/sys/kernel/realtime").is_ok_and(|s| s.trim() == "1");
+    let spinner = Siblings::start(&[cpus - 1], !preempt_rt);
     pin(0);
-    running.wait();
-    let seen_running = || {
-        let lap = laps.load(Relaxed);
-        while laps.load(Relaxed) == lap && !spinner.is_finished() {
-            std::hint::spin_loop();
-        }
-    };
-    f(&seen_running);
-    stop.store(true, Relaxed);
-    spinner.join().unwrap();
+    f(&|| spinner.seen_running());
 }
 
 /// PR_SET_NAME on the calling thread (the main thread names the process).

@@ -237,20 +237,21 @@ fn process_cells(app: &App, p: &ProcessReport) -> Vec<String> {
     ]
 }
 
-/// The process table's columns, most wanted first, with their least width: on a narrow
-/// terminal the last ones go, PID and COMM stay.
-const PROCESS_COLUMNS: [(Column, u16); 11] = [
-    (Column::Pid, 8),
-    (Column::Comm, 8),
-    (Column::Rate, 7),
-    (Column::Calls, 7),
-    (Column::P99, 6),
-    (Column::Errors, 6),
-    (Column::P50, 6),
-    (Column::Max, 6),
-    (Column::Inside, 7),
-    (Column::MainCmd, 8),
-    (Column::Cpu, 5),
+/// The process table's columns, most wanted first, with their least width and the spare width
+/// they leave for the rest: on a narrow terminal the last ones go, PID and COMM stay. CPU%
+/// comes only where COMM still gets room for a whole name (15 bytes: 18 spare).
+const PROCESS_COLUMNS: [(Column, u16, u16); 11] = [
+    (Column::Pid, 8, 0),
+    (Column::Comm, 8, 0),
+    (Column::Rate, 7, 0),
+    (Column::Calls, 7, 0),
+    (Column::P99, 6, 0),
+    (Column::Errors, 6, 0),
+    (Column::P50, 6, 0),
+    (Column::Max, 6, 0),
+    (Column::Inside, 7, 0),
+    (Column::MainCmd, 8, 0),
+    (Column::Cpu, 5, 18),
 ];
 
 /// The columns that fit in `width` (inside the borders, one space between columns), in table
@@ -258,13 +259,11 @@ const PROCESS_COLUMNS: [(Column, u16); 11] = [
 fn process_columns(width: u16) -> Vec<(usize, u16)> {
     let mut kept = Vec::new();
     let mut used = 0u16;
-    for (n, &(col, w)) in PROCESS_COLUMNS.iter().enumerate() {
-        // CPU% comes only where COMM still gets room for a whole name (15 bytes).
-        let room = if col == Column::Cpu { 18 } else { 0 };
-        let need = w + u16::from(n > 0) + room;
-        if n < 2 || used + need <= width {
+    for (n, &(col, w, room)) in PROCESS_COLUMNS.iter().enumerate() {
+        let need = w + u16::from(n > 0);
+        if n < 2 || used + need + room <= width {
             kept.push((col, w));
-            used += need - room;
+            used += need;
         }
     }
     let spare = width.saturating_sub(used);
