@@ -122,6 +122,44 @@ pub struct Inflight {
     /// The userspace grace period (liburcu's `synchronize_rcu`) the thread is inside, kept
     /// across its membarrier calls.
     pub writer: Writer,
+    /// The thread's calls: counted in the slot the exit already holds, so attributing calls
+    /// to threads costs no map lookup.
+    pub thread: ThreadCalls,
+}
+
+/// Per-thread call counters: one per cmd with flags 0 (QUERY .. GET_REGISTRATIONS), one for
+/// PRIVATE_EXPEDITED_RSEQ with the CPU flag, one for every other (invalid) cmd and flags.
+pub const THREAD_CMDS: usize = 13;
+
+/// The counter of a thread's calls of `cmd` with `flags`: the cmds are 0 and the powers of two
+/// up to GET_REGISTRATIONS (512), so the index is the bit's position plus one.
+#[inline(always)]
+pub fn thread_cmd(cmd: u32, flags: u32) -> usize {
+    if flags == 0 && cmd & cmd.wrapping_sub(1) == 0 && cmd <= 512 {
+        (32 - cmd.leading_zeros()) as usize
+    } else if cmd == 128 && flags == 1 {
+        11
+    } else {
+        12
+    }
+}
+
+/// Key of `THREADS`: an exited thread of a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ThreadKey {
+    pub tgid: u32,
+    pub serial: u32,
+    pub tid: u32,
+}
+
+/// A thread's calls, by [`thread_cmd`], and its name: in its in-flight slot while it lives
+/// (named at its first call), then in `THREADS` (named as it exited).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadCalls {
+    pub comm: [u8; COMM_LEN],
+    pub calls: [u64; THREAD_CMDS],
 }
 
 /// A thread inside a userspace RCU grace-period function (uprobe to uretprobe).
@@ -294,7 +332,7 @@ pub mod counter {
     /// traced process is not traced; without, its rows are not told apart from an earlier
     /// process with the same pid. Counts processes.
     pub const DROPPED_PROCS: u32 = 3;
-    /// A per-CPU IPI, waker or csd row did not fit; those figures are short.
+    /// A per-CPU IPI, waker, csd or exited-thread row did not fit; those figures are short.
     pub const DROPPED_DETAIL: u32 = 4;
     /// Calls of traced processes whose exit program was skipped (the kernel skips a program
     /// that is already running on the CPU: fentry on PREEMPT_RT, where programs are
@@ -323,6 +361,9 @@ pub const MAX_PROCS: u32 = 16384;
 pub const MAX_EXIT_NAMES: u32 = 4096;
 /// Grace-period rows (per process, thread, function and caller).
 pub const MAX_WRITERS: u32 = 1024;
+/// Exited threads' calls, until userspace's next retire pass (every 250 ms, 50 ms when busy)
+/// drains them.
+pub const MAX_THREADS: u32 = 16384;
 
 /// The key of `EXIT_NAMES`: `tgid << 32 | serial`.
 pub const fn proc_id(tgid: u32, serial: u32) -> u64 {
@@ -344,4 +385,6 @@ mod user {
     unsafe impl aya::Pod for super::Proc {}
     unsafe impl aya::Pod for super::WriterKey {}
     unsafe impl aya::Pod for super::WriterStats {}
+    unsafe impl aya::Pod for super::ThreadKey {}
+    unsafe impl aya::Pod for super::ThreadCalls {}
 }

@@ -30,9 +30,9 @@ use aya_ebpf::{
 };
 use membarrier_trace_common::{
     CLONE_THREAD, COMM_LEN, CallKey, CpuKey, HIST_BUCKETS, INSIDE_SLOTS, IPI_HIST, Inflight,
-    MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, MAX_WAKERS,
-    MAX_WRITERS, Proc, Stats, StatsKey, WakerKey, Writer, WriterKey, WriterStats, counter, field,
-    hist_bucket, proc_id,
+    MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, MAX_THREADS,
+    MAX_WAKERS, MAX_WRITERS, Proc, Stats, StatsKey, THREAD_CMDS, ThreadCalls, ThreadKey, WakerKey,
+    Writer, WriterKey, WriterStats, counter, field, hist_bucket, proc_id, thread_cmd,
 };
 
 /// Set by userspace before load: 1 when only the processes marked traced in `PROCS` are. Being
@@ -84,6 +84,14 @@ static CONTROL: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
 static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
+
+/// A zeroed slot to insert (too large for the stack); never written.
+#[map]
+static ZERO_SLOT: PerCpuArray<Inflight> = PerCpuArray::with_max_entries(1, 0);
+
+/// Exited threads' calls (from their slots), until userspace drains them.
+#[map]
+static THREADS: HashMap<ThreadKey, ThreadCalls> = HashMap::with_max_entries(MAX_THREADS, 0);
 
 /// Threads inside membarrier, counted per `tid % INSIDE_SLOTS`: the probes that run for every
 /// task on the box look here first (an inlined array load) and return unless it is non-zero.
@@ -406,18 +414,18 @@ fn on_enter(cmd: u32, flags: u32) {
     {
         add32(n, 1);
     }
-    unsafe {
-        *slot = Inflight {
-            cmd,
-            flags,
-            tgid,
-            serial: (*slot).serial,
-            writer: (*slot).writer,
-            ..Default::default()
-        };
-        // Timestamp last, so the tracer's own work here is not counted as the call's.
-        (*slot).start_ns = now();
-    }
+    // The call's fields afresh; the thread's (identity, counters, grace period) stay.
+    let s = unsafe { &mut *slot };
+    s.cmd = cmd;
+    s.flags = flags;
+    s.ipis = 0;
+    s.off_since_ns = 0;
+    s.blocked_ns = 0;
+    s.lock_since_ns = 0;
+    s.mutex_wait_ns = 0;
+    s.gp_since_ns = 0;
+    // Timestamp last, so the tracer's own work here is not counted as the call's.
+    s.start_ns = now();
 }
 
 /// The in-flight slot of thread `tid` of traced process `tgid`, made on first use.
@@ -429,21 +437,30 @@ fn slot_of(tgid: u32, tid: u32) -> Option<*mut Inflight> {
     // needs no process lookup (another tgid means a stale slot of a reused tid).
     match INFLIGHT.get_ptr_mut(&tid) {
         Some(slot) if unsafe { (*slot).tgid } == tgid => Some(slot),
-        _ => {
+        stale => {
             let (serial, traced) = process(tgid);
             if !traced {
                 return None;
             }
-            let fresh = Inflight {
-                tgid,
-                serial,
-                ..Default::default()
-            };
-            if INFLIGHT.insert(&tid, &fresh, 0).is_err() {
+            if let Some(old) = stale {
+                // A slot of another process: the tid's last thread left without passing
+                // sched_process_exit (a non-leader thread that exec'd). Its calls are kept.
+                let (tgid, serial) = unsafe { ((*old).tgid, (*old).serial) };
+                retire_thread(ThreadKey { tgid, serial, tid }, unsafe { &(*old).thread });
+            }
+            // From a zeroed template: a slot is too large for the stack.
+            let zero = ZERO_SLOT.get_ptr(0)?;
+            if INFLIGHT.insert(&tid, unsafe { &*zero }, 0).is_err() {
                 bump(counter::DROPPED_INFLIGHT);
                 return None;
             }
-            INFLIGHT.get_ptr_mut(&tid)
+            let slot = INFLIGHT.get_ptr_mut(&tid)?;
+            unsafe {
+                (*slot).tgid = tgid;
+                (*slot).serial = serial;
+                (*slot).thread.comm = bpf_get_current_comm().unwrap_or_default();
+            }
+            Some(slot)
         }
     }
 }
@@ -496,6 +513,10 @@ fn on_exit(end_ns: u64, ret: i64) {
     };
     let row = unsafe { &mut *row };
     row.count_one(ns);
+    // The slot is the thread's own: a plain add.
+    let i = thread_cmd(call.cmd, call.flags);
+    let i = unsafe { core::ptr::read_volatile(&i) }.min(THREAD_CMDS - 1);
+    call.thread.calls[i] += 1;
     // The breakdown: zero for most calls, so only non-zero parts are added (userspace derives
     // the zero buckets from the count).
     if call.blocked_ns != 0 {
@@ -1098,6 +1119,25 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Adds the calls of a thread whose slot is about to go to THREADS, for userspace to drain.
+/// Once per thread, not per call.
+#[inline(always)]
+fn retire_thread(key: ThreadKey, t: &ThreadCalls) {
+    if t.calls.iter().all(|&n| n == 0) {
+        return; // grace periods only, or no call counted
+    }
+    if let Some(into) = THREADS.get_ptr_mut(&key) {
+        // An earlier thread of the process had the tid and is not drained yet: sum.
+        let into = unsafe { &mut *into };
+        for i in 0..THREAD_CMDS {
+            into.calls[i] += t.calls[i];
+        }
+        into.comm = t.comm;
+    } else if THREADS.insert(&key, t, 0).is_err() {
+        bump(counter::DROPPED_DETAIL);
+    }
+}
+
 /// A task exits (in its own context): its in-flight slot is freed, and the last task of a
 /// process created while tracing removes the process (its pid cannot be reused before this:
 /// the process is a zombie until reaped).
@@ -1123,6 +1163,17 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         {
             add32(n, (u32::from(call) + u32::from(gp)).wrapping_neg());
         }
+    }
+    // The thread's calls go to THREADS, named as it exits, before the slot is freed.
+    if let Some(slot) = INFLIGHT.get_ptr_mut(&tid) {
+        let slot = unsafe { &mut *slot };
+        slot.thread.comm = bpf_get_current_comm().unwrap_or_default();
+        let key = ThreadKey {
+            tgid: slot.tgid,
+            serial: slot.serial,
+            tid,
+        };
+        retire_thread(key, &slot.thread);
     }
     let _ = INFLIGHT.remove(&tid);
     // One lookup serves the name and the task count.

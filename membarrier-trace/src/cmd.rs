@@ -113,6 +113,22 @@ pub fn errno_name(errno: u32) -> String {
 mod tests {
     use super::*;
 
+    /// Each known cmd with flags 0 has a thread counter of its own, RSEQ with the CPU flag
+    /// another, and every invalid cmd or flags the last.
+    #[test]
+    fn thread_counters_by_cmd() {
+        use membarrier_trace_common::{THREAD_CMDS, thread_cmd};
+        let known: Vec<usize> = (0..11)
+            .map(|i| thread_cmd(if i == 0 { 0 } else { 1 << (i - 1) }, 0))
+            .collect();
+        assert_eq!(known, (0..11).collect::<Vec<_>>());
+        assert!(name(512).is_some() && name(1024).is_none());
+        assert_eq!(thread_cmd(128, FLAG_CPU), 11);
+        for (cmd, flags) in [(3, 0), (1024, 0), (8, 1), (0, 2), (u32::MAX, 0), (128, 3)] {
+            assert_eq!(thread_cmd(cmd, flags), THREAD_CMDS - 1, "{cmd} {flags}");
+        }
+    }
+
     #[test]
     fn every_known_cmd_decodes() {
         assert_eq!(name(0), Some("QUERY"));

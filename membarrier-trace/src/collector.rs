@@ -14,14 +14,16 @@ use aya::{
     programs::{BtfTracePoint, FEntry, FExit, Program, ProgramError, TracePoint},
 };
 use membarrier_trace_common::{
-    COMM_LEN, CallKey, CpuKey, Inflight, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, MAX_WRITERS, Proc,
-    Stats, StatsKey, WakerKey, WriterKey, WriterStats, counter, field, proc_id,
+    COMM_LEN, CallKey, CpuKey, Inflight, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, MAX_THREADS,
+    MAX_WRITERS, Proc, Stats, StatsKey, ThreadCalls, ThreadKey, WakerKey, WriterKey, WriterStats,
+    counter, field, proc_id,
 };
 
 use crate::{
     hook::{Attach, AttachMode, Hook, Kind},
     model::{
-        Absorb, Caller, GraceSource, Losses, Maps, ProcKey, RawRow, Snapshot, WriterRow, comm_str,
+        Absorb, Caller, GraceSource, Losses, Maps, ProcKey, RawRow, Snapshot, ThreadRow, WriterRow,
+        comm_str,
     },
     preflight,
     rcu::{CustomFunc, Writers},
@@ -57,6 +59,10 @@ pub struct Collector {
     handler_ns: BpfHashMap<MapData, CallKey, u64>,
     exit_names: BpfHashMap<MapData, u64, [u8; COMM_LEN]>,
     writer_rows: BpfHashMap<MapData, WriterKey, WriterStats>,
+    /// Exited threads' calls, drained at every retire pass.
+    thread_rows: BpfHashMap<MapData, ThreadKey, ThreadCalls>,
+    /// What was drained from it, per process.
+    exited_threads: HashMap<ProcKey, ExitedThreads>,
     /// The probed grace-period functions (None: `--no-rcu`).
     writers: Option<Writers>,
     /// `--pid`s: their mappings are probed for grace-period functions.
@@ -82,6 +88,8 @@ pub struct Collector {
     maps: Maps,
     /// Stats rows in use at the last retire pass.
     rows_in_use: usize,
+    /// Exited threads drained at the last retire pass.
+    threads_in_use: usize,
 }
 
 /// One program and where it attaches.
@@ -228,7 +236,8 @@ impl MapSizes {
         )
     }
 
-    /// Kernel memory of these three maps and the grace-period rows (WRITERS), in bytes, by the kernel's own accounting of a
+    /// Kernel memory of these three maps, the grace-period rows (WRITERS) and the exited threads
+    /// (THREADS), in bytes, by the kernel's own accounting of a
     /// preallocated hash map (kernel/bpf/hashtab.c, htab_map_mem_usage): per element a 48-byte
     /// header plus key and value, each rounded up to 8 bytes, and one spare element per CPU;
     /// 16 bytes per bucket, buckets being a power of two at least the elements; under 1 KiB
@@ -249,9 +258,14 @@ impl MapSizes {
                 std::mem::size_of::<WriterKey>(),
                 std::mem::size_of::<WriterStats>(),
             )
+            + htab(
+                MAX_THREADS,
+                std::mem::size_of::<ThreadKey>(),
+                std::mem::size_of::<ThreadCalls>(),
+            )
     }
 
-    /// The most kernel memory all the maps take: these four, and the fixed-size others
+    /// The most kernel memory all the maps take: these five, and the fixed-size others
     /// (detail maps, per-CPU counters and the row templates): under 4 MiB plus 16 KiB a CPU.
     pub fn kernel_bytes_bound(&self, cpus: u64) -> u64 {
         self.kernel_bytes(cpus) + (4 << 20) + cpus * (16 << 10)
@@ -659,6 +673,7 @@ impl Collector {
         let handler_ns = take(&mut ebpf, "HANDLER_NS")?;
         let exit_names = take(&mut ebpf, "EXIT_NAMES")?;
         let writer_rows = take(&mut ebpf, "WRITERS")?;
+        let thread_rows = take(&mut ebpf, "THREADS")?;
         let writers = if opts.rcu {
             Some(Writers::load(&mut ebpf, opts.rcu_funcs.clone())?)
         } else {
@@ -676,6 +691,8 @@ impl Collector {
             handler_ns,
             exit_names,
             writer_rows,
+            thread_rows,
+            exited_threads: HashMap::new(),
             writers,
             pids: opts.pids.clone(),
             follow_forks: opts.follow_forks,
@@ -693,6 +710,7 @@ impl Collector {
             hook: Attach::default().hook(),
             maps: sizes.report(possible_cpus()),
             rows_in_use: 0,
+            threads_in_use: 0,
         };
         for &pid in &opts.pids {
             c.add_pid(pid)?;
@@ -985,6 +1003,8 @@ impl Collector {
                 }
             }
         }
+        // After the liveness checks: a process found dead has all its threads' exits in.
+        let drained = self.drain_threads()?;
         // Callers are symbolized by the process's mappings, so while it lives: at the first
         // pass that sees them.
         for key in &writer_keys {
@@ -997,6 +1017,7 @@ impl Collector {
             }
         }
         if dead.is_empty() {
+            self.threads_in_use = drained;
             return Ok(live);
         }
         // Where each dead process's figures go: its own entry, or its name's.
@@ -1037,8 +1058,63 @@ impl Collector {
         retire_detail(&mut self.ipi_cpus, &mut r.ipi_cpus, &dead, &dest)?;
         retire_detail(&mut self.wakers, &mut r.wakers, &dead, &dest)?;
         retire_detail(&mut self.handler_ns, &mut r.handler_ns, &dead, &dest)?;
+        for p in &dead {
+            if let Some(t) = self.exited_threads.remove(p) {
+                let to = dest.get(p).copied().unwrap_or(*p);
+                self.exited_threads
+                    .entry(to)
+                    .or_default()
+                    .absorb(t, to, to == *p);
+            }
+        }
         self.comms.retain(|p, _| !dead.contains(p));
+        self.threads_in_use = drained;
         Ok(live)
+    }
+
+    /// Moves the exited threads' calls out of the kernel. Returns how many there were.
+    fn drain_threads(&mut self) -> Result<usize> {
+        let entries: Vec<(ThreadKey, ThreadCalls)> = self
+            .thread_rows
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the threads map")?;
+        for (k, t) in &entries {
+            let _ = self.thread_rows.remove(k);
+            let p = (k.tgid, k.serial);
+            self.exited_threads.entry(p).or_default().add(ThreadRow {
+                proc: p,
+                tid: k.tid,
+                name: comm_str(&t.comm),
+                calls: t.calls,
+                threads: 1,
+            });
+        }
+        Ok(entries.len())
+    }
+
+    /// The threads' calls: the live ones from their in-flight slots (of processes in `live`),
+    /// then the exited ones.
+    fn threads(&self, live: &HashSet<ProcKey>) -> Result<Vec<ThreadRow>> {
+        let mut out = Vec::new();
+        for item in self.inflight.iter() {
+            let (tid, slot) = item.context("reading the in-flight map")?;
+            let p = (slot.tgid, slot.serial);
+            if live.contains(&p) && slot.thread.calls.iter().any(|&n| n > 0) {
+                out.push(ThreadRow {
+                    proc: p,
+                    tid,
+                    name: comm_str(&slot.thread.comm),
+                    calls: slot.thread.calls,
+                    threads: 1,
+                });
+            }
+        }
+        for t in self.exited_threads.values() {
+            out.extend(t.by_tid.values().cloned());
+            out.extend(t.others.iter().cloned());
+        }
+        Ok(out)
     }
 
     /// The retired entry exited process `p`'s figures go to, found once per pass (`dest`). It
@@ -1068,6 +1144,7 @@ impl Collector {
     /// coming and going fast (thousands a second), and the next pass should come sooner.
     pub fn rows_filling(&self) -> bool {
         self.rows_in_use * 4 > self.maps.stats_rows as usize
+            || self.threads_in_use * 4 > MAX_THREADS as usize
     }
 
     /// Reads the kernel's totals. With `last`, calls still inside membarrier are counted as
@@ -1149,6 +1226,7 @@ impl Collector {
         ipi_cpus.extend(self.retired.ipi_cpus.iter().map(|(k, v)| (*k, *v)));
         wakers.extend(self.retired.wakers.iter().map(|(k, v)| (*k, *v)));
         handler_ns.extend(self.retired.handler_ns.iter().map(|(k, v)| (*k, *v)));
+        let threads = self.threads(&live)?;
         let mut comms = self.comms.clone();
         comms.extend(self.retired.comms.iter().map(|(k, v)| (*k, v.clone())));
         Ok(Snapshot {
@@ -1170,6 +1248,7 @@ impl Collector {
                 .map(|w| w.funcs.clone())
                 .unwrap_or_default(),
             callers: self.callers.clone(),
+            threads,
         })
     }
 }
@@ -1214,6 +1293,57 @@ impl Retired {
         self.comms.insert(to, name);
         *self.exited.entry(to).or_default() += 1;
         to
+    }
+}
+
+/// Exited threads of a process kept one by one; later ones are summed.
+pub const THREADS_KEEP: usize = 32;
+
+/// A process's exited threads: the first [`THREADS_KEEP`] by tid, the rest summed (tid 0), so
+/// a process that starts threads all day costs bounded memory and every call stays counted.
+#[derive(Default)]
+struct ExitedThreads {
+    by_tid: HashMap<u32, ThreadRow>,
+    others: Option<ThreadRow>,
+}
+
+impl ExitedThreads {
+    fn add(&mut self, t: ThreadRow) {
+        if let Some(have) = self.by_tid.get_mut(&t.tid) {
+            // A tid used again by a later thread of the process.
+            have.absorb(&t);
+            have.name = t.name;
+        } else if self.by_tid.len() < THREADS_KEEP {
+            self.by_tid.insert(t.tid, t);
+        } else {
+            self.sum(t);
+        }
+    }
+
+    fn sum(&mut self, t: ThreadRow) {
+        match &mut self.others {
+            Some(o) => o.absorb(&t),
+            None => {
+                self.others = Some(ThreadRow {
+                    tid: 0,
+                    name: "(exited threads)".into(),
+                    ..t
+                })
+            }
+        }
+    }
+
+    /// Takes in the threads of an exited process: one by one when it keeps its own entry
+    /// (`own`), else all summed (an entry summing processes of a name).
+    fn absorb(&mut self, from: ExitedThreads, to: ProcKey, own: bool) {
+        for t in from.by_tid.into_values().chain(from.others) {
+            let t = ThreadRow { proc: to, ..t };
+            if own {
+                self.add(t);
+            } else {
+                self.sum(t);
+            }
+        }
     }
 }
 
@@ -1293,12 +1423,12 @@ mod tests {
                 procs: 32768
             }
         );
-        // "about 43.8 MiB", "under 48 MiB in all"
+        // "about 54.4 MiB", "under 59 MiB in all"
         assert_eq!(
             (s.kernel_bytes(2) as f64 / f64::from(1 << 20) * 10.0).round(),
-            438.0
+            544.0
         );
-        assert_eq!(s.kernel_bytes_bound(2) >> 20, 47);
+        assert_eq!(s.kernel_bytes_bound(2) >> 20, 58);
         // The clamps: a small VM still gets the defaults, a huge box no more than the maxima.
         let small = MapSizes::new(512 << 20, 4000, 4000);
         assert_eq!(
@@ -1323,6 +1453,41 @@ mod tests {
                 errno: 0,
             })
         }
+    }
+
+    fn thread(tid: u32, calls: u64) -> ThreadRow {
+        let mut c = [0; membarrier_trace_common::THREAD_CMDS];
+        c[0] = calls;
+        ThreadRow {
+            proc: (7, 1),
+            tid,
+            name: format!("t{tid}"),
+            calls: c,
+            threads: 1,
+        }
+    }
+
+    /// A process's exited threads: the first THREADS_KEEP by tid, the rest summed; a tid used
+    /// again adds to its entry; summed into a per-name entry, all of them are summed.
+    #[test]
+    fn exited_threads_are_kept_then_summed() {
+        let mut t = ExitedThreads::default();
+        for tid in 1..=100 {
+            t.add(thread(tid, 2));
+        }
+        t.add(thread(1, 3));
+        assert_eq!(t.by_tid.len(), THREADS_KEEP);
+        assert_eq!((t.by_tid[&1].calls[0], t.by_tid[&1].threads), (5, 2));
+        let o = t.others.as_ref().unwrap();
+        assert_eq!((o.tid, o.threads, o.calls[0]), (0, 68, 136));
+        let mut per_name = ExitedThreads::default();
+        per_name.absorb(t, (0, 3), false);
+        assert!(per_name.by_tid.is_empty());
+        let o = per_name.others.unwrap();
+        assert_eq!(
+            (o.proc, o.tid, o.threads, o.calls[0]),
+            ((0, 3), 0, 101, 203)
+        );
     }
 
     /// Past RETIRED_KEEP, exited processes are summed per name, then under `(other)`: the

@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use membarrier_trace_common::{
-    CallKey, CpuKey, IPI_HIST, Stats, StatsKey, WakerKey, WriterKey, WriterStats,
+    CallKey, CpuKey, IPI_HIST, Stats, StatsKey, THREAD_CMDS, WakerKey, WriterKey, WriterStats,
+    thread_cmd,
 };
 use serde::Serialize;
 
@@ -164,6 +165,30 @@ pub struct Snapshot {
     pub gp_funcs: Vec<GpFunc>,
     /// Callers symbolized, by process and return address.
     pub callers: HashMap<(ProcKey, u64), Caller>,
+    /// Calls per thread: the live threads', and the exited ones'.
+    pub threads: Vec<ThreadRow>,
+}
+
+/// One thread's calls by cmd (`thread_cmd` index), or several exited threads of a process
+/// summed (`tid` 0).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ThreadRow {
+    pub proc: ProcKey,
+    pub tid: u32,
+    pub name: String,
+    pub calls: [u64; THREAD_CMDS],
+    /// Threads this row stands for: 1, or for `tid` 0 how many were summed.
+    pub threads: u64,
+}
+
+impl ThreadRow {
+    /// Adds `r`'s calls to this row.
+    pub fn absorb(&mut self, r: &ThreadRow) {
+        for (a, b) in self.calls.iter_mut().zip(&r.calls) {
+            *a += b;
+        }
+        self.threads += r.threads;
+    }
 }
 
 /// How big the kernel maps were made for this machine (docs/design.md, "Bounds").
@@ -346,6 +371,26 @@ pub struct CmdReport {
     pub woken_by: BTreeMap<String, u64>,
     pub ipis: Ipis,
     pub mutex_wait_ns: MutexWait,
+    /// The threads that made these calls, most calls first. For invalid cmds and flags, a
+    /// thread's calls of all of them (they share a counter).
+    pub threads: Vec<CmdThread>,
+}
+
+/// A thread's calls of one cmd.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CmdThread {
+    /// 0 for exited threads summed together (past the first 32 of a process).
+    pub tid: u32,
+    pub name: String,
+    pub calls: u64,
+    /// How many threads the entry stands for, when more than one: a `tid` 0 entry, or a tid
+    /// that several threads of the process had in turn.
+    #[serde(skip_serializing_if = "is_one")]
+    pub threads: u64,
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
 }
 
 impl CmdReport {
@@ -456,6 +501,8 @@ impl Default for WindowSums {
 pub struct Model {
     /// Calls, latency sum and CPU time per (process, cmd, flags) at the previous report.
     prev: HashMap<Group, (u64, u64, u64)>,
+    /// Grace periods per (process, function, caller) at the previous report.
+    prev_writers: HashMap<(u32, u32, u32, u64), u64>,
     prev_elapsed_ns: u64,
 }
 
@@ -500,6 +547,10 @@ impl Model {
                 .or_default()
                 .entry(comm_str(&k.comm))
                 .or_default() += n;
+        }
+        let mut threads: HashMap<ProcKey, Vec<&ThreadRow>> = HashMap::new();
+        for t in &snap.threads {
+            threads.entry(t.proc).or_default().push(t);
         }
         let handler: HashMap<Group, u64> = snap
             .handler_ns
@@ -575,6 +626,7 @@ impl Model {
                     sum: all.mutex_wait_sum_ns,
                     max: all.mutex_wait_max_ns,
                 },
+                threads: cmd_threads(threads.get(&proc_key), cmd_value as u32, flags),
             };
             let p = processes.entry(proc_key).or_insert_with(|| ProcessReport {
                 pid: tgid,
@@ -614,6 +666,16 @@ impl Model {
         }
         self.prev = next;
         self.prev_elapsed_ns = snap.elapsed_ns;
+        let mut rcu_writers =
+            writer_reports(&snap.writers, &snap.gp_funcs, &snap.callers, &snap.comms);
+        let mut writers_next = HashMap::new();
+        for w in &mut rcu_writers {
+            let key = (w.pid, w.serial, w.func, w.caller.address);
+            let before = self.prev_writers.get(&key).copied().unwrap_or(0);
+            w.grace_periods_per_sec = per_sec(w.grace_periods.saturating_sub(before));
+            writers_next.insert(key, w.grace_periods);
+        }
+        self.prev_writers = writers_next;
         for (key, p) in processes.iter_mut() {
             let WindowSums(hist, min, window_sum, window_cpu) = &proc_hist[key];
             p.latency_ns = Latency::new(hist, *min, p.latency_ns.max, p.latency_ns.sum);
@@ -659,9 +721,33 @@ impl Model {
             grace_period_source: snap.grace_period_source,
             maps: snap.maps,
             processes,
-            rcu_writers: writer_reports(&snap.writers, &snap.gp_funcs, &snap.callers, &snap.comms),
+            rcu_writers,
         }
     }
+}
+
+/// The threads of a process that made calls of `cmd` with `flags`, most calls first.
+fn cmd_threads(threads: Option<&Vec<&ThreadRow>>, cmd: u32, flags: u32) -> Vec<CmdThread> {
+    let i = thread_cmd(cmd, flags);
+    let mut out: Vec<CmdThread> = threads
+        .into_iter()
+        .flatten()
+        .filter(|t| t.calls[i] > 0)
+        .map(|t| CmdThread {
+            tid: t.tid,
+            name: t.name.clone(),
+            calls: t.calls[i],
+            threads: t.threads,
+        })
+        .collect();
+    // Summed exited threads last.
+    out.sort_by(|a, b| {
+        (a.tid == 0)
+            .cmp(&(b.tid == 0))
+            .then(b.calls.cmp(&a.calls))
+            .then(a.tid.cmp(&b.tid))
+    });
+    out
 }
 
 // Userspace RCU writers: the kernel's grace-period rows (per process, thread, function and
@@ -751,6 +837,11 @@ pub struct WriterReport {
     pub caller: Caller,
     pub threads: Vec<WriterThread>,
     pub grace_periods: u64,
+    /// Over the window.
+    pub grace_periods_per_sec: f64,
+    /// Index of the function among the probed ones (the kernel rows' key).
+    #[serde(skip)]
+    pub func: u32,
     /// Entry to return of each grace period.
     pub latency_ns: Latency,
     pub histogram: Vec<Bucket>,
@@ -813,6 +904,8 @@ pub fn writer_reports(
                     }),
                 threads: threads.into_values().collect(),
                 grace_periods: all.count,
+                grace_periods_per_sec: 0.0,
+                func,
                 latency_ns: Latency::new(&all.hist, all.min_ns, all.max_ns, all.sum_ns),
                 histogram: all.hist.buckets(all.max_ns),
                 membarrier_calls: all.membarrier_calls,

@@ -4,7 +4,7 @@ use std::{borrow::Cow, fmt::Write as _};
 
 use crate::{
     cmd::{self, Kind},
-    model::{Caller, CmdReport, Dropped, GraceSource, ProcessReport, Report},
+    model::{Caller, CmdReport, CmdThread, Dropped, GraceSource, ProcessReport, Report},
 };
 
 /// `s` safe to put on a terminal: control bytes (ESC, newline, DEL...) written as `\xNN`, so a
@@ -320,9 +320,32 @@ fn breakdown(s: &mut String, c: &CmdReport) {
             fmt_ns(c.mutex_wait_ns.max)
         ));
     }
+    if c.threads.len() > 1 {
+        parts.push(format!("threads: {}", threads(&c.threads, 4)));
+    }
     for p in parts {
         let _ = writeln!(s, "      {p}");
     }
+}
+
+/// A cmd's threads, busiest first, `name(tid):calls` as for grace periods: the first `max`,
+/// then how many more.
+pub fn threads(ts: &[CmdThread], max: usize) -> String {
+    let mut parts: Vec<String> = ts
+        .iter()
+        .take(max)
+        .map(|t| {
+            if t.tid == 0 {
+                format!("{} exited threads:{}", t.threads, t.calls)
+            } else {
+                format!("{}({}):{}", printable(&t.name), t.tid, t.calls)
+            }
+        })
+        .collect();
+    if ts.len() > max {
+        parts.push(format!("{} more", ts.len() - max));
+    }
+    parts.join(", ")
 }
 
 pub fn json(r: &Report) -> String {

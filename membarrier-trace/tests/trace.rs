@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const TRACER: &str = env!("CARGO_BIN_EXE_membarrier-trace");
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_membarrier-workload");
@@ -75,6 +75,7 @@ fn hook_may_skip() -> bool {
 /// hook's skipped runs (a call whose enter and exit were both skipped is seen only there).
 /// Returns the shortfall.
 fn assert_counts(report: &Value, p: &Value, mine: &Value) -> u64 {
+    assert_threads_add_up(report, p);
     let (ours, truth) = (tracer_counts(p), workload_counts(mine));
     let missed = report["missed_calls"].as_u64().unwrap();
     let why = format!("missed {missed}, dropped {}", report["dropped"]);
@@ -100,6 +101,29 @@ fn assert_counts(report: &Value, p: &Value, mine: &Value) -> u64 {
         "{ours:?} vs {truth:?}: short {short}, {why}"
     );
     short
+}
+
+/// Every call counted is a thread's: each cmd row's threads add up to its calls (at most, if
+/// an exited thread's entry was dropped). Invalid cmds and flags share a thread counter.
+fn assert_threads_add_up(report: &Value, p: &Value) {
+    let lost = report["dropped"]["detail_rows"].as_u64().unwrap() > 0;
+    for c in p["cmds"].as_array().unwrap() {
+        if c["kind"] == "invalid" {
+            continue;
+        }
+        let by_threads: u64 = c["threads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["calls"].as_u64().unwrap())
+            .sum();
+        let calls = c["calls"].as_u64().unwrap();
+        if lost {
+            assert!(by_threads <= calls, "{c}");
+        } else {
+            assert_eq!(by_threads, calls, "{}: {}", c["cmd"], c["threads"]);
+        }
+    }
 }
 
 /// Tests share the machine; those that churn through tens of thousands of processes (and so
@@ -439,6 +463,17 @@ fn pid_filter_counts_exactly_and_ignores_others() {
         assert_eq!(p["errors"], 11 + 7 + 2);
         // PRIVATE_EXPEDITED before registering: flagged.
         assert_eq!(p["unregistered_eperm"], 11);
+        // Each thread's calls, by name: the four named threads' own counts, and the main
+        // thread's EPERM calls; the main thread alone registered.
+        let mut want: Vec<Value> = mine["expedite_threads"].as_array().unwrap().clone();
+        want.push(json!({"tid": w_pid, "name": "membarrier-work", "calls": 11}));
+        want.sort_by_key(|t| (std::cmp::Reverse(t["calls"].as_u64()), t["tid"].as_u64()));
+        assert_eq!(want.len(), 5);
+        assert_eq!(cmd_row(p, 8, 0)["threads"], Value::Array(want));
+        assert_eq!(
+            cmd_row(p, 16, 0)["threads"],
+            json!([{"tid": w_pid, "name": "membarrier-work", "calls": 1}])
+        );
     }
     assert_eq!(report["dropped"]["total"], 0);
 
@@ -1282,9 +1317,11 @@ fn command_mode_follows_every_child_through_pid_wraps_and_no_stranger() {
     if no_row == 0 {
         assert_eq!(procs, 100_001);
     }
-    // ...and nobody else's.
+    // ...and nobody else's; each call is a thread's (the exited threads past the first 32 of
+    // a process, and those of processes summed per name, summed).
     for p in report["processes"].as_array().unwrap() {
         assert_eq!(p["comm"], "followed", "a stranger traced: {p}");
+        assert_threads_add_up(&report, p);
     }
     assert_eq!(report["dropped"]["total"], no_row, "{}", report["dropped"]);
     assert_eq!(report["missed_calls"], 0);
@@ -1572,7 +1609,7 @@ fn rcu_writers_are_counted_per_caller_and_thread() {
         assert_eq!(w["grace_periods"], n, "{function}");
         assert_eq!(
             w["threads"],
-            serde_json::json!([{"tid": tid, "name": thread_name, "grace_periods": n}])
+            json!([{"tid": tid, "name": thread_name, "grace_periods": n}])
         );
         // Inside the program's own clock readings around each call, and not much less.
         let sum = w["latency_ns"]["sum"].as_u64().unwrap();

@@ -34,7 +34,8 @@ struct Args {
     /// PRIVATE_EXPEDITED calls with flags=1, allowed only for RSEQ (EINVAL).
     #[arg(long, default_value_t = 0)]
     bad_flags: u64,
-    /// Registered PRIVATE_EXPEDITED calls, split over `--threads` (with 1, from the main thread:
+    /// Registered PRIVATE_EXPEDITED calls, split over `--threads` threads named `expedite-N`
+    /// (their tids and calls in `expedite_threads`; with 1, from the main thread:
     /// the process stays single-threaded).
     #[arg(long, default_value_t = 0)]
     expedited: u64,
@@ -295,6 +296,8 @@ fn main() {
         cmd::FLAG_CPU,
         false,
     );
+    // The threads of `--expedited` with `--threads` > 1: their tid, name and calls.
+    let mut expedite_threads: Vec<serde_json::Value> = Vec::new();
     if args.expedited > 0 && args.threads <= 1 {
         // In the main thread: the process stays single-threaded, and the kernel sends no IPI.
         call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
@@ -308,15 +311,22 @@ fn main() {
             .map(|i| {
                 let n = args.expedited / threads + u64::from(i < args.expedited % threads);
                 let (shared, start) = (Arc::clone(&shared), Arc::clone(&start));
-                thread::spawn(move || {
-                    let mut mine = Tally::new();
-                    start.wait();
-                    call(&mut mine, n, cmd::PRIVATE_EXPEDITED, 0, false);
-                    merge(&mut shared.lock().unwrap(), mine);
-                })
+                let name = format!("expedite-{i}");
+                thread::Builder::new()
+                    .name(name.clone())
+                    .spawn(move || {
+                        let mut mine = Tally::new();
+                        start.wait();
+                        call(&mut mine, n, cmd::PRIVATE_EXPEDITED, 0, false);
+                        merge(&mut shared.lock().unwrap(), mine);
+                        // SAFETY: gettid has no memory effects.
+                        let tid = unsafe { libc::gettid() };
+                        serde_json::json!({"tid": tid, "name": name, "calls": n})
+                    })
+                    .unwrap()
             })
             .collect();
-        handles.into_iter().for_each(|h| h.join().unwrap());
+        expedite_threads = handles.into_iter().map(|h| h.join().unwrap()).collect();
         let shared = std::mem::take(&mut *shared.lock().unwrap());
         merge(&mut tally, shared);
     }
@@ -403,6 +413,7 @@ fn main() {
             "loops": loops,
             "children": children,
             "threads": threads,
+            "expedite_threads": expedite_threads,
         })
     );
     std::process::exit(args.exit_code.into());

@@ -14,7 +14,7 @@ use ratatui::{
 use super::app::{App, Column, Pane};
 use crate::{
     cmd::Kind,
-    model::{CmdReport, GraceSource, ProcessReport},
+    model::{CmdReport, GraceSource, ProcessReport, WriterReport},
     output::counts,
 };
 
@@ -98,7 +98,10 @@ pub fn render(f: &mut Frame, app: &App) {
         // Each pane as tall as its rows, as far as the other leaves room: the table gets at
         // least 45% when both want more.
         let table_want = rows.len().max(1) as u16 + 3;
-        let detail_want = selected.map_or(0, |p| p.cmds.len() as u16) + 3 + DETAIL_BELOW_H;
+        let detail_want = selected.map_or(0, |p| {
+            p.cmds.len() as u16 + writers_height(writers_of(app, p).len())
+        }) + 3
+            + DETAIL_BELOW_H;
         let table_h =
             table_want.min((body.height * 45 / 100).max(body.height.saturating_sub(detail_want)));
         let [table, detail] =
@@ -341,9 +344,22 @@ fn render_detail(f: &mut Frame, app: &App, selected: Option<&ProcessReport>, are
     // The cmd rows on top, full width; below, the selected cmd's histogram beside the call
     // rate sparkline and where its time went.
     let cmds_h = (p.cmds.len() as u16 + 3).min(area.height.saturating_sub(DETAIL_BELOW_H).max(4));
-    let [cmds, below] =
-        Layout::vertical([Constraint::Length(cmds_h), Constraint::Min(0)]).areas(area);
+    // The process's RCU writers under its cmds, when it has any and there is room.
+    let writers = writers_of(app, p);
+    // It may take rows from the histogram, down to 6.
+    let room = area.height.saturating_sub(cmds_h + 6);
+    let writers_h = writers_height(writers.len()).min(room);
+    let writers_h = if writers_h >= 4 { writers_h } else { 0 };
+    let [cmds, writers_area, below] = Layout::vertical([
+        Constraint::Length(cmds_h),
+        Constraint::Length(writers_h),
+        Constraint::Min(0),
+    ])
+    .areas(area);
     render_cmds(f, app, p, cmds);
+    if writers_h > 0 {
+        render_writers(f, &writers, writers_area);
+    }
     let [hist, right] =
         Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(below);
     let [spark, breakdown] =
@@ -411,6 +427,61 @@ fn render_cmds(f: &mut Frame, app: &App, p: &ProcessReport, area: Rect) {
         .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED));
     let mut state = TableState::default().with_selected(Some(app.selected_cmd));
     f.render_stateful_widget(table, area, &mut state);
+}
+
+/// The RCU writers (grace periods per function and caller) of process `p`.
+fn writers_of<'a>(app: &'a App, p: &ProcessReport) -> Vec<&'a WriterReport> {
+    app.shown
+        .rcu_writers
+        .iter()
+        .filter(|w| w.pid == p.pid && w.serial == p.serial)
+        .collect()
+}
+
+/// Rows a writers pane of `n` writers wants: none without writers, at most 5 rows shown.
+fn writers_height(n: usize) -> u16 {
+    if n == 0 { 0 } else { n.min(5) as u16 + 3 }
+}
+
+/// Each writer's caller, grace-period rate and latency, and its time's share in membarrier
+/// calls and blocked waiting for readers.
+fn render_writers(f: &mut Frame, writers: &[&WriterReport], area: Rect) {
+    let header = Row::new([
+        "CALLER", "GPS", "GPS/S", "P50", "P99", "MEMBAR", "BLOCKED", "THREADS",
+    ])
+    .style(Style::new().add_modifier(Modifier::BOLD));
+    let share = |ns: u64, w: &WriterReport| {
+        format!("{:.0}%", ns as f64 * 100.0 / w.latency_ns.sum.max(1) as f64)
+    };
+    let rows = writers.iter().map(|w| {
+        Row::new([
+            crate::output::caller(&w.caller),
+            count(w.grace_periods),
+            rate(w.grace_periods_per_sec),
+            fmt_ns(w.latency_ns.p50),
+            fmt_ns(w.latency_ns.p99),
+            share(w.membarrier_ns, w),
+            share(w.blocked_ns, w),
+            w.threads.len().to_string(),
+        ])
+    });
+    let widths = [
+        Constraint::Fill(1),
+        Constraint::Length(7),
+        Constraint::Length(7),
+        Constraint::Length(6),
+        Constraint::Length(6),
+        Constraint::Length(6),
+        Constraint::Length(7),
+        Constraint::Length(7),
+    ];
+    let title = " RCU writers: grace periods by caller ";
+    f.render_widget(
+        Table::new(rows, widths)
+            .header(header)
+            .block(Block::new().borders(Borders::ALL).title(title)),
+        area,
+    );
 }
 
 /// The cmd's latency histogram, one bar per power of two (more per bar when the width is
@@ -492,6 +563,12 @@ fn render_breakdown(f: &mut Frame, c: &CmdReport, area: Rect) {
     if !c.woken_by.is_empty() {
         lines.push(Line::from(format!("woken by {}", counts(&c.woken_by, ""))));
     }
+    if !c.threads.is_empty() {
+        lines.push(Line::from(format!(
+            "threads: {}",
+            crate::output::threads(&c.threads, 8)
+        )));
+    }
     f.render_widget(
         Paragraph::new(lines).wrap(Wrap { trim: true }).block(
             Block::new()
@@ -568,10 +645,67 @@ mod tests {
                 5,
             )],
             grace_period_source: GraceSource::Sched,
+            threads: [(4243, "writer-a", 4), (4244, "writer-b", 2)]
+                .map(|(tid, name, n)| {
+                    let mut calls = [0; membarrier_trace_common::THREAD_CMDS];
+                    calls[membarrier_trace_common::thread_cmd(8, 0)] = n;
+                    crate::model::ThreadRow {
+                        proc: (4242, 0),
+                        tid,
+                        name: name.into(),
+                        calls,
+                        threads: 1,
+                    }
+                })
+                .to_vec(),
+            writers: vec![writer()],
+            gp_funcs: vec![crate::rcu::GpFunc {
+                flavour: "memb",
+                function: "urcu_memb_synchronize_rcu".into(),
+                library: "/usr/lib/x86_64-linux-gnu/liburcu-memb.so.8".into(),
+            }],
+            callers: [(
+                ((4242, 0), 0x401234),
+                crate::model::Caller {
+                    address: 0x401234,
+                    symbol: Some("writer_a".into()),
+                    offset: Some(0x1c),
+                    module: Some("/opt/urcu-writer".into()),
+                    ..Default::default()
+                },
+            )]
+            .into(),
             ..Snapshot::default()
         };
         app.update(model.report(&snap(1, pe.clone())), |p| p != 77);
         app
+    }
+
+    /// Three grace periods of 10 ms from writer_a: 6 membarrier calls (30 us in all), 24 ms
+    /// waiting for readers.
+    fn writer() -> crate::model::WriterRow {
+        let mut hist = crate::hist::Histogram::default();
+        [9_000_000, 10_000_000, 11_000_000]
+            .iter()
+            .for_each(|&l| hist.record(l));
+        crate::model::WriterRow {
+            key: membarrier_trace_common::WriterKey {
+                tgid: 4242,
+                serial: 0,
+                tid: 4243,
+                func: 0,
+                caller: 0x401234,
+            },
+            count: 3,
+            sum_ns: 30_000_000,
+            min_ns: 9_000_000,
+            max_ns: 11_000_000,
+            hist,
+            membarrier_calls: 6,
+            membarrier_ns: 30_000,
+            blocked_ns: 24_000_000,
+            thread: "writer-a".into(),
+        }
     }
 
     fn draw(app: &App, w: u16, h: u16) -> TestBackend {
