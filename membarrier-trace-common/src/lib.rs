@@ -122,6 +122,8 @@ pub struct Inflight {
     /// The userspace grace period (liburcu's `synchronize_rcu`) the thread is inside, kept
     /// across its membarrier calls.
     pub writer: Writer,
+    /// When the slot was made: tells this thread from others that have had its tid.
+    pub born_ns: u64,
     /// The thread's calls: counted in the slot the exit already holds, so attributing calls
     /// to threads costs no map lookup.
     pub thread: ThreadCalls,
@@ -144,13 +146,18 @@ pub fn thread_cmd(cmd: u32, flags: u32) -> usize {
     }
 }
 
-/// Key of `THREADS`: an exited thread of a process.
+/// Key of `THREADS`: an exited thread of a process. With `born_ns` no two threads share a key,
+/// so the kernel only ever inserts: userspace can read an entry, then delete it, and lose
+/// nothing added in between.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ThreadKey {
     pub tgid: u32,
     pub serial: u32,
     pub tid: u32,
+    pub _pad: u32,
+    /// The slot's `born_ns`.
+    pub born_ns: u64,
 }
 
 /// A thread's calls, by [`thread_cmd`], and its name: in its in-flight slot while it lives

@@ -445,8 +445,7 @@ fn slot_of(tgid: u32, tid: u32) -> Option<*mut Inflight> {
             if let Some(old) = stale {
                 // A slot of another process: the tid's last thread left without passing
                 // sched_process_exit (a non-leader thread that exec'd). Its calls are kept.
-                let (tgid, serial) = unsafe { ((*old).tgid, (*old).serial) };
-                retire_thread(ThreadKey { tgid, serial, tid }, unsafe { &(*old).thread });
+                retire_thread(tid, unsafe { &*old });
             }
             // From a zeroed template: a slot is too large for the stack.
             let zero = ZERO_SLOT.get_ptr(0)?;
@@ -458,6 +457,7 @@ fn slot_of(tgid: u32, tid: u32) -> Option<*mut Inflight> {
             unsafe {
                 (*slot).tgid = tgid;
                 (*slot).serial = serial;
+                (*slot).born_ns = now();
                 (*slot).thread.comm = bpf_get_current_comm().unwrap_or_default();
             }
             Some(slot)
@@ -1119,21 +1119,24 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Adds the calls of a thread whose slot is about to go to THREADS, for userspace to drain.
-/// Once per thread, not per call.
+/// Puts the calls of thread `tid`, whose slot is about to go, into THREADS for userspace to
+/// drain. Once per thread, not per call; an insert only (see `ThreadKey`).
 #[inline(always)]
-fn retire_thread(key: ThreadKey, t: &ThreadCalls) {
-    if t.calls.iter().all(|&n| n == 0) {
+fn retire_thread(tid: u32, slot: &Inflight) {
+    if slot.thread.calls.iter().all(|&n| n == 0) {
         return; // grace periods only, or no call counted
     }
-    if let Some(into) = THREADS.get_ptr_mut(&key) {
-        // An earlier thread of the process had the tid and is not drained yet: sum.
-        let into = unsafe { &mut *into };
-        for i in 0..THREAD_CMDS {
-            into.calls[i] += t.calls[i];
-        }
-        into.comm = t.comm;
-    } else if THREADS.insert(&key, t, 0).is_err() {
+    let key = ThreadKey {
+        tgid: slot.tgid,
+        serial: slot.serial,
+        tid,
+        _pad: 0,
+        born_ns: slot.born_ns,
+    };
+    if THREADS
+        .insert(&key, &slot.thread, BPF_NOEXIST as u64)
+        .is_err()
+    {
         bump(counter::DROPPED_DETAIL);
     }
 }
@@ -1168,12 +1171,7 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     if let Some(slot) = INFLIGHT.get_ptr_mut(&tid) {
         let slot = unsafe { &mut *slot };
         slot.thread.comm = bpf_get_current_comm().unwrap_or_default();
-        let key = ThreadKey {
-            tgid: slot.tgid,
-            serial: slot.serial,
-            tid,
-        };
-        retire_thread(key, &slot.thread);
+        retire_thread(tid, slot);
     }
     let _ = INFLIGHT.remove(&tid);
     // One lookup serves the name and the task count.

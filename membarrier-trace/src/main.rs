@@ -573,11 +573,22 @@ fn spawn_traced(
             .stdout(f.try_clone()?)
             .stderr(f);
     }
-    // SAFETY: only async-signal-safe calls (setns, getpid, write, read) between fork and exec.
+    // Entering a mount namespace moves to its root: the command goes back to our directory
+    // there (`-- ./prog` and relative paths in its arguments), resolved in that namespace.
+    let cwd = outer_ns
+        .and_then(|_| std::env::current_dir().ok())
+        .and_then(|d| std::ffi::CString::new(d.into_os_string().into_encoded_bytes()).ok());
+    // SAFETY: only async-signal-safe calls (setns, chdir, getpid, write, read) between fork and
+    // exec.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(fd) = outer_ns
                 && libc::setns(fd, libc::CLONE_NEWNS) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(dir) = &cwd
+                && libc::chdir(dir.as_ptr()) != 0
             {
                 return Err(std::io::Error::last_os_error());
             }

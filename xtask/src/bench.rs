@@ -354,6 +354,50 @@ fn program_ns_per_call(p: &Paths) -> Result<f64> {
     r
 }
 
+/// Grace periods per round of the liburcu writer.
+const GRACE_PERIODS: &str = "20000";
+
+/// What a userspace grace period (liburcu-memb's `synchronize_rcu`, one reader thread) costs
+/// untraced, traced with `--no-rcu` (its membarrier calls only), and traced with the uprobes
+/// on `synchronize_rcu`: medians of the writer's own ns per grace period over `rounds`
+/// alternating rounds. None when the test program cannot be built (no cc or liburcu-dev).
+fn grace_period_ns(root: &Path, p: &Paths, rounds: usize) -> Result<Option<[f64; 3]>> {
+    let bin = root.join("target/bench-urcu-memb-writer");
+    let built = Command::new("cc")
+        .args(["-O2", "-fomit-frame-pointer", "-o"])
+        .arg(&bin)
+        .arg(root.join("membarrier-trace/tests/urcu/urcu_memb_writer.c"))
+        .args(["-lurcu-memb", "-lpthread"])
+        .output();
+    if !built.is_ok_and(|o| o.status.success()) {
+        eprintln!("bench: cannot build the liburcu writer (cc, liburcu-dev): no grace-period cost");
+        return Ok(None);
+    }
+    let one = |tracer: Option<&[&str]>| -> Result<f64> {
+        let out = match tracer {
+            None => Command::new(&bin).arg(GRACE_PERIODS).output()?,
+            Some(args) => Command::new(&p.tracer)
+                .args(args)
+                .args(["-o", "json", "--"])
+                .arg(&bin)
+                .arg(GRACE_PERIODS)
+                .output()?,
+        };
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("ns per grace period: "))
+            .and_then(|v| v.trim().parse().ok())
+            .context("the liburcu writer's timing")
+    };
+    let mut runs: [Vec<f64>; 3] = Default::default();
+    for _ in 0..rounds {
+        runs[0].push(one(None)?);
+        runs[1].push(one(Some(&["--no-rcu"]))?);
+        runs[2].push(one(Some(&[]))?);
+    }
+    Ok(Some(runs.map(median)))
+}
+
 pub fn bench(root: &Path, rounds: usize) -> Result<()> {
     let p = Paths {
         tracer: root.join("target/release/membarrier-trace"),
@@ -423,6 +467,15 @@ pub fn bench(root: &Path, rounds: usize) -> Result<()> {
             pp(Cond::Bpftrace, "getppid_ns")
         );
     }
+    let gp = grace_period_ns(root, &p, rounds)?;
+    if let Some([untraced, membarrier_only, with_uprobes]) = gp {
+        println!(
+            "liburcu-memb grace period ({GRACE_PERIODS} per round), ns: untraced {untraced:.0}, traced --no-rcu {membarrier_only:.0} ({:.2}), traced with the synchronize_rcu uprobes {with_uprobes:.0} ({:.2}): the uprobes add {:+.0} ns per grace period",
+            membarrier_only / untraced,
+            with_uprobes / untraced,
+            with_uprobes - membarrier_only
+        );
+    }
     let json_cost = tracer_cost(&p, false)?;
     let tui_cost = tracer_cost(&p, true)?;
     println!(
@@ -454,6 +507,9 @@ pub fn bench(root: &Path, rounds: usize) -> Result<()> {
         "tracer_dashboard": tui_cost,
         "attach_ms": attach,
         "program_ns_per_call": progs,
+        "grace_period_ns": gp.map(|[u, m, w]| json!({
+            "untraced": u, "membarrier_only": m, "with_uprobes": w, "uprobes_added": w - m,
+        })),
         "raw": runs,
     });
     let path = root.join("target/bench.json");
