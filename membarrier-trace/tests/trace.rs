@@ -678,7 +678,7 @@ fn command_mode_sees_every_call_and_passes_exit_status() {
 fn liburcu_memb_matches_strace() {
     let _machine = require_root();
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let bin = build_urcu_program("urcu_memb_writer", "-lurcu-memb");
+    let bin = build_urcu_program("urcu_writer", "urcu_memb_writer", &["-lurcu-memb"]);
     let strace_log = dir.join(format!("urcu-strace-{}.log", std::process::id()));
 
     // strace runs the program under the tracer: both watch the very same calls, from the
@@ -1508,14 +1508,15 @@ fn a_missing_tracefs_is_mounted_for_the_tracer_alone() {
 
 /// Builds a C test program of tests/urcu against Debian's liburcu (`cargo xtask test` installs
 /// gcc and liburcu-dev), without frame pointers, as distributions build.
-fn build_urcu_program(name: &str, lib: &str) -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/urcu/{name}.c"));
-    let bin = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+fn build_urcu_program(src: &str, bin: &str, flags: &[&str]) -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/urcu/{src}.c"));
+    let bin = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(bin);
     let cc = Command::new("cc")
         .args(["-O2", "-fomit-frame-pointer", "-o"])
         .arg(&bin)
         .arg(&src)
-        .args([lib, "-lpthread"])
+        .args(flags)
+        .arg("-lpthread")
         .output()
         .expect("cc (cargo xtask test installs gcc and liburcu-dev)");
     assert!(
@@ -1532,7 +1533,7 @@ fn build_urcu_program(name: &str, lib: &str) -> PathBuf {
 #[test]
 fn rcu_writers_are_counted_per_caller_and_thread() {
     let _machine = require_root();
-    let bin = build_urcu_program("urcu_writers", "-lurcu-memb");
+    let bin = build_urcu_program("urcu_writers", "urcu_writers", &["-lurcu-memb"]);
     let mut prog = Command::new(&bin)
         .args(["400", "250"])
         .stdin(Stdio::piped())
@@ -1648,7 +1649,7 @@ fn rcu_writers_are_counted_per_caller_and_thread() {
 #[test]
 fn rcu_writers_from_the_first_grace_period_and_none_without_liburcu() {
     let _machine = require_root();
-    let bin = build_urcu_program("urcu_memb_writer", "-lurcu-memb");
+    let bin = build_urcu_program("urcu_writer", "urcu_memb_writer", &["-lurcu-memb"]);
     let out = run(tracer().args(["-o", "json", "--"]).arg(&bin).arg("300"));
     let report = report_of(&out);
     let writers = report["rcu_writers"].as_array().unwrap();
@@ -1679,21 +1680,8 @@ fn rcu_writers_from_the_first_grace_period_and_none_without_liburcu() {
 fn rcu_writers_of_the_qsbr_and_bp_flavours() {
     let _machine = require_root();
     for (flavour, define, calls_per_gp) in [("qsbr", "-DQSBR", 0), ("bp", "-DBP", 2)] {
-        let src =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/urcu/urcu_flavour_writer.c");
-        let bin = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("urcu_{flavour}"));
-        let cc = Command::new("cc")
-            .args(["-O2", "-fomit-frame-pointer", define, "-o"])
-            .arg(&bin)
-            .arg(&src)
-            .args([format!("-lurcu-{flavour}").as_str(), "-lpthread"])
-            .output()
-            .unwrap();
-        assert!(
-            cc.status.success(),
-            "{}",
-            String::from_utf8_lossy(&cc.stderr)
-        );
+        let lib = format!("-lurcu-{flavour}");
+        let bin = build_urcu_program("urcu_writer", &format!("urcu_{flavour}"), &[define, &lib]);
         let out = run(tracer().args(["-o", "json", "--"]).arg(&bin).arg("200"));
         assert!(String::from_utf8_lossy(&out.stdout).contains("grace periods: 200"));
         let report = report_of(&out);

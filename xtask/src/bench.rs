@@ -366,7 +366,7 @@ fn grace_period_ns(root: &Path, p: &Paths, rounds: usize) -> Result<Option<[f64;
     let built = Command::new("cc")
         .args(["-O2", "-fomit-frame-pointer", "-o"])
         .arg(&bin)
-        .arg(root.join("membarrier-trace/tests/urcu/urcu_memb_writer.c"))
+        .arg(root.join("membarrier-trace/tests/urcu/urcu_writer.c"))
         .args(["-lurcu-memb", "-lpthread"])
         .output();
     if !built.is_ok_and(|o| o.status.success()) {

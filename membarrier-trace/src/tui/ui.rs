@@ -410,23 +410,20 @@ fn render_cmds(f: &mut Frame, app: &App, p: &ProcessReport, area: Rect) {
             format!("{:.2}", c.ipis_per_call()),
         ])
     });
-    let widths = [
-        Constraint::Fill(1),
-        Constraint::Length(7),
-        Constraint::Length(7),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(7),
-        Constraint::Length(8),
-    ];
-    let table = Table::new(rows, widths)
+    let table = Table::new(rows, name_then(&[7, 7, 6, 6, 6, 6, 7, 8]))
         .header(header)
         .block(focus_block(title, app.focus == Pane::Cmds))
         .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED));
     let mut state = TableState::default().with_selected(Some(app.selected_cmd));
     f.render_stateful_widget(table, area, &mut state);
+}
+
+/// A detail table's columns: the first (a name) takes the room the others leave, which have
+/// these widths.
+fn name_then(widths: &[u16]) -> Vec<Constraint> {
+    std::iter::once(Constraint::Fill(1))
+        .chain(widths.iter().map(|&w| Constraint::Length(w)))
+        .collect()
 }
 
 /// The RCU writers (grace periods per function and caller) of process `p`.
@@ -465,19 +462,9 @@ fn render_writers(f: &mut Frame, writers: &[&WriterReport], area: Rect) {
             w.threads.len().to_string(),
         ])
     });
-    let widths = [
-        Constraint::Fill(1),
-        Constraint::Length(7),
-        Constraint::Length(7),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(7),
-        Constraint::Length(7),
-    ];
     let title = " RCU writers: grace periods by caller ";
     f.render_widget(
-        Table::new(rows, widths)
+        Table::new(rows, name_then(&[7, 7, 6, 6, 6, 7, 7]))
             .header(header)
             .block(Block::new().borders(Borders::ALL).title(title)),
         area,
