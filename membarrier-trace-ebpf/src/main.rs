@@ -1152,8 +1152,9 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     // A slot still open at exit: the exit of the thread's last call was skipped (a thread
     // cannot exit inside a syscall), or the thread died inside a userspace grace period. Each
     // open one was counted into INSIDE.
-    if let Some(slot) = INFLIGHT.get_ptr(&tid) {
-        let (call, gp) = unsafe { ((*slot).start_ns != 0, (*slot).writer.depth != 0) };
+    if let Some(slot) = INFLIGHT.get_ptr_mut(&tid) {
+        let slot = unsafe { &mut *slot };
+        let (call, gp) = (slot.start_ns != 0, slot.writer.depth != 0);
         if call {
             bump(counter::EXIT_SKIPPED);
         }
@@ -1166,10 +1167,7 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         {
             add32(n, (u32::from(call) + u32::from(gp)).wrapping_neg());
         }
-    }
-    // The thread's calls go to THREADS, named as it exits, before the slot is freed.
-    if let Some(slot) = INFLIGHT.get_ptr_mut(&tid) {
-        let slot = unsafe { &mut *slot };
+        // The thread's calls go to THREADS, named as it exits, before the slot is freed.
         slot.thread.comm = bpf_get_current_comm().unwrap_or_default();
         retire_thread(tid, slot);
     }

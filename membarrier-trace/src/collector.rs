@@ -1093,15 +1093,17 @@ impl Collector {
         Ok(entries.len())
     }
 
-    /// The threads' calls: the live ones from their in-flight slots (of processes in `live`),
-    /// then the exited ones.
-    fn threads(&self, live: &HashSet<ProcKey>) -> Result<Vec<ThreadRow>> {
-        let mut out = Vec::new();
+    /// One pass over the in-flight slots: the calls of the threads of processes in `live`, and
+    /// how many calls and grace periods are under way now.
+    fn read_slots(&self, live: &HashSet<ProcKey>) -> Result<(Vec<ThreadRow>, u64, u64)> {
+        let (mut threads, mut calls, mut grace_periods) = (Vec::new(), 0, 0);
         for item in self.inflight.iter() {
             let (tid, slot) = item.context("reading the in-flight map")?;
+            calls += u64::from(slot.start_ns != 0);
+            grace_periods += u64::from(slot.writer.depth != 0);
             let p = (slot.tgid, slot.serial);
             if live.contains(&p) && slot.thread.calls.iter().any(|&n| n > 0) {
-                out.push(ThreadRow {
+                threads.push(ThreadRow {
                     proc: p,
                     tid,
                     name: comm_str(&slot.thread.comm),
@@ -1110,11 +1112,7 @@ impl Collector {
                 });
             }
         }
-        for t in self.exited_threads.values() {
-            out.extend(t.by_tid.values().cloned());
-            out.extend(t.others.iter().cloned());
-        }
-        Ok(out)
+        Ok((threads, calls, grace_periods))
     }
 
     /// The retired entry exited process `p`'s figures go to, found once per pass (`dest`). It
@@ -1182,12 +1180,14 @@ impl Collector {
             .saturating_sub(no_slot)
             + self.counter(counter::EXIT_SKIPPED)?;
         let mut missed_grace_periods = self.counter(counter::MISSED_WRITERS)?;
+        let (mut threads, open_calls, open_grace_periods) = self.read_slots(&live)?;
         if last {
             // Calls and grace periods still under way: tracing stops before they return.
-            for (_, slot) in self.inflight.iter().flatten() {
-                missed += u64::from(slot.start_ns != 0);
-                missed_grace_periods += u64::from(slot.writer.depth != 0);
-            }
+            missed += open_calls;
+            missed_grace_periods += open_grace_periods;
+        }
+        for t in self.exited_threads.values() {
+            threads.extend(t.by_tid.values().chain(&t.others).cloned());
         }
         let mut writers = Vec::new();
         for item in self.writer_rows.iter() {
@@ -1226,7 +1226,6 @@ impl Collector {
         ipi_cpus.extend(self.retired.ipi_cpus.iter().map(|(k, v)| (*k, *v)));
         wakers.extend(self.retired.wakers.iter().map(|(k, v)| (*k, *v)));
         handler_ns.extend(self.retired.handler_ns.iter().map(|(k, v)| (*k, *v)));
-        let threads = self.threads(&live)?;
         let mut comms = self.comms.clone();
         comms.extend(self.retired.comms.iter().map(|(k, v)| (*k, v.clone())));
         Ok(Snapshot {

@@ -273,7 +273,7 @@ RCU writers (userspace grace periods):"
         let threads: Vec<String> = w
             .threads
             .iter()
-            .map(|t| format!("{}({}):{}", printable(&t.name), t.tid, t.grace_periods))
+            .map(|t| thread(&t.name, t.tid, t.grace_periods))
             .collect();
         let _ = writeln!(s, "  threads: {}", threads.join(" "));
     }
@@ -328,6 +328,11 @@ fn breakdown(s: &mut String, c: &CmdReport) {
     }
 }
 
+/// One thread and its count: `name(tid):n`.
+fn thread(name: &str, tid: u32, n: u64) -> String {
+    format!("{}({tid}):{n}", printable(name))
+}
+
 /// A cmd's threads, busiest first, `name(tid):calls` as for grace periods: the first `max`,
 /// then how many more.
 pub fn threads(ts: &[CmdThread], max: usize) -> String {
@@ -338,7 +343,7 @@ pub fn threads(ts: &[CmdThread], max: usize) -> String {
             if t.tid == 0 {
                 format!("{} exited threads:{}", t.threads, t.calls)
             } else {
-                format!("{}({}):{}", printable(&t.name), t.tid, t.calls)
+                thread(&t.name, t.tid, t.calls)
             }
         })
         .collect();

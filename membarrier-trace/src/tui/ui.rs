@@ -98,16 +98,17 @@ pub fn render(f: &mut Frame, app: &App) {
         // Each pane as tall as its rows, as far as the other leaves room: the table gets at
         // least 45% when both want more.
         let table_want = rows.len().max(1) as u16 + 3;
-        let detail_want = selected.map_or(0, |p| {
-            p.cmds.len() as u16 + writers_height(writers_of(app, p).len())
-        }) + 3
+        let writers = selected.map(|p| writers_of(app, p)).unwrap_or_default();
+        let detail_want = selected.map_or(0, |p| p.cmds.len() as u16)
+            + writers_height(writers.len())
+            + 3
             + DETAIL_BELOW_H;
         let table_h =
             table_want.min((body.height * 45 / 100).max(body.height.saturating_sub(detail_want)));
         let [table, detail] =
             Layout::vertical([Constraint::Length(table_h), Constraint::Min(0)]).areas(body);
         render_processes(f, app, &rows, table);
-        render_detail(f, app, selected, detail);
+        render_detail(f, app, selected, &writers, detail);
     }
     if app.help {
         render_help(f, area);
@@ -336,7 +337,14 @@ fn render_processes(f: &mut Frame, app: &App, rows: &[&ProcessReport], area: Rec
     f.render_stateful_widget(table, area, &mut state);
 }
 
-fn render_detail(f: &mut Frame, app: &App, selected: Option<&ProcessReport>, area: Rect) {
+/// The selected process's cmds, its RCU `writers`, and the selected cmd's figures.
+fn render_detail(
+    f: &mut Frame,
+    app: &App,
+    selected: Option<&ProcessReport>,
+    writers: &[&WriterReport],
+    area: Rect,
+) {
     let Some(p) = selected else {
         f.render_widget(focus_block(" detail ".into(), false), area);
         return;
@@ -345,7 +353,6 @@ fn render_detail(f: &mut Frame, app: &App, selected: Option<&ProcessReport>, are
     // rate sparkline and where its time went.
     let cmds_h = (p.cmds.len() as u16 + 3).min(area.height.saturating_sub(DETAIL_BELOW_H).max(4));
     // The process's RCU writers under its cmds, when it has any and there is room.
-    let writers = writers_of(app, p);
     // It may take rows from the histogram, down to 6.
     let room = area.height.saturating_sub(cmds_h + 6);
     let writers_h = writers_height(writers.len()).min(room);
@@ -358,7 +365,7 @@ fn render_detail(f: &mut Frame, app: &App, selected: Option<&ProcessReport>, are
     .areas(area);
     render_cmds(f, app, p, cmds);
     if writers_h > 0 {
-        render_writers(f, &writers, writers_area);
+        render_writers(f, writers, writers_area);
     }
     let [hist, right] =
         Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(below);
