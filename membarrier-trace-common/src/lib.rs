@@ -199,6 +199,21 @@ pub struct WriterKey {
     pub caller: u64,
 }
 
+/// A caller to name while its process lives, sent through the `CALLERS` ring at a thread's
+/// first grace period from it: userspace reads the process's mappings at once, not at its next
+/// retire pass, which a short-lived process may not live to see.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallerSeen {
+    pub tgid: u32,
+    pub serial: u32,
+    pub caller: u64,
+}
+
+/// Bytes of the `CALLERS` ring: 2,730 events of 24 bytes (with the ring's header) between two
+/// reads by a thread that waits on it.
+pub const CALLER_RING_BYTES: u32 = 64 << 10;
+
 /// Grace periods for one [`WriterKey`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -352,7 +367,10 @@ pub mod counter {
     pub const MISSED_WRITERS: u32 = 6;
     /// The writers map was full at a grace period's return; it is lost.
     pub const DROPPED_WRITERS: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// The `CALLERS` ring was full: a caller whose process exits before the next retire pass
+    /// keeps its raw address.
+    pub const CALLERS_UNSENT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Default map sizes; userspace sizes STATS, INFLIGHT and PROCS from the machine at load

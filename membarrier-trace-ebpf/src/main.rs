@@ -22,17 +22,18 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_get_attach_cookie,
     },
     macros::{btf_tracepoint, fentry, fexit, map, tracepoint, uprobe, uretprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{
         BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext,
         TracePointContext,
     },
 };
 use membarrier_trace_common::{
-    CLONE_THREAD, COMM_LEN, CallKey, CpuKey, HIST_BUCKETS, INSIDE_SLOTS, IPI_HIST, Inflight,
-    MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, MAX_THREADS,
-    MAX_WAKERS, MAX_WRITERS, Proc, Stats, StatsKey, THREAD_CMDS, ThreadCalls, ThreadKey, WakerKey,
-    Writer, WriterKey, WriterStats, counter, field, hist_bucket, proc_id, thread_cmd,
+    CALLER_RING_BYTES, CLONE_THREAD, COMM_LEN, CallKey, CallerSeen, CpuKey, HIST_BUCKETS,
+    INSIDE_SLOTS, IPI_HIST, Inflight, MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT,
+    MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_WAKERS, MAX_WRITERS, Proc, Stats, StatsKey, THREAD_CMDS,
+    ThreadCalls, ThreadKey, WakerKey, Writer, WriterKey, WriterStats, counter, field, hist_bucket,
+    proc_id, thread_cmd,
 };
 
 /// Set by userspace before load: 1 when only the processes marked traced in `PROCS` are. Being
@@ -113,6 +114,10 @@ static SCRATCH: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
 /// Userspace RCU grace periods, per (process, thread, function, caller).
 #[map]
 static WRITERS: HashMap<WriterKey, WriterStats> = HashMap::with_max_entries(MAX_WRITERS, 0);
+
+/// Callers to name now (see `CallerSeen`).
+#[map]
+static CALLERS: RingBuf = RingBuf::with_byte_size(CALLER_RING_BYTES, 0);
 
 /// A zeroed row to insert into WRITERS (too large for the stack).
 #[map]
@@ -561,12 +566,34 @@ pub fn rcu_gp_enter(ctx: ProbeContext) -> u32 {
     // At entry the return address is on top of the stack: the caller, no frame pointers needed.
     let sp = unsafe { (*ctx.regs).rsp };
     let caller = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+    let func = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
     *w = Writer {
         caller,
-        func: unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32,
+        func,
         depth: 1,
         ..Default::default()
     };
+    // No row yet: this thread's first grace period from this caller. Userspace reads the
+    // process's mappings while this one runs (the process may exit before its next look).
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let serial = unsafe { (*slot).serial };
+    let key = WriterKey {
+        tgid,
+        serial,
+        tid,
+        func,
+        caller,
+    };
+    if unsafe { WRITERS.get(&key) }.is_none() {
+        let seen = CallerSeen {
+            tgid,
+            serial,
+            caller,
+        };
+        if CALLERS.output::<CallerSeen>(&seen, 0).is_err() {
+            bump(counter::CALLERS_UNSENT);
+        }
+    }
     if breakdown()
         && let Some(n) = inside_counter(pid_tgid as u32)
     {

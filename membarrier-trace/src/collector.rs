@@ -22,12 +22,12 @@ use membarrier_trace_common::{
 use crate::{
     hook::{Attach, AttachMode, Hook, Kind},
     model::{
-        Absorb, Caller, GraceSource, Losses, Maps, ProcKey, RawRow, Snapshot, ThreadRow, WriterRow,
+        Absorb, GraceSource, Losses, Maps, ProcKey, RawRow, Snapshot, ThreadRow, WriterRow,
         comm_str,
     },
     preflight,
     rcu::{CustomFunc, Writers},
-    symbolize::Symbolizer,
+    symbolize::CallerNamer,
 };
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MEMBARRIER_TRACE_EBPF_OBJECT"));
@@ -70,9 +70,8 @@ pub struct Collector {
     follow_forks: bool,
     /// sched_switch_writers is attached (off-CPU time in grace periods beside fentry).
     writers_off_cpu: bool,
-    symbolizer: Symbolizer,
-    /// Callers symbolized so far, by process and return address.
-    callers: HashMap<(ProcKey, u64), Caller>,
+    /// Names the grace periods' callers (None: `--no-rcu`).
+    callers: Option<CallerNamer>,
     /// Last known name of each process seen.
     comms: HashMap<ProcKey, String>,
     retired: Retired,
@@ -674,10 +673,14 @@ impl Collector {
         let exit_names = take(&mut ebpf, "EXIT_NAMES")?;
         let writer_rows = take(&mut ebpf, "WRITERS")?;
         let thread_rows = take(&mut ebpf, "THREADS")?;
-        let writers = if opts.rcu {
-            Some(Writers::load(&mut ebpf, opts.rcu_funcs.clone())?)
+        let (writers, callers) = if opts.rcu {
+            let ring = take(&mut ebpf, "CALLERS")?;
+            (
+                Some(Writers::load(&mut ebpf, opts.rcu_funcs.clone())?),
+                Some(CallerNamer::start(ring).context("starting the callers thread")?),
+            )
         } else {
-            None
+            (None, None)
         };
         let mut c = Self {
             ebpf,
@@ -697,8 +700,7 @@ impl Collector {
             pids: opts.pids.clone(),
             follow_forks: opts.follow_forks,
             writers_off_cpu: false,
-            symbolizer: Symbolizer::default(),
-            callers: HashMap::new(),
+            callers,
             comms: HashMap::new(),
             retired: Retired::default(),
             started: Instant::now(),
@@ -1005,15 +1007,15 @@ impl Collector {
         }
         // After the liveness checks: a process found dead has all its threads' exits in.
         let drained = self.drain_threads()?;
-        // Callers are symbolized by the process's mappings, so while it lives: at the first
-        // pass that sees them.
-        for key in &writer_keys {
-            let p = key.proc();
-            if live.contains(&p)
-                && !self.callers.contains_key(&(p, key.caller))
-                && let Some(c) = self.symbolizer.caller(key.tgid, key.caller)
-            {
-                self.callers.insert((p, key.caller), c);
+        // The callers thread finds callers as the kernel reports them, named here; one whose
+        // report was lost (a full ring) is asked for, while its process lives.
+        if let Some(namer) = &mut self.callers {
+            namer.name_found();
+            for key in &writer_keys {
+                let p = key.proc();
+                if live.contains(&p) && !namer.named.contains_key(&(p, key.caller)) {
+                    namer.ask(p, key.caller);
+                }
             }
         }
         if dead.is_empty() {
@@ -1044,8 +1046,10 @@ impl Collector {
             }
             let p = key.proc();
             let to = self.place(&mut dest, p, &row.comm);
-            if let Some(c) = self.callers.remove(&(p, key.caller)) {
-                self.callers.insert((to, key.caller), c);
+            if let Some(namer) = &mut self.callers
+                && let Some(c) = namer.named.remove(&(p, key.caller))
+            {
+                namer.named.insert((to, key.caller), c);
             }
             let to = key.moved_to(to);
             add_retired(
@@ -1211,6 +1215,7 @@ impl Collector {
             missed_calls: missed,
             missed_grace_periods,
             grace_periods_without_row: self.counter(counter::DROPPED_WRITERS)?,
+            callers_unreported: self.counter(counter::CALLERS_UNSENT)?,
             calls_without_row: self.counter(counter::DROPPED_STATS)?,
             calls_without_inflight_slot: no_slot,
             processes_not_tracked: self.counter(counter::DROPPED_PROCS)?,
@@ -1246,7 +1251,11 @@ impl Collector {
                 .as_ref()
                 .map(|w| w.funcs.clone())
                 .unwrap_or_default(),
-            callers: self.callers.clone(),
+            callers: self
+                .callers
+                .as_ref()
+                .map(|n| n.named.clone())
+                .unwrap_or_default(),
             threads,
         })
     }

@@ -233,6 +233,9 @@ pub struct Losses {
     pub missed_grace_periods: u64,
     /// Grace periods lost because the writers map was full.
     pub grace_periods_without_row: u64,
+    /// New callers the callers ring had no room to report: one whose process exits before the
+    /// next retire pass keeps its raw address.
+    pub callers_unreported: u64,
 }
 
 /// `dropped` in the report: [`Losses`] but the missed calls, with their total.
@@ -243,6 +246,7 @@ pub struct Dropped {
     pub processes_not_tracked: u64,
     pub detail_rows: u64,
     pub grace_periods_without_row: u64,
+    pub callers_unreported: u64,
     /// Not in `total`: not calls, processes or rows, and common (an IPI handler's csd events
     /// arrive while the target CPU is inside another tracer program).
     pub probe_runs_skipped: u64,
@@ -260,13 +264,15 @@ impl From<Losses> for Dropped {
             processes_not_tracked: l.processes_not_tracked,
             detail_rows: l.detail_rows,
             grace_periods_without_row: l.grace_periods_without_row,
+            callers_unreported: l.callers_unreported,
             probe_runs_skipped: l.probe_runs_skipped,
             hook_runs_skipped: l.hook_runs_skipped,
             total: l.calls_without_row
                 + l.calls_without_inflight_slot
                 + l.processes_not_tracked
                 + l.detail_rows
-                + l.grace_periods_without_row,
+                + l.grace_periods_without_row
+                + l.callers_unreported,
         }
     }
 }
@@ -331,6 +337,33 @@ pub struct ProcessReport {
     /// That CPU time over the window as a share of one core (100 = a whole core).
     pub cpu_pct: f64,
     pub cmds: Vec<CmdReport>,
+}
+
+impl ProcessReport {
+    /// A process known by its grace periods alone (liburcu's qsbr writers make no membarrier
+    /// calls): not in the report's `processes`, but the dashboard lists it so its writers can
+    /// be selected.
+    pub fn of_writer(w: &WriterReport) -> Self {
+        Self {
+            pid: w.pid,
+            serial: w.serial,
+            comm: w.comm.clone(),
+            exited: false,
+            processes: 1,
+            calls: 0,
+            calls_per_sec: 0.0,
+            errors: 0,
+            registrations: 0,
+            registrations_failed: 0,
+            registration_ns: 0,
+            unregistered_eperm: 0,
+            latency_ns: Latency::default(),
+            time_inside_pct: 0.0,
+            cpu_ns: CpuCost::default(),
+            cpu_pct: 0.0,
+            cmds: Vec::new(),
+        }
+    }
 }
 
 /// CPU time membarrier calls cost the machine.

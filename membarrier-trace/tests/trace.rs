@@ -1696,6 +1696,15 @@ fn rcu_writers_of_the_qsbr_and_bp_flavours() {
             w["library"]
         );
         assert_eq!(w["comm"], format!("urcu_{flavour}"));
+        // Named though the process exits milliseconds after its first grace period, long
+        // before the tracer's next look at its processes.
+        assert_eq!(w["caller"]["symbol"], "main", "{}", w["caller"]);
+        assert_eq!(
+            w["caller"]["module"].as_str(),
+            Some(bin.to_str().unwrap()),
+            "{}",
+            w["caller"]
+        );
         assert_eq!(w["grace_periods"], 200);
         assert_eq!(w["threads"][0]["grace_periods"], 200);
         if calls_per_gp == 0 {

@@ -121,7 +121,17 @@ impl App {
 
     /// Takes a new report. `alive` says whether a pid still exists; collection (and history)
     /// goes on while paused, only the screen stays.
-    pub fn update(&mut self, report: Report, alive: impl Fn(u32) -> bool) {
+    pub fn update(&mut self, mut report: Report, alive: impl Fn(u32) -> bool) {
+        // Writers that make no membarrier calls (qsbr) get a row too, to select them by.
+        for w in &report.rcu_writers {
+            if !report
+                .processes
+                .iter()
+                .any(|p| (p.pid, p.serial) == (w.pid, w.serial))
+            {
+                report.processes.push(ProcessReport::of_writer(w));
+            }
+        }
         for p in &report.processes {
             let before = self.prev_calls.insert(p.pid, p.calls).unwrap_or(0);
             let h = self.history.entry(p.pid).or_default();

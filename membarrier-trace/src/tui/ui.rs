@@ -779,6 +779,40 @@ mod tests {
         insta::assert_snapshot!(draw(&app, 40, 12));
     }
 
+    /// A qsbr writer makes no membarrier calls: it still gets a row, and its writers pane.
+    #[test]
+    fn a_writer_without_membarrier_calls_has_a_row_and_its_writers() {
+        let mut model = Model::default();
+        let mut app = App::new("tracepoints".into(), 1.0);
+        let mut w = writer();
+        w.key.tgid = 5151;
+        let snap = Snapshot {
+            elapsed_ns: 1_000_000_000,
+            writers: vec![w],
+            gp_funcs: vec![crate::rcu::GpFunc {
+                flavour: "qsbr",
+                function: "urcu_qsbr_synchronize_rcu".into(),
+                library: "/usr/lib/x86_64-linux-gnu/liburcu-qsbr.so.8".into(),
+            }],
+            comms: [((5151, 0), "qsbr-writer".into())].into(),
+            ..Snapshot::default()
+        };
+        let report = model.report(&snap);
+        assert!(report.processes.is_empty(), "not a membarrier caller");
+        app.update(report, |_| true);
+        let rows: Vec<(u32, u64)> = app.rows().iter().map(|p| (p.pid, p.calls)).collect();
+        assert_eq!(rows, [(5151, 0)]);
+        assert_eq!(app.selected_pid, Some(5151));
+        let lines = text(&draw(&app, 100, 30));
+        let all = lines.concat();
+        assert!(all.contains("qsbr-writer"), "{lines:#?}");
+        assert!(all.contains("RCU writers"), "{lines:#?}");
+        assert!(
+            all.contains("urcu_qsbr_synchronize_rcu") || all.contains("0x401234"),
+            "{lines:#?}"
+        );
+    }
+
     #[test]
     fn labels() {
         assert_eq!(short_ns(512), "512ns");
