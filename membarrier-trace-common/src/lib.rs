@@ -97,6 +97,11 @@ pub struct Stats {
     /// Time waiting for contended locks inside the call (the expedited cmds' global mutex).
     pub mutex_wait_sum_ns: u64,
     pub mutex_wait_max_ns: u64,
+    /// `--stacks`: calls whose stack was not sent (the samples ring was full).
+    pub stacks_unsent: u64,
+    /// `--stacks`: calls over the CPU's stack rate whose stack was not taken (1 in
+    /// `STACK_SAMPLE_EVERY` is, and stands for the others).
+    pub stacks_sampled_out: u64,
 }
 
 /// A thread's slot for the call between its enter and exit tracepoints, keyed by tid.
@@ -209,6 +214,43 @@ pub struct CallerSeen {
     pub serial: u32,
     pub caller: u64,
 }
+
+/// Bytes of user stack `--stacks` copies per call, from the stack pointer at the syscall: the
+/// frames of the code that called membarrier (unwound in userspace from `.eh_frame`).
+pub const STACK_COPY: usize = 4096;
+
+/// One call's user stack for `--stacks`: its row, latency, user registers and stack bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StackSample {
+    pub tgid: u32,
+    pub serial: u32,
+    pub cmd: u32,
+    pub flags: u32,
+    pub errno: u32,
+    /// 1: taken over the CPU's stack rate, standing for the calls sampled out beside it.
+    pub sampled: u32,
+    pub ns: u64,
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// Bytes of `stack` read (the copy stops short where the stack's mapping ends).
+    pub len: u64,
+    pub stack: [u8; STACK_COPY],
+}
+
+/// The stack rate per CPU: up to `STACK_BUDGET` calls per `STACK_WINDOW_NS` (10,000 a second)
+/// have their stacks taken, each one exact; beyond it, 1 in `STACK_SAMPLE_EVERY`, up to
+/// `STACK_SAMPLED` more per window (5,000 a second), and none after that: the calls sampled out
+/// are counted, and the samples stand for them (docs/design.md, "Stacks"). A short window, so a
+/// burst cannot fill the samples ring before sampling starts.
+pub const STACK_WINDOW_NS: u64 = 10_000_000;
+pub const STACK_BUDGET: u64 = 100;
+pub const STACK_SAMPLE_EVERY: u64 = 64;
+pub const STACK_SAMPLED: u64 = 50;
+/// Bytes of the samples ring with `--stacks` (1,000 samples: 20 windows' worth on 2 CPUs, 3 on
+/// 16); a page without.
+pub const STACK_RING_BYTES: u32 = 4 << 20;
 
 /// Bytes of the `CALLERS` ring: 2,730 events of 24 bytes (with the ring's header) between two
 /// reads by a thread that waits on it.

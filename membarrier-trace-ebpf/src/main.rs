@@ -16,10 +16,13 @@ use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, pt_regs},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_get_attach_cookie,
+        bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::{
+            self as helper, bpf_get_attach_cookie, bpf_get_current_task_btf, bpf_task_pt_regs,
+        },
     },
     macros::{btf_tracepoint, fentry, fexit, map, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -31,9 +34,10 @@ use aya_ebpf::{
 use membarrier_trace_common::{
     CALLER_RING_BYTES, CLONE_THREAD, COMM_LEN, CallKey, CallerSeen, CpuKey, HIST_BUCKETS,
     INSIDE_SLOTS, IPI_HIST, Inflight, MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT,
-    MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_WAKERS, MAX_WRITERS, Proc, Stats, StatsKey, THREAD_CMDS,
-    ThreadCalls, ThreadKey, WakerKey, Writer, WriterKey, WriterStats, counter, field, hist_bucket,
-    proc_id, thread_cmd,
+    MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_WAKERS, MAX_WRITERS, Proc, STACK_BUDGET, STACK_COPY,
+    STACK_RING_BYTES, STACK_SAMPLE_EVERY, STACK_SAMPLED, STACK_WINDOW_NS, StackSample, Stats,
+    StatsKey, THREAD_CMDS, ThreadCalls, ThreadKey, WakerKey, Writer, WriterKey, WriterStats,
+    counter, field, hist_bucket, proc_id, thread_cmd,
 };
 
 /// Set by userspace before load: 1 when only the processes marked traced in `PROCS` are. Being
@@ -46,6 +50,9 @@ static FOLLOW_FORKS: u8 = 0;
 /// Set by userspace: 1 when the breakdown probes are attached, which need the INSIDE counts.
 #[unsafe(no_mangle)]
 static BREAKDOWN: u8 = 1;
+/// Set by userspace: 1 with `--stacks` (each call's user stack is sent to userspace).
+#[unsafe(no_mangle)]
+static STACKS: u8 = 0;
 /// Addresses of membarrier's IPI callbacks (ipi_mb, ipi_sync_core, ipi_rseq) from kallsyms, so
 /// the csd probes skip every other cross-CPU call with a compare; all 0 when unknown.
 #[unsafe(no_mangle)]
@@ -119,6 +126,15 @@ static WRITERS: HashMap<WriterKey, WriterStats> = HashMap::with_max_entries(MAX_
 #[map]
 static CALLERS: RingBuf = RingBuf::with_byte_size(CALLER_RING_BYTES, 0);
 
+/// `--stacks`: calls' user stacks, for userspace to unwind (sized by userspace: a page without).
+#[map]
+static STACK_SAMPLES: RingBuf = RingBuf::with_byte_size(STACK_RING_BYTES, 0);
+
+/// `--stacks`, per CPU: [start of the rate window, stacks taken in it, calls over the rate,
+/// samples taken over it].
+#[map]
+static STACK_RATE: PerCpuArray<[u64; 4]> = PerCpuArray::with_max_entries(1, 0);
+
 /// A zeroed row to insert into WRITERS (too large for the stack).
 #[map]
 static WRITER_SCRATCH: PerCpuArray<WriterStats> = PerCpuArray::with_max_entries(1, 0);
@@ -159,6 +175,11 @@ fn armed() -> bool {
 #[inline(always)]
 fn breakdown() -> bool {
     unsafe { core::ptr::read_volatile(&BREAKDOWN) != 0 }
+}
+
+#[inline(always)]
+fn stacks() -> bool {
+    unsafe { core::ptr::read_volatile(&STACKS) != 0 }
 }
 
 #[inline(always)]
@@ -518,6 +539,9 @@ fn on_exit(end_ns: u64, ret: i64) {
     };
     let row = unsafe { &mut *row };
     row.count_one(ns);
+    if stacks() {
+        send_stack(row, &key, end_ns, ns);
+    }
     // The slot is the thread's own: a plain add.
     let i = thread_cmd(call.cmd, call.flags);
     let i = unsafe { core::ptr::read_volatile(&i) }.min(THREAD_CMDS - 1);
@@ -545,6 +569,64 @@ fn on_exit(end_ns: u64, ret: i64) {
             |new, cur| new > cur,
         );
     }
+}
+
+/// `--stacks`: sends the calling thread's user registers and the top of its user stack, for
+/// userspace to unwind (from `.eh_frame`: no frame pointers needed) and count under `row`'s key.
+/// Within the CPU's stack rate every call's is sent; beyond it, 1 in `STACK_SAMPLE_EVERY`.
+#[inline(always)]
+fn send_stack(row: &mut Stats, key: &StatsKey, end_ns: u64, ns: u64) {
+    let Some(rate) = STACK_RATE.get_ptr_mut(0) else {
+        return;
+    };
+    // Per CPU, and the exit programs do not nest on one CPU: plain stores.
+    let rate = unsafe { &mut *rate };
+    if end_ns.wrapping_sub(rate[0]) >= STACK_WINDOW_NS {
+        rate[0] = end_ns;
+        rate[1] = 0;
+        rate[3] = 0;
+    }
+    let sampled = rate[1] >= STACK_BUDGET;
+    if sampled {
+        rate[2] += 1;
+        if rate[2] % STACK_SAMPLE_EVERY != 0 || rate[3] >= STACK_SAMPLED {
+            add(&mut row.stacks_sampled_out, 1);
+            return;
+        }
+        rate[3] += 1;
+    } else {
+        rate[1] += 1;
+    }
+    let Some(mut entry) = STACK_SAMPLES.reserve::<StackSample>(0) else {
+        add(&mut row.stacks_unsent, 1);
+        return;
+    };
+    let e = unsafe { &mut *entry.as_mut_ptr() };
+    e.tgid = key.tgid;
+    e.serial = key.serial;
+    e.cmd = key.cmd;
+    e.flags = key.flags;
+    e.errno = key.errno;
+    e.sampled = sampled as u32;
+    e.ns = ns;
+    // The registers the thread entered the kernel with (the syscall leaves them as they were).
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    unsafe {
+        e.ip = bpf_probe_read_kernel(&(*regs).rip).unwrap_or(0);
+        e.sp = bpf_probe_read_kernel(&(*regs).rsp).unwrap_or(0);
+        e.bp = bpf_probe_read_kernel(&(*regs).rbp).unwrap_or(0);
+    }
+    // A read that runs past the stack's mapping fails whole: shorter ones then.
+    e.len = 0;
+    let dst = e.stack.as_mut_ptr() as *mut aya_ebpf::cty::c_void;
+    let src = e.sp as *const aya_ebpf::cty::c_void;
+    for len in [STACK_COPY, STACK_COPY / 4, STACK_COPY / 16] {
+        if unsafe { helper::bpf_probe_read_user(dst, len as u32, src) } == 0 {
+            e.len = len as u64;
+            break;
+        }
+    }
+    entry.submit(0);
 }
 
 /// Entry of a userspace grace-period function (liburcu's `synchronize_rcu`, or one named with

@@ -15,8 +15,8 @@ use aya::{
 };
 use membarrier_trace_common::{
     COMM_LEN, CallKey, CpuKey, Inflight, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, MAX_THREADS,
-    MAX_WRITERS, Proc, Stats, StatsKey, ThreadCalls, ThreadKey, WakerKey, WriterKey, WriterStats,
-    counter, field, proc_id,
+    MAX_WRITERS, Proc, STACK_RING_BYTES, Stats, StatsKey, ThreadCalls, ThreadKey, WakerKey,
+    WriterKey, WriterStats, counter, field, proc_id,
 };
 
 use crate::{
@@ -27,7 +27,7 @@ use crate::{
     },
     preflight,
     rcu::{CustomFunc, Writers},
-    symbolize::CallerNamer,
+    symbolize::{CallerNamer, Rings},
 };
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MEMBARRIER_TRACE_EBPF_OBJECT"));
@@ -44,6 +44,8 @@ pub struct Options {
     /// Probe userspace RCU grace-period functions (liburcu's, and `rcu_funcs`).
     pub rcu: bool,
     pub rcu_funcs: Vec<CustomFunc>,
+    /// `--stacks`: each call's user stack, unwound in userspace.
+    pub stacks: bool,
 }
 
 pub struct Collector {
@@ -70,7 +72,7 @@ pub struct Collector {
     follow_forks: bool,
     /// sched_switch_writers is attached (off-CPU time in grace periods beside fentry).
     writers_off_cpu: bool,
-    /// Names the grace periods' callers (None: `--no-rcu`).
+    /// Names grace periods' callers and unwinds `--stacks` (None: neither).
     callers: Option<CallerNamer>,
     /// Last known name of each process seen.
     comms: HashMap<ProcKey, String>,
@@ -270,12 +272,14 @@ impl MapSizes {
         self.kernel_bytes(cpus) + (4 << 20) + cpus * (16 << 10)
     }
 
-    pub fn report(&self, cpus: u64) -> Maps {
+    /// With `--stacks`, the samples ring adds its size to the bound.
+    pub fn report(&self, cpus: u64, stacks: bool) -> Maps {
+        let ring = if stacks { STACK_RING_BYTES.into() } else { 0 };
         Maps {
             stats_rows: self.stats,
             inflight_slots: self.inflight,
             processes: self.procs,
-            kernel_bytes_bound: self.kernel_bytes_bound(cpus),
+            kernel_bytes_bound: self.kernel_bytes_bound(cpus) + ring,
         }
     }
 }
@@ -660,6 +664,11 @@ impl Collector {
             .override_global("IPI_FUNCS", &funcs, true)
             .override_global("FIELDS", &field_offsets(tracefs), true)
             .override_global("BREAKDOWN", &u8::from(opts.breakdown), true)
+            .override_global("STACKS", &u8::from(opts.stacks), true)
+            .map_max_entries(
+                "STACK_SAMPLES",
+                if opts.stacks { STACK_RING_BYTES } else { 4096 },
+            )
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let stats = take(&mut ebpf, "STATS")?;
@@ -673,14 +682,22 @@ impl Collector {
         let exit_names = take(&mut ebpf, "EXIT_NAMES")?;
         let writer_rows = take(&mut ebpf, "WRITERS")?;
         let thread_rows = take(&mut ebpf, "THREADS")?;
-        let (writers, callers) = if opts.rcu {
-            let ring = take(&mut ebpf, "CALLERS")?;
-            (
-                Some(Writers::load(&mut ebpf, opts.rcu_funcs.clone())?),
-                Some(CallerNamer::start(ring).context("starting the callers thread")?),
-            )
+        let rings = Rings {
+            callers: opts.rcu.then(|| take(&mut ebpf, "CALLERS")).transpose()?,
+            stacks: opts
+                .stacks
+                .then(|| take(&mut ebpf, "STACK_SAMPLES"))
+                .transpose()?,
+        };
+        let writers = if opts.rcu {
+            Some(Writers::load(&mut ebpf, opts.rcu_funcs.clone())?)
         } else {
-            (None, None)
+            None
+        };
+        let callers = if opts.rcu || opts.stacks {
+            Some(CallerNamer::start(rings).context("starting the addresses thread")?)
+        } else {
+            None
         };
         let mut c = Self {
             ebpf,
@@ -710,7 +727,7 @@ impl Collector {
             breakdown: opts.breakdown,
             attach_mode: opts.attach,
             hook: Attach::default().hook(),
-            maps: sizes.report(possible_cpus()),
+            maps: sizes.report(possible_cpus(), opts.stacks),
             rows_in_use: 0,
             threads_in_use: 0,
         };
@@ -1058,6 +1075,9 @@ impl Collector {
                 WriterRow::from_stats(to, &row),
             );
         }
+        if let Some(namer) = &mut self.callers {
+            namer.retire(&dest);
+        }
         let r = &mut self.retired;
         retire_detail(&mut self.ipi_cpus, &mut r.ipi_cpus, &dead, &dest)?;
         retire_detail(&mut self.wakers, &mut r.wakers, &dead, &dest)?;
@@ -1256,6 +1276,11 @@ impl Collector {
                 .as_ref()
                 .map(|n| n.named.clone())
                 .unwrap_or_default(),
+            stacks: self
+                .callers
+                .as_ref()
+                .and_then(|n| n.stacks.as_ref())
+                .map(|s| s.lock().unwrap().clone()),
             threads,
         })
     }
@@ -1419,14 +1444,14 @@ mod tests {
     fn map_sizes_and_memory_match_the_design_doc() {
         assert_eq!(
             std::mem::size_of::<Stats>(),
-            8792,
+            8808,
             "the row size in the doc"
         );
         let s = MapSizes::new(24 << 30, 192_000, 32768);
         assert_eq!(
             s,
             MapSizes {
-                stats: 2931,
+                stats: 2925,
                 inflight: 65536,
                 procs: 32768
             }

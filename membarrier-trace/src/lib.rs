@@ -19,3 +19,4 @@ pub mod rcu;
 pub mod siblings;
 pub mod symbolize;
 pub mod tui;
+pub mod unwind;

@@ -16,6 +16,7 @@ use crate::{
     cmd::{self, Kind},
     hist::Histogram,
     rcu::GpFunc,
+    symbolize::{StackCount, StackGroup, Stacks},
 };
 
 /// One kernel stats row, summed over CPUs.
@@ -37,6 +38,9 @@ pub struct RawRow {
     pub ipi_hist: Vec<u64>,
     pub mutex_wait_sum_ns: u64,
     pub mutex_wait_max_ns: u64,
+    /// `--stacks`: calls whose stack the kernel could not send, and calls sampled out.
+    pub stacks_unsent: u64,
+    pub stacks_sampled_out: u64,
 }
 
 impl RawRow {
@@ -56,6 +60,8 @@ impl RawRow {
             ipi_hist: vec![0; IPI_HIST],
             mutex_wait_sum_ns: 0,
             mutex_wait_max_ns: 0,
+            stacks_unsent: 0,
+            stacks_sampled_out: 0,
         }
     }
 
@@ -77,6 +83,8 @@ impl RawRow {
                 .to_vec(),
             mutex_wait_sum_ns: s.mutex_wait_sum_ns,
             mutex_wait_max_ns: s.mutex_wait_max_ns,
+            stacks_unsent: s.stacks_unsent,
+            stacks_sampled_out: s.stacks_sampled_out,
         }
     }
 }
@@ -122,6 +130,8 @@ impl Absorb for RawRow {
         self.ipis += r.ipis;
         self.mutex_wait_sum_ns += r.mutex_wait_sum_ns;
         self.mutex_wait_max_ns = self.mutex_wait_max_ns.max(r.mutex_wait_max_ns);
+        self.stacks_unsent += r.stacks_unsent;
+        self.stacks_sampled_out += r.stacks_sampled_out;
     }
 }
 
@@ -167,6 +177,8 @@ pub struct Snapshot {
     pub callers: HashMap<(ProcKey, u64), Caller>,
     /// Calls per thread: the live threads', and the exited ones'.
     pub threads: Vec<ThreadRow>,
+    /// `--stacks`: calls per user stack (frames named in `callers`).
+    pub stacks: Option<Stacks>,
 }
 
 /// One thread's calls by cmd (`thread_cmd` index), or several exited threads of a process
@@ -407,6 +419,26 @@ pub struct CmdReport {
     /// The threads that made these calls, most calls first. For invalid cmds and flags, a
     /// thread's calls of all of them (they share a counter).
     pub threads: Vec<CmdThread>,
+    /// `--stacks`: the calls per user stack, most calls first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stacks: Option<Vec<StackReport>>,
+    /// `--stacks`: calls with no stack (not sent: the ring was full; or unreadable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unattributed: Option<u64>,
+}
+
+/// Calls with one user stack.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StackReport {
+    pub calls: u64,
+    pub latency_ns_sum: u64,
+    /// The counts include calls sampled out over the stack rate, in proportion.
+    pub estimated: bool,
+    /// The unwinding stopped short of the outermost frame (the copy's end, or code without
+    /// unwind information and frame pointers).
+    pub truncated: bool,
+    /// Innermost first: the syscall's own instruction (in libc's wrapper), then each caller.
+    pub frames: Vec<Caller>,
 }
 
 /// A thread's calls of one cmd.
@@ -591,6 +623,11 @@ impl Model {
             .map(|(k, ns)| ((k.tgid, k.serial, k.cmd, k.flags), *ns))
             .collect();
 
+        // --stacks: each group's stacks.
+        let mut stacks: HashMap<StackGroup, Vec<(&[u64], &StackCount)>> = HashMap::new();
+        for ((g, frames), c) in snap.stacks.iter().flat_map(|s| &s.stacks) {
+            stacks.entry(*g).or_default().push((frames, c));
+        }
         for ((tgid, serial, cmd_value, flags), rows) in groups {
             let proc_key = (tgid, serial);
             let mut all = RawRow::new(rows[0].key);
@@ -660,6 +697,35 @@ impl Model {
                     max: all.mutex_wait_max_ns,
                 },
                 threads: cmd_threads(threads.get(&proc_key), cmd_value as u32, flags),
+                stacks: None,
+                unattributed: None,
+            };
+            let row = match &snap.stacks {
+                Some(st) => {
+                    let g = (proc_key, cmd_value as u32, flags);
+                    let mine = stacks.remove(&g).unwrap_or_default();
+                    // Calls sampled out with no sample taken to stand for them have no stack.
+                    let orphans = if mine.iter().any(|(_, c)| c.sampled > 0) {
+                        0
+                    } else {
+                        all.stacks_sampled_out
+                    };
+                    CmdReport {
+                        stacks: Some(stack_reports(
+                            &mine,
+                            all.stacks_sampled_out,
+                            &snap.callers,
+                            proc_key,
+                        )),
+                        unattributed: Some(
+                            all.stacks_unsent
+                                + st.unattributed.get(&g).copied().unwrap_or(0)
+                                + orphans,
+                        ),
+                        ..row
+                    }
+                }
+                None => row,
             };
             let p = processes.entry(proc_key).or_insert_with(|| ProcessReport {
                 pid: tgid,
@@ -883,6 +949,50 @@ pub struct WriterReport {
     pub membarrier_ns: u64,
     /// Off-CPU time inside, outside membarrier calls: waiting for readers.
     pub blocked_ns: u64,
+}
+
+/// One cmd row's stacks, busiest first. Stacks taken over the stack rate stand for the calls
+/// sampled out beside them (`sampled_out`, of the row), in proportion: their counts are
+/// estimates; the others are exact.
+fn stack_reports(
+    stacks: &[(&[u64], &StackCount)],
+    sampled_out: u64,
+    callers: &HashMap<(ProcKey, u64), Caller>,
+    p: ProcKey,
+) -> Vec<StackReport> {
+    let sampled: u64 = stacks.iter().map(|(_, c)| c.sampled).sum();
+    let scale = if sampled == 0 {
+        1.0
+    } else {
+        (sampled + sampled_out) as f64 / sampled as f64
+    };
+    let mut out: Vec<StackReport> = stacks
+        .iter()
+        .map(|(frames, c)| StackReport {
+            calls: c.exact + (c.sampled as f64 * scale).round() as u64,
+            latency_ns_sum: c.exact_ns + (c.sampled_ns as f64 * scale).round() as u64,
+            estimated: c.sampled > 0,
+            truncated: !c.complete,
+            frames: frames
+                .iter()
+                .map(|&a| {
+                    callers.get(&(p, a)).cloned().unwrap_or(Caller {
+                        address: a,
+                        ..Default::default()
+                    })
+                })
+                .collect(),
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.calls.cmp(&a.calls).then_with(|| {
+            a.frames
+                .iter()
+                .map(|f| f.address)
+                .cmp(b.frames.iter().map(|f| f.address))
+        })
+    });
+    out
 }
 
 /// Groups grace-period rows per (process, function, caller), busiest first.

@@ -4,7 +4,9 @@ use std::{borrow::Cow, fmt::Write as _};
 
 use crate::{
     cmd::{self, Kind},
-    model::{Caller, CmdReport, CmdThread, Dropped, GraceSource, ProcessReport, Report},
+    model::{
+        Caller, CmdReport, CmdThread, Dropped, GraceSource, ProcessReport, Report, StackReport,
+    },
 };
 
 /// `s` safe to put on a terminal: control bytes (ESC, newline, DEL...) written as `\xNN`, so a
@@ -324,9 +326,79 @@ fn breakdown(s: &mut String, c: &CmdReport) {
     if c.threads.len() > 1 {
         parts.push(format!("threads: {}", threads(&c.threads, 4)));
     }
+    if let (Some(stacks), Some(unattributed)) = (&c.stacks, c.unattributed) {
+        parts.push(format!(
+            "stacks: {} ({} calls unattributed){}",
+            stacks.len(),
+            unattributed,
+            if stacks.iter().any(|s| s.estimated) {
+                "; ~ = estimated from samples over the stack rate"
+            } else {
+                ""
+            }
+        ));
+        for st in stacks.iter().take(3) {
+            parts.push(format!(
+                "  {}{} calls, {}: {}",
+                if st.estimated { "~" } else { "" },
+                st.calls,
+                fmt_ns(st.latency_ns_sum),
+                stack_frames(st, 8)
+            ));
+        }
+    }
     for p in parts {
         let _ = writeln!(s, "      {p}");
     }
+}
+
+/// A stack's frames, innermost first, `a <- b <- c`: the first `max`, then how many more.
+fn stack_frames(st: &StackReport, max: usize) -> String {
+    let mut parts: Vec<String> = st.frames.iter().take(max).map(frame).collect();
+    if st.frames.len() > max {
+        parts.push(format!("{} more", st.frames.len() - max));
+    }
+    if st.truncated {
+        parts.push("...".into());
+    }
+    parts.join(" <- ")
+}
+
+/// A frame in a stack: `symbol+0x1c`, or the address.
+pub fn frame(c: &Caller) -> String {
+    match (&c.symbol, c.offset) {
+        (Some(sym), Some(off)) => format!("{}+{off:#x}", printable(sym)),
+        (Some(sym), None) => printable(sym).into_owned(),
+        _ => format!("{:#x}", c.address),
+    }
+}
+
+/// Folded stacks (`-o folded`), for flame-graph tools: per process, cmd and stack, one line
+/// `comm;CMD;outermost;...;innermost calls`. Frames are named by symbol alone (offsets would
+/// split one function into many boxes), or `module+0xoffset`, or the address.
+pub fn folded(r: &Report) -> String {
+    let mut s = String::new();
+    // The format's separators: no ';' or whitespace inside a name.
+    let clean = |t: &str| t.replace([';', ' ', '\n', '\t'], "_");
+    for p in &r.processes {
+        for c in &p.cmds {
+            for st in c.stacks.iter().flatten() {
+                let mut line = format!("{};{}", clean(&printable(&p.comm)), c.cmd);
+                for f in st.frames.iter().rev() {
+                    let name = match (&f.symbol, &f.module) {
+                        (Some(sym), _) => printable(sym).into_owned(),
+                        (None, Some(m)) => {
+                            format!("{}@{:#x}", m.rsplit('/').next().unwrap_or(m), f.address)
+                        }
+                        _ => format!("{:#x}", f.address),
+                    };
+                    let _ = write!(line, ";{}", clean(&name));
+                }
+                let _ = writeln!(s, "{line} {}", st.calls);
+            }
+        }
+    }
+    s
 }
 
 /// One thread and its count: `name(tid):n`.
@@ -440,6 +512,79 @@ mod tests {
         assert!(t.contains("EPERM:2"));
         assert!(t.contains("! 2 EPERM from expedited cmds issued without registering"));
         assert!(t.contains("INVALID(3)"));
+    }
+
+    /// --stacks: exact stacks, sampled ones scaled to the calls sampled out beside them, and
+    /// the unattributed calls add up to the row's calls; text and folded output show them.
+    #[test]
+    fn stacks_add_up_and_fold() {
+        use crate::symbolize::{StackCount, Stacks};
+        let mut snap = snapshot();
+        snap.rows[0].stacks_sampled_out = 1; // PRIVATE_EXPEDITED, 4 + 2 calls with EPERM
+        let g = ((42, 0), 8, 0);
+        snap.stacks = Some(Stacks {
+            stacks: [
+                (
+                    (g, vec![0x10, 0x20]),
+                    StackCount {
+                        exact: 3,
+                        exact_ns: 1500,
+                        complete: true,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    (g, vec![0x10, 0x30]),
+                    StackCount {
+                        sampled: 1,
+                        sampled_ns: 700,
+                        ..Default::default()
+                    },
+                ),
+            ]
+            .into(),
+            unattributed: [(g, 1)].into(),
+        });
+        snap.callers.insert(
+            ((42, 0), 0x10),
+            Caller {
+                address: 0x10,
+                symbol: Some("syscall".into()),
+                offset: Some(0x1a),
+                ..Default::default()
+            },
+        );
+        let r = Model::default().report(&snap);
+        let pe = &r.processes[0]
+            .cmds
+            .iter()
+            .find(|c| c.cmd_value == 8)
+            .unwrap();
+        let stacks = pe.stacks.as_ref().unwrap();
+        let got: Vec<(u64, u64, bool, bool)> = stacks
+            .iter()
+            .map(|s| (s.calls, s.latency_ns_sum, s.estimated, s.truncated))
+            .collect();
+        assert_eq!(got, [(3, 1500, false, false), (2, 1400, true, true)]);
+        assert_eq!(pe.unattributed, Some(1));
+        assert_eq!(pe.calls, 6);
+        let t = text(&r);
+        assert!(
+            t.contains("stacks: 2 (1 calls unattributed); ~ = estimated"),
+            "{t}"
+        );
+        assert!(
+            t.contains("~2 calls, 1.40us: syscall+0x1a <- 0x30 <- ..."),
+            "{t}"
+        );
+        assert_eq!(
+            folded(&r),
+            "urcu;PRIVATE_EXPEDITED;0x20;syscall 3\nurcu;PRIVATE_EXPEDITED;0x30;syscall 2\n"
+        );
+        // Without --stacks, nothing of it.
+        let plain = Model::default().report(&snapshot());
+        assert!(plain.processes[0].cmds[0].stacks.is_none());
+        assert!(!json(&plain).contains("unattributed"));
     }
 
     #[test]

@@ -1,14 +1,16 @@
-//! Names the code that called a grace-period function: blazesym (the symbolizer libbpf-tools
-//! and bpftrace use) over the file mapped at the caller's address.
+//! Names code addresses in traced processes: grace-period callers and `--stacks` frames, with
+//! blazesym (the symbolizer libbpf-tools and bpftrace use) over the file mapped there.
 //!
-//! A caller must be found while its process lives (its mappings go with it), so a thread does
-//! it as soon as the kernel reports a new caller (the `CALLERS` ring, sent at a thread's first
-//! grace period from it, while that grace period is still under way): a process that exits
-//! within a few milliseconds is named too. The retire pass names what the thread found, and
-//! asks it for any live caller still unnamed (its report lost to a full ring).
+//! An address must be placed while its process lives (its mappings go with it), so a thread
+//! does it as soon as the kernel reports it: a new caller (the `CALLERS` ring, sent at a
+//! thread's first grace period from it, while that grace period is still under way), or a
+//! call's user stack (the `STACK_SAMPLES` ring, sent as the call returns), which the thread
+//! also unwinds and counts. A process that exits within milliseconds is named too. The retire
+//! pass names what the thread found, and asks it for any live caller still unnamed (its report
+//! lost to a full ring).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::File,
     os::fd::{AsFd as _, AsRawFd as _},
     sync::{
@@ -17,100 +19,179 @@ use std::{
         mpsc,
     },
     thread::JoinHandle,
-    time::Duration,
 };
 
 use aya::maps::{MapData, RingBuf};
-use membarrier_trace_common::CallerSeen;
+use membarrier_trace_common::{CallerSeen, StackSample};
 
-use crate::model::{Caller, ProcKey};
+use crate::{
+    model::{Caller, ProcKey},
+    unwind::{Copied, FrameFile, Unwinder},
+};
 
-/// Callers named so far, by process and return address.
+/// Addresses named so far, by process and address.
 pub type Callers = HashMap<(ProcKey, u64), Caller>;
 
-/// Where a caller's code is, read while its process lived: the mapped file, held open so it can
-/// be read after the process exits (or the file is replaced), and the offset in it.
-struct Captured {
-    module: Option<String>,
-    file: Option<File>,
-    file_offset: u64,
+/// Where an address's code is, found while its process lived; `None`: anonymous memory (JIT
+/// code), the address is all there is.
+type Found = HashMap<(ProcKey, u64), Option<FrameFile>>;
+
+/// Distinct stacks kept at most; a call with a new stack beyond them is counted unattributed.
+pub const MAX_STACKS: usize = 65_536;
+
+/// (process, cmd, flags): the calls a cmd row of the report stands for.
+pub type StackGroup = (ProcKey, u32, u32);
+
+/// Calls with one user stack.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StackCount {
+    /// Calls whose stack was taken each (within the CPU's stack rate), and their latency.
+    pub exact: u64,
+    pub exact_ns: u64,
+    /// Calls taken over the rate, each standing for the calls sampled out beside it.
+    pub sampled: u64,
+    pub sampled_ns: u64,
+    /// The unwinding reached the outermost frame (else it stopped short: the copy's end, or
+    /// code it could not unwind).
+    pub complete: bool,
 }
 
-type Pending = Arc<Mutex<HashMap<(ProcKey, u64), Captured>>>;
+/// The `--stacks` counts so far.
+#[derive(Clone, Debug, Default)]
+pub struct Stacks {
+    /// By (group, frames: innermost first).
+    pub stacks: HashMap<(StackGroup, Vec<u64>), StackCount>,
+    /// Calls sent without a readable stack (no registers or stack bytes), or with a new stack
+    /// when `MAX_STACKS` were kept.
+    pub unattributed: HashMap<StackGroup, u64>,
+}
 
-/// Names callers: a thread finds where each one is as the kernel reports it (the mappings must
-/// be read while the process lives); the retire pass names what it found with blazesym.
+/// Names addresses: a thread finds where each one is as the kernel reports it (the mappings
+/// must be read while the process lives); the retire pass names what it found with blazesym.
 pub struct CallerNamer {
-    /// Callers named so far.
+    /// Addresses named so far.
     pub named: Callers,
     symbolizer: blazesym::symbolize::Symbolizer,
-    pending: Pending,
+    found: Arc<Mutex<Found>>,
+    /// `--stacks`: the counts, kept by the thread.
+    pub stacks: Option<Arc<Mutex<Stacks>>>,
     asks: mpsc::Sender<(ProcKey, u64)>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// What the threads read: the rings it waits on.
+pub struct Rings {
+    pub callers: Option<RingBuf<MapData>>,
+    pub stacks: Option<RingBuf<MapData>>,
 }
 
 impl CallerNamer {
-    /// Starts the thread that reads where the callers `ring` reports are.
-    pub fn start(mut ring: RingBuf<MapData>) -> std::io::Result<Self> {
-        let pending = Pending::default();
+    /// Starts the thread that reads the rings.
+    pub fn start(rings: Rings) -> std::io::Result<Self> {
+        let found = Arc::new(Mutex::new(Found::new()));
+        let stacks = rings
+            .stacks
+            .is_some()
+            .then(|| Arc::new(Mutex::new(Stacks::default())));
         let stop = Arc::new(AtomicBool::new(false));
         let (asks, asked) = mpsc::channel::<(ProcKey, u64)>();
-        let thread = {
-            let (pending, stop) = (pending.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("callers".into())
-                .spawn(move || {
-                    // The race is with the process's exit, milliseconds away for a short-lived
-                    // one, on a box whose CPUs may all be busy: the lowest real-time priority
-                    // gets the CPU at once. The work at that priority is short (read the maps,
-                    // open a file), and rare (a thread's first grace period from a caller).
-                    let param = libc::sched_param { sched_priority: 1 };
-                    // SAFETY: this thread, a live struct. Without CAP_SYS_NICE it stays as is.
-                    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-                    let capture = |key: (ProcKey, u64)| {
-                        if !pending.lock().unwrap().contains_key(&key)
-                            && let Some(c) = capture(key.0.0, key.1)
-                        {
-                            pending.lock().unwrap().insert(key, c);
-                        }
-                    };
-                    while !stop.load(Ordering::Relaxed) {
-                        wait_readable(&ring, Duration::from_millis(100));
-                        while let Some(item) = ring.next() {
-                            if item.len() >= size_of::<CallerSeen>() {
-                                // SAFETY: the kernel wrote a CallerSeen (plain data), checked
-                                // long enough; read unaligned.
-                                let s = unsafe {
-                                    std::ptr::read_unaligned(item.as_ptr().cast::<CallerSeen>())
-                                };
-                                drop(item);
-                                capture(((s.tgid, s.serial), s.caller));
-                            }
-                        }
-                        while let Ok(key) = asked.try_recv() {
-                            capture(key);
-                        }
-                    }
-                })?
+        let reader = || Reader {
+            found: found.clone(),
+            stacks: stacks.clone(),
+            seen: HashSet::new(),
+            unwinder: Unwinder::default(),
         };
+        let mut threads = Vec::new();
+        if let Some(mut ring) = rings.callers {
+            let mut r = reader();
+            // The race is with the process's exit, milliseconds away for a short-lived one,
+            // on a box whose CPUs may all be busy: the lowest real-time priority gets the CPU
+            // at once. The work at that priority is short (read the maps, open a file) and
+            // rare (a thread's first grace period from a caller).
+            let fd = ring.as_fd().as_raw_fd();
+            threads.push(spawn("callers", true, stop.clone(), fd, move || {
+                while let Some(item) = ring.next() {
+                    if let Some(s) = read_as::<CallerSeen>(&item) {
+                        drop(item);
+                        r.find(((s.tgid, s.serial), s.caller));
+                    }
+                }
+                while let Ok(key) = asked.try_recv() {
+                    r.seen.remove(&key);
+                    r.find(key);
+                }
+            })?);
+        }
+        if let Some(mut ring) = rings.stacks {
+            let mut r = reader();
+            // Unwinding is steady work, up to the stack rate: at normal priority, beside the
+            // traced programs. A process that exits before its stack is read keeps what its
+            // first frame and the mappings already known give.
+            let fd = ring.as_fd().as_raw_fd();
+            threads.push(spawn("stacks", false, stop.clone(), fd, move || {
+                while let Some(item) = ring.next() {
+                    r.stack(&item);
+                }
+                r.unwinder.forget_processes(4096);
+            })?);
+        }
         Ok(Self {
             named: Callers::new(),
             symbolizer: blazesym::symbolize::Symbolizer::new(),
-            pending,
+            found,
+            stacks,
             asks,
             stop,
-            thread: Some(thread),
+            threads,
         })
     }
 
-    /// Names the callers found since the last call.
+    /// Names the addresses found since the last call.
     pub fn name_found(&mut self) {
-        let found = std::mem::take(&mut *self.pending.lock().unwrap());
-        for (key, c) in found {
-            let caller = name(&self.symbolizer, key.1, c);
+        let found = std::mem::take(&mut *self.found.lock().unwrap());
+        for (key, f) in found {
+            let caller = match f {
+                Some(f) => name_frame(&self.symbolizer, key.1, f),
+                None => Caller {
+                    address: key.1,
+                    ..Default::default()
+                },
+            };
             self.named.insert(key, caller);
         }
+    }
+
+    /// Exited processes summed into another entry (`dest`: the entry each dead process's
+    /// figures went to): their stacks cannot be summed (each process's addresses are its own),
+    /// so their calls join the entry's unattributed ones, and their names are forgotten.
+    pub fn retire(&mut self, dest: &HashMap<ProcKey, ProcKey>) {
+        let summed = |p: &ProcKey| dest.get(p).is_some_and(|to| to != p);
+        if let Some(stacks) = &self.stacks {
+            let mut st = stacks.lock().unwrap();
+            let gone: Vec<_> = st
+                .stacks
+                .keys()
+                .filter(|((p, ..), _)| summed(p))
+                .cloned()
+                .collect();
+            for key in gone {
+                let c = st.stacks.remove(&key).unwrap_or_default();
+                let ((p, cmd, flags), _) = key;
+                *st.unattributed.entry((dest[&p], cmd, flags)).or_default() += c.exact + c.sampled;
+            }
+            let gone: Vec<_> = st
+                .unattributed
+                .keys()
+                .filter(|(p, ..)| summed(p))
+                .copied()
+                .collect();
+            for g in gone {
+                let n = st.unattributed.remove(&g).unwrap_or(0);
+                *st.unattributed.entry((dest[&g.0], g.1, g.2)).or_default() += n;
+            }
+        }
+        self.named.retain(|(p, _), _| !summed(p));
     }
 
     /// Asks for the caller at `addr` in the live process `p` (found within 100 ms, named at the
@@ -123,103 +204,254 @@ impl CallerNamer {
 impl Drop for CallerNamer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 }
 
-fn wait_readable(ring: &RingBuf<MapData>, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd: ring.as_fd().as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one live pollfd.
-    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+/// The thread's side.
+struct Reader {
+    found: Arc<Mutex<Found>>,
+    stacks: Option<Arc<Mutex<Stacks>>>,
+    /// Addresses already found (bounded: forgotten past a million, costing a second look).
+    seen: HashSet<(ProcKey, u64)>,
+    unwinder: Unwinder,
 }
 
-/// One line of /proc/PID/maps: where a file is mapped.
-#[derive(Debug, PartialEq)]
-struct Mapping<'a> {
-    start: u64,
-    end: u64,
-    file_offset: u64,
-    path: &'a str,
+impl Reader {
+    /// Finds where the code at return address `key.1` in process `key.0` is.
+    fn find(&mut self, key: (ProcKey, u64)) {
+        if self.seen.contains(&key) {
+            return;
+        }
+        let Some(maps) = mappings(key.0.0) else {
+            return; // gone
+        };
+        let looked_up = key.1.saturating_sub(1);
+        let f = maps
+            .iter()
+            .find(|m| m.contains(looked_up) && m.path.starts_with('/'))
+            .map(|m| FrameFile {
+                module: m.module().to_string(),
+                file: m.open(key.0.0).map(Arc::new),
+                file_offset: looked_up - m.start + m.file_offset,
+            });
+        self.remember(key, f);
+    }
+
+    fn remember(&mut self, key: (ProcKey, u64), f: Option<FrameFile>) {
+        if self.seen.len() > 1 << 20 {
+            self.seen.clear();
+        }
+        self.seen.insert(key);
+        self.found.lock().unwrap().insert(key, f);
+    }
+
+    /// Unwinds and counts one call's stack.
+    fn stack(&mut self, bytes: &[u8]) {
+        let Some(stacks) = self.stacks.clone() else {
+            return;
+        };
+        let head = std::mem::offset_of!(StackSample, stack);
+        let Some(sample) = read_as::<StackHead>(bytes) else {
+            return;
+        };
+        let p = (sample.tgid, sample.serial);
+        let group = (p, sample.cmd, sample.flags);
+        let len = (sample.len as usize).min(bytes.len().saturating_sub(head));
+        if sample.ip == 0 || len < 8 {
+            *stacks
+                .lock()
+                .unwrap()
+                .unattributed
+                .entry(group)
+                .or_default() += 1;
+            return;
+        }
+        let copied = Copied {
+            ip: sample.ip,
+            sp: sample.sp,
+            bp: sample.bp,
+            stack: &bytes[head..head + len],
+        };
+        let (frames, complete) = self.unwinder.unwind(p, &copied);
+        let addrs: Vec<u64> = frames.iter().map(|(a, _)| *a).collect();
+        for (a, f) in frames {
+            if !self.seen.contains(&(p, a)) {
+                self.remember((p, a), f);
+            }
+        }
+        let mut st = stacks.lock().unwrap();
+        let key = (group, addrs);
+        if !st.stacks.contains_key(&key) && st.stacks.len() >= MAX_STACKS {
+            *st.unattributed.entry(group).or_default() += 1;
+            return;
+        }
+        let c = st.stacks.entry(key).or_default();
+        c.complete = complete;
+        if sample.sampled != 0 {
+            c.sampled += 1;
+            c.sampled_ns += sample.ns;
+        } else {
+            c.exact += 1;
+            c.exact_ns += sample.ns;
+        }
+    }
 }
 
-/// The mapping holding `addr` in a /proc/PID/maps text.
-fn mapping_at(maps: &str, addr: u64) -> Option<Mapping<'_>> {
-    maps.lines().find_map(|line| {
+/// The head of a [`StackSample`] (before the stack bytes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct StackHead {
+    tgid: u32,
+    serial: u32,
+    cmd: u32,
+    flags: u32,
+    errno: u32,
+    sampled: u32,
+    ns: u64,
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    len: u64,
+}
+
+const _: () = assert!(size_of::<StackHead>() == std::mem::offset_of!(StackSample, stack));
+
+/// A `T` at the start of a ring item, when it is long enough.
+fn read_as<T: Copy>(bytes: &[u8]) -> Option<T> {
+    // SAFETY: T is plain data written by the kernel; checked long enough; read unaligned.
+    (bytes.len() >= size_of::<T>())
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// A thread that runs `read` whenever the ring `fd` has items (and every 100 ms), until `stop`.
+fn spawn(
+    name: &str,
+    realtime: bool,
+    stop: Arc<AtomicBool>,
+    fd: std::os::fd::RawFd,
+    mut read: impl FnMut() + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if realtime {
+                let param = libc::sched_param { sched_priority: 1 };
+                // SAFETY: this thread, a live struct. Without CAP_SYS_NICE it stays as is.
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+            }
+            while !stop.load(Ordering::Relaxed) {
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one live pollfd; the ring (and its fd) lives in `read`, until this
+                // thread ends.
+                unsafe { libc::poll(&mut pfd, 1, 100) };
+                read();
+            }
+        })
+}
+
+/// One line of /proc/PID/maps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub file_offset: u64,
+    pub dev: String,
+    pub inode: u64,
+    /// Empty for anonymous memory; `[stack]` and the like for the kernel's.
+    pub path: String,
+}
+
+impl Mapping {
+    fn parse(line: &str) -> Option<Mapping> {
         let mut f = line.split_ascii_whitespace();
         let (start, end) = f.next()?.split_once('-')?;
         let (start, end) = (
             u64::from_str_radix(start, 16).ok()?,
             u64::from_str_radix(end, 16).ok()?,
         );
-        if !(start..end).contains(&addr) {
-            return None;
-        }
         let file_offset = u64::from_str_radix(f.nth(1)?, 16).ok()?;
-        // Past the device and inode: the path (may hold spaces; empty for anonymous memory).
+        let dev = f.next()?.to_string();
+        let inode = f.next()?.parse().ok()?;
+        // Past the inode: the path (may hold spaces; empty for anonymous memory).
         let path = line
             .splitn(6, |c: char| c.is_ascii_whitespace())
             .nth(5)
-            .map_or("", str::trim_start);
+            .map_or("", str::trim_start)
+            .to_string();
         Some(Mapping {
             start,
             end,
             file_offset,
+            dev,
+            inode,
             path,
         })
-    })
+    }
+
+    pub fn contains(&self, addr: u64) -> bool {
+        (self.start..self.end).contains(&addr)
+    }
+
+    /// The mapped file, for caches: (device, inode).
+    pub fn file_id(&self) -> (String, u64) {
+        (self.dev.clone(), self.inode)
+    }
+
+    /// The file's name (without the kernel's " (deleted)").
+    pub fn module(&self) -> &str {
+        self.path.trim_end_matches(" (deleted)")
+    }
+
+    /// Opens the mapped file through the process, so it is the one the process maps (in its
+    /// mount namespace, or deleted since) and stays readable after the process exits; by its
+    /// path where that is refused.
+    pub fn open(&self, pid: u32) -> Option<File> {
+        File::open(format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            self.start, self.end
+        ))
+        .or_else(|_| File::open(&self.path))
+        .ok()
+    }
 }
 
-/// The call instruction ends at the return address: the byte before it is looked up, so a
-/// call that is the last instruction of a function is not put in the next one.
-fn looked_up(addr: u64) -> u64 {
-    addr.saturating_sub(1)
-}
-
-/// Where the caller at return address `addr` in process `pid` is; `None` when the process is
-/// gone.
-fn capture(pid: u32, addr: u64) -> Option<Captured> {
+/// The mappings of process `pid`; `None` when it is gone.
+pub fn mappings(pid: u32) -> Option<Vec<Mapping>> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    let Some(m) = mapping_at(&maps, looked_up(addr)).filter(|m| m.path.starts_with('/')) else {
-        // Anonymous (JIT) code: the address is all there is.
-        return Some(Captured {
-            module: None,
-            file: None,
-            file_offset: 0,
-        });
-    };
-    // Opened through the process, so the file is the one it maps (in its mount namespace, or
-    // deleted since) and stays readable after the process exits.
-    let file = File::open(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
-        .or_else(|_| File::open(m.path))
-        .ok();
-    Some(Captured {
-        module: Some(m.path.trim_end_matches(" (deleted)").to_string()),
-        file,
-        file_offset: looked_up(addr) - m.start + m.file_offset,
-    })
+    Some(maps.lines().filter_map(Mapping::parse).collect())
 }
 
-/// Names the caller at `addr` from where it was found, with blazesym.
-fn name(symbolizer: &blazesym::symbolize::Symbolizer, addr: u64, c: Captured) -> Caller {
+/// Names the code at `addr` (a return address: the call is the byte before it) from where it
+/// was found, with blazesym.
+pub fn name_frame(symbolizer: &blazesym::symbolize::Symbolizer, addr: u64, f: FrameFile) -> Caller {
     use blazesym::symbolize::{Input, Symbolized, source::Elf, source::Source};
     let mut caller = Caller {
         address: addr,
-        module: c.module,
+        module: Some(f.module),
         ..Default::default()
     };
-    let Some(file) = c.file else {
+    let Some(file) = f.file else {
         return caller;
     };
-    let src = Source::Elf(Elf::new(format!("/proc/self/fd/{}", file.as_raw_fd())));
-    if let Ok(Symbolized::Sym(s)) =
-        symbolizer.symbolize_single(&src, Input::FileOffset(c.file_offset))
-    {
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let src = Source::Elf(Elf::new(&path));
+    let mut sym = symbolizer.symbolize_single(&src, Input::FileOffset(f.file_offset));
+    if !matches!(sym, Ok(Symbolized::Sym(_))) {
+        // Debug sections it cannot read (libc's are zlib-compressed): the symbol tables alone.
+        let src = Source::Elf(Elf {
+            debug_syms: false,
+            ..Elf::new(&path)
+        });
+        sym = symbolizer.symbolize_single(&src, Input::FileOffset(f.file_offset));
+    }
+    if let Ok(Symbolized::Sym(s)) = sym {
         caller.symbol = Some(s.name.to_string());
         caller.offset = Some(s.offset as u64 + 1);
         if let Some(ci) = s.code_info {
@@ -242,22 +474,45 @@ mod tests {
 ";
 
     #[test]
-    fn the_mapping_holding_an_address() {
-        let m = mapping_at(MAPS, 0x55d0c0a01010).unwrap();
+    fn mappings_are_parsed() {
+        let maps: Vec<Mapping> = MAPS.lines().filter_map(Mapping::parse).collect();
+        let at = |a| maps.iter().find(|m| m.contains(a));
         assert_eq!(
-            m,
-            Mapping {
+            at(0x55d0c0a01010).unwrap(),
+            &Mapping {
                 start: 0x55d0c0a01000,
                 end: 0x55d0c0a02000,
                 file_offset: 0x1000,
-                path: "/usr/bin/my prog",
+                dev: "08:01".into(),
+                inode: 1234,
+                path: "/usr/bin/my prog".into(),
             }
         );
-        assert_eq!(mapping_at(MAPS, 0x7f0000000010).unwrap().path, "");
-        let lib = mapping_at(MAPS, 0x7f1000002fff).unwrap();
-        assert_eq!(lib.path, "/lib/liburcu-memb.so.8.1.0 (deleted)");
+        assert_eq!(at(0x7f0000000010).unwrap().path, "");
+        let lib = at(0x7f1000002fff).unwrap();
+        assert_eq!(lib.module(), "/lib/liburcu-memb.so.8.1.0");
         assert_eq!(lib.file_offset, 0x2000);
-        assert_eq!(mapping_at(MAPS, 0x7f1000003000), None);
-        assert_eq!(mapping_at(MAPS, 0), None);
+        assert_eq!(at(0x7f1000003000), None);
+        assert_eq!(at(0), None);
+    }
+}
+
+#[cfg(test)]
+mod libc_tests {
+    use super::*;
+
+    /// libc is stripped to its dynamic symbols on Debian: `syscall` is still named.
+    #[test]
+    fn names_a_function_of_a_stripped_library() {
+        let maps = mappings(std::process::id()).unwrap();
+        let f = libc::syscall as *const () as u64;
+        let m = maps.iter().find(|m| m.contains(f)).unwrap();
+        let frame = FrameFile {
+            module: m.module().to_string(),
+            file: m.open(std::process::id()).map(Arc::new),
+            file_offset: f + 0x19 - m.start + m.file_offset,
+        };
+        let c = name_frame(&blazesym::symbolize::Symbolizer::new(), f + 0x1a, frame);
+        assert_eq!(c.symbol.as_deref(), Some("syscall"), "{c:?}");
     }
 }

@@ -1524,6 +1524,67 @@ fn build_urcu_program(src: &str, bin: &str, flags: &[&str]) -> PathBuf {
     bin
 }
 
+/// The liburcu writers program (tests/urcu/urcu_writers.c), started and waiting on stdin.
+struct UrcuWriters {
+    prog: Child,
+    out: BufReader<std::process::ChildStdout>,
+    stdin: Option<std::process::ChildStdin>,
+    pid: u32,
+}
+
+/// One writer's own figures: (function, thread name, tid, grace periods, ns).
+type OwnWriter = (String, String, u64, u64, u64);
+
+impl UrcuWriters {
+    fn start(bin: &std::path::Path, args: &[&str]) -> UrcuWriters {
+        let mut prog = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(prog.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let pid = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+        let stdin = prog.stdin.take();
+        UrcuWriters {
+            prog,
+            out,
+            stdin,
+            pid,
+        }
+    }
+
+    /// Lets the writers run; returns their own figures once both are done.
+    fn run(&mut self) -> Vec<OwnWriter> {
+        self.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+        // "<function> <thread> <tid> <grace periods> <ns>", per writer.
+        let mut own = Vec::new();
+        let mut line = String::new();
+        for _ in 0..2 {
+            line.clear();
+            self.out.read_line(&mut line).unwrap();
+            let f: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(f.len(), 5, "{line}");
+            own.push((
+                f[0].to_string(),
+                f[1].to_string(),
+                f[2].parse::<u64>().unwrap(),
+                f[3].parse::<u64>().unwrap(),
+                f[4].parse::<u64>().unwrap(),
+            ));
+        }
+        own
+    }
+
+    /// Lets it exit, which it must do successfully.
+    fn finish(mut self) {
+        drop(self.stdin.take());
+        assert!(self.prog.wait().unwrap().success());
+    }
+}
+
 /// Two liburcu writer functions in two named threads, traced by --pid: each one's grace
 /// periods are counted exactly, attributed to it by the symbolized caller, with its thread,
 /// their time within 15% below the program's own timing, and membarrier calls inside.
@@ -1531,36 +1592,12 @@ fn build_urcu_program(src: &str, bin: &str, flags: &[&str]) -> PathBuf {
 fn rcu_writers_are_counted_per_caller_and_thread() {
     let _machine = require_root();
     let bin = build_urcu_program("urcu_writers", "urcu_writers", &["-lurcu-memb"]);
-    let mut prog = Command::new(&bin)
-        .args(["400", "250"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(prog.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let pid: u32 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
+    let mut prog = UrcuWriters::start(&bin, &["400", "250"]);
+    let pid = prog.pid;
     let pid_arg = pid.to_string();
     let listen = format!("127.0.0.1:{}", free_port());
     let tracer = Tracer::start(&["-o", "json", "-p", &pid_arg, "--listen", &listen]);
-    let mut stdin = prog.stdin.take().unwrap();
-    stdin.write_all(b"go\n").unwrap();
-    // "<function> <thread> <tid> <grace periods> <ns>", per writer.
-    let mut own = Vec::new();
-    for _ in 0..2 {
-        line.clear();
-        out.read_line(&mut line).unwrap();
-        let f: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(f.len(), 5, "{line}");
-        own.push((
-            f[0].to_string(),
-            f[1].to_string(),
-            f[2].parse::<u64>().unwrap(),
-            f[3].parse::<u64>().unwrap(),
-            f[4].parse::<u64>().unwrap(),
-        ));
-    }
+    let own = prog.run();
     // The exporter has every grace period of the function, all callers together.
     let (_, metrics) = http_get(&listen, "/metrics", "text/plain").unwrap();
     let series = format!(
@@ -1578,8 +1615,7 @@ fn rcu_writers_are_counted_per_caller_and_thread() {
     );
     // A long-lived writer: the tracer symbolizes its callers while it lives (within 250 ms).
     thread::sleep(Duration::from_millis(1000));
-    drop(stdin);
-    assert!(prog.wait().unwrap().success());
+    prog.finish();
     let (out, report) = tracer.report();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -1715,6 +1751,115 @@ fn rcu_writers_of_the_qsbr_and_bp_flavours() {
         }
         assert_eq!(report["missed_grace_periods"], 0);
     }
+}
+
+/// --stacks on the two liburcu writers, built without and with frame pointers: every
+/// PRIVATE_EXPEDITED call is attributed to a stack unwound to the thread's start, and the
+/// stacks through each writer function hold at least its two calls per synchronize_rcu().
+#[test]
+fn stacks_of_liburcu_writers_without_and_with_frame_pointers() {
+    let _machine = require_root();
+    for (name, flags) in [
+        ("urcu_writers", &["-lurcu-memb"][..]),
+        (
+            "urcu_writers_fp",
+            &["-lurcu-memb", "-fno-omit-frame-pointer"][..],
+        ),
+    ] {
+        let bin = build_urcu_program("urcu_writers", name, flags);
+        // A pause between grace periods keeps the calls under the exact stack rate.
+        let mut prog = UrcuWriters::start(&bin, &["150", "100", "1000"]);
+        let pid_arg = prog.pid.to_string();
+        let tracer = Tracer::start(&["-o", "json", "-p", &pid_arg, "--stacks", "--no-rcu"]);
+        let own = prog.run();
+        prog.finish();
+        let report = tracer.report().1;
+        assert_eq!(report["dropped"]["total"], 0, "{name}");
+        let p = &report["processes"][0];
+        let pe = p["cmds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["cmd"] == "PRIVATE_EXPEDITED")
+            .unwrap_or_else(|| panic!("{name}: {p:#}"));
+        let stacks = pe["stacks"].as_array().unwrap();
+        assert_eq!(pe["unattributed"], 0, "{name}");
+        let calls: u64 = stacks.iter().map(|s| s["calls"].as_u64().unwrap()).sum();
+        assert_eq!(calls, pe["calls"].as_u64().unwrap(), "{name}: {stacks:#?}");
+        for s in stacks {
+            assert_eq!(s["estimated"], false, "{name}: {s:#}");
+        }
+        let names = |s: &Value| -> Vec<String> {
+            s["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["symbol"].as_str().unwrap_or("?").to_string())
+                .collect()
+        };
+        for (function, _, _, n, _) in &own {
+            let through: Vec<&Value> = stacks
+                .iter()
+                .filter(|s| names(s).contains(function))
+                .collect();
+            let calls: u64 = through.iter().map(|s| s["calls"].as_u64().unwrap()).sum();
+            assert!(
+                calls >= 2 * n,
+                "{name}: {function}: {calls} calls for {n} grace periods: {stacks:#?}"
+            );
+            for s in through {
+                let f = names(s);
+                // The syscall, liburcu, the writer, then its thread's start, to the outermost.
+                assert_eq!(f[0], "syscall", "{name}: {f:?}");
+                let at = f.iter().position(|x| x == function).unwrap();
+                assert!(
+                    f[..at]
+                        .iter()
+                        .any(|x| x.starts_with("urcu_memb_synchronize_rcu")),
+                    "{name}: {f:?}"
+                );
+                assert_eq!(f[at + 1], "run", "{name}: {f:?}");
+                assert_eq!(s["truncated"], false, "{name}: {f:?}");
+                assert!(
+                    s["frames"][at]["module"].as_str().unwrap().ends_with(name),
+                    "{name}: {s:#}"
+                );
+            }
+        }
+    }
+}
+
+/// --stacks above the exact rate: a full-speed PRIVATE_EXPEDITED loop gets sampled stacks,
+/// marked estimates, that with the calls nothing could be sent for still add up to every call.
+#[test]
+fn stacks_above_the_rate_are_sampled_and_add_up() {
+    let _machine = require_root();
+    let out = run(tracer()
+        .args(["-o", "json", "--stacks", "--no-rcu", "--"])
+        .arg(WORKLOAD)
+        .args(["--expedited", "200000"]));
+    let report = report_of(&out);
+    let pe = report["processes"][0]["cmds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cmd"] == "PRIVATE_EXPEDITED")
+        .unwrap()
+        .clone();
+    assert_eq!(pe["calls"], 200_000);
+    let stacks = pe["stacks"].as_array().unwrap();
+    let calls: u64 = stacks.iter().map(|s| s["calls"].as_u64().unwrap()).sum();
+    let unattributed = pe["unattributed"].as_u64().unwrap();
+    assert_eq!(calls + unattributed, 200_000, "{stacks:#?}");
+    assert!(stacks.iter().any(|s| s["estimated"] == true), "{stacks:#?}");
+    let top = &stacks[0]["frames"];
+    assert!(
+        top.as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["symbol"] == "membarrier_workload::call"),
+        "{top:#}"
+    );
 }
 
 /// A free TCP port on loopback (bound, read and released).

@@ -19,9 +19,15 @@ use serde_json::{Value, json};
 /// every condition in a few minutes.
 const EXPEDITED: &str = "1000000";
 const GETPPID: &str = "3000000";
+/// Paced calls (bursts of 50, 10 ms apart): under `--stacks`'s exact rate.
+const PACED: &str = "2000";
 const PINGPONG: &str = "20000";
-const METRICS: [(&str, &str); 3] = [
+const METRICS: [(&str, &str); 4] = [
     ("expedited_ns", "membarrier PRIVATE_EXPEDITED, ns/call"),
+    (
+        "paced_ns",
+        "the same, 5,000 calls/s (bursts of 50), ns/call",
+    ),
     ("getppid_ns", "getppid (unrelated syscall), ns/call"),
     ("pingpong_ns", "pipe ping-pong (2 switches), ns/round trip"),
 ];
@@ -50,6 +56,8 @@ enum Cond {
     TracedCore,
     /// The tracer on the raw syscall tracepoints (`--attach raw`).
     TracedRaw,
+    /// The tracer with `--stacks` (at this loop's rate, mostly sampled: see docs/bench.md).
+    TracedStacks,
     Bpftrace,
 }
 
@@ -62,6 +70,7 @@ impl Cond {
             Cond::Traced => "traced",
             Cond::TracedCore => "no-breakdown",
             Cond::TracedRaw => "raw",
+            Cond::TracedStacks => "stacks",
             Cond::Bpftrace => "bpftrace",
         }
     }
@@ -111,6 +120,8 @@ fn loops_args(p: &Paths) -> Vec<String> {
         w.as_str(),
         "--loop-expedited",
         EXPEDITED,
+        "--loop-paced",
+        PACED,
         "--loop-getppid",
         GETPPID,
         "--loop-pingpong",
@@ -137,13 +148,16 @@ fn run_loops(p: &Paths, cond: Cond) -> Result<BTreeMap<String, f64>> {
             fs::write(p.tracefs.join("trace"), "")?; // drop what the floor recorded
             out?
         }
-        Cond::Traced | Cond::TracedCore | Cond::TracedRaw => {
+        Cond::Traced | Cond::TracedCore | Cond::TracedRaw | Cond::TracedStacks => {
             let mut c = Command::new(&p.tracer);
             if cond == Cond::TracedCore {
                 c.arg("--no-breakdown");
             }
             if cond == Cond::TracedRaw {
                 c.args(["--attach", "raw"]);
+            }
+            if cond == Cond::TracedStacks {
+                c.arg("--stacks");
             }
             c.args(["-o", "json", "--"]).args(&args).output()?
         }
@@ -412,6 +426,7 @@ pub fn bench(root: &Path, rounds: usize) -> Result<()> {
         Cond::Traced,
         Cond::TracedCore,
         Cond::TracedRaw,
+        Cond::TracedStacks,
     ];
     if bpftrace {
         conds.push(Cond::Bpftrace);
@@ -449,6 +464,19 @@ pub fn bench(root: &Path, rounds: usize) -> Result<()> {
     let added = med(Cond::Traced, "expedited_ns") - med(Cond::Untraced, "expedited_ns");
     let pp = |c: Cond, k: &str| (med(c, k) / med(Cond::Untraced, k) - 1.0) * 100.0;
     println!("\nper-call cost: +{added:.0} ns per membarrier call (target <= 150)");
+    let stacks = |k: &str| {
+        (
+            med(Cond::TracedStacks, k) - med(Cond::Untraced, k),
+            med(Cond::TracedStacks, k) - med(Cond::Traced, k),
+        )
+    };
+    let (full, full_over) = stacks("expedited_ns");
+    let (paced, paced_over) = stacks("paced_ns");
+    println!(
+        "--stacks: +{paced:.0} ns per call over untraced, +{paced_over:.0} over traced, every \
+         stack taken (paced loop); at the full-speed loop's rate (sampled) +{full:.0} and \
+         +{full_over:.0}"
+    );
     println!(
         "collateral (getppid): traced +{:.1}%, floor +{:.1}%: {:.1} points above the floor (target <= 3)",
         pp(Cond::Traced, "getppid_ns"),
@@ -500,7 +528,7 @@ pub fn bench(root: &Path, rounds: usize) -> Result<()> {
 
     let report = json!({
         "rounds": rounds,
-        "loops": { "expedited": EXPEDITED, "getppid": GETPPID, "pingpong": PINGPONG },
+        "loops": { "expedited": EXPEDITED, "paced": PACED, "getppid": GETPPID, "pingpong": PINGPONG },
         "medians": table,
         "per_call_added_ns": added,
         "tracer_json": json_cost,

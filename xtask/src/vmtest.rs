@@ -98,6 +98,7 @@ const TESTS: &[(&str, &str)] = &[
     ),
     ("a_call_under_way_at_attach_is_counted_missed", "missed"),
     ("sigint_prints_the_final_summary", "sigint"),
+    ("stacks_above_the_rate_are_sampled_and_add_up", "stacks"),
     ("attach_auto_falls_back_and_fentry_is_clear", "attach"),
 ];
 

@@ -55,6 +55,11 @@ struct Args {
     /// from the main thread, ns per call in `loops.expedited_ns`.
     #[arg(long, default_value_t = 0)]
     loop_expedited: u64,
+    /// Registered PRIVATE_EXPEDITED calls from the main thread in bursts of 50, 10 ms apart
+    /// (5,000 a second: under `--stacks`'s exact rate), ns per call (the bursts timed) in
+    /// `loops.paced_ns`.
+    #[arg(long, default_value_t = 0)]
+    loop_paced: u64,
     /// getppid() calls: an unrelated cheap syscall, `loops.getppid_ns`.
     #[arg(long, default_value_t = 0)]
     loop_getppid: u64,
@@ -385,6 +390,20 @@ fn main() {
             libc::syscall(libc::SYS_membarrier, cmd::PRIVATE_EXPEDITED, 0, 0);
         });
         loops.insert("expedited_ns".into(), ns.into());
+    }
+    if args.loop_paced > 0 {
+        call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
+        let (mut left, mut ns) = (args.loop_paced, 0.0);
+        while left > 0 {
+            let n = left.min(50);
+            ns += n as f64
+                * timed(n, || unsafe {
+                    libc::syscall(libc::SYS_membarrier, cmd::PRIVATE_EXPEDITED, 0, 0);
+                });
+            left -= n;
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        loops.insert("paced_ns".into(), (ns / args.loop_paced as f64).into());
     }
     if args.loop_getppid > 0 {
         let ns = timed(args.loop_getppid, || unsafe {

@@ -563,6 +563,25 @@ fn render_breakdown(f: &mut Frame, c: &CmdReport, area: Rect) {
             crate::output::threads(&c.threads, 8)
         )));
     }
+    // --stacks: the top stacks as an indented list, innermost frame first.
+    if let (Some(stacks), Some(unattributed)) = (&c.stacks, c.unattributed) {
+        lines.push(Line::from(format!(
+            "stacks: {}, {unattributed} calls unattributed",
+            stacks.len()
+        )));
+        for st in stacks.iter().take(3) {
+            lines.push(Line::from(format!(
+                "{}{} calls, {}{}",
+                if st.estimated { "~" } else { "" },
+                st.calls,
+                fmt_ns(st.latency_ns_sum),
+                if st.truncated { " (truncated)" } else { "" }
+            )));
+            for fr in st.frames.iter().take(8) {
+                lines.push(Line::from(format!("  {}", crate::output::frame(fr))));
+            }
+        }
+    }
     f.render_widget(
         Paragraph::new(lines).wrap(Wrap { trim: true }).block(
             Block::new()

@@ -6,7 +6,7 @@
  * its own timing of its synchronize_rcu() calls; then waits for stdin to close (a long-lived
  * writer: its callers are symbolized while it lives).
  *
- * usage: urcu_writers N_A N_B */
+ * usage: urcu_writers N_A N_B [PAUSE_US]: PAUSE_US between grace periods (default 0). */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdio.h>
@@ -27,6 +27,7 @@ struct writer {
 };
 
 static volatile int stop;
+static int pause_us;
 static int registered;
 static int *shared;
 static int values[2] = {1, 2};
@@ -64,6 +65,8 @@ __attribute__((noinline)) void writer_a(struct writer *w)
 		long long t0 = now_ns();
 		urcu_memb_synchronize_rcu();
 		w->ns += now_ns() - t0;
+		if (pause_us)
+			usleep(pause_us);
 	}
 }
 
@@ -74,6 +77,8 @@ __attribute__((noinline)) void writer_b(struct writer *w)
 		long long t0 = now_ns();
 		urcu_memb_synchronize_rcu();
 		w->ns += now_ns() - t0;
+		if (pause_us)
+			usleep(pause_us);
 	}
 }
 
@@ -93,6 +98,7 @@ int main(int argc, char **argv)
 	pthread_t readers[READERS], ta, tb;
 	char line[16];
 
+	pause_us = argc > 3 ? atoi(argv[3]) : 0;
 	shared = &values[0];
 	for (int i = 0; i < READERS; i++)
 		if (pthread_create(&readers[i], NULL, reader, NULL))
