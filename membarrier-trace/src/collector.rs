@@ -548,14 +548,28 @@ fn attach_all(
 
 /// Detaches and unloads a program loaded by [`attach_probe`] (a no-op when it is not loaded).
 fn unload(ebpf: &mut Ebpf, prog: &str) {
-    let _ = match ebpf.program_mut(prog) {
-        Some(Program::TracePoint(p)) => p.unload(),
-        Some(Program::FEntry(p)) => p.unload(),
-        Some(Program::FExit(p)) => p.unload(),
-        Some(Program::BtfTracePoint(p)) => p.unload(),
-        Some(Program::UProbe(p)) => p.unload(),
+    if let Some(p) = ebpf.program_mut(prog) {
+        unload_program(p);
+    }
+}
+
+fn unload_program(p: &mut Program) {
+    let _ = match p {
+        Program::TracePoint(p) => p.unload(),
+        Program::FEntry(p) => p.unload(),
+        Program::FExit(p) => p.unload(),
+        Program::BtfTracePoint(p) => p.unload(),
+        Program::UProbe(p) => p.unload(),
         _ => Ok(()),
     };
+}
+
+impl Drop for Collector {
+    /// Every exit detaches at once (see [`Collector::detach`]), not program by program as the
+    /// programs drop.
+    fn drop(&mut self) {
+        self.detach();
+    }
 }
 
 /// The verifier's verdict: the last line of its log before the statistics.
@@ -968,10 +982,14 @@ impl Collector {
 
     /// Detaches and unloads every program: tracing stops, the maps stay readable.
     pub fn detach(&mut self) {
-        let names: Vec<String> = self.ebpf.programs().map(|(n, _)| n.to_string()).collect();
-        for name in names {
-            unload(&mut self.ebpf, &name);
-        }
+        // Each detach waits in the kernel for a grace period (RCU-tasks for fentry, tasks-trace
+        // for tracepoints on recent 6.1 kernels): seconds each on PREEMPT_RT under load. From
+        // a thread per program the waits overlap instead of adding up.
+        std::thread::scope(|s| {
+            for (_, p) in self.ebpf.programs_mut() {
+                s.spawn(move || unload_program(p));
+            }
+        });
     }
 
     pub fn attach_source(&self) -> Attach {
@@ -1172,6 +1190,16 @@ impl Collector {
     /// Reads the kernel's totals. With `last`, calls still inside membarrier are counted as
     /// missed: tracing stops before they return.
     pub fn snapshot(&mut self, last: bool) -> Result<Snapshot> {
+        if last {
+            // Nothing more is counted (calls under way stay open: counted as missed), and every
+            // stack sent is taken in: the final figures add up, stacks and calls alike.
+            self.control
+                .set(0, 0, 0)
+                .context("disarming the eBPF programs")?;
+            if let Some(n) = &self.callers {
+                n.flush();
+            }
+        }
         let elapsed_ns = self.started.elapsed().as_nanos() as u64;
         let live = self.retire_exited()?;
         let mut rows = Vec::new();

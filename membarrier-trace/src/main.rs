@@ -21,6 +21,7 @@ use membarrier_trace::{
     collector::{Collector, Options},
     exporter::Exporter,
     exposition::By,
+    findings,
     hook::AttachMode,
     model::{Model, Report},
     output, preflight,
@@ -553,12 +554,15 @@ impl membarrier_trace::tui::Feed for Session {
     }
 
     fn report(&mut self) -> Result<Report> {
-        Ok(self.model.report(&self.collector.snapshot(false)?))
+        let mut report = self.model.report(&self.collector.snapshot(false)?);
+        report.findings = findings::of(&report);
+        Ok(report)
     }
 
     fn final_report(&mut self) -> Result<Report> {
-        let report = self.model.report(&self.collector.snapshot(true)?);
+        let mut report = self.model.report(&self.collector.snapshot(true)?);
         self.collector.detach();
+        report.findings = findings::of(&report);
         Ok(report)
     }
 }

@@ -16,7 +16,6 @@ use crate::{
     cmd::{self, Kind},
     hist::Histogram,
     rcu::GpFunc,
-    symbolize::{StackCount, StackGroup, Stacks},
 };
 
 /// One kernel stats row, summed over CPUs.
@@ -181,6 +180,33 @@ pub struct Snapshot {
     pub stacks: Option<Stacks>,
 }
 
+/// (process, cmd, flags): the calls a cmd row of the report stands for.
+pub type StackGroup = (ProcKey, u32, u32);
+
+/// Calls with one user stack.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StackCount {
+    /// Calls whose stack was taken each (within the CPU's stack rate), and their latency.
+    pub exact: u64,
+    pub exact_ns: u64,
+    /// Calls taken over the rate, each standing for the calls sampled out beside it.
+    pub sampled: u64,
+    pub sampled_ns: u64,
+    /// The unwinding reached the outermost frame (else it stopped short: the copy's end, or
+    /// code it could not unwind).
+    pub complete: bool,
+}
+
+/// The `--stacks` counts so far.
+#[derive(Clone, Debug, Default)]
+pub struct Stacks {
+    /// By (group, frames: innermost first).
+    pub stacks: HashMap<(StackGroup, Vec<u64>), StackCount>,
+    /// Calls sent without a readable stack (no registers or stack bytes), or with a new stack
+    /// when `symbolize::MAX_STACKS` were kept.
+    pub unattributed: HashMap<StackGroup, u64>,
+}
+
 /// One thread's calls by cmd (`thread_cmd` index), or several exited threads of a process
 /// summed (`tid` 0).
 #[derive(Clone, Debug, PartialEq)]
@@ -313,6 +339,32 @@ pub struct Report {
     pub processes: Vec<ProcessReport>,
     /// Userspace RCU grace periods per (process, function, caller), busiest first.
     pub rcu_writers: Vec<WriterReport>,
+    /// Known pitfalls seen in the figures above (filled by `findings::of`), most severe first.
+    pub findings: Vec<Finding>,
+}
+
+/// A known pitfall seen in the report (`findings::of` decides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Warning,
+    Critical,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Finding {
+    /// The rule's id: `late_registration`, `unregistered_eperm`, `global_rate`.
+    pub rule: &'static str,
+    pub severity: Severity,
+    pub pid: u32,
+    pub comm: String,
+    /// The thread or caller where one is known; null otherwise.
+    pub tid: Option<u32>,
+    pub caller: Option<String>,
+    pub evidence: serde_json::Value,
+    pub cost: serde_json::Value,
+    pub fix: String,
+    pub reference: &'static str,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -356,10 +408,15 @@ impl ProcessReport {
     /// calls): not in the report's `processes`, but the dashboard lists it so its writers can
     /// be selected.
     pub fn of_writer(w: &WriterReport) -> Self {
+        Self::empty(w.pid, w.serial, w.comm.clone())
+    }
+
+    /// A live process with no calls yet.
+    fn empty(pid: u32, serial: u32, comm: String) -> Self {
         Self {
-            pid: w.pid,
-            serial: w.serial,
-            comm: w.comm.clone(),
+            pid,
+            serial,
+            comm,
             exited: false,
             processes: 1,
             calls: 0,
@@ -544,6 +601,7 @@ impl Report {
             maps: Maps::default(),
             processes: Vec::new(),
             rcu_writers: Vec::new(),
+            findings: Vec::new(),
         }
     }
 }
@@ -728,23 +786,13 @@ impl Model {
                 None => row,
             };
             let p = processes.entry(proc_key).or_insert_with(|| ProcessReport {
-                pid: tgid,
-                serial,
-                comm: snap.comms.get(&proc_key).cloned().unwrap_or_default(),
                 exited: snap.exited.contains_key(&proc_key),
                 processes: snap.exited.get(&proc_key).copied().unwrap_or(1),
-                calls: 0,
-                calls_per_sec: 0.0,
-                errors: 0,
-                registrations: 0,
-                registrations_failed: 0,
-                registration_ns: 0,
-                unregistered_eperm: 0,
-                latency_ns: Latency::default(),
-                time_inside_pct: 0.0,
-                cpu_ns: CpuCost::default(),
-                cpu_pct: 0.0,
-                cmds: Vec::new(),
+                ..ProcessReport::empty(
+                    tgid,
+                    serial,
+                    snap.comms.get(&proc_key).cloned().unwrap_or_default(),
+                )
             });
             p.cpu_ns.caller += cost.caller;
             p.cpu_ns.ipi_handler += cost.ipi_handler;
@@ -821,6 +869,7 @@ impl Model {
             maps: snap.maps,
             processes,
             rcu_writers,
+            findings: Vec::new(),
         }
     }
 }

@@ -5,7 +5,8 @@ use std::{borrow::Cow, fmt::Write as _};
 use crate::{
     cmd::{self, Kind},
     model::{
-        Caller, CmdReport, CmdThread, Dropped, GraceSource, ProcessReport, Report, StackReport,
+        Caller, CmdReport, CmdThread, Dropped, GraceSource, ProcessReport, Report, Severity,
+        StackReport,
     },
 };
 
@@ -133,6 +134,7 @@ pub fn text(r: &Report) -> String {
             r.missed_grace_periods
         );
     }
+    findings(&mut s, r);
     if r.processes.is_empty() {
         let _ = writeln!(s, "no membarrier calls seen");
     }
@@ -211,6 +213,49 @@ pub fn text(r: &Report) -> String {
     }
     writers(&mut s, r);
     s
+}
+
+/// The "Findings" section, before the tables: rule, process, evidence, cost and fix.
+fn findings(s: &mut String, r: &Report) {
+    if r.findings.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "\nFindings:");
+    for f in &r.findings {
+        let _ = writeln!(
+            s,
+            "  {} {} in PID {} ({}){}",
+            match f.severity {
+                Severity::Critical => "!!",
+                Severity::Warning => "! ",
+            },
+            f.rule,
+            f.pid,
+            printable(&f.comm),
+            f.tid.map(|t| format!(", thread {t}")).unwrap_or_default()
+        );
+        let _ = writeln!(s, "     evidence: {}", compact(&f.evidence));
+        let _ = writeln!(s, "     cost: {}", compact(&f.cost));
+        let _ = writeln!(s, "     fix: {}", f.fix);
+        let _ = writeln!(s, "     why: {}", f.reference);
+    }
+}
+
+/// A JSON object as `key value, key value` (nested objects inline).
+fn compact(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| format!("{k} {}", compact(v)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        serde_json::Value::String(t) => printable(t).into_owned(),
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(x) if n.is_f64() => format!("{x:.2}"),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
 }
 
 /// Where a grace-period function was called from, for a human view.
@@ -518,7 +563,7 @@ mod tests {
     /// the unattributed calls add up to the row's calls; text and folded output show them.
     #[test]
     fn stacks_add_up_and_fold() {
-        use crate::symbolize::{StackCount, Stacks};
+        use crate::model::{StackCount, Stacks};
         let mut snap = snapshot();
         snap.rows[0].stacks_sampled_out = 1; // PRIVATE_EXPEDITED, 4 + 2 calls with EPERM
         let g = ((42, 0), 8, 0);
@@ -585,6 +630,25 @@ mod tests {
         let plain = Model::default().report(&snapshot());
         assert!(plain.processes[0].cmds[0].stacks.is_none());
         assert!(!json(&plain).contains("unattributed"));
+    }
+
+    /// Findings come first in text, before the tables, with their numbers and fix.
+    #[test]
+    fn findings_come_first() {
+        let mut r = Model::default().report(&snapshot());
+        r.findings = crate::findings::of(&r);
+        // PID 42's PRIVATE_EXPEDITED row has 2 EPERM.
+        assert_eq!(r.findings.len(), 1, "{:#?}", r.findings);
+        assert_eq!(r.findings[0].rule, "unregistered_eperm");
+        let t = text(&r);
+        let at = t.find("Findings:").unwrap();
+        assert!(at < t.find("PID 42").unwrap(), "{t}");
+        assert!(t.contains("!! unregistered_eperm in PID 42 (urcu)"), "{t}");
+        assert!(
+            t.contains("evidence: calls 6, cmd PRIVATE_EXPEDITED, eperm 2"),
+            "{t}"
+        );
+        assert!(json(&r).contains("\"findings\":[{\"rule\":\"unregistered_eperm\""));
     }
 
     #[test]

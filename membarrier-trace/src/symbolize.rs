@@ -11,7 +11,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs::File,
     os::fd::{AsFd as _, AsRawFd as _},
     sync::{
         Arc, Mutex,
@@ -25,7 +24,8 @@ use aya::maps::{MapData, RingBuf};
 use membarrier_trace_common::{CallerSeen, StackSample};
 
 use crate::{
-    model::{Caller, ProcKey},
+    model::{Caller, ProcKey, Stacks},
+    procmaps::mappings,
     unwind::{Copied, FrameFile, Unwinder},
 };
 
@@ -39,33 +39,6 @@ type Found = HashMap<(ProcKey, u64), Option<FrameFile>>;
 /// Distinct stacks kept at most; a call with a new stack beyond them is counted unattributed.
 pub const MAX_STACKS: usize = 65_536;
 
-/// (process, cmd, flags): the calls a cmd row of the report stands for.
-pub type StackGroup = (ProcKey, u32, u32);
-
-/// Calls with one user stack.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct StackCount {
-    /// Calls whose stack was taken each (within the CPU's stack rate), and their latency.
-    pub exact: u64,
-    pub exact_ns: u64,
-    /// Calls taken over the rate, each standing for the calls sampled out beside it.
-    pub sampled: u64,
-    pub sampled_ns: u64,
-    /// The unwinding reached the outermost frame (else it stopped short: the copy's end, or
-    /// code it could not unwind).
-    pub complete: bool,
-}
-
-/// The `--stacks` counts so far.
-#[derive(Clone, Debug, Default)]
-pub struct Stacks {
-    /// By (group, frames: innermost first).
-    pub stacks: HashMap<(StackGroup, Vec<u64>), StackCount>,
-    /// Calls sent without a readable stack (no registers or stack bytes), or with a new stack
-    /// when `MAX_STACKS` were kept.
-    pub unattributed: HashMap<StackGroup, u64>,
-}
-
 /// Names addresses: a thread finds where each one is as the kernel reports it (the mappings
 /// must be read while the process lives); the retire pass names what it found with blazesym.
 pub struct CallerNamer {
@@ -75,6 +48,8 @@ pub struct CallerNamer {
     found: Arc<Mutex<Found>>,
     /// `--stacks`: the counts, kept by the thread.
     pub stacks: Option<Arc<Mutex<Stacks>>>,
+    /// Asks the stacks thread to take in every sample sent so far, and say when it has.
+    flushes: Option<mpsc::Sender<mpsc::Sender<()>>>,
     asks: mpsc::Sender<(ProcKey, u64)>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -106,12 +81,16 @@ impl CallerNamer {
         if let Some(mut ring) = rings.callers {
             let mut r = reader();
             // The race is with the process's exit, milliseconds away for a short-lived one,
-            // on a box whose CPUs may all be busy: the lowest real-time priority gets the CPU
-            // at once. The work at that priority is short (read the maps, open a file) and
-            // rare (a thread's first grace period from a caller).
+            // on a box whose CPUs may all be busy: the highest normal priority (nice -20) gets
+            // the CPU at its wakeup without real-time priority, which could starve the box's
+            // other work (and its RCU-tasks grace periods, which detaching fentry waits for).
+            // The work is short (read the maps, open a file) and rare (a thread's first grace
+            // period from a caller).
             let fd = ring.as_fd().as_raw_fd();
-            threads.push(spawn("callers", true, stop.clone(), fd, move || {
+            threads.push(spawn("callers", -20, stop.clone(), fd, move || {
+                let mut n = 0;
                 while let Some(item) = ring.next() {
+                    n += 1;
                     if let Some(s) = read_as::<CallerSeen>(&item) {
                         drop(item);
                         r.find(((s.tgid, s.serial), s.caller));
@@ -121,19 +100,33 @@ impl CallerNamer {
                     r.seen.remove(&key);
                     r.find(key);
                 }
+                n
             })?);
         }
+        let mut flushes = None;
         if let Some(mut ring) = rings.stacks {
             let mut r = reader();
+            let (tx, flushed) = mpsc::channel::<mpsc::Sender<()>>();
+            flushes = Some(tx);
             // Unwinding is steady work, up to the stack rate: at normal priority, beside the
             // traced programs. A process that exits before its stack is read keeps what its
             // first frame and the mappings already known give.
             let fd = ring.as_fd().as_raw_fd();
-            threads.push(spawn("stacks", false, stop.clone(), fd, move || {
+            threads.push(spawn("stacks", 0, stop.clone(), fd, move || {
+                let mut n = 0;
                 while let Some(item) = ring.next() {
+                    n += 1;
                     r.stack(&item);
                 }
+                while let Ok(done) = flushed.try_recv() {
+                    while let Some(item) = ring.next() {
+                        n += 1;
+                        r.stack(&item);
+                    }
+                    let _ = done.send(());
+                }
                 r.unwinder.forget_processes(4096);
+                n
             })?);
         }
         Ok(Self {
@@ -141,6 +134,7 @@ impl CallerNamer {
             symbolizer: blazesym::symbolize::Symbolizer::new(),
             found,
             stacks,
+            flushes,
             asks,
             stop,
             threads,
@@ -192,6 +186,17 @@ impl CallerNamer {
             }
         }
         self.named.retain(|(p, _), _| !summed(p));
+    }
+
+    /// Waits (up to 2 s) until the stacks thread has taken in every sample sent so far: its
+    /// next wakeup, within 100 ms.
+    pub fn flush(&self) {
+        if let Some(f) = &self.flushes {
+            let (tx, rx) = mpsc::channel();
+            if f.send(tx).is_ok() {
+                let _ = rx.recv_timeout(std::time::Duration::from_secs(2));
+            }
+        }
     }
 
     /// Asks for the caller at `addr` in the live process `p` (found within 100 ms, named at the
@@ -326,21 +331,24 @@ fn read_as<T: Copy>(bytes: &[u8]) -> Option<T> {
         .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-/// A thread that runs `read` whenever the ring `fd` has items (and every 100 ms), until `stop`.
+/// A thread at `nice` that runs `read` (which returns the items it took) whenever the ring
+/// `fd` has items, and every 100 ms, until `stop`.
 fn spawn(
     name: &str,
-    realtime: bool,
+    nice: i32,
     stop: Arc<AtomicBool>,
     fd: std::os::fd::RawFd,
-    mut read: impl FnMut() + Send + 'static,
+    mut read: impl FnMut() -> usize + Send + 'static,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            if realtime {
-                let param = libc::sched_param { sched_priority: 1 };
-                // SAFETY: this thread, a live struct. Without CAP_SYS_NICE it stays as is.
-                unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+            if nice != 0 {
+                // SAFETY: this thread (its tid); no memory effects. Without CAP_SYS_NICE it
+                // stays as it is.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice)
+                };
             }
             while !stop.load(Ordering::Relaxed) {
                 let mut pfd = libc::pollfd {
@@ -350,82 +358,14 @@ fn spawn(
                 };
                 // SAFETY: one live pollfd; the ring (and its fd) lives in `read`, until this
                 // thread ends.
-                unsafe { libc::poll(&mut pfd, 1, 100) };
-                read();
+                let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
+                // Readable with nothing to take: an item reserved but not yet submitted by a
+                // program that was preempted (PREEMPT_RT): let it finish, do not spin.
+                if read() == 0 && ready > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
             }
         })
-}
-
-/// One line of /proc/PID/maps.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Mapping {
-    pub start: u64,
-    pub end: u64,
-    pub file_offset: u64,
-    pub dev: String,
-    pub inode: u64,
-    /// Empty for anonymous memory; `[stack]` and the like for the kernel's.
-    pub path: String,
-}
-
-impl Mapping {
-    fn parse(line: &str) -> Option<Mapping> {
-        let mut f = line.split_ascii_whitespace();
-        let (start, end) = f.next()?.split_once('-')?;
-        let (start, end) = (
-            u64::from_str_radix(start, 16).ok()?,
-            u64::from_str_radix(end, 16).ok()?,
-        );
-        let file_offset = u64::from_str_radix(f.nth(1)?, 16).ok()?;
-        let dev = f.next()?.to_string();
-        let inode = f.next()?.parse().ok()?;
-        // Past the inode: the path (may hold spaces; empty for anonymous memory).
-        let path = line
-            .splitn(6, |c: char| c.is_ascii_whitespace())
-            .nth(5)
-            .map_or("", str::trim_start)
-            .to_string();
-        Some(Mapping {
-            start,
-            end,
-            file_offset,
-            dev,
-            inode,
-            path,
-        })
-    }
-
-    pub fn contains(&self, addr: u64) -> bool {
-        (self.start..self.end).contains(&addr)
-    }
-
-    /// The mapped file, for caches: (device, inode).
-    pub fn file_id(&self) -> (String, u64) {
-        (self.dev.clone(), self.inode)
-    }
-
-    /// The file's name (without the kernel's " (deleted)").
-    pub fn module(&self) -> &str {
-        self.path.trim_end_matches(" (deleted)")
-    }
-
-    /// Opens the mapped file through the process, so it is the one the process maps (in its
-    /// mount namespace, or deleted since) and stays readable after the process exits; by its
-    /// path where that is refused.
-    pub fn open(&self, pid: u32) -> Option<File> {
-        File::open(format!(
-            "/proc/{pid}/map_files/{:x}-{:x}",
-            self.start, self.end
-        ))
-        .or_else(|_| File::open(&self.path))
-        .ok()
-    }
-}
-
-/// The mappings of process `pid`; `None` when it is gone.
-pub fn mappings(pid: u32) -> Option<Vec<Mapping>> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    Some(maps.lines().filter_map(Mapping::parse).collect())
 }
 
 /// Names the code at `addr` (a return address: the call is the byte before it) from where it
@@ -464,41 +404,6 @@ pub fn name_frame(symbolizer: &blazesym::symbolize::Symbolizer, addr: u64, f: Fr
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    const MAPS: &str = "\
-55d0c0a00000-55d0c0a01000 r--p 00000000 08:01 1234 /usr/bin/my prog
-55d0c0a01000-55d0c0a02000 r-xp 00001000 08:01 1234 /usr/bin/my prog
-7f0000000000-7f0000010000 rw-p 00000000 00:00 0 
-7f1000001000-7f1000003000 r-xp 00002000 08:01 99                         /lib/liburcu-memb.so.8.1.0 (deleted)
-";
-
-    #[test]
-    fn mappings_are_parsed() {
-        let maps: Vec<Mapping> = MAPS.lines().filter_map(Mapping::parse).collect();
-        let at = |a| maps.iter().find(|m| m.contains(a));
-        assert_eq!(
-            at(0x55d0c0a01010).unwrap(),
-            &Mapping {
-                start: 0x55d0c0a01000,
-                end: 0x55d0c0a02000,
-                file_offset: 0x1000,
-                dev: "08:01".into(),
-                inode: 1234,
-                path: "/usr/bin/my prog".into(),
-            }
-        );
-        assert_eq!(at(0x7f0000000010).unwrap().path, "");
-        let lib = at(0x7f1000002fff).unwrap();
-        assert_eq!(lib.module(), "/lib/liburcu-memb.so.8.1.0");
-        assert_eq!(lib.file_offset, 0x2000);
-        assert_eq!(at(0x7f1000003000), None);
-        assert_eq!(at(0), None);
-    }
-}
-
-#[cfg(test)]
-mod libc_tests {
     use super::*;
 
     /// libc is stripped to its dynamic symbols on Debian: `syscall` is still named.

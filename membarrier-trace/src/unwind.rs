@@ -3,7 +3,13 @@
 //! present whether or not the code keeps frame pointers), falling back to frame pointers for
 //! code without it.
 
-use std::{collections::HashMap, fs::File, io::Read as _, sync::Arc};
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::Read as _,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use gimli::{
     BaseAddresses, CfaRule, EhFrame, EhFrameHdr, LittleEndian, RegisterRule, UnwindContext,
@@ -13,7 +19,7 @@ use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
 use crate::{
     model::ProcKey,
-    symbolize::{Mapping, mappings},
+    procmaps::{Mapping, mappings},
 };
 
 /// Frames unwound at most (the caller's first).
@@ -175,7 +181,8 @@ impl Copied<'_> {
 /// Unwinds stacks, caching each process's mappings and each file's rules.
 #[derive(Default)]
 pub struct Unwinder {
-    maps: HashMap<ProcKey, Vec<Mapping>>,
+    /// Each process's mappings, and when they were read.
+    maps: HashMap<ProcKey, (Instant, Vec<Mapping>)>,
     /// By (device, inode) of the mapped file; `None` when it cannot be read.
     files: HashMap<(String, u64), Option<Arc<Cfi>>>,
     rules: HashMap<((String, u64), u64), Option<Rule>>,
@@ -196,14 +203,19 @@ impl Unwinder {
     /// The mapping of `addr` in process `p`, its mappings read again when it is not in those
     /// known (a library loaded since); `None` when it is in none (or the process is gone).
     fn mapping(&mut self, p: ProcKey, addr: u64) -> Option<&Mapping> {
-        let known = self
-            .maps
-            .get(&p)
-            .is_some_and(|m| m.iter().any(|m| m.contains(addr)));
-        if !known {
-            self.maps.insert(p, mappings(p.0).unwrap_or_default());
+        // Read again at most once a second: an address in no mapping (garbage past a frame
+        // this unwinder got wrong, or unmapped since) must not cost a read per sample.
+        let stale = match self.maps.get(&p) {
+            Some((at, m)) => {
+                !m.iter().any(|m| m.contains(addr)) && at.elapsed() >= Duration::from_secs(1)
+            }
+            None => true,
+        };
+        if stale {
+            self.maps
+                .insert(p, (Instant::now(), mappings(p.0).unwrap_or_default()));
         }
-        self.maps.get(&p)?.iter().find(|m| m.contains(addr))
+        self.maps.get(&p)?.1.iter().find(|m| m.contains(addr))
     }
 
     fn cfi(&mut self, p: ProcKey, m: &Mapping) -> Option<Arc<Cfi>> {

@@ -1862,6 +1862,76 @@ fn stacks_above_the_rate_are_sampled_and_add_up() {
     );
 }
 
+/// Findings: each rule fires on a workload with its pitfall, with the evidence and cost in
+/// numbers, and stays quiet on a healthy workload near its threshold.
+#[test]
+fn findings_fire_on_pitfalls_and_not_on_healthy_workloads() {
+    let _machine = require_root();
+    let cases: [(&[&str], Option<&str>); 6] = [
+        // Registered after starting its threads: the registration waits for a grace period.
+        (
+            &["--expedited", "200", "--threads", "2", "--register-late"],
+            Some("late_registration"),
+        ),
+        // The same calls, registered while single-threaded: microseconds.
+        (&["--expedited", "200", "--threads", "2"], None),
+        (&["--eperm", "5"], Some("unregistered_eperm")),
+        (&["--expedited", "5"], None),
+        // GLOBAL in a loop: the process spends its life waiting for grace periods.
+        (&["--global", "30"], Some("global_rate")),
+        // One call under the count threshold.
+        (&["--global", "9"], None),
+    ];
+    for (args, rule) in cases {
+        let out = run(tracer()
+            .args(["-o", "json", "--no-rcu", "--"])
+            .arg(WORKLOAD)
+            .args(args));
+        let report = report_of(&out);
+        let own = last_json_with(&String::from_utf8_lossy(&out.stdout), "outcomes");
+        let findings = report["findings"].as_array().unwrap();
+        let rules: Vec<&str> = findings
+            .iter()
+            .map(|f| f["rule"].as_str().unwrap())
+            .collect();
+        let Some(rule) = rule else {
+            assert!(rules.is_empty(), "{args:?}: {findings:#?}");
+            continue;
+        };
+        assert_eq!(rules, [rule], "{args:?}: {findings:#?}");
+        let f = &findings[0];
+        assert_eq!(f["pid"], own["pid"], "{f:#}");
+        assert!(f["fix"].as_str().unwrap().len() > 20, "{f:#}");
+        assert!(
+            f["reference"].as_str().unwrap().contains("membarrier.c"),
+            "{f:#}"
+        );
+        match rule {
+            "late_registration" => {
+                assert_eq!(f["evidence"]["cmd"], "REGISTER_PRIVATE_EXPEDITED");
+                assert!(
+                    f["evidence"]["latency_max_ns"].as_u64().unwrap() >= 1_000_000,
+                    "{f:#}"
+                );
+                assert!(f["cost"]["time_ns"].as_u64().unwrap() >= 1_000_000, "{f:#}");
+            }
+            "unregistered_eperm" => {
+                assert_eq!(f["severity"], "critical");
+                assert_eq!(f["evidence"]["eperm"], 5);
+                assert_eq!(f["cost"]["calls"], 5);
+            }
+            "global_rate" => {
+                assert_eq!(f["evidence"]["calls"], 30);
+                assert!(
+                    f["evidence"]["share_of_run_pct"].as_f64().unwrap() >= 10.0,
+                    "{f:#}"
+                );
+            }
+            _ => unreachable!(),
+        }
+    }
+}
+
 /// A free TCP port on loopback (bound, read and released).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

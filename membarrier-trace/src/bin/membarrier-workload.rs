@@ -41,6 +41,10 @@ struct Args {
     expedited: u64,
     #[arg(long, default_value_t = 1)]
     threads: u64,
+    /// With `--threads` > 1: register after the threads are started (they wait for it), as
+    /// the .NET runtime once did: the registration then waits for a grace period.
+    #[arg(long)]
+    register_late: bool,
     /// GLOBAL calls (a grace period each).
     #[arg(long, default_value_t = 0)]
     global: u64,
@@ -308,10 +312,14 @@ fn main() {
         call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
         call(&mut tally, args.expedited, cmd::PRIVATE_EXPEDITED, 0, false);
     } else if args.expedited > 0 {
-        call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
+        if !args.register_late {
+            call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
+        }
         let threads = args.threads;
         let shared = Arc::new(Mutex::new(Tally::new()));
-        let start = Arc::new(Barrier::new(threads as usize));
+        // The threads and the main thread: the threads call once the main thread has
+        // registered.
+        let start = Arc::new(Barrier::new(threads as usize + 1));
         let handles: Vec<_> = (0..threads)
             .map(|i| {
                 let n = args.expedited / threads + u64::from(i < args.expedited % threads);
@@ -331,6 +339,10 @@ fn main() {
                     .unwrap()
             })
             .collect();
+        if args.register_late {
+            call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
+        }
+        start.wait();
         expedite_threads = handles.into_iter().map(|h| h.join().unwrap()).collect();
         let shared = std::mem::take(&mut *shared.lock().unwrap());
         merge(&mut tally, shared);

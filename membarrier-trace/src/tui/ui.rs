@@ -14,7 +14,7 @@ use ratatui::{
 use super::app::{App, Column, Pane};
 use crate::{
     cmd::Kind,
-    model::{CmdReport, GraceSource, ProcessReport, WriterReport},
+    model::{CmdReport, Finding, GraceSource, ProcessReport, WriterReport},
     output::counts,
 };
 
@@ -224,9 +224,16 @@ fn process_cells(app: &App, p: &ProcessReport) -> Vec<String> {
     } else {
         p.pid.to_string()
     };
+    // A process with findings: `!` before its name (they are in its detail pane).
+    let name = crate::output::process_name(p);
+    let name = if findings_of(app, p).is_empty() {
+        name
+    } else {
+        format!("!{name}")
+    };
     vec![
         pid,
-        crate::output::process_name(p),
+        name,
         rate(p.calls_per_sec),
         count(p.calls),
         count(p.errors),
@@ -373,7 +380,7 @@ fn render_detail(
         Layout::vertical([Constraint::Length(3), Constraint::Min(0)]).areas(right);
     if let Some(c) = p.cmds.get(app.selected_cmd) {
         render_histogram(f, c, hist);
-        render_breakdown(f, c, breakdown);
+        render_breakdown(f, c, &findings_of(app, p), breakdown);
     }
     let history = app.history(p.pid);
     f.render_widget(
@@ -430,6 +437,15 @@ fn render_cmds(f: &mut Frame, app: &App, p: &ProcessReport, area: Rect) {
 fn name_then(widths: &[u16]) -> Vec<Constraint> {
     std::iter::once(Constraint::Fill(1))
         .chain(widths.iter().map(|&w| Constraint::Length(w)))
+        .collect()
+}
+
+/// The findings of process `p`.
+fn findings_of<'a>(app: &'a App, p: &ProcessReport) -> Vec<&'a Finding> {
+    app.shown
+        .findings
+        .iter()
+        .filter(|f| f.pid == p.pid && f.comm == p.comm)
         .collect()
 }
 
@@ -525,8 +541,13 @@ fn render_histogram(f: &mut Frame, c: &CmdReport, area: Rect) {
     );
 }
 
-fn render_breakdown(f: &mut Frame, c: &CmdReport, area: Rect) {
-    let mut lines = vec![
+fn render_breakdown(f: &mut Frame, c: &CmdReport, findings: &[&Finding], area: Rect) {
+    // The process's findings first: what to fix.
+    let mut lines: Vec<Line> = findings
+        .iter()
+        .map(|x| Line::from(format!("! {}: {}", x.rule, x.fix)).style(Style::new().fg(Color::Red)))
+        .collect();
+    lines.extend([
         Line::from(format!(
             "blocked {} ({:.0}%), on CPU {}, summed over calls; p50 blocked {}",
             fmt_ns(c.blocked_ns.sum),
@@ -553,7 +574,7 @@ fn render_breakdown(f: &mut Frame, c: &CmdReport, area: Rect) {
             fmt_ns(c.mutex_wait_ns.sum),
             fmt_ns(c.mutex_wait_ns.max)
         )),
-    ];
+    ]);
     if !c.woken_by.is_empty() {
         lines.push(Line::from(format!("woken by {}", counts(&c.woken_by, ""))));
     }
