@@ -80,14 +80,12 @@ impl CallerNamer {
         let mut threads = Vec::new();
         if let Some(mut ring) = rings.callers {
             let mut r = reader();
-            // The race is with the process's exit, milliseconds away for a short-lived one,
-            // on a box whose CPUs may all be busy: the highest normal priority (nice -20) gets
-            // the CPU at its wakeup without real-time priority, which could starve the box's
-            // other work (and its RCU-tasks grace periods, which detaching fentry waits for).
-            // The work is short (read the maps, open a file) and rare (a thread's first grace
-            // period from a caller).
+            // The race is with the process's exit, milliseconds away for a short-lived one:
+            // the thread wakes on the report. At normal priority: SCHED_FIFO won it on a box
+            // whose CPUs were all busy, but a real-time thread on the RT guest and a nice -20
+            // one here (the retire pass fell behind 12,000 exiting processes) hurt the rest.
             let fd = ring.as_fd().as_raw_fd();
-            threads.push(spawn("callers", -20, stop.clone(), fd, move || {
+            threads.push(spawn("callers", stop.clone(), fd, move || {
                 let mut n = 0;
                 while let Some(item) = ring.next() {
                     n += 1;
@@ -112,7 +110,7 @@ impl CallerNamer {
             // traced programs. A process that exits before its stack is read keeps what its
             // first frame and the mappings already known give.
             let fd = ring.as_fd().as_raw_fd();
-            threads.push(spawn("stacks", 0, stop.clone(), fd, move || {
+            threads.push(spawn("stacks", stop.clone(), fd, move || {
                 let mut n = 0;
                 while let Some(item) = ring.next() {
                     n += 1;
@@ -331,11 +329,10 @@ fn read_as<T: Copy>(bytes: &[u8]) -> Option<T> {
         .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-/// A thread at `nice` that runs `read` (which returns the items it took) whenever the ring
-/// `fd` has items, and every 100 ms, until `stop`.
+/// A thread that runs `read` (which returns the items it took) whenever the ring `fd` has
+/// items, and every 100 ms, until `stop`.
 fn spawn(
     name: &str,
-    nice: i32,
     stop: Arc<AtomicBool>,
     fd: std::os::fd::RawFd,
     mut read: impl FnMut() -> usize + Send + 'static,
@@ -343,13 +340,6 @@ fn spawn(
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            if nice != 0 {
-                // SAFETY: this thread (its tid); no memory effects. Without CAP_SYS_NICE it
-                // stays as it is.
-                unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice)
-                };
-            }
             while !stop.load(Ordering::Relaxed) {
                 let mut pfd = libc::pollfd {
                     fd,
