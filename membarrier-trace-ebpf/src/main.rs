@@ -573,13 +573,16 @@ fn on_exit(end_ns: u64, ret: i64) {
 
 /// `--stacks`: sends the calling thread's user registers and the top of its user stack, for
 /// userspace to unwind (from `.eh_frame`: no frame pointers needed) and count under `row`'s key.
-/// Within the CPU's stack rate every call's is sent; beyond it, 1 in `STACK_SAMPLE_EVERY`.
+/// Within the CPU's stack rate every call's is sent; beyond it, 1 in `STACK_SAMPLE_EVERY` up to
+/// `STACK_SAMPLED` a window, and the others are counted in the row as sampled out.
 #[inline(always)]
 fn send_stack(row: &mut Stats, key: &StatsKey, end_ns: u64, ns: u64) {
     let Some(rate) = STACK_RATE.get_ptr_mut(0) else {
         return;
     };
-    // Per CPU, and the exit programs do not nest on one CPU: plain stores.
+    // Per CPU: plain stores. Where programs are preemptible (PREEMPT_RT) two exits on one CPU
+    // may race here; that can only miscount the window's budget: each call still ends in
+    // exactly one of sampled out, unsent or sent.
     let rate = unsafe { &mut *rate };
     if end_ns.wrapping_sub(rate[0]) >= STACK_WINDOW_NS {
         rate[0] = end_ns;
