@@ -130,7 +130,7 @@ fn assert_threads_add_up(report: &Value, p: &Value) {
 /// fill a system-wide tracer's maps, or lower pid_max) take it alone.
 static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
-/// The tests that churn processes: alone on the machine.
+/// The tests that churn processes, and calibration: alone on the machine.
 fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
     let g = MACHINE.write().unwrap_or_else(|e| e.into_inner());
     root();
@@ -2268,7 +2268,10 @@ fn prometheus_rules_pass_promtool() {
 /// agrees with what the tracer measures for the same workload (the spinner pair).
 #[test]
 fn calibrate_measures_each_cmd_and_agrees_with_the_tracer() {
-    let _machine = require_root();
+    // A measurement of this host's costs: on a quiet machine, as calibrate is meant to be run
+    // (beside the other tests, twice in four CI runs the 1-sibling scenario had 1,001 and
+    // 1,002 IPIs in 1,000 calls; alone, 10 runs of 10 had 1,000: see the session-8 note).
+    let _machine = alone();
     let out = run(tracer().args(["calibrate", "--calls", "4000", "-o", "json"]));
     assert!(
         out.status.success(),
