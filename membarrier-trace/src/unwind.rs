@@ -22,6 +22,9 @@ use crate::{
     procmaps::{Mapping, mappings},
 };
 
+/// Mapped files whose call-frame information is kept at most.
+const MAX_FILES: usize = 256;
+
 /// Frames unwound at most (the caller's first).
 pub const MAX_FRAMES: usize = 64;
 
@@ -189,14 +192,17 @@ pub struct Unwinder {
 }
 
 impl Unwinder {
-    /// Forgets what it knows of processes, when it holds more than `max` (they exit; the
-    /// files and rules stay, shared by the processes that map them).
+    /// Forgets what it knows of processes, when it holds more than `max` (they exit), and of
+    /// files and rules past their bounds.
     pub fn forget_processes(&mut self, max: usize) {
         if self.maps.len() > max {
             self.maps.clear();
         }
-        if self.rules.len() > 1 << 20 {
+        // Each file is held whole in memory: a box that runs many binaries over days must not
+        // keep them all (read again when next met).
+        if self.rules.len() > 1 << 20 || self.files.len() > MAX_FILES {
             self.rules.clear();
+            self.files.clear();
         }
     }
 
