@@ -322,6 +322,44 @@ pub struct CallKey {
     pub flags: u32,
 }
 
+/// Per caller (process, cmd, flags) and victim: the process whose task was running on the
+/// target CPU when membarrier's IPI handler ran there, and so paid for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HandlerKey {
+    pub tgid: u32,
+    pub serial: u32,
+    pub cmd: u32,
+    pub flags: u32,
+    /// The interrupted task's tgid (0: the CPU was idle; [`VICTIMS_OTHER`]: any, once the
+    /// map had no room for a row of its own).
+    pub victim: u32,
+}
+
+/// The victim of a [`HandlerKey`] row holding the handler runs of victims that found the map
+/// full, so a caller's handler time stays whole however many processes it interrupts.
+pub const VICTIMS_OTHER: u32 = u32::MAX;
+
+/// Handler runs and their time for one [`HandlerKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Handled {
+    pub runs: u64,
+    pub ns: u64,
+    /// The interrupted task's comm at the row's first run.
+    pub comm: [u8; COMM_LEN],
+}
+
+impl core::ops::AddAssign for Handled {
+    fn add_assign(&mut self, o: Self) {
+        self.runs += o.runs;
+        self.ns += o.ns;
+        if self.comm[0] == 0 {
+            self.comm = o.comm;
+        }
+    }
+}
+
 /// Tracepoint record fields the breakdown programs read: indexes into their `FIELDS` array,
 /// which userspace fills from each tracepoint's format file before loading (layouts differ:
 /// PREEMPT_RT kernels add a field to the common header). The verifier only allows context reads
@@ -449,6 +487,8 @@ mod user {
     unsafe impl aya::Pod for super::CpuKey {}
     unsafe impl aya::Pod for super::WakerKey {}
     unsafe impl aya::Pod for super::CallKey {}
+    unsafe impl aya::Pod for super::HandlerKey {}
+    unsafe impl aya::Pod for super::Handled {}
     unsafe impl aya::Pod for super::Proc {}
     unsafe impl aya::Pod for super::WriterKey {}
     unsafe impl aya::Pod for super::WriterStats {}

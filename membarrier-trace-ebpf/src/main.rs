@@ -32,12 +32,12 @@ use aya_ebpf::{
     },
 };
 use membarrier_trace_common::{
-    CALLER_RING_BYTES, CLONE_THREAD, COMM_LEN, CallKey, CallerSeen, CpuKey, HIST_BUCKETS,
-    INSIDE_SLOTS, IPI_HIST, Inflight, MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT,
-    MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_WAKERS, MAX_WRITERS, Proc, STACK_BUDGET, STACK_COPY,
-    STACK_RING_BYTES, STACK_SAMPLE_EVERY, STACK_SAMPLED, STACK_WINDOW_NS, StackSample, Stats,
-    StatsKey, THREAD_CMDS, ThreadCalls, ThreadKey, WakerKey, Writer, WriterKey, WriterStats,
-    counter, field, hist_bucket, proc_id, thread_cmd,
+    CALLER_RING_BYTES, CLONE_THREAD, COMM_LEN, CallKey, CallerSeen, CpuKey, HIST_BUCKETS, Handled,
+    HandlerKey, INSIDE_SLOTS, IPI_HIST, Inflight, MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES,
+    MAX_INFLIGHT, MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_WAKERS, MAX_WRITERS, Proc, STACK_BUDGET,
+    STACK_COPY, STACK_RING_BYTES, STACK_SAMPLE_EVERY, STACK_SAMPLED, STACK_WINDOW_NS, StackSample,
+    Stats, StatsKey, THREAD_CMDS, ThreadCalls, ThreadKey, VICTIMS_OTHER, WakerKey, Writer,
+    WriterKey, WriterStats, counter, field, hist_bucket, proc_id, thread_cmd,
 };
 
 /// Set by userspace before load: 1 when only the processes marked traced in `PROCS` are. Being
@@ -154,9 +154,10 @@ static WAKERS: HashMap<WakerKey, u64> = HashMap::with_max_entries(MAX_WAKERS, 0)
 #[map]
 static CSD_OWNER: HashMap<u64, CallKey> = HashMap::with_max_entries(MAX_CSDS, 0);
 
-/// Handler time run on target CPUs, per (process, cmd, flags) that caused it.
+/// Handler runs and time on target CPUs, per (process, cmd, flags) that caused them and the
+/// process they interrupted.
 #[map]
-static HANDLER_NS: HashMap<CallKey, u64> = HashMap::with_max_entries(MAX_WAKERS, 0);
+static HANDLED: HashMap<HandlerKey, Handled> = HashMap::with_max_entries(MAX_WAKERS, 0);
 
 /// The membarrier callback running on this CPU: [start ns, csd].
 #[map]
@@ -965,7 +966,7 @@ pub fn csd_function_exit(ctx: TracePointContext) -> u32 {
         let owner = unsafe { *owner };
         // The csd is reused for other cross-CPU calls: it is ours only until it has run.
         let _ = CSD_OWNER.remove(&csd);
-        count(&HANDLER_NS, &owner, ns);
+        handled(&owner, ns);
     }
     0
 }
@@ -1080,8 +1081,53 @@ fn handler_end() {
     };
     let owner = unsafe { *owner };
     if owner.tgid != 0 {
-        count(&HANDLER_NS, &owner, now().wrapping_sub(since));
+        handled(&owner, now().wrapping_sub(since));
     }
+}
+
+/// One handler run of `owner`'s, `ns` long, charged to the task it interrupted: in the
+/// handler (hardirq, or the target's own flush of its queue) the current task is the one whose
+/// CPU time it took.
+#[inline(always)]
+fn handled(owner: &CallKey, ns: u64) {
+    let mut key = HandlerKey {
+        tgid: owner.tgid,
+        serial: owner.serial,
+        cmd: owner.cmd,
+        flags: owner.flags,
+        victim: (bpf_get_current_pid_tgid() >> 32) as u32,
+    };
+    if handled_in(&key, ns, bpf_get_current_comm().unwrap_or_default()) {
+        return;
+    }
+    // The map is full (a caller interrupting many short-lived processes): the caller's row
+    // for all other victims keeps its handler time whole.
+    key.victim = VICTIMS_OTHER;
+    if !handled_in(&key, ns, [0; COMM_LEN]) {
+        bump(counter::DROPPED_DETAIL);
+    }
+}
+
+/// Adds one run of `ns` to `key`'s row, creating it (with `comm`); false when the map is full.
+#[inline(always)]
+fn handled_in(key: &HandlerKey, ns: u64, comm: [u8; COMM_LEN]) -> bool {
+    let bump_row = |p: *mut Handled| unsafe {
+        add(&mut (*p).runs, 1);
+        add(&mut (*p).ns, ns);
+    };
+    if let Some(p) = HANDLED.get_ptr_mut(key) {
+        bump_row(p);
+        return true;
+    }
+    let row = Handled { runs: 1, ns, comm };
+    if HANDLED.insert(key, &row, BPF_NOEXIST as u64).is_ok() {
+        return true;
+    }
+    match HANDLED.get_ptr_mut(key) {
+        Some(p) => bump_row(p), // another CPU created it meanwhile
+        None => return false,
+    }
+    true
 }
 
 #[fentry(function = "ipi_mb")]

@@ -7,6 +7,8 @@ pub const FLAG_CPU: u32 = 1;
 
 pub const QUERY: i32 = 0;
 pub const GLOBAL: i32 = 1;
+pub const GLOBAL_EXPEDITED: i32 = 2;
+pub const REGISTER_GLOBAL_EXPEDITED: i32 = 4;
 pub const PRIVATE_EXPEDITED: i32 = 8;
 pub const REGISTER_PRIVATE_EXPEDITED: i32 = 16;
 

@@ -14,9 +14,9 @@ use aya::{
     programs::{BtfTracePoint, FEntry, FExit, Program, ProgramError, TracePoint},
 };
 use membarrier_trace_common::{
-    COMM_LEN, CallKey, CpuKey, Inflight, MAX_INFLIGHT, MAX_PROCS, MAX_STATS, MAX_THREADS,
-    MAX_WRITERS, Proc, STACK_RING_BYTES, Stats, StatsKey, ThreadCalls, ThreadKey, WakerKey,
-    WriterKey, WriterStats, counter, field, proc_id,
+    COMM_LEN, CpuKey, Handled, HandlerKey, Inflight, MAX_INFLIGHT, MAX_PROCS, MAX_STATS,
+    MAX_THREADS, MAX_WRITERS, Proc, STACK_RING_BYTES, Stats, StatsKey, ThreadCalls, ThreadKey,
+    WakerKey, WriterKey, WriterStats, counter, field, proc_id,
 };
 
 use crate::{
@@ -58,7 +58,7 @@ pub struct Collector {
     control: Array<MapData, u32>,
     ipi_cpus: BpfHashMap<MapData, CpuKey, u64>,
     wakers: BpfHashMap<MapData, WakerKey, u64>,
-    handler_ns: BpfHashMap<MapData, CallKey, u64>,
+    handled: BpfHashMap<MapData, HandlerKey, Handled>,
     exit_names: BpfHashMap<MapData, u64, [u8; COMM_LEN]>,
     writer_rows: BpfHashMap<MapData, WriterKey, WriterStats>,
     /// Exited threads' calls, drained at every retire pass.
@@ -692,7 +692,7 @@ impl Collector {
         let control = take(&mut ebpf, "CONTROL")?;
         let ipi_cpus = take(&mut ebpf, "IPI_CPUS")?;
         let wakers = take(&mut ebpf, "WAKERS")?;
-        let handler_ns = take(&mut ebpf, "HANDLER_NS")?;
+        let handled = take(&mut ebpf, "HANDLED")?;
         let exit_names = take(&mut ebpf, "EXIT_NAMES")?;
         let writer_rows = take(&mut ebpf, "WRITERS")?;
         let thread_rows = take(&mut ebpf, "THREADS")?;
@@ -722,7 +722,7 @@ impl Collector {
             control,
             ipi_cpus,
             wakers,
-            handler_ns,
+            handled,
             exit_names,
             writer_rows,
             thread_rows,
@@ -1099,7 +1099,7 @@ impl Collector {
         let r = &mut self.retired;
         retire_detail(&mut self.ipi_cpus, &mut r.ipi_cpus, &dead, &dest)?;
         retire_detail(&mut self.wakers, &mut r.wakers, &dead, &dest)?;
-        retire_detail(&mut self.handler_ns, &mut r.handler_ns, &dead, &dest)?;
+        retire_detail(&mut self.handled, &mut r.handled, &dead, &dest)?;
         for p in &dead {
             if let Some(t) = self.exited_threads.remove(p) {
                 let to = dest.get(p).copied().unwrap_or(*p);
@@ -1273,12 +1273,12 @@ impl Collector {
         };
         let mut ipi_cpus: Vec<(CpuKey, u64)> = self.ipi_cpus.iter().collect::<Result<_, _>>()?;
         let mut wakers: Vec<(WakerKey, u64)> = self.wakers.iter().collect::<Result<_, _>>()?;
-        let mut handler_ns: Vec<(CallKey, u64)> =
-            self.handler_ns.iter().collect::<Result<_, _>>()?;
+        let mut handled: Vec<(HandlerKey, Handled)> =
+            self.handled.iter().collect::<Result<_, _>>()?;
         rows.extend(self.retired.rows.values().cloned());
         ipi_cpus.extend(self.retired.ipi_cpus.iter().map(|(k, v)| (*k, *v)));
         wakers.extend(self.retired.wakers.iter().map(|(k, v)| (*k, *v)));
-        handler_ns.extend(self.retired.handler_ns.iter().map(|(k, v)| (*k, *v)));
+        handled.extend(self.retired.handled.iter().map(|(k, v)| (*k, *v)));
         let mut comms = self.comms.clone();
         comms.extend(self.retired.comms.iter().map(|(k, v)| (*k, v.clone())));
         Ok(Snapshot {
@@ -1289,7 +1289,7 @@ impl Collector {
             exited: self.retired.exited.clone(),
             ipi_cpus,
             wakers,
-            handler_ns,
+            handled,
             grace_period_source: self.grace_source,
             attach: self.hook.attach,
             maps: self.maps,
@@ -1328,7 +1328,7 @@ struct Retired {
     rows: HashMap<StatsKey, RawRow>,
     ipi_cpus: HashMap<CpuKey, u64>,
     wakers: HashMap<WakerKey, u64>,
-    handler_ns: HashMap<CallKey, u64>,
+    handled: HashMap<HandlerKey, Handled>,
     /// Processes each entry stands for.
     exited: HashMap<ProcKey, u64>,
     comms: HashMap<ProcKey, String>,
@@ -1437,20 +1437,21 @@ macro_rules! proc_keyed {
         }
     )*};
 }
-proc_keyed!(StatsKey, CpuKey, WakerKey, CallKey, WriterKey);
+proc_keyed!(StatsKey, CpuKey, WakerKey, HandlerKey, WriterKey);
 
 /// Moves the entries of `dead` processes from a kernel detail map into `into`, under the entry
 /// each went to (`dest`; itself when it had no stats row).
-fn retire_detail<K>(
-    map: &mut BpfHashMap<MapData, K, u64>,
-    into: &mut HashMap<K, u64>,
+fn retire_detail<K, V>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    into: &mut HashMap<K, V>,
     dead: &HashSet<ProcKey>,
     dest: &HashMap<ProcKey, ProcKey>,
 ) -> Result<()>
 where
     K: ProcKeyed + aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod + Default + std::ops::AddAssign,
 {
-    let entries: Vec<(K, u64)> = map.iter().collect::<Result<_, _>>()?;
+    let entries: Vec<(K, V)> = map.iter().collect::<Result<_, _>>()?;
     for (k, n) in entries {
         let p = k.proc();
         if dead.contains(&p) {

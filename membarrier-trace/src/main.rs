@@ -555,14 +555,14 @@ impl membarrier_trace::tui::Feed for Session {
 
     fn report(&mut self) -> Result<Report> {
         let mut report = self.model.report(&self.collector.snapshot(false)?);
-        report.findings = findings::of(&report);
+        report.findings = findings::of(&report, &findings::Machine::read());
         Ok(report)
     }
 
     fn final_report(&mut self) -> Result<Report> {
         let mut report = self.model.report(&self.collector.snapshot(true)?);
         self.collector.detach();
-        report.findings = findings::of(&report);
+        report.findings = findings::of(&report, &findings::Machine::read());
         Ok(report)
     }
 }

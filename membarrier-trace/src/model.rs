@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use membarrier_trace_common::{
-    CallKey, CpuKey, IPI_HIST, Stats, StatsKey, THREAD_CMDS, WakerKey, WriterKey, WriterStats,
-    thread_cmd,
+    CpuKey, Handled, HandlerKey, IPI_HIST, Stats, StatsKey, THREAD_CMDS, VICTIMS_OTHER, WakerKey,
+    WriterKey, WriterStats, thread_cmd,
 };
 use serde::Serialize;
 
@@ -161,8 +161,8 @@ pub struct Snapshot {
     pub exited: HashMap<ProcKey, u64>,
     pub ipi_cpus: Vec<(CpuKey, u64)>,
     pub wakers: Vec<(WakerKey, u64)>,
-    /// IPI handler time on the target CPUs.
-    pub handler_ns: Vec<(CallKey, u64)>,
+    /// IPI handler runs and time on the target CPUs, per caller and interrupted process.
+    pub handled: Vec<(HandlerKey, Handled)>,
     pub grace_period_source: GraceSource,
     pub attach: Attach,
     pub maps: Maps,
@@ -353,7 +353,8 @@ pub enum Severity {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Finding {
-    /// The rule's id: `late_registration`, `unregistered_eperm`, `global_rate`.
+    /// The rule's id: `late_registration`, `unregistered_eperm`, `global_rate`,
+    /// `global_unavailable`, `mutex_contention`, `ipi_storm`.
     pub rule: &'static str,
     pub severity: Severity,
     pub pid: u32,
@@ -543,6 +544,21 @@ pub struct Ipis {
     pub per_call: Vec<IpiBucket>,
     /// Time the targets spent in membarrier's IPI handler for these calls.
     pub handler_ns: u64,
+    /// Whose work the handlers interrupted, most interrupts first.
+    pub victims: Vec<IpiVictim>,
+}
+
+/// A process that was running on a target CPU when the handler of these calls ran there.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct IpiVictim {
+    /// Its tgid; 0: the CPU was idle; null: all victims past the room of the kernel's map
+    /// (`HANDLED`, 4096 rows).
+    pub pid: Option<u32>,
+    /// The interrupted thread's name at the first interrupt.
+    pub comm: String,
+    /// Handler runs on its CPU time.
+    pub interrupts: u64,
+    pub handler_ns: u64,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq)]
@@ -675,11 +691,21 @@ impl Model {
         for t in &snap.threads {
             threads.entry(t.proc).or_default().push(t);
         }
-        let handler: HashMap<Group, u64> = snap
-            .handler_ns
-            .iter()
-            .map(|(k, ns)| ((k.tgid, k.serial, k.cmd, k.flags), *ns))
-            .collect();
+        let mut handler: HashMap<Group, u64> = HashMap::new();
+        let mut victims: HashMap<Group, Vec<IpiVictim>> = HashMap::new();
+        for (k, h) in &snap.handled {
+            let group = (k.tgid, k.serial, k.cmd, k.flags);
+            *handler.entry(group).or_default() += h.ns;
+            victims.entry(group).or_default().push(IpiVictim {
+                pid: (k.victim != VICTIMS_OTHER).then_some(k.victim),
+                comm: comm_str(&h.comm),
+                interrupts: h.runs,
+                handler_ns: h.ns,
+            });
+        }
+        for v in victims.values_mut() {
+            v.sort_by(|a, b| b.interrupts.cmp(&a.interrupts).then(a.pid.cmp(&b.pid)));
+        }
 
         // --stacks: each group's stacks.
         let mut stacks: HashMap<StackGroup, Vec<(&[u64], &StackCount)>> = HashMap::new();
@@ -749,6 +775,7 @@ impl Model {
                         })
                         .collect(),
                     handler_ns: cost.ipi_handler,
+                    victims: victims.remove(&group).unwrap_or_default(),
                 },
                 mutex_wait_ns: MutexWait {
                     sum: all.mutex_wait_sum_ns,
@@ -1222,15 +1249,23 @@ pub(crate) mod tests {
             },
             1,
         )];
-        snap.handler_ns = vec![(
-            CallKey {
+        let victim = |victim: u32, name: &[u8], runs: u64, ns: u64| {
+            let mut comm = [0u8; 16];
+            comm[..name.len()].copy_from_slice(name);
+            let key = HandlerKey {
                 tgid: 42,
                 serial: 0,
                 cmd: 8,
                 flags: 0,
-            },
-            900,
-        )];
+                victim,
+            };
+            (key, Handled { runs, ns, comm })
+        };
+        snap.handled = vec![
+            victim(0, b"swapper/1", 1, 100),
+            victim(7, b"spin", 3, 800),
+            victim(VICTIMS_OTHER, b"", 1, 0),
+        ];
         snap.grace_period_source = GraceSource::Sched;
         let r = Model::default().report(&snap);
         let pe = &r.processes[0].cmds[0];
@@ -1241,6 +1276,20 @@ pub(crate) mod tests {
             pe.ipis.per_call.iter().map(|b| (b.ipis, b.count)).collect();
         assert_eq!(per_call, vec![(0, 3), (1, 2), (2, 1)]);
         assert_eq!(pe.ipis.handler_ns, 900);
+        let victims: Vec<(Option<u32>, &str, u64, u64)> = pe
+            .ipis
+            .victims
+            .iter()
+            .map(|v| (v.pid, v.comm.as_str(), v.interrupts, v.handler_ns))
+            .collect();
+        assert_eq!(
+            victims,
+            [
+                (Some(7), "spin", 3, 800),
+                (None, "", 1, 0),
+                (Some(0), "swapper/1", 1, 100)
+            ]
+        );
         assert_eq!(pe.blocked_ns.sum, 300);
         assert_eq!(pe.blocked_ns.p50, 0);
         assert_eq!(pe.blocked_ns.max, 300);
@@ -1322,7 +1371,7 @@ pub(crate) mod tests {
         for f in ["sum", "p50", "p99", "max"] {
             assert!(c["blocked_ns"][f].is_u64(), "blocked {f}");
         }
-        for f in ["sent", "per_cpu", "per_call", "handler_ns"] {
+        for f in ["sent", "per_cpu", "per_call", "handler_ns", "victims"] {
             assert!(c["ipis"].get(f).is_some(), "ipis {f}");
         }
         assert!(c["mutex_wait_ns"]["sum"].is_u64() && c["mutex_wait_ns"]["max"].is_u64());

@@ -5,8 +5,8 @@ use std::{borrow::Cow, fmt::Write as _};
 use crate::{
     cmd::{self, Kind},
     model::{
-        Caller, CmdReport, CmdThread, Dropped, GraceSource, ProcessReport, Report, Severity,
-        StackReport,
+        Caller, CmdReport, CmdThread, Dropped, GraceSource, IpiVictim, ProcessReport, Report,
+        Severity, StackReport,
     },
 };
 
@@ -250,6 +250,9 @@ fn compact(v: &serde_json::Value) -> String {
             .collect::<Vec<_>>()
             .join(", "),
         serde_json::Value::String(t) => printable(t).into_owned(),
+        serde_json::Value::Array(a) => {
+            format!("[{}]", a.iter().map(compact).collect::<Vec<_>>().join("; "))
+        }
         serde_json::Value::Number(n) => match n.as_f64() {
             Some(x) if n.is_f64() => format!("{x:.2}"),
             _ => n.to_string(),
@@ -361,6 +364,9 @@ fn breakdown(s: &mut String, c: &CmdReport) {
             fmt_ns(c.ipis.handler_ns)
         ));
     }
+    if !c.ipis.victims.is_empty() {
+        parts.push(format!("interrupted {}", victims(&c.ipis.victims, 4)));
+    }
     if c.mutex_wait_ns.sum > 0 {
         parts.push(format!(
             "mutex wait {} (max {})",
@@ -444,6 +450,28 @@ pub fn folded(r: &Report) -> String {
         }
     }
     s
+}
+
+/// Whose CPU time IPI handlers took, most interrupts first: `comm(pid):interrupts handler`
+/// (`idle` for pid 0, `others` past the kernel map's room), the first `max`, then how many
+/// more.
+pub fn victims(vs: &[IpiVictim], max: usize) -> String {
+    let mut parts: Vec<String> = vs
+        .iter()
+        .take(max)
+        .map(|v| {
+            let who = match v.pid {
+                Some(0) => "idle".to_string(),
+                Some(pid) => format!("{}({pid})", printable(&v.comm)),
+                None => "others".to_string(),
+            };
+            format!("{who}:{} {}", v.interrupts, fmt_ns(v.handler_ns))
+        })
+        .collect();
+    if vs.len() > max {
+        parts.push(format!("{} more", vs.len() - max));
+    }
+    parts.join(", ")
 }
 
 /// One thread and its count: `name(tid):n`.
@@ -636,7 +664,7 @@ mod tests {
     #[test]
     fn findings_come_first() {
         let mut r = Model::default().report(&snapshot());
-        r.findings = crate::findings::of(&r);
+        r.findings = crate::findings::of(&r, &crate::findings::Machine::default());
         // PID 42's PRIVATE_EXPEDITED row has 2 EPERM.
         assert_eq!(r.findings.len(), 1, "{:#?}", r.findings);
         assert_eq!(r.findings[0].rule, "unregistered_eperm");

@@ -36,6 +36,10 @@ pub struct Kernel {
     preempt_rt: bool,
     /// Part of `cargo xtask test` (and so CI); the others run with `cargo xtask vmtest`.
     in_test: bool,
+    /// Extra kernel command line.
+    boot_args: &'static str,
+    /// Only this test, in `auto` mode: a guest booted for one test's sake.
+    only: Option<&'static str>,
 }
 
 pub const KERNELS: &[Kernel] = &[
@@ -45,6 +49,8 @@ pub const KERNELS: &[Kernel] = &[
         fentry: true,
         preempt_rt: false,
         in_test: true,
+        boot_args: "",
+        only: None,
     },
     Kernel {
         name: "debian12-rt",
@@ -55,8 +61,24 @@ pub const KERNELS: &[Kernel] = &[
         // RCU-tasks grace periods, which PREEMPT_RT under TCG makes slow. Its fentry mode runs
         // only the accounting tests (see RT_FENTRY_TESTS).
         in_test: true,
+        boot_args: "",
+        only: None,
+    },
+    Kernel {
+        name: "debian12-nohz",
+        flavour: "cloud-amd64",
+        fentry: true,
+        preempt_rt: false,
+        in_test: true,
+        // GLOBAL fails with EINVAL once any CPU is nohz_full.
+        boot_args: "nohz_full=1",
+        only: Some(GLOBAL_UNAVAILABLE),
     },
 ];
+
+/// Takes CPUs offline, and needs a nohz_full kernel for half of it: ignored on the host, run
+/// in the cloud guest and in the nohz one.
+const GLOBAL_UNAVAILABLE: &str = "global_unavailable_where_the_kernel_cannot_wait";
 
 const MODES: &[&str] = &["auto", "tracepoint", "fentry"];
 
@@ -75,6 +97,9 @@ const RT_FENTRY_TESTS: &[&str] = &[
 
 /// Whether `test` runs in `mode` on kernel `k`.
 fn runs(k: &Kernel, mode: &str, test: &str) -> bool {
+    if let Some(only) = k.only {
+        return mode == "auto" && test == only;
+    }
     !(k.preempt_rt && mode == "fentry") || RT_FENTRY_TESTS.contains(&test)
 }
 
@@ -100,6 +125,7 @@ const TESTS: &[(&str, &str)] = &[
     ("sigint_prints_the_final_summary", "sigint"),
     ("stacks_above_the_rate_are_sampled_and_add_up", "stacks"),
     ("attach_auto_falls_back_and_fentry_is_clear", "attach"),
+    (GLOBAL_UNAVAILABLE, "global"),
 ];
 
 /// A guest that has not powered off by then has hung.
@@ -286,12 +312,17 @@ out=/dev/ttyS1
 # A hang leaves its blocked tasks' stacks in the console log: sysrq-w every 4 minutes.
 (while sleep 240; do echo w > /proc/sysrq-trigger; done) &
 echo "@@kernel $(uname -r) fentry=$MT_FENTRY preempt_rt=$MT_PREEMPT_RT cpus=$(nproc)" > $out
-for mode in {modes}; do
+modes="{modes}"
+# A guest booted for one test (Kernel::only).
+[ -n "$MT_ONLY" ] && modes=auto
+for mode in $modes; do
     echo "@@mode $mode" > $out
     tests="{tests}"
     # Exact counts are not to be had from preemptible fentry programs: RT_FENTRY_TESTS.
     [ "$MT_PREEMPT_RT" = yes ] && [ $mode = fentry ] && tests="{rt_fentry}"
-    MT_ATTACH=$mode {bin} --test-threads=1 --exact $tests > $out 2>&1
+    [ -n "$MT_ONLY" ] && tests=$MT_ONLY
+    # --include-ignored: the tests that change the machine (CPUs offline) are for guests.
+    MT_ATTACH=$mode {bin} --test-threads=1 --include-ignored --exact $tests > $out 2>&1
     echo "@@rc $mode $?" > $out
 done
 echo "@@done" > $out
@@ -365,9 +396,15 @@ fn boot(k: &Kernel, vmlinuz: &Path, initrd: &Path, dir: &Path) -> Result<Results
     let results = dir.join(format!("{}.tests.log", k.name));
     let _ = fs::remove_file(&results);
     let append = format!(
-        "console=ttyS0 panic=-1 loglevel=7 MT_FENTRY={} MT_PREEMPT_RT={}",
+        "console=ttyS0 panic=-1 loglevel=7 MT_FENTRY={} MT_PREEMPT_RT={}{}{}",
         if k.fentry { "allowed" } else { "refused" },
         if k.preempt_rt { "yes" } else { "no" },
+        k.only.map(|t| format!(" MT_ONLY={t}")).unwrap_or_default(),
+        if k.boot_args.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", k.boot_args)
+        },
     );
     let mut child = Command::new("qemu-system-x86_64")
         // Single-threaded TCG: with one host thread per vCPU, a vCPU calling membarrier in a
@@ -472,6 +509,9 @@ fn print_table(table: &[(&Kernel, Results)]) -> bool {
     println!();
     for (k, results) in table {
         for mode in MODES {
+            if !TESTS.iter().any(|(t, _)| runs(k, mode, t)) {
+                continue;
+            }
             print!("{:<16} {:<11}", k.name, mode);
             for (test, _) in TESTS {
                 if !runs(k, mode, test) {
@@ -526,7 +566,8 @@ mod tests {
         for (t, _) in TESTS {
             assert!(init.contains(t));
         }
-        assert!(init.contains("for mode in auto tracepoint fentry;"));
+        assert!(init.contains("modes=\"auto tracepoint fentry\""));
+        assert!(init.contains("for mode in $modes;"));
         // On PREEMPT_RT, fentry runs the accounting tests alone; everything else runs all.
         let (cloud, rt) = (&KERNELS[0], &KERNELS[1]);
         assert!(rt.preempt_rt && !cloud.preempt_rt);
@@ -543,6 +584,17 @@ mod tests {
                 .iter()
                 .all(|r| TESTS.iter().any(|(t, _)| t == r))
         );
+        // A one-test guest runs that test alone, in auto mode, and it is in the table.
+        let nohz = KERNELS.iter().find(|k| k.only.is_some()).unwrap();
+        assert!(TESTS.iter().any(|(t, _)| Some(*t) == nohz.only));
+        for (t, _) in TESTS {
+            for mode in MODES {
+                assert_eq!(
+                    runs(nohz, mode, t),
+                    *mode == "auto" && Some(*t) == nohz.only
+                );
+            }
+        }
         // The binaries sit at their build paths, which may be under /tmp.
         for line in init.lines().filter(|l| l.starts_with("mount ")) {
             assert!(!line.ends_with(" /tmp"), "{line}");

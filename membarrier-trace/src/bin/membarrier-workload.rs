@@ -4,7 +4,7 @@
 //!
 //! Order of calls: PRIVATE_EXPEDITED before registering (EPERM), QUERY, invalid cmd (EINVAL),
 //! bad flags (EINVAL), REGISTER_PRIVATE_EXPEDITED, PRIVATE_EXPEDITED from `--threads` threads,
-//! the spinner's calls, GLOBAL, the steady caller, the churn of children and threads (in rounds
+//! the spinner's calls, GLOBAL, GLOBAL_EXPEDITED, the steady caller, the churn of children and threads (in rounds
 //! with `--repeat-secs`), the live threads, the rename, then the benchmark loops.
 
 use std::{
@@ -41,6 +41,10 @@ struct Args {
     expedited: u64,
     #[arg(long, default_value_t = 1)]
     threads: u64,
+    /// Pin thread `expedite-N` to CPU N modulo the CPUs (two such processes then share each
+    /// CPU, one thread of each).
+    #[arg(long)]
+    pin_threads: bool,
     /// With `--threads` > 1: register after the threads are started (they wait for it), as
     /// the .NET runtime once did: the registration then waits for a grace period.
     #[arg(long)]
@@ -48,6 +52,18 @@ struct Args {
     /// GLOBAL calls (a grace period each).
     #[arg(long, default_value_t = 0)]
     global: u64,
+    /// GLOBAL_EXPEDITED calls from the main thread, pinned to CPU 0: each IPIs the other CPUs
+    /// running a process registered for it (`--victim-secs`).
+    #[arg(long, default_value_t = 0)]
+    global_expedited: u64,
+    /// `--global-expedited` calls at most this many a second (0: back to back), in bursts
+    /// every 10 ms.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Be an IPI victim instead: register for GLOBAL_EXPEDITED, print `victim <pid>`, and spin
+    /// on the last CPU for this many seconds, making no other call.
+    #[arg(long, default_value_t = 0.0)]
+    victim_secs: f64,
     /// Print `ready <pid>` and wait for a line on stdin before the first call.
     #[arg(long)]
     wait_stdin: bool,
@@ -230,6 +246,45 @@ fn with_spinner(f: impl FnOnce(&dyn Fn())) {
     f(&|| spinner.seen_running());
 }
 
+/// `n` runs of `f`, in bursts of `f(k)` every 10 ms so as to make at most `rate` a second (0:
+/// one burst of all).
+fn paced(n: u64, rate: u64, mut f: impl FnMut(u64)) {
+    if rate == 0 {
+        return f(n);
+    }
+    let burst = (rate / 100).max(1);
+    let start = Instant::now();
+    let mut done = 0;
+    while done < n {
+        let k = burst.min(n - done);
+        f(k);
+        done += k;
+        // The next burst when the rate allows it, not 10 ms after this one ended.
+        let due = std::time::Duration::from_secs_f64(done as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            thread::sleep(wait);
+        }
+    }
+}
+
+/// A process the expedited GLOBAL cmd interrupts: registered for it and always running on the
+/// last CPU, so every GLOBAL_EXPEDITED from another CPU IPIs it.
+fn victim(secs: f64) {
+    let (errno, _) = membarrier(cmd::REGISTER_GLOBAL_EXPEDITED, 0);
+    if errno != 0 {
+        eprintln!("membarrier-workload: REGISTER_GLOBAL_EXPEDITED failed: errno {errno}");
+        std::process::exit(1);
+    }
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    pin(cpus - 1);
+    println!("victim {}", std::process::id());
+    let _ = std::io::stdout().flush();
+    let until = Instant::now() + std::time::Duration::from_secs_f64(secs);
+    while Instant::now() < until {
+        std::hint::spin_loop();
+    }
+}
+
 /// PR_SET_NAME on the calling thread (the main thread names the process).
 fn set_name(name: &str) {
     let mut buf = [0u8; 16];
@@ -294,6 +349,10 @@ fn main() {
         let _ = std::io::stdout().flush();
         let _ = std::io::stdin().lock().read_line(&mut String::new());
     }
+    if args.victim_secs > 0.0 {
+        victim(args.victim_secs);
+        return;
+    }
     let mut tally = Tally::new();
     call(&mut tally, args.eperm, cmd::PRIVATE_EXPEDITED, 0, false);
     call(&mut tally, args.query, cmd::QUERY, 0, false);
@@ -316,6 +375,7 @@ fn main() {
             call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
         }
         let threads = args.threads;
+        let cpus = thread::available_parallelism().map_or(1, |n| n.get());
         let shared = Arc::new(Mutex::new(Tally::new()));
         // The threads and the main thread: the threads call once the main thread has
         // registered.
@@ -325,9 +385,13 @@ fn main() {
                 let n = args.expedited / threads + u64::from(i < args.expedited % threads);
                 let (shared, start) = (Arc::clone(&shared), Arc::clone(&start));
                 let name = format!("expedite-{i}");
+                let cpu = args.pin_threads.then_some(i as usize % cpus);
                 thread::Builder::new()
                     .name(name.clone())
                     .spawn(move || {
+                        if let Some(cpu) = cpu {
+                            pin(cpu);
+                        }
                         let mut mine = Tally::new();
                         start.wait();
                         call(&mut mine, n, cmd::PRIVATE_EXPEDITED, 0, false);
@@ -361,6 +425,12 @@ fn main() {
         });
     }
     call(&mut tally, args.global, cmd::GLOBAL, 0, true);
+    if args.global_expedited > 0 {
+        pin(0);
+        paced(args.global_expedited, args.rate, |n| {
+            call(&mut tally, n, cmd::GLOBAL_EXPEDITED, 0, false)
+        });
+    }
     if args.steady_secs > 0.0 {
         call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
         let until = Instant::now() + std::time::Duration::from_secs_f64(args.steady_secs);

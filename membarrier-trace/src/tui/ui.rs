@@ -15,7 +15,7 @@ use super::app::{App, Column, Pane};
 use crate::{
     cmd::Kind,
     model::{CmdReport, Finding, GraceSource, ProcessReport, WriterReport},
-    output::counts,
+    output::{counts, victims},
 };
 
 /// A duration in at most 6 characters, 3 significant digits: `687ns`, `15.0us`, `11.8ms`.
@@ -577,6 +577,12 @@ fn render_breakdown(f: &mut Frame, c: &CmdReport, findings: &[&Finding], area: R
     ]);
     if !c.woken_by.is_empty() {
         lines.push(Line::from(format!("woken by {}", counts(&c.woken_by, ""))));
+    }
+    if !c.ipis.victims.is_empty() {
+        lines.push(Line::from(format!(
+            "interrupted {}",
+            victims(&c.ipis.victims, 3)
+        )));
     }
     if !c.threads.is_empty() {
         lines.push(Line::from(format!(
