@@ -398,6 +398,50 @@ pub fn raw_sys_exit(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+// Each hook's floor (`cargo xtask bench`): the same attachment with programs that do nothing
+// (the raw pair still tells membarrier from the other syscalls, as any program there must).
+// What the tracer's programs cost is their time over these.
+
+#[tracepoint]
+pub fn floor_sys_enter_membarrier(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+#[tracepoint]
+pub fn floor_sys_exit_membarrier(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+#[fentry(function = "sys_membarrier")]
+pub fn floor_membarrier_fentry(_ctx: FEntryContext) -> u32 {
+    0
+}
+
+#[fexit(function = "sys_membarrier")]
+pub fn floor_membarrier_fexit(_ctx: FExitContext) -> u32 {
+    0
+}
+
+#[btf_tracepoint(function = "sys_enter")]
+pub fn floor_raw_sys_enter(ctx: BtfTracePointContext) -> i32 {
+    let id: i64 = ctx.arg(1);
+    if id != NR_MEMBARRIER {
+        return 0;
+    }
+    // Keep the compare: a membarrier call would do its work here.
+    unsafe { core::ptr::read_volatile(&id) as i32 & 0 }
+}
+
+#[btf_tracepoint(function = "sys_exit")]
+pub fn floor_raw_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    let regs: *const u8 = ctx.arg(0);
+    let nr = i64::from(unsafe { *regs.add(PT_REGS_NR).cast::<SyscallNr>() });
+    if nr != NR_MEMBARRIER {
+        return 0;
+    }
+    unsafe { core::ptr::read_volatile(&nr) as i32 & 0 }
+}
+
 #[cfg(bpf_target_arch = "x86_64")]
 const NR_MEMBARRIER: i64 = 324;
 #[cfg(bpf_target_arch = "x86_64")]

@@ -46,6 +46,8 @@ pub struct Options {
     pub rcu_funcs: Vec<CustomFunc>,
     /// `--stacks`: each call's user stack, unwound in userspace.
     pub stacks: bool,
+    /// `--hook-floor` (benchmarks): only the hook, with programs that do nothing.
+    pub hook_floor: bool,
 }
 
 pub struct Collector {
@@ -83,6 +85,8 @@ pub struct Collector {
     btf: Option<aya::Btf>,
     grace_source: GraceSource,
     breakdown: bool,
+    /// Only the hook's programs that do nothing (`--hook-floor`).
+    hook_floor: bool,
     attach_mode: AttachMode,
     /// The row of the hook table that is attached.
     hook: &'static Hook,
@@ -155,7 +159,13 @@ impl Probe {
 
     /// A hook's programs, exit first (attached unarmed, then armed at once: see CONTROL in the
     /// eBPF programs; exit before enter all the same).
-    fn pair(hook: &'static Hook) -> [Probe; 2] {
+    /// With `floor`, the hook's programs that do nothing instead (`--hook-floor`).
+    fn pair(hook: &'static Hook, floor: bool) -> [Probe; 2] {
+        let (enter, exit) = if floor {
+            (hook.floor_enter, hook.floor_exit)
+        } else {
+            (hook.enter, hook.exit)
+        };
         match hook.kind {
             Kind::Tracepoint {
                 category,
@@ -163,7 +173,7 @@ impl Probe {
                 exit_fields,
             } => [
                 Probe {
-                    prog: hook.exit,
+                    prog: exit,
                     at: At::Tracepoint {
                         category,
                         name: hook.exit,
@@ -171,7 +181,7 @@ impl Probe {
                     },
                 },
                 Probe {
-                    prog: hook.enter,
+                    prog: enter,
                     at: At::Tracepoint {
                         category,
                         name: hook.enter,
@@ -179,18 +189,18 @@ impl Probe {
                     },
                 },
             ],
-            Kind::Fentry { func } => [
-                Probe::fexit(hook.exit, func),
-                Probe::fentry(hook.enter, func),
-            ],
-            Kind::BtfTracepoint { enter, exit } => [
+            Kind::Fentry { func } => [Probe::fexit(exit, func), Probe::fentry(enter, func)],
+            Kind::BtfTracepoint {
+                enter: enter_tp,
+                exit: exit_tp,
+            } => [
                 Probe {
-                    prog: hook.exit,
-                    at: At::BtfTracepoint { tp: exit },
+                    prog: exit,
+                    at: At::BtfTracepoint { tp: exit_tp },
                 },
                 Probe {
-                    prog: hook.enter,
-                    at: At::BtfTracepoint { tp: enter },
+                    prog: enter,
+                    at: At::BtfTracepoint { tp: enter_tp },
                 },
             ],
         }
@@ -739,6 +749,7 @@ impl Collector {
             btf: None,
             grace_source: GraceSource::None,
             breakdown: opts.breakdown,
+            hook_floor: opts.hook_floor,
             attach_mode: opts.attach,
             hook: Attach::default().hook(),
             maps: sizes.report(possible_cpus(), opts.stacks),
@@ -835,6 +846,12 @@ impl Collector {
     /// Attaches the programs; from here on calls are counted. Returns notes on what could not
     /// be measured on this kernel.
     pub fn start(&mut self) -> Result<Vec<String>> {
+        if self.hook_floor {
+            let mut notes = Vec::new();
+            self.hook = self.attach_hook(&mut notes)?;
+            self.started = Instant::now();
+            return Ok(notes);
+        }
         let mut notes = if self.breakdown {
             self.attach_breakdown()
         } else {
@@ -941,7 +958,7 @@ impl Collector {
         }
         let mut refused = Vec::new();
         for &hook in &candidates {
-            match self.attach_all(&Probe::pair(hook)) {
+            match self.attach_all(&Probe::pair(hook, self.hook_floor)) {
                 Ok(()) => {
                     notes.extend(
                         refused

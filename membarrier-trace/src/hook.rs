@@ -43,6 +43,10 @@ pub struct Hook {
     /// Program names in the eBPF object.
     pub enter: &'static str,
     pub exit: &'static str,
+    /// The same attachment with programs that do nothing: the hook's own cost, which
+    /// `cargo xtask bench` measures (`--hook-floor`) to tell the programs' cost from it.
+    pub floor_enter: &'static str,
+    pub floor_exit: &'static str,
     /// What the outputs call it.
     pub describe: &'static str,
 }
@@ -68,6 +72,8 @@ pub const HOOKS: &[Hook] = &[
         kind: Kind::Fentry { func: SYSCALL_FUNC },
         enter: "membarrier_fentry",
         exit: "membarrier_fexit",
+        floor_enter: "floor_membarrier_fentry",
+        floor_exit: "floor_membarrier_fexit",
         describe: "fentry/fexit on the syscall",
     },
     Hook {
@@ -80,6 +86,8 @@ pub const HOOKS: &[Hook] = &[
         },
         enter: "sys_enter_membarrier",
         exit: "sys_exit_membarrier",
+        floor_enter: "floor_sys_enter_membarrier",
+        floor_exit: "floor_sys_exit_membarrier",
         describe: "syscalls:sys_enter/exit_membarrier",
     },
     Hook {
@@ -90,6 +98,8 @@ pub const HOOKS: &[Hook] = &[
         },
         enter: "raw_sys_enter",
         exit: "raw_sys_exit",
+        floor_enter: "floor_raw_sys_enter",
+        floor_exit: "floor_raw_sys_exit",
         describe: "raw tracepoints sys_enter/sys_exit (every syscall runs a program)",
     },
 ];
@@ -184,9 +194,12 @@ mod tests {
         );
         assert_eq!(AttachMode::Auto.candidates(true).len(), HOOKS.len() - 1);
         // Every program name is distinct: per-hook figures are read by name.
-        let mut names: Vec<_> = HOOKS.iter().flat_map(|h| [h.enter, h.exit]).collect();
+        let mut names: Vec<_> = HOOKS
+            .iter()
+            .flat_map(|h| [h.enter, h.exit, h.floor_enter, h.floor_exit])
+            .collect();
         names.sort();
         names.dedup();
-        assert_eq!(names.len(), 2 * HOOKS.len());
+        assert_eq!(names.len(), 4 * HOOKS.len());
     }
 }

@@ -57,6 +57,10 @@ struct Cli {
     /// estimates.
     #[arg(long)]
     stacks: bool,
+    /// Benchmarks only (`cargo xtask bench`): attach the hook with programs that do nothing,
+    /// to measure the hook's own cost; nothing is counted.
+    #[arg(long, hide = true)]
+    hook_floor: bool,
     /// Also count the grace periods of this function (repeatable): e.g. QEMU's
     /// synchronize_rcu, DPDK's rte_rcu_qsbr_synchronize.
     #[arg(long, value_name = "PATH:SYMBOL")]
@@ -207,6 +211,7 @@ fn run_calibrate(cli: CalibrateCli) -> Result<()> {
             rcu: false,
             rcu_funcs: Vec::new(),
             stacks: false,
+            hook_floor: false,
         },
     )?;
     for note in tracefs.note().into_iter().chain(collector.start()?) {
@@ -314,6 +319,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             rcu: !cli.no_rcu,
             rcu_funcs: cli.rcu_func.clone(),
             stacks: cli.stacks,
+            hook_floor: cli.hook_floor,
         },
     )?;
 

@@ -2160,6 +2160,34 @@ fn global_unavailable_where_the_kernel_cannot_wait() {
     assert_eq!(report["findings"], serde_json::json!([]));
 }
 
+/// `--hook-floor` (the bench's floor of each hook): every hook the kernel allows attaches its
+/// programs that do nothing, the command runs to its end with its status, and nothing is
+/// counted; fentry where the kernel refuses it fails with the reason.
+#[test]
+fn hook_floor_attaches_each_hook_and_counts_nothing() {
+    let _machine = require_root();
+    for hook in ["tracepoint", "raw", "fentry"] {
+        let out = run(Command::new(TRACER)
+            .args(["--attach", hook, "--hook-floor", "-o", "json", "--"])
+            .arg(WORKLOAD)
+            .args(["--expedited", "50", "--exit-code", "3"]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if hook == "fentry" && !fentry_allowed() {
+            assert!(!out.status.success());
+            assert!(stderr.contains("refused"), "{stderr}");
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(3), "{hook}: {stderr}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report = last_json_with(&stdout, "processes");
+        assert_eq!(report["attach"], hook, "{stderr}");
+        assert_eq!(report["calls"], 0, "{hook}: {report:#}");
+        assert_eq!(report["missed_calls"], 0, "{hook}: {report:#}");
+        let mine = last_json_with(&stdout, "outcomes");
+        assert_eq!(mine["outcomes"].as_array().unwrap().len(), 2, "{mine}");
+    }
+}
+
 /// A child killed on drop (a failing test does not leave it running).
 struct Killed(Child);
 

@@ -37,7 +37,8 @@ const USAGE: &str = "usage: cargo xtask <command>
                    default 10 minutes)
   vmtest [KERNEL]  the end-to-end tests inside QEMU guests on stock kernels, all or one (as root)
   clippy           cargo clippy -D warnings on every crate
-  bench [ROUNDS]   what tracing costs, against the untraced baseline (as root; default 5 rounds)";
+  bench [ROUNDS]   what tracing costs, against the untraced baseline (as root; default 5 rounds)
+  bench programs   only the hook programs' run time per call (kernel.bpf_stats_enabled), 5 times";
 
 fn main() -> ExitCode {
     match run() {
@@ -106,6 +107,10 @@ fn run() -> Result<ExitCode> {
             packages(&["bpftrace"])?;
             build(&root)?;
             require_root("the benchmark loads eBPF programs and writes tracefs")?;
+            if rest.first().map(String::as_str) == Some("programs") {
+                bench::programs(&root)?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let rounds = rest.first().map(|r| r.parse()).transpose()?.unwrap_or(5);
             bench::bench(&root, rounds)?;
             Ok(ExitCode::SUCCESS)

@@ -125,6 +125,10 @@ const TESTS: &[(&str, &str)] = &[
     ("sigint_prints_the_final_summary", "sigint"),
     ("stacks_above_the_rate_are_sampled_and_add_up", "stacks"),
     ("attach_auto_falls_back_and_fentry_is_clear", "attach"),
+    (
+        "hook_floor_attaches_each_hook_and_counts_nothing",
+        "floor",
+    ),
     (GLOBAL_UNAVAILABLE, "global"),
 ];
 
