@@ -220,6 +220,33 @@ impl Tracer {
         }
     }
 
+    /// [`Tracer::start`], the tracer and its threads pinned to `cpu`.
+    fn start_on_cpu(args: &[&str], cpu: usize) -> Tracer {
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = tracer();
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: sched_setaffinity on the child itself, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = wait_for_line(child.stderr.take().unwrap(), "membarrier-trace: tracing");
+        Tracer {
+            child: Some(child),
+            stderr: Some(stderr),
+        }
+    }
+
     fn child(&mut self) -> &mut Child {
         self.child.as_mut().unwrap()
     }
@@ -2186,6 +2213,41 @@ fn hook_floor_attaches_each_hook_and_counts_nothing() {
         let mine = last_json_with(&stdout, "outcomes");
         assert_eq!(mine["outcomes"].as_array().unwrap().len(), 2, "{mine}");
     }
+}
+
+/// The tracer reading its maps on the CPU where the traced process calls, 100 times a second.
+/// Each map syscall holds the CPU's `bpf_prog_active` while it runs, and the kernel skips every
+/// syscall-tracepoint program that starts on that CPU meanwhile: were the tracer preempted
+/// there (PREEMPT_RT kernels preempt syscalls), the caller's calls would be skipped until it ran
+/// again. Every call must still be counted, none missed or skipped.
+#[test]
+fn snapshots_on_the_callers_cpu_lose_no_call() {
+    let _machine = alone();
+    let mut w = Workload::start(&["--steady-secs", "3", "--cpu", "0"]);
+    let pid = w.pid.to_string();
+    let tracer = Tracer::start_on_cpu(&["-o", "json", "-i", "0.01", "--pid", &pid], 0);
+    w.go();
+    let own = w.finish();
+    let (_, report) = tracer.report();
+    let p = process(&report, pid.parse().unwrap());
+    let steady: u64 = own["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["cmd"] == 8)
+        .map(|o| o["count"].as_u64().unwrap())
+        .sum();
+    assert!(steady > 10_000, "{own}");
+    assert_eq!(
+        (
+            cmd_row(p, 8, 0)["calls"].as_u64().unwrap(),
+            report["missed_calls"].as_u64().unwrap(),
+            report["dropped"]["hook_runs_skipped"].as_u64().unwrap()
+        ),
+        (steady, 0, 0),
+        "{}",
+        report["dropped"]
+    );
 }
 
 /// A child killed on drop (a failing test does not leave it running).

@@ -125,10 +125,8 @@ const TESTS: &[(&str, &str)] = &[
     ("sigint_prints_the_final_summary", "sigint"),
     ("stacks_above_the_rate_are_sampled_and_add_up", "stacks"),
     ("attach_auto_falls_back_and_fentry_is_clear", "attach"),
-    (
-        "hook_floor_attaches_each_hook_and_counts_nothing",
-        "floor",
-    ),
+    ("snapshots_on_the_callers_cpu_lose_no_call", "snapshots"),
+    ("hook_floor_attaches_each_hook_and_counts_nothing", "floor"),
     (GLOBAL_UNAVAILABLE, "global"),
 ];
 
@@ -403,7 +401,13 @@ fn boot(k: &Kernel, vmlinuz: &Path, initrd: &Path, dir: &Path) -> Result<Results
         "console=ttyS0 panic=-1 loglevel=7 MT_FENTRY={} MT_PREEMPT_RT={}{}{}",
         if k.fentry { "allowed" } else { "refused" },
         if k.preempt_rt { "yes" } else { "no" },
-        k.only.map(|t| format!(" MT_ONLY={t}")).unwrap_or_default(),
+        // MT_VMTEST_ONLY=TEST: one test alone, in auto mode (for working on it; the table then
+        // shows the others without a result).
+        k.only
+            .map(str::to_string)
+            .or_else(|| env::var("MT_VMTEST_ONLY").ok())
+            .map(|t| format!(" MT_ONLY={t}"))
+            .unwrap_or_default(),
         if k.boot_args.is_empty() {
             String::new()
         } else {

@@ -64,6 +64,9 @@ struct Args {
     /// on the last CPU for this many seconds, making no other call.
     #[arg(long, default_value_t = 0.0)]
     victim_secs: f64,
+    /// Pin the main thread to this CPU before the first call.
+    #[arg(long)]
+    cpu: Option<usize>,
     /// Print `ready <pid>` and wait for a line on stdin before the first call.
     #[arg(long)]
     wait_stdin: bool,
@@ -348,6 +351,9 @@ fn main() {
         println!("ready {pid}");
         let _ = std::io::stdout().flush();
         let _ = std::io::stdin().lock().read_line(&mut String::new());
+    }
+    if let Some(cpu) = args.cpu {
+        pin(cpu);
     }
     if args.victim_secs > 0.0 {
         victim(args.victim_secs);
