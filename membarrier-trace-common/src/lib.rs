@@ -369,19 +369,16 @@ impl core::ops::AddAssign for Handled {
 pub mod field {
     pub const SCHED_SWITCH_NEXT_PID: usize = 0;
     pub const SCHED_WAKING_PID: usize = 1;
-    pub const IPI_SEND_CPU_CPU: usize = 2;
-    pub const IPI_SEND_CPU_CALLBACK: usize = 3;
-    pub const IPI_SEND_CPUMASK_CPUMASK: usize = 4;
-    pub const IPI_SEND_CPUMASK_CALLBACK: usize = 5;
-    pub const CSD_QUEUE_CPU_FUNC: usize = 6;
-    pub const CSD_QUEUE_CPU_CSD: usize = 7;
-    pub const CSD_FUNCTION_ENTRY_FUNC: usize = 8;
-    pub const CSD_FUNCTION_ENTRY_CSD: usize = 9;
-    pub const CSD_FUNCTION_EXIT_FUNC: usize = 10;
-    pub const CSD_FUNCTION_EXIT_CSD: usize = 11;
-    pub const TASK_NEWTASK_PID: usize = 12;
-    pub const TASK_NEWTASK_CLONE_FLAGS: usize = 13;
-    pub const COUNT: usize = 14;
+    pub const CSD_QUEUE_CPU_CPU: usize = 2;
+    pub const CSD_QUEUE_CPU_FUNC: usize = 3;
+    pub const CSD_QUEUE_CPU_CSD: usize = 4;
+    pub const CSD_FUNCTION_ENTRY_FUNC: usize = 5;
+    pub const CSD_FUNCTION_ENTRY_CSD: usize = 6;
+    pub const CSD_FUNCTION_EXIT_FUNC: usize = 7;
+    pub const CSD_FUNCTION_EXIT_CSD: usize = 8;
+    pub const TASK_NEWTASK_PID: usize = 9;
+    pub const TASK_NEWTASK_CLONE_FLAGS: usize = 10;
+    pub const COUNT: usize = 11;
 
     /// Per field, the offsets with a direct read: mainline's, and Debian 12's PREEMPT_RT
     /// (6.1-rt: `common_preempt_lazy_count` makes the header 12 bytes; seen in its format files).
@@ -389,9 +386,6 @@ pub mod field {
         [56, 64],
         [24, 28],
         [8, 12],
-        [24, 32],
-        [8, 12],
-        [24, 32],
         [24, 32],
         [32, 40],
         [8, 16],

@@ -53,10 +53,11 @@ static BREAKDOWN: u8 = 1;
 /// Set by userspace: 1 with `--stacks` (each call's user stack is sent to userspace).
 #[unsafe(no_mangle)]
 static STACKS: u8 = 0;
-/// Addresses of membarrier's IPI callbacks (ipi_mb, ipi_sync_core, ipi_rseq) from kallsyms, so
-/// the csd probes skip every other cross-CPU call with a compare; all 0 when unknown.
+/// Addresses of membarrier's IPI callbacks (ipi_mb, ipi_sync_core, ipi_rseq, and
+/// registration's ipi_sync_rq_state) from kallsyms, so the csd probes skip every other
+/// cross-CPU call with a compare; 0 for one this kernel lacks, all 0 when none is known.
 #[unsafe(no_mangle)]
-static IPI_FUNCS: [u64; 3] = [0; 3];
+static IPI_FUNCS: [u64; 4] = [0; 4];
 
 /// Offsets of the breakdown tracepoints' fields, by `field::*` index: set by userspace from the
 /// format files.
@@ -916,47 +917,24 @@ fn ipi_sent(caller: &mut Inflight, cpu: u32) {
     count(&IPI_CPUS, &key, 1);
 }
 
-/// Only membarrier's own IPIs count: a caller inside the call may also send others (say, a
-/// reschedule IPI when releasing the mutex wakes a waiter), which membarrier did not ask for.
-#[tracepoint]
-pub fn ipi_send_cpu(ctx: TracePointContext) -> u32 {
-    if let Some(caller) = inside(current_tid())
-        && membarrier_func(record::<u64>(&ctx, field::IPI_SEND_CPU_CALLBACK))
-    {
-        ipi_sent(caller, record::<u32>(&ctx, field::IPI_SEND_CPU_CPU));
-    }
-    0
-}
-
-/// Several CPUs at once. Only the first 64 CPUs of the mask are read (the first word).
-#[tracepoint]
-pub fn ipi_send_cpumask(ctx: TracePointContext) -> u32 {
-    let Some(caller) = inside(current_tid()) else {
-        return 0;
-    };
-    if !membarrier_func(record::<u64>(&ctx, field::IPI_SEND_CPUMASK_CALLBACK)) {
-        return 0;
-    }
-    // __data_loc: offset in the low 16 bits, length in the high 16.
-    let loc = record::<u32>(&ctx, field::IPI_SEND_CPUMASK_CPUMASK);
-    let Ok(mask) = (unsafe { ctx.read_at::<u64>((loc & 0xffff) as usize) }) else {
-        return 0;
-    };
-    for cpu in 0..64u32 {
-        if mask >> cpu & 1 != 0 {
-            ipi_sent(caller, cpu);
-        }
-    }
-    0
-}
-
+/// Whether `func` is one of membarrier's IPI callbacks (any, when they are unknown). Compared
+/// element by element: an array `==` became a `bcmp` that the BPF build answered "equal" for
+/// anything, so every IPI a caller sent counted (a reschedule, a wakeup's), not only
+/// membarrier's.
 #[inline(always)]
 fn membarrier_func(func: u64) -> bool {
     let funcs = unsafe { core::ptr::read_volatile(&IPI_FUNCS) };
-    funcs == [0; 3] || funcs.contains(&func)
+    (funcs[0] | funcs[1] | funcs[2] | funcs[3]) == 0
+        || funcs[0] == func
+        || funcs[1] == func
+        || funcs[2] == func
+        || funcs[3] == func
 }
 
-/// A caller inside membarrier queues a callback for a CPU: remember whose it is.
+/// A caller inside membarrier queues its callback for another CPU: one target, normally one
+/// IPI (none when that CPU has a callback pending already; its handler runs all the same).
+/// Counted here, not at `ipi:ipi_send_*`, whose callback is the generic IPI handler since
+/// 6.6, not membarrier's. Also remembers whose the csd is, for the handler time.
 #[tracepoint]
 pub fn csd_queue_cpu(ctx: TracePointContext) -> u32 {
     let Some(caller) = inside(current_tid()) else {
@@ -965,6 +943,7 @@ pub fn csd_queue_cpu(ctx: TracePointContext) -> u32 {
     if !membarrier_func(record::<u64>(&ctx, field::CSD_QUEUE_CPU_FUNC)) {
         return 0;
     }
+    ipi_sent(caller, record::<u32>(&ctx, field::CSD_QUEUE_CPU_CPU));
     let owner = CallKey {
         tgid: caller.tgid,
         serial: caller.serial,
@@ -1087,7 +1066,7 @@ fn cross_call(ctx: &FEntryContext, func_arg: usize, to: CrossCall) {
         }
         CrossCall::Mask(n) => {
             let mask = raw_arg(ctx, n);
-            // Only the first 64 CPUs (the first word), as with ipi_send_cpumask.
+            // Only the first 64 CPUs (the first word of the mask).
             let mut bits = unsafe { bpf_probe_read_kernel(mask as *const u64) }.unwrap_or(0);
             if me < 64 {
                 bits &= !(1u64 << me);

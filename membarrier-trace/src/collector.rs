@@ -335,25 +335,10 @@ const BREAKDOWN: &[(&str, &[&[Probe]])] = &[
             // 6.6 and later.
             &[
                 Probe::tp(
-                    "ipi",
-                    "ipi_send_cpu",
-                    &[
-                        ("cpu", field::IPI_SEND_CPU_CPU),
-                        ("callback", field::IPI_SEND_CPU_CALLBACK),
-                    ],
-                ),
-                Probe::tp(
-                    "ipi",
-                    "ipi_send_cpumask",
-                    &[
-                        ("cpumask", field::IPI_SEND_CPUMASK_CPUMASK),
-                        ("callback", field::IPI_SEND_CPUMASK_CALLBACK),
-                    ],
-                ),
-                Probe::tp(
                     "csd",
                     "csd_queue_cpu",
                     &[
+                        ("cpu", field::CSD_QUEUE_CPU_CPU),
                         ("func", field::CSD_QUEUE_CPU_FUNC),
                         ("csd", field::CSD_QUEUE_CPU_CSD),
                     ],
@@ -448,9 +433,9 @@ fn field_offsets(tracefs: &Path) -> [u32; field::COUNT] {
 }
 
 /// Addresses of membarrier's IPI callbacks, from /proc/kallsyms (0 where not found or hidden).
-fn ipi_funcs() -> [u64; 3] {
+fn ipi_funcs() -> [u64; 4] {
     let syms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
-    let mut out = [0u64; 3];
+    let mut out = [0u64; 4];
     for line in syms.lines() {
         let mut parts = line.split_whitespace();
         let (Some(addr), Some(_), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
@@ -460,13 +445,15 @@ fn ipi_funcs() -> [u64; 3] {
             "ipi_mb" => 0,
             "ipi_sync_core" => 1,
             "ipi_rseq" => 2,
+            "ipi_sync_rq_state" => 3,
             _ => continue,
         };
         out[i] = u64::from_str_radix(addr, 16).unwrap_or(0);
     }
-    // One missing (or all hidden by kptr_restrict) would drop that callback's time: then
-    // measure every csd queued from inside membarrier instead.
-    if out.contains(&0) { [0; 3] } else { out }
+    // One of the barriers' callbacks missing (or all hidden by kptr_restrict) would drop its
+    // IPIs: then count every csd queued from inside membarrier instead. Registration's may
+    // be missing (older kernels): its IPIs are then not counted.
+    if out[..3].contains(&0) { [0; 4] } else { out }
 }
 
 /// Loads and attaches one probe; a refusal is one line with the kernel's reason. `btf` is read
