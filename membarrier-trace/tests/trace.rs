@@ -1760,7 +1760,11 @@ fn rcu_writers_from_the_first_grace_period_and_none_without_liburcu() {
 /// call (its process has no membarrier rows at all), and bp's, which make two each.
 #[test]
 fn rcu_writers_of_the_qsbr_and_bp_flavours() {
-    let _machine = require_root();
+    // Alone: the caller of a process that exits milliseconds after its first grace period is
+    // named only if the callers thread reads its maps first, a race the box's load decides
+    // (docs/design.md: 1 in 10 lost beside stress-ng). Beside the other tests (three tracers
+    // loading their programs at once) CI lost it once.
+    let _machine = alone();
     for (flavour, define, calls_per_gp) in [("qsbr", "-DQSBR", 0), ("bp", "-DBP", 2)] {
         let lib = format!("-lurcu-{flavour}");
         let bin = build_urcu_program("urcu_writer", &format!("urcu_{flavour}"), &[define, &lib]);
