@@ -6,6 +6,7 @@
  * on their first critical section). */
 #include <pthread.h>
 #include <stdio.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <time.h>
 #if defined(QSBR)
@@ -48,6 +49,8 @@ static void *reader(void *arg)
 int main(int argc, char **argv)
 {
 	int n = argc > 1 ? atoi(argv[1]) : 100;
+	/* Milliseconds to stay after the last grace period before exiting. */
+	int linger_ms = argc > 2 ? atoi(argv[2]) : 0;
 	pthread_t t;
 	static int a = 1, b = 2;
 	struct timespec t0, t1;
@@ -68,5 +71,7 @@ int main(int argc, char **argv)
 	printf("grace periods: %d\n", n);
 	printf("ns per grace period: %.0f\n",
 	       ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / (n > 0 ? n : 1));
+	fflush(stdout);
+	usleep(linger_ms * 1000);
 	return 0;
 }
