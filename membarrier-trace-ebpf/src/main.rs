@@ -293,17 +293,31 @@ fn update(p: &mut u64, v: u64, better: impl Fn(u64, u64) -> bool) {
 /// Adds `v` to `map[key]`, creating the entry; a full map is counted, not hidden.
 #[inline(always)]
 fn count<K>(map: &HashMap<K, u64>, key: &K, v: u64) {
-    if let Some(p) = map.get_ptr_mut(key) {
-        add(unsafe { &mut *p }, v);
-        return;
+    if !upsert(map, key, || v, |p| add(unsafe { &mut *p }, v)) {
+        bump(counter::DROPPED_DETAIL);
     }
-    if map.insert(key, &v, BPF_NOEXIST as u64).is_ok() {
-        return;
+}
+
+/// `bump`s `map[key]`, or creates it as `new()` (built only then); false when the map is full.
+#[inline(always)]
+fn upsert<K, V>(
+    map: &HashMap<K, V>,
+    key: &K,
+    new: impl FnOnce() -> V,
+    bump: impl Fn(*mut V),
+) -> bool {
+    if let Some(p) = map.get_ptr_mut(key) {
+        bump(p);
+        return true;
+    }
+    if map.insert(key, &new(), BPF_NOEXIST as u64).is_ok() {
+        return true;
     }
     match map.get_ptr_mut(key) {
-        Some(p) => add(unsafe { &mut *p }, v), // another CPU created it meanwhile
-        None => bump(counter::DROPPED_DETAIL),
+        Some(p) => bump(p), // another CPU created it meanwhile
+        None => return false,
     }
+    true
 }
 
 #[inline(always)]
@@ -1120,37 +1134,22 @@ fn handled(owner: &CallKey, ns: u64) {
         flags: owner.flags,
         victim: (bpf_get_current_pid_tgid() >> 32) as u32,
     };
-    if handled_in(&key, ns, bpf_get_current_comm().unwrap_or_default()) {
+    let bump_row = |p: *mut Handled| unsafe {
+        add(&mut (*p).runs, 1);
+        add(&mut (*p).ns, ns);
+    };
+    let row = |comm| Handled { runs: 1, ns, comm };
+    // The comm is read only when the row is made.
+    let victim_row = || row(bpf_get_current_comm().unwrap_or_default());
+    if upsert(&HANDLED, &key, victim_row, bump_row) {
         return;
     }
     // The map is full (a caller interrupting many short-lived processes): the caller's row
     // for all other victims keeps its handler time whole.
     key.victim = VICTIMS_OTHER;
-    if !handled_in(&key, ns, [0; COMM_LEN]) {
+    if !upsert(&HANDLED, &key, || row([0; COMM_LEN]), bump_row) {
         bump(counter::DROPPED_DETAIL);
     }
-}
-
-/// Adds one run of `ns` to `key`'s row, creating it (with `comm`); false when the map is full.
-#[inline(always)]
-fn handled_in(key: &HandlerKey, ns: u64, comm: [u8; COMM_LEN]) -> bool {
-    let bump_row = |p: *mut Handled| unsafe {
-        add(&mut (*p).runs, 1);
-        add(&mut (*p).ns, ns);
-    };
-    if let Some(p) = HANDLED.get_ptr_mut(key) {
-        bump_row(p);
-        return true;
-    }
-    let row = Handled { runs: 1, ns, comm };
-    if HANDLED.insert(key, &row, BPF_NOEXIST as u64).is_ok() {
-        return true;
-    }
-    match HANDLED.get_ptr_mut(key) {
-        Some(p) => bump_row(p), // another CPU created it meanwhile
-        None => return false,
-    }
-    true
 }
 
 #[fentry(function = "ipi_mb")]

@@ -72,16 +72,23 @@ fn cpu_list_len(list: &str) -> u32 {
     n
 }
 
+/// `r` with its findings, on this machine as it is now.
+pub fn judged(mut r: Report) -> Report {
+    r.findings = of(&r, &Machine::read());
+    r
+}
+
 /// The findings of a report, most severe first, then by process.
 pub fn of(r: &Report, m: &Machine) -> Vec<Finding> {
     let mut out = Vec::new();
+    let waited = mutex_callers(r);
     for p in &r.processes {
         for c in &p.cmds {
             late_registration(p, c, &mut out);
             unregistered_eperm(p, c, &mut out);
             global_rate(r, p, c, &mut out);
             global_unavailable(p, c, m, &mut out);
-            mutex_contention(r, p, c, &mut out);
+            mutex_contention(&waited, p, c, &mut out);
             ipi_storm(r, p, c, &mut out);
         }
     }
@@ -94,13 +101,16 @@ pub fn of(r: &Report, m: &Machine) -> Vec<Finding> {
     out
 }
 
-fn finding(p: &ProcessReport, rule: &'static str, severity: Severity) -> Finding {
+/// A finding of `rule` on process `p`'s row `c`, its busiest thread named; the rule fills in
+/// the rest.
+fn finding(p: &ProcessReport, c: &CmdReport, rule: &'static str, severity: Severity) -> Finding {
     Finding {
         rule,
         severity,
         pid: p.pid,
+        serial: p.serial,
         comm: p.comm.clone(),
-        tid: None,
+        tid: main_thread(c),
         caller: None,
         evidence: Value::Null,
         cost: Value::Null,
@@ -121,7 +131,6 @@ fn late_registration(p: &ProcessReport, c: &CmdReport, out: &mut Vec<Finding>) {
         return;
     }
     out.push(Finding {
-        tid: main_thread(c),
         evidence: json!({
             "cmd": c.cmd,
             "calls": c.calls,
@@ -138,7 +147,7 @@ fn late_registration(p: &ProcessReport, c: &CmdReport, out: &mut Vec<Finding>) {
         reference: "kernel/sched/membarrier.c: membarrier_register_private_expedited() and \
                     membarrier_register_global_expedited() call synchronize_rcu() unless the \
                     mm has a single user",
-        ..finding(p, "late_registration", Severity::Warning)
+        ..finding(p, c, "late_registration", Severity::Warning)
     });
 }
 
@@ -149,7 +158,6 @@ fn unregistered_eperm(p: &ProcessReport, c: &CmdReport, out: &mut Vec<Finding>) 
         return;
     }
     out.push(Finding {
-        tid: main_thread(c),
         evidence: json!({"cmd": c.cmd, "eperm": eperm, "calls": c.calls}),
         cost: json!({"calls": eperm}),
         fix: format!(
@@ -159,7 +167,7 @@ fn unregistered_eperm(p: &ProcessReport, c: &CmdReport, out: &mut Vec<Finding>) 
         ),
         reference: "kernel/sched/membarrier.c: the expedited cmds return -EPERM unless the \
                     mm's membarrier_state has the matching *_READY bit, set by registering",
-        ..finding(p, "unregistered_eperm", Severity::Critical)
+        ..finding(p, c, "unregistered_eperm", Severity::Critical)
     });
 }
 
@@ -175,7 +183,6 @@ fn global_rate(r: &Report, p: &ProcessReport, c: &CmdReport, out: &mut Vec<Findi
         return;
     }
     out.push(Finding {
-        tid: main_thread(c),
         evidence: json!({
             "calls": ok,
             "calls_per_sec": ok as f64 * 1e9 / r.duration_ns as f64,
@@ -191,7 +198,7 @@ fn global_rate(r: &Report, p: &ProcessReport, c: &CmdReport, out: &mut Vec<Findi
         reference: "kernel/sched/membarrier.c: MEMBARRIER_CMD_GLOBAL (SHARED) waits for \
                     synchronize_rcu(), milliseconds; the expedited cmds send IPIs to the CPUs \
                     running the process",
-        ..finding(p, "global_rate", Severity::Warning)
+        ..finding(p, c, "global_rate", Severity::Warning)
     });
 }
 
@@ -206,7 +213,6 @@ fn global_unavailable(p: &ProcessReport, c: &CmdReport, m: &Machine, out: &mut V
     let ok = c.calls - c.errors;
     if einval > 0 {
         out.push(Finding {
-            tid: main_thread(c),
             evidence: json!({
                 "cmd": c.cmd,
                 "einval": einval,
@@ -219,11 +225,10 @@ fn global_unavailable(p: &ProcessReport, c: &CmdReport, m: &Machine, out: &mut V
                 .into(),
             reference: "kernel/sched/membarrier.c: MEMBARRIER_CMD_GLOBAL returns -EINVAL when \
                         tick_nohz_full_enabled(); QUERY leaves it out of the mask then",
-            ..finding(p, "global_unavailable", Severity::Critical)
+            ..finding(p, c, "global_unavailable", Severity::Critical)
         });
     } else if ok > 0 && m.cpus_online == 1 {
         out.push(Finding {
-            tid: main_thread(c),
             evidence: json!({
                 "cmd": c.cmd,
                 "calls": ok,
@@ -238,24 +243,15 @@ fn global_unavailable(p: &ProcessReport, c: &CmdReport, m: &Machine, out: &mut V
                 .into(),
             reference: "kernel/sched/membarrier.c: MEMBARRIER_CMD_GLOBAL calls \
                         synchronize_rcu() only if num_online_cpus() > 1",
-            ..finding(p, "global_unavailable", Severity::Warning)
+            ..finding(p, c, "global_unavailable", Severity::Warning)
         });
     }
 }
 
-/// Expedited calls queueing on the kernel's one mutex for them: the share of their time spent
-/// waiting, and every process whose expedited calls waited (the callers involved).
-fn mutex_contention(r: &Report, p: &ProcessReport, c: &CmdReport, out: &mut Vec<Finding>) {
-    let wait = c.mutex_wait_ns.sum;
-    if c.kind != Kind::Barrier || wait < MUTEX_MIN_WAIT_NS {
-        return;
-    }
-    let share = wait as f64 * 100.0 / c.latency_ns.sum.max(1) as f64;
-    if share < MUTEX_MIN_SHARE_PCT {
-        return;
-    }
-    let callers: Vec<Value> = r
-        .processes
+/// Every process whose expedited calls waited for contended locks: the callers involved in
+/// any `mutex_contention` (the mutex is one for the whole box).
+fn mutex_callers(r: &Report) -> Vec<Value> {
+    r.processes
         .iter()
         .filter_map(|q| {
             let rows = q
@@ -270,9 +266,21 @@ fn mutex_contention(r: &Report, p: &ProcessReport, c: &CmdReport, out: &mut Vec<
                        "mutex_wait_ns": waited})
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Expedited calls queueing on the kernel's one mutex for them: the share of their time spent
+/// waiting, and the `callers` involved.
+fn mutex_contention(callers: &[Value], p: &ProcessReport, c: &CmdReport, out: &mut Vec<Finding>) {
+    let wait = c.mutex_wait_ns.sum;
+    if c.kind != Kind::Barrier || wait < MUTEX_MIN_WAIT_NS {
+        return;
+    }
+    let share = wait as f64 * 100.0 / c.latency_ns.sum.max(1) as f64;
+    if share < MUTEX_MIN_SHARE_PCT {
+        return;
+    }
     out.push(Finding {
-        tid: main_thread(c),
         evidence: json!({
             "cmd": c.cmd,
             "calls": c.calls,
@@ -290,7 +298,7 @@ fn mutex_contention(r: &Report, p: &ProcessReport, c: &CmdReport, out: &mut Vec<
             .into(),
         reference: "kernel/sched/membarrier.c: every expedited cmd runs under one global \
                     mutex (membarrier_ipi_mutex), so concurrent callers on the whole box queue",
-        ..finding(p, "mutex_contention", Severity::Warning)
+        ..finding(p, c, "mutex_contention", Severity::Warning)
     });
 }
 
@@ -329,7 +337,6 @@ fn ipi_storm(r: &Report, p: &ProcessReport, c: &CmdReport, out: &mut Vec<Finding
         })
         .collect();
     out.push(Finding {
-        tid: main_thread(c),
         evidence: json!({
             "cmd": c.cmd,
             "calls": c.calls,
@@ -346,7 +353,7 @@ fn ipi_storm(r: &Report, p: &ProcessReport, c: &CmdReport, out: &mut Vec<Finding
         reference: "kernel/sched/membarrier.c: the expedited cmds IPI every CPU whose running \
                     task is in the target set (its mm, or registered for GLOBAL_EXPEDITED) and \
                     wait for each handler",
-        ..finding(p, "ipi_storm", Severity::Warning)
+        ..finding(p, c, "ipi_storm", Severity::Warning)
     });
 }
 

@@ -560,16 +560,15 @@ impl membarrier_trace::tui::Feed for Session {
     }
 
     fn report(&mut self) -> Result<Report> {
-        let mut report = self.model.report(&self.collector.snapshot(false)?);
-        report.findings = findings::of(&report, &findings::Machine::read());
-        Ok(report)
+        Ok(findings::judged(
+            self.model.report(&self.collector.snapshot(false)?),
+        ))
     }
 
     fn final_report(&mut self) -> Result<Report> {
-        let mut report = self.model.report(&self.collector.snapshot(true)?);
+        let report = self.model.report(&self.collector.snapshot(true)?);
         self.collector.detach();
-        report.findings = findings::of(&report, &findings::Machine::read());
-        Ok(report)
+        Ok(findings::judged(report))
     }
 }
 

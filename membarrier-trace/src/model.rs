@@ -358,6 +358,9 @@ pub struct Finding {
     pub rule: &'static str,
     pub severity: Severity,
     pub pid: u32,
+    /// The process's serial (see `Proc::serial`): which process of that pid.
+    #[serde(skip)]
+    pub serial: u32,
     pub comm: String,
     /// The thread or caller where one is known; null otherwise.
     pub tid: Option<u32>,

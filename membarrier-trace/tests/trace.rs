@@ -103,6 +103,16 @@ fn assert_counts(report: &Value, p: &Value, mine: &Value) -> u64 {
     short
 }
 
+/// `field` summed over the objects of JSON array `items`.
+fn sum_of(items: &Value, field: &str) -> u64 {
+    items
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x[field].as_u64().unwrap())
+        .sum()
+}
+
 /// Every call counted is a thread's: each cmd row's threads add up to its calls (at most, if
 /// an exited thread's entry was dropped). Invalid cmds and flags share a thread counter.
 fn assert_threads_add_up(report: &Value, p: &Value) {
@@ -111,12 +121,7 @@ fn assert_threads_add_up(report: &Value, p: &Value) {
         if c["kind"] == "invalid" {
             continue;
         }
-        let by_threads: u64 = c["threads"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["calls"].as_u64().unwrap())
-            .sum();
+        let by_threads = sum_of(&c["threads"], "calls");
         let calls = c["calls"].as_u64().unwrap();
         if lost {
             assert!(by_threads <= calls, "{c}");
@@ -206,28 +211,14 @@ impl Drop for Tracer {
 
 impl Tracer {
     fn start(args: &[&str]) -> Tracer {
-        let mut child = tracer()
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = wait_for_line(child.stderr.take().unwrap(), "membarrier-trace: tracing");
-        Tracer {
-            child: Some(child),
-            stderr: Some(stderr),
-        }
+        Tracer::spawn(tracer().args(args))
     }
 
     /// [`Tracer::start`], the tracer and its threads pinned to `cpu`.
     fn start_on_cpu(args: &[&str], cpu: usize) -> Tracer {
         use std::os::unix::process::CommandExt as _;
         let mut cmd = tracer();
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args(args);
         // SAFETY: sched_setaffinity on the child itself, between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -239,7 +230,17 @@ impl Tracer {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().unwrap();
+        Tracer::spawn(&mut cmd)
+    }
+
+    /// Starts `cmd` and waits until it says it is attached.
+    fn spawn(cmd: &mut Command) -> Tracer {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let stderr = wait_for_line(child.stderr.take().unwrap(), "membarrier-trace: tracing");
         Tracer {
             child: Some(child),
@@ -628,16 +629,9 @@ fn ipis_go_to_the_running_sibling_and_not_for_a_lone_thread() {
         victims[0]["interrupts"].as_u64().unwrap() >= sent * 9 / 10,
         "{ipis}"
     );
-    let runs: u64 = victims
-        .iter()
-        .map(|v| v["interrupts"].as_u64().unwrap())
-        .sum();
-    assert!(runs <= sent, "{ipis}");
+    assert!(sum_of(&ipis["victims"], "interrupts") <= sent, "{ipis}");
     assert_eq!(
-        victims
-            .iter()
-            .map(|v| v["handler_ns"].as_u64().unwrap())
-            .sum::<u64>(),
+        sum_of(&ipis["victims"], "handler_ns"),
         ipis["handler_ns"].as_u64().unwrap()
     );
     // What its calls cost: their on-CPU time and the handler time they caused, summed.
@@ -2120,12 +2114,7 @@ fn ipi_storm_names_the_victim_and_a_paced_caller_has_none() {
     assert_eq!(v["comm"], "victim", "{f:#}");
     // Not every call finds it running (the tracer's threads and kernel threads share its CPU:
     // 9,841 of 50,000 once), but it takes most of the interrupts.
-    let all: u64 = e["victims"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["interrupts"].as_u64().unwrap())
-        .sum();
+    let all = sum_of(&e["victims"], "interrupts");
     assert!(v["interrupts"].as_u64().unwrap() * 2 > all, "{f:#}");
     assert!(v["handler_ns"].as_u64().unwrap() > 0, "{f:#}");
     let row = cmd_row(&report["processes"][0], 2, 0);

@@ -111,6 +111,17 @@ struct Paths {
     tracefs: PathBuf,
 }
 
+impl Paths {
+    /// The release binaries of the checkout at `root`, and tracefs (mounted if need be).
+    fn new(root: &Path) -> Result<Self> {
+        Ok(Paths {
+            tracer: root.join("target/release/membarrier-trace"),
+            workload: root.join("target/release/membarrier-workload"),
+            tracefs: tracefs()?,
+        })
+    }
+}
+
 fn tracefs() -> Result<PathBuf> {
     for p in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
         if Path::new(p).join("events").is_dir() {
@@ -410,7 +421,6 @@ fn program_ns(p: &Paths, args: &[&str]) -> Result<(f64, Vec<f64>)> {
         let _ = t.kill();
         let _ = t.wait();
         hook.sort_by_key(|(id, _)| *id);
-        hook.dedup_by_key(|(id, _)| *id);
         Ok((
             total_ns / calls,
             hook.into_iter().map(|(_, ns)| ns).collect(),
@@ -467,11 +477,7 @@ fn grace_period_ns(root: &Path, p: &Paths, rounds: usize) -> Result<Option<[f64;
 /// `cargo xtask bench programs`: the hook programs' ns per run, traced and with programs that
 /// do nothing, 5 times each alternating, for working on the programs' cost.
 pub fn programs(root: &Path) -> Result<()> {
-    let p = Paths {
-        tracer: root.join("target/release/membarrier-trace"),
-        workload: root.join("target/release/membarrier-workload"),
-        tracefs: tracefs()?,
-    };
+    let p = Paths::new(root)?;
     let conds: [(&str, &[&str]); 3] = [
         ("traced", &[]),
         ("no-breakdown", &["--no-breakdown"]),
@@ -499,11 +505,7 @@ pub fn programs(root: &Path) -> Result<()> {
 }
 
 pub fn bench(root: &Path, rounds: usize) -> Result<()> {
-    let p = Paths {
-        tracer: root.join("target/release/membarrier-trace"),
-        workload: root.join("target/release/membarrier-workload"),
-        tracefs: tracefs()?,
-    };
+    let p = Paths::new(root)?;
     let bpftrace = Command::new("bpftrace").arg("--version").output().is_ok();
     // Every hook the kernel allows: fentry only where it loads.
     let fentry = Command::new(&p.tracer)

@@ -408,11 +408,8 @@ fn boot(k: &Kernel, vmlinuz: &Path, initrd: &Path, dir: &Path) -> Result<Results
             .or_else(|| env::var("MT_VMTEST_ONLY").ok())
             .map(|t| format!(" MT_ONLY={t}"))
             .unwrap_or_default(),
-        if k.boot_args.is_empty() {
-            String::new()
-        } else {
-            format!(" {}", k.boot_args)
-        },
+        // Empty for most: a trailing space on the command line is harmless.
+        format!(" {}", k.boot_args),
     );
     let mut child = Command::new("qemu-system-x86_64")
         // Single-threaded TCG: with one host thread per vCPU, a vCPU calling membarrier in a

@@ -4,8 +4,9 @@
 //!
 //! Order of calls: PRIVATE_EXPEDITED before registering (EPERM), QUERY, invalid cmd (EINVAL),
 //! bad flags (EINVAL), REGISTER_PRIVATE_EXPEDITED, PRIVATE_EXPEDITED from `--threads` threads,
-//! the spinner's calls, GLOBAL, GLOBAL_EXPEDITED, the steady caller, the churn of children and threads (in rounds
-//! with `--repeat-secs`), the live threads, the rename, then the benchmark loops.
+//! the spinner's calls, GLOBAL, GLOBAL_EXPEDITED, the steady caller, the churn of children and
+//! threads (in rounds with `--repeat-secs`), the live threads, the rename, then the benchmark
+//! loops. `--victim-secs` makes none of these: the process is an IPI victim instead.
 
 use std::{
     collections::BTreeMap,

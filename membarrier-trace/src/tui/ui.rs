@@ -226,10 +226,10 @@ fn process_cells(app: &App, p: &ProcessReport) -> Vec<String> {
     };
     // A process with findings: `!` before its name (they are in its detail pane).
     let name = crate::output::process_name(p);
-    let name = if findings_of(app, p).is_empty() {
-        name
-    } else {
+    let name = if findings_of(app, p).next().is_some() {
         format!("!{name}")
+    } else {
+        name
     };
     vec![
         pid,
@@ -380,7 +380,7 @@ fn render_detail(
         Layout::vertical([Constraint::Length(3), Constraint::Min(0)]).areas(right);
     if let Some(c) = p.cmds.get(app.selected_cmd) {
         render_histogram(f, c, hist);
-        render_breakdown(f, c, &findings_of(app, p), breakdown);
+        render_breakdown(f, c, &findings_of(app, p).collect::<Vec<_>>(), breakdown);
     }
     let history = app.history(p.pid);
     f.render_widget(
@@ -440,22 +440,24 @@ fn name_then(widths: &[u16]) -> Vec<Constraint> {
         .collect()
 }
 
+/// The entries of `items` that are process `p`'s, by (pid, serial): `id` gives an entry's.
+fn of_process<'a, T>(
+    items: &'a [T],
+    p: &ProcessReport,
+    id: impl Fn(&T) -> (u32, u32),
+) -> impl Iterator<Item = &'a T> {
+    let want = (p.pid, p.serial);
+    items.iter().filter(move |x| id(x) == want)
+}
+
 /// The findings of process `p`.
-fn findings_of<'a>(app: &'a App, p: &ProcessReport) -> Vec<&'a Finding> {
-    app.shown
-        .findings
-        .iter()
-        .filter(|f| f.pid == p.pid && f.comm == p.comm)
-        .collect()
+fn findings_of<'a>(app: &'a App, p: &ProcessReport) -> impl Iterator<Item = &'a Finding> {
+    of_process(&app.shown.findings, p, |f| (f.pid, f.serial))
 }
 
 /// The RCU writers (grace periods per function and caller) of process `p`.
 fn writers_of<'a>(app: &'a App, p: &ProcessReport) -> Vec<&'a WriterReport> {
-    app.shown
-        .rcu_writers
-        .iter()
-        .filter(|w| w.pid == p.pid && w.serial == p.serial)
-        .collect()
+    of_process(&app.shown.rcu_writers, p, |w| (w.pid, w.serial)).collect()
 }
 
 /// Rows a writers pane of `n` writers wants: none without writers, at most 5 rows shown.
