@@ -398,7 +398,7 @@ fn boot(k: &Kernel, vmlinuz: &Path, initrd: &Path, dir: &Path) -> Result<Results
     let results = dir.join(format!("{}.tests.log", k.name));
     let _ = fs::remove_file(&results);
     let append = format!(
-        "console=ttyS0 panic=-1 loglevel=7 MT_FENTRY={} MT_PREEMPT_RT={}{}{}",
+        "console=ttyS0 panic=-1 loglevel=7 MT_FENTRY={} MT_PREEMPT_RT={}{} {}",
         if k.fentry { "allowed" } else { "refused" },
         if k.preempt_rt { "yes" } else { "no" },
         // MT_VMTEST_ONLY=TEST: one test alone, in auto mode (for working on it; the table then
@@ -409,7 +409,7 @@ fn boot(k: &Kernel, vmlinuz: &Path, initrd: &Path, dir: &Path) -> Result<Results
             .map(|t| format!(" MT_ONLY={t}"))
             .unwrap_or_default(),
         // Empty for most: a trailing space on the command line is harmless.
-        format!(" {}", k.boot_args),
+        k.boot_args,
     );
     let mut child = Command::new("qemu-system-x86_64")
         // Single-threaded TCG: with one host thread per vCPU, a vCPU calling membarrier in a
