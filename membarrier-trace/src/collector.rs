@@ -1065,6 +1065,16 @@ impl Collector {
             if !live.contains(&p) && !dead.contains(&p) {
                 if self.alive(p) {
                     live.insert(p);
+                    // Named once while alive, not only by the snapshot: a report made after
+                    // the exit (JSON at the end) has only the name at exit, and its program
+                    // is skipped while any map syscall on that CPU holds bpf_prog_active
+                    // (another tool's, preempted on PREEMPT_RT): the name fell back to the
+                    // first caller's thread name.
+                    if !self.comms.contains_key(&p)
+                        && let Some(name) = preflight::comm(p.0)
+                    {
+                        self.comms.insert(p, name);
+                    }
                 } else {
                     dead.insert(p);
                 }
