@@ -252,6 +252,74 @@ pub const STACK_SAMPLED: u64 = 50;
 /// 16); a page without.
 pub const STACK_RING_BYTES: u32 = 4 << 20;
 
+/// `--stacks` in the kernel: the rules userspace learned from the samples it unwound, by
+/// (process, code address), let the kernel unwind a stack whose every frame was seen before and
+/// count the call in that stack's row (`KStack`), sending nothing. A stack with a frame it has
+/// no rule for, or longer than `KSTACK_FRAMES`, goes to userspace as a sample (which teaches
+/// the kernel its rules).
+pub const KSTACK_FRAMES: usize = 32;
+/// Rules kept at most (with `--stacks`; 1 without): 96 bytes of kernel memory each.
+pub const MAX_UNWIND_RULES: u32 = 32_768;
+/// Stacks counted in the kernel at most (with `--stacks`; 1 without): past it, calls with a new
+/// stack are sent as samples.
+pub const MAX_KSTACKS: u32 = 8_192;
+
+/// A code address in one process: the frame's `pc` (the syscall's return address, then each
+/// caller's return address) as [`StackSample`] frames are unwound in userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnwindKey {
+    pub pc: u64,
+    pub tgid: u32,
+    pub serial: u32,
+}
+
+/// How to find the caller's frame at one address (what `.eh_frame` says there): the canonical
+/// frame address (CFA: the stack pointer before the call) is `cfa_offset` past the stack
+/// pointer or rbp; the return address is at CFA - 8; rbp was saved at CFA + `rbp_at` if
+/// `rbp_saved`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindRule {
+    pub kind: u32,
+    pub rbp_saved: u32,
+    pub cfa_offset: i32,
+    pub rbp_at: i32,
+}
+
+pub mod unwind_kind {
+    pub const CFA_FROM_SP: u32 = 0;
+    pub const CFA_FROM_RBP: u32 = 1;
+    /// The outermost frame (the return address is undefined: `_start`, `clone3`).
+    pub const OUTERMOST: u32 = 2;
+}
+
+/// A stack counted in the kernel: its row's key and a hash of its frames.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct KStackKey {
+    pub tgid: u32,
+    pub serial: u32,
+    pub cmd: u32,
+    pub flags: u32,
+    pub hash: u64,
+}
+
+/// The calls with one stack, unwound in the kernel; `exact` and `sampled` as in a sample's
+/// `sampled`. `pcs[..depth]`: the frames, innermost first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KStack {
+    pub exact: u64,
+    pub exact_ns: u64,
+    pub sampled: u64,
+    pub sampled_ns: u64,
+    pub depth: u32,
+    /// 1: the unwinding reached the outermost frame.
+    pub complete: u32,
+    pub pcs: [u64; KSTACK_FRAMES],
+}
+
 /// Bytes of the `CALLERS` ring: 2,730 events of 24 bytes (with the ring's header) between two
 /// reads by a thread that waits on it.
 pub const CALLER_RING_BYTES: u32 = 64 << 10;
@@ -488,4 +556,8 @@ mod user {
     unsafe impl aya::Pod for super::WriterStats {}
     unsafe impl aya::Pod for super::ThreadKey {}
     unsafe impl aya::Pod for super::ThreadCalls {}
+    unsafe impl aya::Pod for super::UnwindKey {}
+    unsafe impl aya::Pod for super::UnwindRule {}
+    unsafe impl aya::Pod for super::KStackKey {}
+    unsafe impl aya::Pod for super::KStack {}
 }

@@ -33,11 +33,12 @@ use aya_ebpf::{
 };
 use membarrier_trace_common::{
     CALLER_RING_BYTES, CLONE_THREAD, COMM_LEN, CallKey, CallerSeen, CpuKey, HIST_BUCKETS, Handled,
-    HandlerKey, INSIDE_SLOTS, IPI_HIST, Inflight, MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES,
-    MAX_INFLIGHT, MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_WAKERS, MAX_WRITERS, Proc, STACK_BUDGET,
-    STACK_COPY, STACK_RING_BYTES, STACK_SAMPLE_EVERY, STACK_SAMPLED, STACK_WINDOW_NS, StackSample,
-    Stats, StatsKey, THREAD_CMDS, ThreadCalls, ThreadKey, VICTIMS_OTHER, WakerKey, Writer,
-    WriterKey, WriterStats, counter, field, hist_bucket, proc_id, thread_cmd,
+    HandlerKey, INSIDE_SLOTS, IPI_HIST, Inflight, KSTACK_FRAMES, KStack, KStackKey, MAX_CPU_ROWS,
+    MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT, MAX_KSTACKS, MAX_PROCS, MAX_STATS, MAX_THREADS,
+    MAX_UNWIND_RULES, MAX_WAKERS, MAX_WRITERS, Proc, STACK_BUDGET, STACK_COPY, STACK_RING_BYTES,
+    STACK_SAMPLE_EVERY, STACK_SAMPLED, STACK_WINDOW_NS, StackSample, Stats, StatsKey, THREAD_CMDS,
+    ThreadCalls, ThreadKey, UnwindKey, UnwindRule, VICTIMS_OTHER, WakerKey, Writer, WriterKey,
+    WriterStats, counter, field, hist_bucket, proc_id, thread_cmd, unwind_kind,
 };
 
 /// Set by userspace before load: 1 when only the processes marked traced in `PROCS` are. Being
@@ -135,6 +136,20 @@ static STACK_SAMPLES: RingBuf = RingBuf::with_byte_size(STACK_RING_BYTES, 0);
 /// samples taken over it].
 #[map]
 static STACK_RATE: PerCpuArray<[u64; 4]> = PerCpuArray::with_max_entries(1, 0);
+
+/// `--stacks`: how to unwind each code address of each process, as userspace learned it from
+/// the samples (sized by userspace: 1 without).
+#[map]
+static UNWIND: HashMap<UnwindKey, UnwindRule> = HashMap::with_max_entries(MAX_UNWIND_RULES, 0);
+
+/// `--stacks`: calls per stack unwound in the kernel (sized by userspace: 1 without).
+#[map]
+static KSTACKS: HashMap<KStackKey, KStack> = HashMap::with_max_entries(MAX_KSTACKS, 0);
+
+/// Per CPU, the stack being unwound: a new `KSTACKS` row is inserted from it (too large for
+/// the stack).
+#[map]
+static KSTACK_SCRATCH: PerCpuArray<KStack> = PerCpuArray::with_max_entries(1, 0);
 
 /// A zeroed row to insert into WRITERS (too large for the stack).
 #[map]
@@ -600,7 +615,7 @@ fn on_exit(end_ns: u64, ret: i64) {
     let row = unsafe { &mut *row };
     row.count_one(ns);
     if stacks() {
-        send_stack(row, &key, end_ns, ns);
+        take_stack(row, &key, end_ns, ns);
     }
     // The slot is the thread's own: a plain add.
     let i = thread_cmd(call.cmd, call.flags);
@@ -631,12 +646,14 @@ fn on_exit(end_ns: u64, ret: i64) {
     }
 }
 
-/// `--stacks`: sends the calling thread's user registers and the top of its user stack, for
-/// userspace to unwind (from `.eh_frame`: no frame pointers needed) and count under `row`'s key.
-/// Within the CPU's stack rate every call's is sent; beyond it, 1 in `STACK_SAMPLE_EVERY` up to
-/// `STACK_SAMPLED` a window, and the others are counted in the row as sampled out.
+/// `--stacks`: counts the call under its user stack, unwound here when every frame's rule is
+/// known (`count_known_stack`), else sends the thread's user registers and the top of its user
+/// stack for userspace to unwind (from `.eh_frame`: no frame pointers needed), count under
+/// `row`'s key, and learn the rules from. Within the CPU's stack rate every call's stack is
+/// taken; beyond it, 1 in `STACK_SAMPLE_EVERY` up to `STACK_SAMPLED` a window, and the others
+/// are counted in the row as sampled out.
 #[inline(always)]
-fn send_stack(row: &mut Stats, key: &StatsKey, end_ns: u64, ns: u64) {
+fn take_stack(row: &mut Stats, key: &StatsKey, end_ns: u64, ns: u64) {
     let Some(rate) = STACK_RATE.get_ptr_mut(0) else {
         return;
     };
@@ -660,6 +677,18 @@ fn send_stack(row: &mut Stats, key: &StatsKey, end_ns: u64, ns: u64) {
     } else {
         rate[1] += 1;
     }
+    // The registers the thread entered the kernel with (the syscall leaves them as they were).
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    let (ip, sp, bp) = unsafe {
+        (
+            bpf_probe_read_kernel(&(*regs).rip).unwrap_or(0),
+            bpf_probe_read_kernel(&(*regs).rsp).unwrap_or(0),
+            bpf_probe_read_kernel(&(*regs).rbp).unwrap_or(0),
+        )
+    };
+    if count_known_stack(key, sampled, ns, ip, sp, bp) {
+        return;
+    }
     let Some(mut entry) = STACK_SAMPLES.reserve::<StackSample>(0) else {
         add(&mut row.stacks_unsent, 1);
         return;
@@ -672,13 +701,9 @@ fn send_stack(row: &mut Stats, key: &StatsKey, end_ns: u64, ns: u64) {
     e.errno = key.errno;
     e.sampled = sampled as u32;
     e.ns = ns;
-    // The registers the thread entered the kernel with (the syscall leaves them as they were).
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
-    unsafe {
-        e.ip = bpf_probe_read_kernel(&(*regs).rip).unwrap_or(0);
-        e.sp = bpf_probe_read_kernel(&(*regs).rsp).unwrap_or(0);
-        e.bp = bpf_probe_read_kernel(&(*regs).rbp).unwrap_or(0);
-    }
+    e.ip = ip;
+    e.sp = sp;
+    e.bp = bp;
     // A read that runs past the stack's mapping fails whole: shorter ones then.
     e.len = 0;
     let dst = e.stack.as_mut_ptr() as *mut aya_ebpf::cty::c_void;
@@ -690,6 +715,109 @@ fn send_stack(row: &mut Stats, key: &StatsKey, end_ns: u64, ns: u64) {
         }
     }
     entry.submit(0);
+}
+
+/// `--stacks`: unwinds the user stack from (`ip`, `sp`, `bp`) with the rules userspace learned
+/// for this process (`UNWIND`) and counts the call in its stack's `KSTACKS` row. False, with
+/// nothing counted, where userspace must see the stack: a frame without a rule, a frame past
+/// the bytes a sample copies (userspace would stop there), a stack deeper than
+/// `KSTACK_FRAMES`, or a new stack when `KSTACKS` is full. The frames and where they stop are
+/// the ones userspace finds from a sample, so both count into one stack.
+#[inline(always)]
+fn count_known_stack(key: &StatsKey, sampled: bool, ns: u64, ip: u64, sp: u64, bp: u64) -> bool {
+    let Some(s) = KSTACK_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let s = unsafe { &mut *s };
+    let (mut pc, mut sp_now, mut bp) = (ip, sp, bp);
+    let end = sp.wrapping_add(STACK_COPY as u64);
+    let mut rk = UnwindKey {
+        pc,
+        tgid: key.tgid,
+        serial: key.serial,
+    };
+    // FNV-1a over the frames.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut depth = 0;
+    let mut complete = 0;
+    for i in 0..KSTACK_FRAMES {
+        s.pcs[i] = pc;
+        hash = (hash ^ pc).wrapping_mul(0x0100_0000_01b3);
+        rk.pc = pc;
+        let Some(rule) = (unsafe { UNWIND.get(&rk) }) else {
+            return false;
+        };
+        if rule.kind == unwind_kind::OUTERMOST {
+            depth = i + 1;
+            complete = 1;
+            break;
+        }
+        let base = if rule.kind == unwind_kind::CFA_FROM_RBP {
+            bp
+        } else {
+            sp_now
+        };
+        let cfa = base.wrapping_add(rule.cfa_offset as i64 as u64);
+        if cfa <= sp_now || cfa > end {
+            return false;
+        }
+        let Ok(ra) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else {
+            return false;
+        };
+        if rule.rbp_saved != 0 {
+            let at = cfa.wrapping_add(rule.rbp_at as i64 as u64);
+            if at < sp || at.wrapping_add(8) > end {
+                return false;
+            }
+            match unsafe { bpf_probe_read_user(at as *const u64) } {
+                Ok(v) => bp = v,
+                Err(_) => return false,
+            }
+        }
+        if ra == 0 {
+            depth = i + 1;
+            complete = 1;
+            break;
+        }
+        sp_now = cfa;
+        pc = ra;
+    }
+    if depth == 0 {
+        return false;
+    }
+    let k = KStackKey {
+        tgid: key.tgid,
+        serial: key.serial,
+        cmd: key.cmd,
+        flags: key.flags,
+        hash,
+    };
+    let row = match KSTACKS.get_ptr_mut(&k) {
+        Some(r) => r,
+        None => {
+            s.exact = 0;
+            s.exact_ns = 0;
+            s.sampled = 0;
+            s.sampled_ns = 0;
+            s.depth = depth as u32;
+            s.complete = complete;
+            // Another CPU may have made it since: then it is there to count into.
+            let _ = KSTACKS.insert(&k, s, BPF_NOEXIST as u64);
+            match KSTACKS.get_ptr_mut(&k) {
+                Some(r) => r,
+                None => return false,
+            }
+        }
+    };
+    let row = unsafe { &mut *row };
+    if sampled {
+        add(&mut row.sampled, 1);
+        add(&mut row.sampled_ns, ns);
+    } else {
+        add(&mut row.exact, 1);
+        add(&mut row.exact_ns, ns);
+    }
+    true
 }
 
 /// Entry of a userspace grace-period function (liburcu's `synchronize_rcu`, or one named with

@@ -14,13 +14,15 @@ use aya::{
     programs::{BtfTracePoint, FEntry, FExit, Program, ProgramError, TracePoint},
 };
 use membarrier_trace_common::{
-    COMM_LEN, CpuKey, Handled, HandlerKey, Inflight, MAX_INFLIGHT, MAX_PROCS, MAX_STATS,
-    MAX_THREADS, MAX_WRITERS, Proc, STACK_RING_BYTES, Stats, StatsKey, ThreadCalls, ThreadKey,
-    WakerKey, WriterKey, WriterStats, counter, field, proc_id,
+    COMM_LEN, CpuKey, Handled, HandlerKey, Inflight, KStack, KStackKey, MAX_INFLIGHT, MAX_KSTACKS,
+    MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_UNWIND_RULES, MAX_WRITERS, Proc, STACK_RING_BYTES,
+    Stats, StatsKey, ThreadCalls, ThreadKey, UnwindKey, UnwindRule, WakerKey, WriterKey,
+    WriterStats, counter, field, proc_id,
 };
 
 use crate::{
     hook::{Attach, AttachMode, Hook, Kind},
+    kstacks::KernelStacks,
     model::{
         Absorb, GraceSource, Losses, Maps, ProcKey, RawRow, Snapshot, ThreadRow, WriterRow,
         comm_str,
@@ -76,6 +78,8 @@ pub struct Collector {
     writers_off_cpu: bool,
     /// Names grace periods' callers and unwinds `--stacks` (None: neither).
     callers: Option<CallerNamer>,
+    /// `--stacks`: the stacks the kernel unwinds itself.
+    kstacks: Option<KernelStacks>,
     /// Last known name of each process seen.
     comms: HashMap<ProcKey, String>,
     retired: Retired,
@@ -248,16 +252,9 @@ impl MapSizes {
     }
 
     /// Kernel memory of these three maps, the grace-period rows (WRITERS) and the exited threads
-    /// (THREADS), in bytes, by the kernel's own accounting of a
-    /// preallocated hash map (kernel/bpf/hashtab.c, htab_map_mem_usage): per element a 48-byte
-    /// header plus key and value, each rounded up to 8 bytes, and one spare element per CPU;
-    /// 16 bytes per bucket, buckets being a power of two at least the elements; under 1 KiB
-    /// of header and locks.
+    /// (THREADS), in bytes ([`htab_bytes`]).
     pub fn kernel_bytes(&self, cpus: u64) -> u64 {
-        let htab = |max: u32, key: usize, value: usize| {
-            let elem = (48 + key.next_multiple_of(8) + value.next_multiple_of(8)) as u64;
-            elem * (u64::from(max) + cpus) + 16 * u64::from(max).next_power_of_two() + 1024
-        };
+        let htab = |max, key, value| htab_bytes(max, key, value, cpus);
         htab(
             self.stats,
             std::mem::size_of::<StatsKey>(),
@@ -282,16 +279,42 @@ impl MapSizes {
         self.kernel_bytes(cpus) + (4 << 20) + cpus * (16 << 10)
     }
 
-    /// With `--stacks`, the samples ring adds its size to the bound.
+    /// With `--stacks`, the samples ring, the unwinding rules and the kernel's stacks add
+    /// theirs to the bound.
     pub fn report(&self, cpus: u64, stacks: bool) -> Maps {
-        let ring = if stacks { STACK_RING_BYTES.into() } else { 0 };
+        let stacks_bytes = if stacks {
+            u64::from(STACK_RING_BYTES)
+                + htab_bytes(
+                    MAX_UNWIND_RULES,
+                    size_of::<UnwindKey>(),
+                    size_of::<UnwindRule>(),
+                    cpus,
+                )
+                + htab_bytes(
+                    MAX_KSTACKS,
+                    size_of::<KStackKey>(),
+                    size_of::<KStack>(),
+                    cpus,
+                )
+        } else {
+            0
+        };
         Maps {
             stats_rows: self.stats,
             inflight_slots: self.inflight,
             processes: self.procs,
-            kernel_bytes_bound: self.kernel_bytes_bound(cpus) + ring,
+            kernel_bytes_bound: self.kernel_bytes_bound(cpus) + stacks_bytes,
         }
     }
+}
+
+/// Kernel memory of a preallocated hash map (kernel/bpf/hashtab.c, htab_map_mem_usage): per
+/// element a 48-byte header plus key and value, each rounded up to 8 bytes, and one spare
+/// element per CPU; 16 bytes per bucket, buckets being a power of two at least the elements;
+/// under 1 KiB of header and locks.
+fn htab_bytes(max: u32, key: usize, value: usize, cpus: u64) -> u64 {
+    let elem = (48 + key.next_multiple_of(8) + value.next_multiple_of(8)) as u64;
+    elem * (u64::from(max) + cpus) + 16 * u64::from(max).next_power_of_two() + 1024
 }
 
 /// What keeps the process table (serial numbers, live tasks, the filter, in-flight slots).
@@ -703,6 +726,8 @@ impl Collector {
                 "STACK_SAMPLES",
                 if opts.stacks { STACK_RING_BYTES } else { 4096 },
             )
+            .map_max_entries("UNWIND", if opts.stacks { MAX_UNWIND_RULES } else { 1 })
+            .map_max_entries("KSTACKS", if opts.stacks { MAX_KSTACKS } else { 1 })
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let stats = take(&mut ebpf, "STATS")?;
@@ -722,6 +747,14 @@ impl Collector {
                 .stacks
                 .then(|| take(&mut ebpf, "STACK_SAMPLES"))
                 .transpose()?,
+        };
+        let kstacks = if opts.stacks {
+            Some(KernelStacks::new(
+                take(&mut ebpf, "UNWIND")?,
+                take(&mut ebpf, "KSTACKS")?,
+            ))
+        } else {
+            None
         };
         let writers = if opts.rcu {
             Some(Writers::load(&mut ebpf, opts.rcu_funcs.clone())?)
@@ -752,6 +785,7 @@ impl Collector {
             follow_forks: opts.follow_forks,
             writers_off_cpu: false,
             callers,
+            kstacks,
             comms: HashMap::new(),
             retired: Retired::default(),
             started: Instant::now(),
@@ -1082,6 +1116,10 @@ impl Collector {
         }
         // After the liveness checks: a process found dead has all its threads' exits in.
         let drained = self.drain_threads()?;
+        // `--stacks`: the kernel unwinds from now on what the stacks thread has seen.
+        if let (Some(namer), Some(k)) = (&self.callers, &mut self.kstacks) {
+            k.teach(namer.learned(), &live);
+        }
         // The callers thread finds callers as the kernel reports them, named here; one whose
         // report was lost (a full ring) is asked for, while its process lives.
         if let Some(namer) = &mut self.callers {
@@ -1134,6 +1172,11 @@ impl Collector {
             );
         }
         if let Some(namer) = &mut self.callers {
+            // The kernel's stacks of the dead join the samples' first, each under its own
+            // process, and are summed with them.
+            if let (Some(k), Some(stacks)) = (&mut self.kstacks, &namer.stacks) {
+                k.retire(&dead, &mut stacks.lock().unwrap())?;
+            }
             namer.retire(&dest);
         }
         let r = &mut self.retired;
@@ -1308,6 +1351,7 @@ impl Collector {
             calls_without_inflight_slot: no_slot,
             processes_not_tracked: self.counter(counter::DROPPED_PROCS)?,
             detail_rows: self.counter(counter::DROPPED_DETAIL)?,
+            unwind_rules: self.kstacks.as_ref().map_or(0, |k| k.rules_dropped),
             probe_runs_skipped,
             hook_runs_skipped,
         };
@@ -1344,11 +1388,13 @@ impl Collector {
                 .as_ref()
                 .map(|n| n.named.clone())
                 .unwrap_or_default(),
-            stacks: self
-                .callers
-                .as_ref()
-                .and_then(|n| n.stacks.as_ref())
-                .map(|s| s.lock().unwrap().clone()),
+            stacks: match (&self.callers, &self.kstacks) {
+                (Some(n), Some(k)) => match &n.stacks {
+                    Some(s) => Some(k.with_live(s.lock().unwrap().clone())?),
+                    None => None,
+                },
+                _ => None,
+            },
             threads,
         })
     }

@@ -13,6 +13,7 @@ pub mod exposition;
 pub mod findings;
 pub mod hist;
 pub mod hook;
+pub mod kstacks;
 pub mod model;
 pub mod output;
 pub mod preflight;

@@ -195,6 +195,20 @@ pub struct StackCount {
     /// The unwinding reached the outermost frame (else it stopped short: the copy's end, or
     /// code it could not unwind).
     pub complete: bool,
+    /// Of `exact` + `sampled`, the calls the kernel unwound itself (`KSTACKS`), sending no
+    /// sample.
+    pub kernel: u64,
+}
+
+impl StackCount {
+    pub fn absorb(&mut self, c: &StackCount) {
+        self.exact += c.exact;
+        self.exact_ns += c.exact_ns;
+        self.sampled += c.sampled;
+        self.sampled_ns += c.sampled_ns;
+        self.kernel += c.kernel;
+        self.complete |= c.complete;
+    }
 }
 
 /// The `--stacks` counts so far.
@@ -205,6 +219,21 @@ pub struct Stacks {
     /// Calls sent without a readable stack (no registers or stack bytes), or with a new stack
     /// when `symbolize::MAX_STACKS` were kept.
     pub unattributed: HashMap<StackGroup, u64>,
+}
+
+impl Stacks {
+    /// Adds `c` to stack `frames` of `g`; a new stack past `max` kept has its calls counted
+    /// unattributed.
+    pub fn add(&mut self, g: StackGroup, frames: Vec<u64>, c: &StackCount, max: usize) {
+        let key = (g, frames);
+        if let Some(have) = self.stacks.get_mut(&key) {
+            have.absorb(c);
+        } else if self.stacks.len() >= max {
+            *self.unattributed.entry(g).or_default() += c.exact + c.sampled;
+        } else {
+            self.stacks.insert(key, c.clone());
+        }
+    }
 }
 
 /// One thread's calls by cmd (`thread_cmd` index), or several exited threads of a process
@@ -258,6 +287,9 @@ pub struct Losses {
     pub processes_not_tracked: u64,
     /// IPI-per-CPU, waker or csd rows that did not fit: those figures are short.
     pub detail_rows: u64,
+    /// `--stacks`: unwinding rules the kernel had no room for (`UNWIND` full): stacks through
+    /// their code keep going to userspace as samples, within the stack rate.
+    pub unwind_rules: u64,
     /// Runs of the breakdown probes the kernel skipped (another BPF program was running on
     /// the CPU; fentry on PREEMPT_RT): the grace-period, IPI, handler and mutex figures are short.
     pub probe_runs_skipped: u64,
@@ -283,6 +315,7 @@ pub struct Dropped {
     pub calls_without_inflight_slot: u64,
     pub processes_not_tracked: u64,
     pub detail_rows: u64,
+    pub unwind_rules: u64,
     pub grace_periods_without_row: u64,
     pub callers_unreported: u64,
     /// Not in `total`: not calls, processes or rows, and common (an IPI handler's csd events
@@ -301,6 +334,7 @@ impl From<Losses> for Dropped {
             calls_without_inflight_slot: l.calls_without_inflight_slot,
             processes_not_tracked: l.processes_not_tracked,
             detail_rows: l.detail_rows,
+            unwind_rules: l.unwind_rules,
             grace_periods_without_row: l.grace_periods_without_row,
             callers_unreported: l.callers_unreported,
             probe_runs_skipped: l.probe_runs_skipped,
@@ -309,6 +343,7 @@ impl From<Losses> for Dropped {
                 + l.calls_without_inflight_slot
                 + l.processes_not_tracked
                 + l.detail_rows
+                + l.unwind_rules
                 + l.grace_periods_without_row
                 + l.callers_unreported,
         }
@@ -498,6 +533,9 @@ pub struct StackReport {
     /// The unwinding stopped short of the outermost frame (the copy's end, or code without
     /// unwind information and frame pointers).
     pub truncated: bool,
+    /// Calls of this stack the kernel unwound itself, without sending a sample (the calls
+    /// they stand for over the stack rate not included).
+    pub unwound_in_kernel: u64,
     /// Innermost first: the syscall's own instruction (in libc's wrapper), then each caller.
     pub frames: Vec<Caller>,
 }
@@ -1052,6 +1090,7 @@ fn stack_reports(
             latency_ns_sum: c.exact_ns + (c.sampled_ns as f64 * scale).round() as u64,
             estimated: c.sampled > 0,
             truncated: !c.complete,
+            unwound_in_kernel: c.kernel,
             frames: frames
                 .iter()
                 .map(|&a| {
@@ -1148,6 +1187,44 @@ pub fn writer_reports(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The kernel's calls of a stack join the samples' in one entry; past the bound a new
+    /// stack's calls are unattributed, not lost.
+    #[test]
+    fn stacks_from_both_unwinders_add_into_one() {
+        let g = ((7, 0), 8, 0);
+        let mut st = Stacks::default();
+        let sampled = StackCount {
+            exact: 2,
+            exact_ns: 20,
+            ..Default::default()
+        };
+        let in_kernel = StackCount {
+            exact: 5,
+            exact_ns: 50,
+            sampled: 1,
+            sampled_ns: 9,
+            complete: true,
+            kernel: 6,
+        };
+        st.add(g, vec![1, 2], &sampled, 2);
+        st.add(g, vec![1, 2], &in_kernel, 2);
+        st.add(g, vec![1, 3], &sampled, 2);
+        st.add(g, vec![1, 4], &in_kernel, 2);
+        assert_eq!(st.stacks.len(), 2);
+        assert_eq!(
+            st.stacks[&(g, vec![1, 2])],
+            StackCount {
+                exact: 7,
+                exact_ns: 70,
+                sampled: 1,
+                sampled_ns: 9,
+                complete: true,
+                kernel: 6,
+            }
+        );
+        assert_eq!(st.unattributed[&g], 6);
+    }
 
     pub(crate) fn row(tgid: u32, cmd: i32, errno: u32, lat: &[u64]) -> RawRow {
         let mut hist = Histogram::default();

@@ -52,6 +52,7 @@ pub fn dropped_causes(d: &Dropped) -> String {
         ),
         (d.processes_not_tracked, "processes not tracked"),
         (d.detail_rows, "detail rows"),
+        (d.unwind_rules, "unwinding rules"),
         (d.grace_periods_without_row, "grace periods without a row"),
         (d.callers_unreported, "callers not reported"),
     ]

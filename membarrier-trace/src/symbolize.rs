@@ -21,13 +21,16 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use membarrier_trace_common::{CallerSeen, StackSample};
+use membarrier_trace_common::{CallerSeen, StackSample, UnwindKey, UnwindRule};
 
 use crate::{
     model::{Caller, ProcKey, Stacks},
     procmaps::mappings,
     unwind::{Copied, FrameFile, Unwinder},
 };
+
+/// Rules learned from the samples, for the retire pass to give the kernel (`UNWIND`).
+pub type Learned = Vec<(UnwindKey, UnwindRule)>;
 
 /// Addresses named so far, by process and address.
 pub type Callers = HashMap<(ProcKey, u64), Caller>;
@@ -50,6 +53,8 @@ pub struct CallerNamer {
     pub stacks: Option<Arc<Mutex<Stacks>>>,
     /// Asks the stacks thread to take in every sample sent so far, and say when it has.
     flushes: Option<mpsc::Sender<mpsc::Sender<()>>>,
+    /// `--stacks`: the rules the stacks thread learned since the last [`CallerNamer::learned`].
+    learned: Arc<Mutex<Learned>>,
     asks: mpsc::Sender<(ProcKey, u64)>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -71,11 +76,14 @@ impl CallerNamer {
             .then(|| Arc::new(Mutex::new(Stacks::default())));
         let stop = Arc::new(AtomicBool::new(false));
         let (asks, asked) = mpsc::channel::<(ProcKey, u64)>();
+        let learned = Arc::new(Mutex::new(Learned::new()));
         let reader = || Reader {
             found: found.clone(),
             stacks: stacks.clone(),
             seen: HashSet::new(),
             unwinder: Unwinder::default(),
+            learned: learned.clone(),
+            taught: HashSet::new(),
         };
         let mut threads = Vec::new();
         if let Some(mut ring) = rings.callers {
@@ -133,6 +141,7 @@ impl CallerNamer {
             found,
             stacks,
             flushes,
+            learned,
             asks,
             stop,
             threads,
@@ -197,6 +206,11 @@ impl CallerNamer {
         }
     }
 
+    /// The unwinding rules learned since the last call, each once per (process, address).
+    pub fn learned(&self) -> Learned {
+        std::mem::take(&mut *self.learned.lock().unwrap())
+    }
+
     /// Asks for the caller at `addr` in the live process `p` (found within 100 ms, named at the
     /// next [`CallerNamer::name_found`] after that).
     pub fn ask(&self, p: ProcKey, addr: u64) {
@@ -220,6 +234,9 @@ struct Reader {
     /// Addresses already found (bounded: forgotten past a million, costing a second look).
     seen: HashSet<(ProcKey, u64)>,
     unwinder: Unwinder,
+    learned: Arc<Mutex<Learned>>,
+    /// (process, address) whose rule was learned (bounded like `seen`).
+    taught: HashSet<(ProcKey, u64)>,
 }
 
 impl Reader {
@@ -279,10 +296,31 @@ impl Reader {
             stack: &bytes[head..head + len],
         };
         let (frames, complete) = self.unwinder.unwind(p, &copied);
-        let addrs: Vec<u64> = frames.iter().map(|(a, _)| *a).collect();
-        for (a, f) in frames {
-            if !self.seen.contains(&(p, a)) {
-                self.remember((p, a), f);
+        let addrs: Vec<u64> = frames.iter().map(|f| f.pc).collect();
+        // What the kernel needs to unwind this stack next time: the rule of every frame it
+        // cannot go past without one (a stack stopped short keeps being sent, to be seen here).
+        if self.taught.len() > 1 << 20 {
+            self.taught.clear();
+        }
+        let mut learned = Vec::new();
+        for f in &frames {
+            if let Some(rule) = f.rule.and_then(|r| r.for_kernel())
+                && self.taught.insert((p, f.pc))
+            {
+                let key = UnwindKey {
+                    pc: f.pc,
+                    tgid: p.0,
+                    serial: p.1,
+                };
+                learned.push((key, rule));
+            }
+        }
+        if !learned.is_empty() {
+            self.learned.lock().unwrap().extend(learned);
+        }
+        for f in frames {
+            if !self.seen.contains(&(p, f.pc)) {
+                self.remember((p, f.pc), f.file);
             }
         }
         let mut st = stacks.lock().unwrap();

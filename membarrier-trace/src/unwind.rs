@@ -17,6 +17,8 @@ use gimli::{
 };
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
+use membarrier_trace_common::{UnwindRule, unwind_kind};
+
 use crate::{
     model::ProcKey,
     procmaps::{Mapping, mappings},
@@ -157,6 +159,42 @@ impl Cfi {
     }
 }
 
+/// One unwound frame.
+pub struct Frame {
+    /// The return address (the syscall's instruction pointer for the innermost).
+    pub pc: u64,
+    pub file: Option<FrameFile>,
+    /// How the caller's frame was found from this one: `None` where the unwinding stopped.
+    pub rule: Option<Rule>,
+}
+
+impl Rule {
+    /// The rule as the kernel unwinds with it (`UNWIND`); `None` for offsets past an i32
+    /// (none real), which the kernel then never unwinds.
+    pub fn for_kernel(self) -> Option<UnwindRule> {
+        Some(match self {
+            Rule::Outermost => UnwindRule {
+                kind: unwind_kind::OUTERMOST,
+                ..Default::default()
+            },
+            Rule::Frame {
+                cfa_from_rbp,
+                cfa_offset,
+                rbp_at,
+            } => UnwindRule {
+                kind: if cfa_from_rbp {
+                    unwind_kind::CFA_FROM_RBP
+                } else {
+                    unwind_kind::CFA_FROM_SP
+                },
+                rbp_saved: u32::from(rbp_at.is_some()),
+                cfa_offset: i32::try_from(cfa_offset).ok()?,
+                rbp_at: i32::try_from(rbp_at.unwrap_or(0)).ok()?,
+            },
+        })
+    }
+}
+
 /// Where a frame's code is: enough to name it after the process exits.
 #[derive(Clone)]
 pub struct FrameFile {
@@ -263,30 +301,41 @@ impl Unwinder {
     }
 
     /// The return addresses of `s` in process `p`, innermost (the syscall's own instruction
-    /// pointer) first, each with where its code is (for naming); and whether the unwinding
-    /// reached the outermost frame.
-    pub fn unwind(&mut self, p: ProcKey, s: &Copied) -> (Vec<(u64, Option<FrameFile>)>, bool) {
+    /// pointer) first, each with where its code is (for naming) and the rule it was unwound
+    /// with (for the kernel to unwind it next time); and whether the unwinding reached the
+    /// outermost frame.
+    pub fn unwind(&mut self, p: ProcKey, s: &Copied) -> (Vec<Frame>, bool) {
         let mut frames = Vec::new();
         let (mut pc, mut sp, mut bp) = (s.ip, s.sp, s.bp);
         for depth in 0..MAX_FRAMES {
             // A return address is just past its call: the call instruction is the byte before.
             let looked_up = if depth == 0 { pc } else { pc.saturating_sub(1) };
             let (rule, file) = self.rule(p, looked_up);
-            frames.push((pc, file));
             let rule = match rule {
-                Some(Rule::Outermost) => return (frames, true),
                 Some(r) => r,
                 // No CFI: frame pointers, if rbp points into the copied stack.
                 None if bp > sp && s.read(bp).is_some() => FRAME_POINTER,
-                None => return (frames, false),
+                None => {
+                    frames.push(Frame {
+                        pc,
+                        file,
+                        rule: None,
+                    });
+                    return (frames, false);
+                }
             };
+            frames.push(Frame {
+                pc,
+                file,
+                rule: Some(rule),
+            });
             let Rule::Frame {
                 cfa_from_rbp,
                 cfa_offset,
                 rbp_at,
             } = rule
             else {
-                unreachable!()
+                return (frames, true);
             };
             let cfa = (if cfa_from_rbp { bp } else { sp }).wrapping_add_signed(cfa_offset);
             let Some(ra) = s.read(cfa.wrapping_sub(8)) else {
@@ -312,6 +361,44 @@ impl Unwinder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rules_for_the_kernel() {
+        assert_eq!(
+            FRAME_POINTER.for_kernel(),
+            Some(UnwindRule {
+                kind: unwind_kind::CFA_FROM_RBP,
+                rbp_saved: 1,
+                cfa_offset: 16,
+                rbp_at: -16,
+            })
+        );
+        let leaf = Rule::Frame {
+            cfa_from_rbp: false,
+            cfa_offset: 8,
+            rbp_at: None,
+        };
+        assert_eq!(
+            leaf.for_kernel(),
+            Some(UnwindRule {
+                kind: unwind_kind::CFA_FROM_SP,
+                rbp_saved: 0,
+                cfa_offset: 8,
+                rbp_at: 0,
+            })
+        );
+        assert_eq!(
+            Rule::Outermost.for_kernel().map(|r| r.kind),
+            Some(unwind_kind::OUTERMOST)
+        );
+        // An offset the kernel's rule cannot hold: no rule, the stack stays userspace's.
+        let huge = Rule::Frame {
+            cfa_from_rbp: false,
+            cfa_offset: 1 << 40,
+            rbp_at: None,
+        };
+        assert_eq!(huge.for_kernel(), None);
+    }
 
     /// Unwinds this test's own stack, copied as the kernel would, with this binary's
     /// `.eh_frame` (a release build: no frame pointers): the frames are this function's
@@ -348,7 +435,7 @@ mod tests {
         let symbolizer = blazesym::symbolize::Symbolizer::new();
         let names: Vec<String> = frames
             .iter()
-            .filter_map(|(a, f)| crate::symbolize::name_frame(&symbolizer, *a, f.clone()?).symbol)
+            .filter_map(|f| crate::symbolize::name_frame(&symbolizer, f.pc, f.file.clone()?).symbol)
             .collect();
         assert!(
             names.iter().any(|n| n.contains("unwinds_its_own_stack")),

@@ -1820,8 +1820,9 @@ fn stacks_of_liburcu_writers_without_and_with_frame_pointers() {
         ),
     ] {
         let bin = build_urcu_program("urcu_writers", name, flags);
-        // A pause between grace periods keeps the calls under the exact stack rate.
-        let mut prog = UrcuWriters::start(&bin, &["150", "100", "1000"]);
+        // A pause between grace periods keeps the calls under the exact stack rate; 600 ms of
+        // them, so the kernel unwinds them once the first retire pass (250 ms) taught it.
+        let mut prog = UrcuWriters::start(&bin, &["600", "400", "1000"]);
         let pid_arg = prog.pid.to_string();
         let tracer = Tracer::start(&["-o", "json", "-p", &pid_arg, "--stacks", "--no-rcu"]);
         let own = prog.run();
@@ -1860,6 +1861,15 @@ fn stacks_of_liburcu_writers_without_and_with_frame_pointers() {
                 calls >= 2 * n,
                 "{name}: {function}: {calls} calls for {n} grace periods: {stacks:#?}"
             );
+            // Unwound in userspace first, then by the kernel, into the same stacks: a kernel
+            // that found other frames or stopped elsewhere would make stacks of its own.
+            let in_kernel = |s: &Value| s["unwound_in_kernel"].as_u64().unwrap();
+            assert!(
+                through
+                    .iter()
+                    .any(|s| in_kernel(s) > 0 && in_kernel(s) < s["calls"].as_u64().unwrap()),
+                "{name}: {function}: {stacks:#?}"
+            );
             for s in through {
                 let f = names(s);
                 // The syscall, liburcu, the writer, then its thread's start, to the outermost.
@@ -1882,16 +1892,21 @@ fn stacks_of_liburcu_writers_without_and_with_frame_pointers() {
     }
 }
 
-/// --stacks above the exact rate: a full-speed PRIVATE_EXPEDITED loop gets sampled stacks,
-/// marked estimates, that with the calls nothing could be sent for still add up to every call.
+/// --stacks above the exact rate: a second of full-speed PRIVATE_EXPEDITED calls from one
+/// call site gets sampled stacks, marked estimates, that with the calls nothing could be sent
+/// for still add up to every call. Its one stack is unwound in userspace from the first
+/// samples, then by the kernel with the rules learned from them, and both count into it.
 #[test]
 fn stacks_above_the_rate_are_sampled_and_add_up() {
     let _machine = require_root();
     let out = run(tracer()
         .args(["-o", "json", "--stacks", "--no-rcu", "--"])
         .arg(WORKLOAD)
-        .args(["--expedited", "200000"]));
+        .args(["--steady-secs", "1"]));
     let report = report_of(&out);
+    let own = last_json_with(&String::from_utf8_lossy(&out.stdout), "outcomes");
+    let expected = workload_counts(&own)[&(8, 0, String::new())];
+    assert!(expected > 10_000, "{own}");
     let pe = report["processes"][0]["cmds"]
         .as_array()
         .unwrap()
@@ -1899,12 +1914,18 @@ fn stacks_above_the_rate_are_sampled_and_add_up() {
         .find(|c| c["cmd"] == "PRIVATE_EXPEDITED")
         .unwrap()
         .clone();
-    assert_eq!(pe["calls"], 200_000);
+    assert_eq!(pe["calls"], expected);
     let stacks = pe["stacks"].as_array().unwrap();
     let calls: u64 = stacks.iter().map(|s| s["calls"].as_u64().unwrap()).sum();
     let unattributed = pe["unattributed"].as_u64().unwrap();
-    assert_eq!(calls + unattributed, 200_000, "{stacks:#?}");
+    assert_eq!(calls + unattributed, expected, "{stacks:#?}");
     assert!(stacks.iter().any(|s| s["estimated"] == true), "{stacks:#?}");
+    // One call site, one stack: the kernel's frames are the ones userspace found.
+    assert_eq!(stacks.len(), 1, "{stacks:#?}");
+    assert!(
+        stacks[0]["unwound_in_kernel"].as_u64().unwrap() > 0,
+        "{stacks:#?}"
+    );
     let top = &stacks[0]["frames"];
     assert!(
         top.as_array()

@@ -162,6 +162,8 @@ fn loops_args(p: &Paths) -> Vec<String> {
         EXPEDITED,
         "--loop-paced",
         PACED,
+        "--loop-paced-warmup",
+        PACED,
         "--loop-getppid",
         GETPPID,
         "--loop-pingpong",

@@ -507,7 +507,7 @@ fn parse(text: &str) -> Results {
 /// Prints kernel x mode x test; true when every cell passed.
 fn print_table(table: &[(&Kernel, Results)]) -> bool {
     let mut all_ok = true;
-    print!("{:<16} {:<11}", "kernel", "attach");
+    print!("{:<16} {:<11}", "kernel", "mode");
     for (_, col) in TESTS {
         print!(" {col:<10}");
     }
