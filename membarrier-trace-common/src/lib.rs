@@ -258,40 +258,93 @@ pub const STACK_RING_BYTES: u32 = 4 << 20;
 /// no rule for, or longer than `KSTACK_FRAMES`, goes to userspace as a sample (which teaches
 /// the kernel its rules).
 pub const KSTACK_FRAMES: usize = 32;
-/// Rules kept at most (with `--stacks`; 1 without): 96 bytes of kernel memory each.
-pub const MAX_UNWIND_RULES: u32 = 32_768;
+/// Slots of the kernel's unwinding rules (with `--stacks`; 1 without): a power of two, 32 bytes
+/// each (2 MiB).
+pub const UNWIND_SLOTS: u32 = 65_536;
 /// Stacks counted in the kernel at most (with `--stacks`; 1 without): past it, calls with a new
 /// stack are sent as samples.
 pub const MAX_KSTACKS: u32 = 8_192;
 
-/// A code address in one process: the frame's `pc` (the syscall's return address, then each
-/// caller's return address) as [`StackSample`] frames are unwound in userspace.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct UnwindKey {
-    pub pc: u64,
-    pub tgid: u32,
-    pub serial: u32,
-}
-
-/// How to find the caller's frame at one address (what `.eh_frame` says there): the canonical
-/// frame address (CFA: the stack pointer before the call) is `cfa_offset` past the stack
-/// pointer or rbp; the return address is at CFA - 8; rbp was saved at CFA + `rbp_at` if
-/// `rbp_saved`.
+/// The rule for one code address of one process, in the `UNWIND` array at
+/// [`unwind_slot`]`(pc, proc)`: an array, so the kernel finds it with an inlined load, not a
+/// hash-map helper call per frame. `check` ties the words together: a slot read while userspace
+/// rewrites it fails [`UnwindSlot::holds`] (a miss), never gives a wrong rule; a zeroed slot
+/// holds nothing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct UnwindRule {
-    pub kind: u32,
-    pub rbp_saved: u32,
-    pub cfa_offset: i32,
-    pub rbp_at: i32,
+pub struct UnwindSlot {
+    /// The frame's pc: the syscall's return address, then each caller's return address, as
+    /// [`StackSample`] frames are unwound in userspace.
+    pub pc: u64,
+    /// `proc_id(tgid, serial)`.
+    pub proc: u64,
+    /// [`unwind_rule`]: how to find the caller's frame from this one.
+    pub rule: u64,
+    pub check: u64,
 }
 
-pub mod unwind_kind {
-    pub const CFA_FROM_SP: u32 = 0;
-    pub const CFA_FROM_RBP: u32 = 1;
+const UNWIND_CHECK: u64 = 0x6d62_7472_6163_6531;
+
+impl UnwindSlot {
+    pub const fn new(pc: u64, proc: u64, rule: u64) -> Self {
+        Self {
+            pc,
+            proc,
+            rule,
+            check: pc ^ proc ^ rule ^ UNWIND_CHECK,
+        }
+    }
+
+    #[inline(always)]
+    pub fn holds(&self, pc: u64, proc: u64) -> bool {
+        self.pc == pc && self.proc == proc && self.check == pc ^ proc ^ self.rule ^ UNWIND_CHECK
+    }
+}
+
+/// Where the rule for (pc, proc) goes in `UNWIND` (two that meet: the second is not kept).
+#[inline(always)]
+pub const fn unwind_slot(pc: u64, proc: u64) -> u32 {
+    ((pc ^ proc.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as u32
+        & (UNWIND_SLOTS - 1)
+}
+
+/// A rule packed in a u64: what `.eh_frame` says at one address. The canonical frame address
+/// (CFA: the stack pointer before the call) is `cfa_offset` past the stack pointer or rbp; the
+/// return address is at CFA - 8; rbp was saved at CFA + `rbp_at` if saved.
+pub mod unwind_rule {
+    pub const CFA_FROM_SP: u64 = 0;
+    pub const CFA_FROM_RBP: u64 = 1;
     /// The outermost frame (the return address is undefined: `_start`, `clone3`).
-    pub const OUTERMOST: u32 = 2;
+    pub const OUTERMOST: u64 = 2;
+    const RBP_SAVED: u64 = 1 << 8;
+
+    pub const fn pack(kind: u64, cfa_offset: i16, rbp_at: Option<i16>) -> u64 {
+        let saved = match rbp_at {
+            Some(at) => RBP_SAVED | (at as u16 as u64) << 32,
+            None => 0,
+        };
+        kind | saved | (cfa_offset as u16 as u64) << 16
+    }
+
+    #[inline(always)]
+    pub const fn kind(r: u64) -> u64 {
+        r & 0xff
+    }
+
+    #[inline(always)]
+    pub const fn rbp_saved(r: u64) -> bool {
+        r & RBP_SAVED != 0
+    }
+
+    #[inline(always)]
+    pub const fn cfa_offset(r: u64) -> i64 {
+        (r >> 16) as u16 as i16 as i64
+    }
+
+    #[inline(always)]
+    pub const fn rbp_at(r: u64) -> i64 {
+        (r >> 32) as u16 as i16 as i64
+    }
 }
 
 /// A stack counted in the kernel: its row's key and a hash of its frames.
@@ -556,8 +609,7 @@ mod user {
     unsafe impl aya::Pod for super::WriterStats {}
     unsafe impl aya::Pod for super::ThreadKey {}
     unsafe impl aya::Pod for super::ThreadCalls {}
-    unsafe impl aya::Pod for super::UnwindKey {}
-    unsafe impl aya::Pod for super::UnwindRule {}
+    unsafe impl aya::Pod for super::UnwindSlot {}
     unsafe impl aya::Pod for super::KStackKey {}
     unsafe impl aya::Pod for super::KStack {}
 }

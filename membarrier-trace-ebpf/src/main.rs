@@ -35,10 +35,10 @@ use membarrier_trace_common::{
     CALLER_RING_BYTES, CLONE_THREAD, COMM_LEN, CallKey, CallerSeen, CpuKey, HIST_BUCKETS, Handled,
     HandlerKey, INSIDE_SLOTS, IPI_HIST, Inflight, KSTACK_FRAMES, KStack, KStackKey, MAX_CPU_ROWS,
     MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT, MAX_KSTACKS, MAX_PROCS, MAX_STATS, MAX_THREADS,
-    MAX_UNWIND_RULES, MAX_WAKERS, MAX_WRITERS, Proc, STACK_BUDGET, STACK_COPY, STACK_RING_BYTES,
-    STACK_SAMPLE_EVERY, STACK_SAMPLED, STACK_WINDOW_NS, StackSample, Stats, StatsKey, THREAD_CMDS,
-    ThreadCalls, ThreadKey, UnwindKey, UnwindRule, VICTIMS_OTHER, WakerKey, Writer, WriterKey,
-    WriterStats, counter, field, hist_bucket, proc_id, thread_cmd, unwind_kind,
+    MAX_WAKERS, MAX_WRITERS, Proc, STACK_BUDGET, STACK_COPY, STACK_RING_BYTES, STACK_SAMPLE_EVERY,
+    STACK_SAMPLED, STACK_WINDOW_NS, StackSample, Stats, StatsKey, THREAD_CMDS, ThreadCalls,
+    ThreadKey, UNWIND_SLOTS, UnwindSlot, VICTIMS_OTHER, WakerKey, Writer, WriterKey, WriterStats,
+    counter, field, hist_bucket, proc_id, thread_cmd, unwind_rule, unwind_slot,
 };
 
 /// Set by userspace before load: 1 when only the processes marked traced in `PROCS` are. Being
@@ -138,9 +138,9 @@ static STACK_SAMPLES: RingBuf = RingBuf::with_byte_size(STACK_RING_BYTES, 0);
 static STACK_RATE: PerCpuArray<[u64; 4]> = PerCpuArray::with_max_entries(1, 0);
 
 /// `--stacks`: how to unwind each code address of each process, as userspace learned it from
-/// the samples (sized by userspace: 1 without).
+/// the samples, at `unwind_slot(pc, process)` (sized by userspace: 1 without).
 #[map]
-static UNWIND: HashMap<UnwindKey, UnwindRule> = HashMap::with_max_entries(MAX_UNWIND_RULES, 0);
+static UNWIND: Array<UnwindSlot> = Array::with_max_entries(UNWIND_SLOTS, 0);
 
 /// `--stacks`: calls per stack unwound in the kernel (sized by userspace: 1 without).
 #[map]
@@ -150,6 +150,14 @@ static KSTACKS: HashMap<KStackKey, KStack> = HashMap::with_max_entries(MAX_KSTAC
 /// the stack).
 #[map]
 static KSTACK_SCRATCH: PerCpuArray<KStack> = PerCpuArray::with_max_entries(1, 0);
+
+/// Words of user stack the kernel unwinds from: what a sample copies.
+const WINDOW_WORDS: usize = STACK_COPY / 8;
+
+/// Per CPU, the user stack being unwound in the kernel, read at once (a helper call per frame
+/// cost 270 ns more a call for a 10-frame stack).
+#[map]
+static STACK_WINDOW: PerCpuArray<[u64; WINDOW_WORDS]> = PerCpuArray::with_max_entries(1, 0);
 
 /// A zeroed row to insert into WRITERS (too large for the stack).
 #[map]
@@ -725,17 +733,34 @@ fn take_stack(row: &mut Stats, key: &StatsKey, end_ns: u64, ns: u64) {
 /// the ones userspace finds from a sample, so both count into one stack.
 #[inline(always)]
 fn count_known_stack(key: &StatsKey, sampled: bool, ns: u64, ip: u64, sp: u64, bp: u64) -> bool {
-    let Some(s) = KSTACK_SCRATCH.get_ptr_mut(0) else {
+    let (Some(s), Some(w)) = (KSTACK_SCRATCH.get_ptr_mut(0), STACK_WINDOW.get_ptr_mut(0)) else {
         return false;
     };
-    let s = unsafe { &mut *s };
-    let (mut pc, mut sp_now, mut bp) = (ip, sp, bp);
-    let end = sp.wrapping_add(STACK_COPY as u64);
-    let mut rk = UnwindKey {
-        pc,
-        tgid: key.tgid,
-        serial: key.serial,
+    let (s, w) = unsafe { (&mut *s, &mut *w) };
+    // The bytes a sample would copy, read at once (a read that runs past the stack's mapping
+    // fails whole: shorter ones then): userspace unwinds from exactly these, so the kernel
+    // reads nothing past them either, and each word is a plain load.
+    let mut wlen = 0;
+    for len in [STACK_COPY, STACK_COPY / 4, STACK_COPY / 16] {
+        let dst = w.as_mut_ptr() as *mut aya_ebpf::cty::c_void;
+        if unsafe { helper::bpf_probe_read_user(dst, len as u32, sp as *const _) } == 0 {
+            wlen = len as u64;
+            break;
+        }
+    }
+    let word = |at: u64| -> Option<u64> {
+        let off = at.wrapping_sub(sp);
+        if off.wrapping_add(8) > wlen || off % 8 != 0 {
+            return None;
+        }
+        // Through memory: else the compiler indexes by `off` itself, whose alignment the
+        // verifier does not know.
+        let i = (off / 8) as usize;
+        Some(w[unsafe { core::ptr::read_volatile(&i) } & (WINDOW_WORDS - 1)])
     };
+    let (mut pc, mut sp_now, mut bp) = (ip, sp, bp);
+    let end = sp.wrapping_add(wlen);
+    let proc = proc_id(key.tgid, key.serial);
     // FNV-1a over the frames.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut depth = 0;
@@ -743,35 +768,35 @@ fn count_known_stack(key: &StatsKey, sampled: bool, ns: u64, ip: u64, sp: u64, b
     for i in 0..KSTACK_FRAMES {
         s.pcs[i] = pc;
         hash = (hash ^ pc).wrapping_mul(0x0100_0000_01b3);
-        rk.pc = pc;
-        let Some(rule) = (unsafe { UNWIND.get(&rk) }) else {
+        let Some(slot) = UNWIND.get(unwind_slot(pc, proc)) else {
             return false;
         };
-        if rule.kind == unwind_kind::OUTERMOST {
+        if !slot.holds(pc, proc) {
+            return false;
+        }
+        let rule = slot.rule;
+        let kind = unwind_rule::kind(rule);
+        if kind == unwind_rule::OUTERMOST {
             depth = i + 1;
             complete = 1;
             break;
         }
-        let base = if rule.kind == unwind_kind::CFA_FROM_RBP {
+        let base = if kind == unwind_rule::CFA_FROM_RBP {
             bp
         } else {
             sp_now
         };
-        let cfa = base.wrapping_add(rule.cfa_offset as i64 as u64);
+        let cfa = base.wrapping_add(unwind_rule::cfa_offset(rule) as u64);
         if cfa <= sp_now || cfa > end {
             return false;
         }
-        let Ok(ra) = (unsafe { bpf_probe_read_user((cfa - 8) as *const u64) }) else {
+        let Some(ra) = word(cfa - 8) else {
             return false;
         };
-        if rule.rbp_saved != 0 {
-            let at = cfa.wrapping_add(rule.rbp_at as i64 as u64);
-            if at < sp || at.wrapping_add(8) > end {
-                return false;
-            }
-            match unsafe { bpf_probe_read_user(at as *const u64) } {
-                Ok(v) => bp = v,
-                Err(_) => return false,
+        if unwind_rule::rbp_saved(rule) {
+            match word(cfa.wrapping_add(unwind_rule::rbp_at(rule) as u64)) {
+                Some(v) => bp = v,
+                None => return false,
             }
         }
         if ra == 0 {

@@ -15,9 +15,9 @@ use aya::{
 };
 use membarrier_trace_common::{
     COMM_LEN, CpuKey, Handled, HandlerKey, Inflight, KStack, KStackKey, MAX_INFLIGHT, MAX_KSTACKS,
-    MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_UNWIND_RULES, MAX_WRITERS, Proc, STACK_RING_BYTES,
-    Stats, StatsKey, ThreadCalls, ThreadKey, UnwindKey, UnwindRule, WakerKey, WriterKey,
-    WriterStats, counter, field, proc_id,
+    MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_WRITERS, Proc, STACK_RING_BYTES, Stats, StatsKey,
+    ThreadCalls, ThreadKey, UNWIND_SLOTS, UnwindSlot, WakerKey, WriterKey, WriterStats, counter,
+    field, proc_id,
 };
 
 use crate::{
@@ -284,12 +284,8 @@ impl MapSizes {
     pub fn report(&self, cpus: u64, stacks: bool) -> Maps {
         let stacks_bytes = if stacks {
             u64::from(STACK_RING_BYTES)
-                + htab_bytes(
-                    MAX_UNWIND_RULES,
-                    size_of::<UnwindKey>(),
-                    size_of::<UnwindRule>(),
-                    cpus,
-                )
+                + u64::from(UNWIND_SLOTS) * size_of::<UnwindSlot>() as u64
+                + 4096
                 + htab_bytes(
                     MAX_KSTACKS,
                     size_of::<KStackKey>(),
@@ -726,7 +722,7 @@ impl Collector {
                 "STACK_SAMPLES",
                 if opts.stacks { STACK_RING_BYTES } else { 4096 },
             )
-            .map_max_entries("UNWIND", if opts.stacks { MAX_UNWIND_RULES } else { 1 })
+            .map_max_entries("UNWIND", if opts.stacks { UNWIND_SLOTS } else { 1 })
             .map_max_entries("KSTACKS", if opts.stacks { MAX_KSTACKS } else { 1 })
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;

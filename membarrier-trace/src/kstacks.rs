@@ -5,8 +5,8 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData};
-use membarrier_trace_common::{KSTACK_FRAMES, KStack, KStackKey, UnwindKey, UnwindRule};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use membarrier_trace_common::{KSTACK_FRAMES, KStack, KStackKey, UnwindSlot, proc_id, unwind_slot};
 
 use crate::{
     model::{ProcKey, StackCount, Stacks},
@@ -14,23 +14,27 @@ use crate::{
 };
 
 pub struct KernelStacks {
-    rules: BpfHashMap<MapData, UnwindKey, UnwindRule>,
+    rules: Array<MapData, UnwindSlot>,
     rows: BpfHashMap<MapData, KStackKey, KStack>,
-    /// The addresses given a rule, per process: freed at its exit.
-    taught: HashMap<ProcKey, Vec<u64>>,
-    /// Rules the kernel had no room for: their stacks keep going to userspace as samples.
+    /// Each slot in use: for which process and pc.
+    slots: HashMap<u32, (ProcKey, u64)>,
+    /// The slots of each process: freed at its exit.
+    taught: HashMap<ProcKey, Vec<u32>>,
+    /// Rules not given: their slot held another live process's or address's rule (or the
+    /// write failed). Stacks through that code keep going to userspace as samples.
     pub rules_dropped: u64,
 }
 
 impl KernelStacks {
     /// Over the kernel's `UNWIND` and `KSTACKS` maps.
     pub fn new(
-        rules: BpfHashMap<MapData, UnwindKey, UnwindRule>,
+        rules: Array<MapData, UnwindSlot>,
         rows: BpfHashMap<MapData, KStackKey, KStack>,
     ) -> Self {
         Self {
             rules,
             rows,
+            slots: HashMap::new(),
             taught: HashMap::new(),
             rules_dropped: 0,
         }
@@ -38,13 +42,21 @@ impl KernelStacks {
 
     /// Gives the kernel the rules learned for processes still alive.
     pub fn teach(&mut self, learned: Learned, live: &HashSet<ProcKey>) {
-        for (key, rule) in learned {
-            let p = (key.tgid, key.serial);
+        for (p, pc, rule) in learned {
             if !live.contains(&p) {
                 continue;
             }
-            match self.rules.insert(key, rule, 0) {
-                Ok(()) => self.taught.entry(p).or_default().push(key.pc),
+            let proc = proc_id(p.0, p.1);
+            let at = unwind_slot(pc, proc);
+            if self.slots.get(&at).is_some_and(|held| *held != (p, pc)) {
+                self.rules_dropped += 1;
+                continue;
+            }
+            match self.rules.set(at, UnwindSlot::new(pc, proc, rule), 0) {
+                Ok(()) => {
+                    self.slots.insert(at, (p, pc));
+                    self.taught.entry(p).or_default().push(at);
+                }
                 Err(_) => self.rules_dropped += 1,
             }
         }
@@ -54,12 +66,9 @@ impl KernelStacks {
     /// process: the retire pass then sums them like the samples' stacks) and frees their rules.
     pub fn retire(&mut self, dead: &HashSet<ProcKey>, stacks: &mut Stacks) -> Result<()> {
         for p in dead {
-            for pc in self.taught.remove(p).unwrap_or_default() {
-                let _ = self.rules.remove(&UnwindKey {
-                    pc,
-                    tgid: p.0,
-                    serial: p.1,
-                });
+            for at in self.taught.remove(p).unwrap_or_default() {
+                self.slots.remove(&at);
+                let _ = self.rules.set(at, UnwindSlot::default(), 0);
             }
         }
         let keys: Vec<KStackKey> = self
@@ -100,4 +109,39 @@ fn add(stacks: &mut Stacks, k: &KStackKey, row: &KStack) {
     };
     let g = ((k.tgid, k.serial), k.cmd, k.flags);
     stacks.add(g, row.pcs[..depth].to_vec(), &c, MAX_STACKS);
+}
+
+#[cfg(test)]
+mod tests {
+    use membarrier_trace_common::{UNWIND_SLOTS, UnwindSlot, unwind_slot};
+
+    /// A slot holds its own (pc, process) only; a zeroed one nothing; one read half old, half
+    /// new (userspace rewriting it as the kernel reads) nothing either.
+    #[test]
+    fn slots_hold_their_own_rule_only() {
+        let (old, new) = (UnwindSlot::new(0x1000, 7, 3), UnwindSlot::new(0x2000, 9, 5));
+        assert!(old.holds(0x1000, 7));
+        assert!(!old.holds(0x1000, 9));
+        assert!(!UnwindSlot::default().holds(0, 0));
+        let torn = [
+            UnwindSlot { pc: new.pc, ..old },
+            UnwindSlot {
+                rule: new.rule,
+                ..old
+            },
+            UnwindSlot {
+                check: new.check,
+                ..old
+            },
+            UnwindSlot {
+                pc: new.pc,
+                proc: new.proc,
+                ..old
+            },
+        ];
+        for t in torn {
+            assert!(!t.holds(t.pc, t.proc), "{t:?}");
+        }
+        assert!(unwind_slot(u64::MAX, u64::MAX) < UNWIND_SLOTS);
+    }
 }

@@ -21,7 +21,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use membarrier_trace_common::{CallerSeen, StackSample, UnwindKey, UnwindRule};
+use membarrier_trace_common::{CallerSeen, StackSample};
 
 use crate::{
     model::{Caller, ProcKey, Stacks},
@@ -29,8 +29,9 @@ use crate::{
     unwind::{Copied, FrameFile, Unwinder},
 };
 
-/// Rules learned from the samples, for the retire pass to give the kernel (`UNWIND`).
-pub type Learned = Vec<(UnwindKey, UnwindRule)>;
+/// Rules learned from the samples, for the retire pass to give the kernel (`UNWIND`): by
+/// process and frame pc, packed (`unwind_rule`).
+pub type Learned = Vec<(ProcKey, u64, u64)>;
 
 /// Addresses named so far, by process and address.
 pub type Callers = HashMap<(ProcKey, u64), Caller>;
@@ -307,12 +308,7 @@ impl Reader {
             if let Some(rule) = f.rule.and_then(|r| r.for_kernel())
                 && self.taught.insert((p, f.pc))
             {
-                let key = UnwindKey {
-                    pc: f.pc,
-                    tgid: p.0,
-                    serial: p.1,
-                };
-                learned.push((key, rule));
+                learned.push((p, f.pc, rule));
             }
         }
         if !learned.is_empty() {

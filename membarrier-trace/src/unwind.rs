@@ -17,7 +17,7 @@ use gimli::{
 };
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
-use membarrier_trace_common::{UnwindRule, unwind_kind};
+use membarrier_trace_common::unwind_rule;
 
 use crate::{
     model::ProcKey,
@@ -169,28 +169,24 @@ pub struct Frame {
 }
 
 impl Rule {
-    /// The rule as the kernel unwinds with it (`UNWIND`); `None` for offsets past an i32
-    /// (none real), which the kernel then never unwinds.
-    pub fn for_kernel(self) -> Option<UnwindRule> {
+    /// The rule as the kernel unwinds with it (`unwind_rule`); `None` for offsets past an i16
+    /// (frames over 32 KiB), which the kernel then never unwinds.
+    pub fn for_kernel(self) -> Option<u64> {
         Some(match self {
-            Rule::Outermost => UnwindRule {
-                kind: unwind_kind::OUTERMOST,
-                ..Default::default()
-            },
+            Rule::Outermost => unwind_rule::pack(unwind_rule::OUTERMOST, 0, None),
             Rule::Frame {
                 cfa_from_rbp,
                 cfa_offset,
                 rbp_at,
-            } => UnwindRule {
-                kind: if cfa_from_rbp {
-                    unwind_kind::CFA_FROM_RBP
+            } => unwind_rule::pack(
+                if cfa_from_rbp {
+                    unwind_rule::CFA_FROM_RBP
                 } else {
-                    unwind_kind::CFA_FROM_SP
+                    unwind_rule::CFA_FROM_SP
                 },
-                rbp_saved: u32::from(rbp_at.is_some()),
-                cfa_offset: i32::try_from(cfa_offset).ok()?,
-                rbp_at: i32::try_from(rbp_at.unwrap_or(0)).ok()?,
-            },
+                i16::try_from(cfa_offset).ok()?,
+                rbp_at.map(i16::try_from).transpose().ok()?,
+            ),
         })
     }
 }
@@ -364,37 +360,28 @@ mod tests {
 
     #[test]
     fn rules_for_the_kernel() {
+        use unwind_rule::*;
+        let fp = FRAME_POINTER.for_kernel().unwrap();
         assert_eq!(
-            FRAME_POINTER.for_kernel(),
-            Some(UnwindRule {
-                kind: unwind_kind::CFA_FROM_RBP,
-                rbp_saved: 1,
-                cfa_offset: 16,
-                rbp_at: -16,
-            })
+            (kind(fp), cfa_offset(fp), rbp_saved(fp), rbp_at(fp)),
+            (CFA_FROM_RBP, 16, true, -16)
         );
         let leaf = Rule::Frame {
             cfa_from_rbp: false,
             cfa_offset: 8,
             rbp_at: None,
-        };
+        }
+        .for_kernel()
+        .unwrap();
         assert_eq!(
-            leaf.for_kernel(),
-            Some(UnwindRule {
-                kind: unwind_kind::CFA_FROM_SP,
-                rbp_saved: 0,
-                cfa_offset: 8,
-                rbp_at: 0,
-            })
+            (kind(leaf), cfa_offset(leaf), rbp_saved(leaf)),
+            (CFA_FROM_SP, 8, false)
         );
-        assert_eq!(
-            Rule::Outermost.for_kernel().map(|r| r.kind),
-            Some(unwind_kind::OUTERMOST)
-        );
+        assert_eq!(Rule::Outermost.for_kernel().map(kind), Some(OUTERMOST));
         // An offset the kernel's rule cannot hold: no rule, the stack stays userspace's.
         let huge = Rule::Frame {
             cfa_from_rbp: false,
-            cfa_offset: 1 << 40,
+            cfa_offset: 1 << 20,
             rbp_at: None,
         };
         assert_eq!(huge.for_kernel(), None);
