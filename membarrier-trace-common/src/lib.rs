@@ -182,6 +182,9 @@ pub struct Writer {
     pub start_ns: u64,
     /// The return address at entry: the code that called the function.
     pub caller: u64,
+    /// Where `caller` was on the user stack. The uretprobe replaces it there with its trampoline
+    /// until the function returns: an unwinder takes `caller` for the word at this address.
+    pub ra_at: u64,
     /// Which attached function (the uprobe's cookie; userspace's table).
     pub func: u32,
     /// Nested entries (a grace-period function calling another): only the outermost counts.
@@ -236,6 +239,10 @@ pub struct StackSample {
     pub bp: u64,
     /// Bytes of `stack` read (the copy stops short where the stack's mapping ends).
     pub len: u64,
+    /// Inside a probed grace-period function: where its return address is on the stack and
+    /// what it is (the uretprobe's trampoline is there instead); else 0.
+    pub ra_at: u64,
+    pub ra: u64,
     pub stack: [u8; STACK_COPY],
 }
 

@@ -1567,10 +1567,10 @@ mod tests {
                 procs: 32768
             }
         );
-        // "about 55.0 MiB", "under 60 MiB in all"
+        // "about 55.5 MiB", "under 60 MiB in all"
         assert_eq!(
             (s.kernel_bytes(2) as f64 / f64::from(1 << 20) * 10.0).round(),
-            550.0
+            555.0
         );
         assert_eq!(s.kernel_bytes_bound(2) >> 20, 59);
         // The clamps: a small VM still gets the defaults, a huge box no more than the maxima.

@@ -604,8 +604,8 @@ fn spawn_traced(
     let cwd = outer_ns
         .and_then(|_| std::env::current_dir().ok())
         .and_then(|d| std::ffi::CString::new(d.into_os_string().into_encoded_bytes()).ok());
-    // SAFETY: only async-signal-safe calls (setns, chdir, getpid, write, read) between fork and
-    // exec.
+    // SAFETY: only async-signal-safe calls (setns, chdir, close, getpid, write, read) between
+    // fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(fd) = outer_ns
@@ -618,12 +618,24 @@ fn spawn_traced(
             {
                 return Err(std::io::Error::last_os_error());
             }
+            // Our copy of the go pipe's write end closed: the pipe then ends (EOF) when the
+            // tracer closes its own without a go.
+            libc::close(go_w);
             let pid = libc::getpid();
             libc::write(pid_w, (&raw const pid).cast(), 4);
             let mut b = 0u8;
-            while libc::read(go_r, (&raw mut b).cast(), 1) < 0
-                && *libc::__errno_location() == libc::EINTR
-            {}
+            let mut n;
+            loop {
+                n = libc::read(go_r, (&raw mut b).cast(), 1);
+                if n >= 0 || *libc::__errno_location() != libc::EINTR {
+                    break;
+                }
+            }
+            // No go (the pipe closed without it): tracing could not start, and the command
+            // must not run untraced, unwaited for, after we exit.
+            if n != 1 {
+                return Err(std::io::Error::from_raw_os_error(libc::ECANCELED));
+            }
             Ok(())
         });
     }
@@ -647,15 +659,19 @@ fn spawn_traced(
         Ok(Vec::new())
     };
     unsafe {
-        libc::write(go_w, [1u8].as_ptr().cast(), 1);
+        if started.is_ok() {
+            libc::write(go_w, [1u8].as_ptr().cast(), 1);
+        }
         libc::close(go_w);
         libc::close(go_r);
     }
     let child = spawner
         .join()
-        .map_err(|_| anyhow::anyhow!("spawner thread panicked"))?
-        .with_context(|| format!("cannot run `{}`", argv[0]))?;
-    Ok((child, started?))
+        .map_err(|_| anyhow::anyhow!("spawner thread panicked"))?;
+    // Tracing's error first: the command was then stopped before it ran.
+    let started = started?;
+    let child = child.with_context(|| format!("cannot run `{}`", argv[0]))?;
+    Ok((child, started))
 }
 
 /// Where exec finds `program`: itself when it has a slash, else the first executable of that

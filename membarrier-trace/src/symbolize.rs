@@ -295,6 +295,8 @@ impl Reader {
             sp: sample.sp,
             bp: sample.bp,
             stack: &bytes[head..head + len],
+            ra_at: sample.ra_at,
+            ra: sample.ra,
         };
         let (frames, complete) = self.unwinder.unwind(p, &copied);
         let addrs: Vec<u64> = frames.iter().map(|f| f.pc).collect();
@@ -352,6 +354,8 @@ struct StackHead {
     sp: u64,
     bp: u64,
     len: u64,
+    ra_at: u64,
+    ra: u64,
 }
 
 const _: () = assert!(size_of::<StackHead>() == std::mem::offset_of!(StackSample, stack));

@@ -205,12 +205,19 @@ pub struct Copied<'a> {
     pub sp: u64,
     pub bp: u64,
     pub stack: &'a [u8],
+    /// A return address the stack does not hold (0: none): inside a probed grace-period
+    /// function, its uretprobe's trampoline is at `ra_at`, and `ra` was there before.
+    pub ra_at: u64,
+    pub ra: u64,
 }
 
 impl Copied<'_> {
     fn read(&self, addr: u64) -> Option<u64> {
         let off = usize::try_from(addr.checked_sub(self.sp)?).ok()?;
         let b = self.stack.get(off..off + 8)?;
+        if addr == self.ra_at {
+            return Some(self.ra);
+        }
         Some(u64::from_le_bytes(b.try_into().ok()?))
     }
 }
@@ -416,6 +423,8 @@ mod tests {
             sp,
             bp,
             stack: &stack[..len],
+            ra_at: 0,
+            ra: 0,
         };
         let (frames, _) = Unwinder::default().unwind((me, 0), &copied);
         assert!(frames.len() >= 3, "{} frames", frames.len());

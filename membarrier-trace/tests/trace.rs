@@ -1215,6 +1215,22 @@ fn attach_auto_falls_back_and_fentry_is_clear() {
             "{err}"
         );
         assert!(err.contains("use --attach auto"), "{err}");
+        // With a command: the same one line, and the command does not run untraced.
+        let ran = std::env::temp_dir().join(format!("mt-ran-{}", std::process::id()));
+        let _ = std::fs::remove_file(&ran);
+        let with_cmd = Command::new(TRACER)
+            .args(["--attach", "fentry", "-o", "json", "--", "touch"])
+            .arg(&ran)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&with_cmd.stderr);
+        assert_eq!(with_cmd.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("fentry on __x64_sys_membarrier refused"),
+            "{err}"
+        );
+        assert!(!ran.exists(), "the command ran: {err}");
     }
     // And tracepoint is always available.
     let tp = run(Command::new(TRACER).args([
@@ -1824,7 +1840,9 @@ fn stacks_of_liburcu_writers_without_and_with_frame_pointers() {
         // them, so the kernel unwinds them once the first retire pass (250 ms) taught it.
         let mut prog = UrcuWriters::start(&bin, &["600", "400", "1000"]);
         let pid_arg = prog.pid.to_string();
-        let tracer = Tracer::start(&["-o", "json", "-p", &pid_arg, "--stacks", "--no-rcu"]);
+        // With the grace-period probes (the default): their uretprobe puts its trampoline in
+        // place of synchronize_rcu()'s return address, which the unwinding must see through.
+        let tracer = Tracer::start(&["-o", "json", "-p", &pid_arg, "--stacks"]);
         let own = prog.run();
         prog.finish();
         let report = tracer.report().1;
