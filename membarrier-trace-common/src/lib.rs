@@ -262,8 +262,8 @@ pub const STACK_RING_BYTES: u32 = 4 << 20;
 /// `--stacks` in the kernel: the rules userspace learned from the samples it unwound, by
 /// (process, code address), let the kernel unwind a stack whose every frame was seen before and
 /// count the call in that stack's row (`KStack`), sending nothing. A stack with a frame it has
-/// no rule for, or longer than `KSTACK_FRAMES`, goes to userspace as a sample (which teaches
-/// the kernel its rules).
+/// no rule for, one running past the bytes a sample copies, or one longer than `KSTACK_FRAMES`
+/// goes to userspace as a sample (which teaches the kernel its rules).
 pub const KSTACK_FRAMES: usize = 32;
 /// Slots of the kernel's unwinding rules (with `--stacks`; 1 without): a power of two, 32 bytes
 /// each (2 MiB).

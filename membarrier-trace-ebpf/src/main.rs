@@ -795,7 +795,6 @@ fn count_known_stack(
         Some(w.words[unsafe { core::ptr::read_volatile(&i) } & (WINDOW_WORDS - 1)])
     };
     let (mut pc, mut sp_now, mut bp) = (ip, sp, bp);
-    let end = sp.wrapping_add(wlen);
     let proc = proc_id(key.tgid, key.serial);
     // FNV-1a over the frames.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -823,7 +822,8 @@ fn count_known_stack(
             sp_now
         };
         let cfa = base.wrapping_add(unwind_rule::cfa_offset(rule) as u64);
-        if cfa <= sp_now || cfa > end {
+        // A frame that does not go up; one past the copy fails the word read below.
+        if cfa <= sp_now {
             return false;
         }
         let Some(ra) = word(cfa - 8) else {
@@ -853,22 +853,17 @@ fn count_known_stack(
         flags: key.flags,
         hash,
     };
-    let row = match KSTACKS.get_ptr_mut(&k) {
-        Some(r) => r,
-        None => {
-            s.exact = 0;
-            s.exact_ns = 0;
-            s.sampled = 0;
-            s.sampled_ns = 0;
-            s.depth = depth as u32;
-            s.complete = complete;
-            // Another CPU may have made it since: then it is there to count into.
-            let _ = KSTACKS.insert(&k, s, BPF_NOEXIST as u64);
-            match KSTACKS.get_ptr_mut(&k) {
-                Some(r) => r,
-                None => return false,
-            }
-        }
+    // A new row from the scratch, which holds the frames.
+    let Some(row) = row_from(&KSTACKS, &k, || {
+        s.exact = 0;
+        s.exact_ns = 0;
+        s.sampled = 0;
+        s.sampled_ns = 0;
+        s.depth = depth as u32;
+        s.complete = complete;
+        Some(&raw mut *s)
+    }) else {
+        return false;
     };
     let row = unsafe { &mut *row };
     if sampled {
@@ -1026,14 +1021,27 @@ row!(Stats, WriterStats);
 /// The row of `map` for `key`, created from `template` on first use.
 #[inline(always)]
 fn row_of<K, V: Row>(map: &HashMap<K, V>, template: &PerCpuArray<V>, key: &K) -> Option<*mut V> {
+    row_from(map, key, || {
+        let tmpl = template.get_ptr_mut(0)?;
+        unsafe { (*tmpl).start() };
+        Some(tmpl)
+    })
+}
+
+/// `map[key]`, or a new row copied from `*new()`: a per-CPU template filled in then (rows too
+/// large for the BPF stack). None when the map is full.
+#[inline(always)]
+fn row_from<K, V>(
+    map: &HashMap<K, V>,
+    key: &K,
+    new: impl FnOnce() -> Option<*mut V>,
+) -> Option<*mut V> {
     if let Some(row) = map.get_ptr_mut(key) {
         return Some(row);
     }
-    // Slow path, once per row.
-    let tmpl = template.get_ptr_mut(0)?;
-    unsafe { (*tmpl).start() };
-    // NOEXIST: another CPU may have created the row meanwhile; then use theirs.
-    let _ = map.insert(key, unsafe { &*tmpl }, BPF_NOEXIST as u64);
+    // Slow path, once per row. NOEXIST: another CPU may have created the row meanwhile; then
+    // use theirs.
+    let _ = map.insert(key, unsafe { &*new()? }, BPF_NOEXIST as u64);
     map.get_ptr_mut(key)
 }
 

@@ -1384,13 +1384,13 @@ impl Collector {
                 .as_ref()
                 .map(|n| n.named.clone())
                 .unwrap_or_default(),
-            stacks: match (&self.callers, &self.kstacks) {
-                (Some(n), Some(k)) => match &n.stacks {
-                    Some(s) => Some(k.with_live(s.lock().unwrap().clone())?),
-                    None => None,
-                },
-                _ => None,
-            },
+            stacks: self
+                .callers
+                .as_ref()
+                .and_then(|n| n.stacks.as_ref())
+                .zip(self.kstacks.as_ref())
+                .map(|(s, k)| k.with_live(s.lock().unwrap().clone()))
+                .transpose()?,
             threads,
         })
     }

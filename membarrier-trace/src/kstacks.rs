@@ -16,10 +16,8 @@ use crate::{
 pub struct KernelStacks {
     rules: Array<MapData, UnwindSlot>,
     rows: BpfHashMap<MapData, KStackKey, KStack>,
-    /// Each slot in use: for which process and pc.
+    /// Each slot in use: for which process and pc (cleared at the process's exit).
     slots: HashMap<u32, (ProcKey, u64)>,
-    /// The slots of each process: freed at its exit.
-    taught: HashMap<ProcKey, Vec<u32>>,
     /// Rules not given: their slot held another live process's or address's rule (or the
     /// write failed). Stacks through that code keep going to userspace as samples.
     pub rules_dropped: u64,
@@ -35,7 +33,6 @@ impl KernelStacks {
             rules,
             rows,
             slots: HashMap::new(),
-            taught: HashMap::new(),
             rules_dropped: 0,
         }
     }
@@ -55,7 +52,6 @@ impl KernelStacks {
             match self.rules.set(at, UnwindSlot::new(pc, proc, rule), 0) {
                 Ok(()) => {
                     self.slots.insert(at, (p, pc));
-                    self.taught.entry(p).or_default().push(at);
                 }
                 Err(_) => self.rules_dropped += 1,
             }
@@ -65,12 +61,14 @@ impl KernelStacks {
     /// Moves the stacks the kernel counted for the `dead` into `stacks` (each under its own
     /// process: the retire pass then sums them like the samples' stacks) and frees their rules.
     pub fn retire(&mut self, dead: &HashSet<ProcKey>, stacks: &mut Stacks) -> Result<()> {
-        for p in dead {
-            for at in self.taught.remove(p).unwrap_or_default() {
-                self.slots.remove(&at);
-                let _ = self.rules.set(at, UnwindSlot::default(), 0);
+        let rules = &mut self.rules;
+        self.slots.retain(|&at, (p, _)| {
+            let live = !dead.contains(p);
+            if !live {
+                let _ = rules.set(at, UnwindSlot::default(), 0);
             }
-        }
+            live
+        });
         let keys: Vec<KStackKey> = self
             .rows
             .keys()

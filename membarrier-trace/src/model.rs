@@ -287,8 +287,8 @@ pub struct Losses {
     pub processes_not_tracked: u64,
     /// IPI-per-CPU, waker or csd rows that did not fit: those figures are short.
     pub detail_rows: u64,
-    /// `--stacks`: unwinding rules the kernel had no room for (`UNWIND` full): stacks through
-    /// their code keep going to userspace as samples, within the stack rate.
+    /// `--stacks`: unwinding rules the kernel was not given (their slot in `UNWIND` held another
+    /// live rule): stacks through that code keep going to userspace as samples, within the rate.
     pub unwind_rules: u64,
     /// Runs of the breakdown probes the kernel skipped (another BPF program was running on
     /// the CPU; fentry on PREEMPT_RT): the grace-period, IPI, handler and mutex figures are short.

@@ -24,7 +24,7 @@ use aya::maps::{MapData, RingBuf};
 use membarrier_trace_common::{CallerSeen, StackSample};
 
 use crate::{
-    model::{Caller, ProcKey, Stacks},
+    model::{Caller, ProcKey, StackCount, Stacks},
     procmaps::mappings,
     unwind::{Copied, FrameFile, Unwinder},
 };
@@ -321,21 +321,16 @@ impl Reader {
                 self.remember((p, f.pc), f.file);
             }
         }
-        let mut st = stacks.lock().unwrap();
-        let key = (group, addrs);
-        if !st.stacks.contains_key(&key) && st.stacks.len() >= MAX_STACKS {
-            *st.unattributed.entry(group).or_default() += 1;
-            return;
-        }
-        let c = st.stacks.entry(key).or_default();
-        c.complete = complete;
-        if sample.sampled != 0 {
-            c.sampled += 1;
-            c.sampled_ns += sample.ns;
-        } else {
-            c.exact += 1;
-            c.exact_ns += sample.ns;
-        }
+        let (sampled, ns) = (sample.sampled != 0, sample.ns);
+        let c = StackCount {
+            exact: u64::from(!sampled),
+            exact_ns: if sampled { 0 } else { ns },
+            sampled: u64::from(sampled),
+            sampled_ns: if sampled { ns } else { 0 },
+            complete,
+            kernel: 0,
+        };
+        stacks.lock().unwrap().add(group, addrs, &c, MAX_STACKS);
     }
 }
 

@@ -314,31 +314,17 @@ impl Unwinder {
             // A return address is just past its call: the call instruction is the byte before.
             let looked_up = if depth == 0 { pc } else { pc.saturating_sub(1) };
             let (rule, file) = self.rule(p, looked_up);
-            let rule = match rule {
-                Some(r) => r,
-                // No CFI: frame pointers, if rbp points into the copied stack.
-                None if bp > sp && s.read(bp).is_some() => FRAME_POINTER,
-                None => {
-                    frames.push(Frame {
-                        pc,
-                        file,
-                        rule: None,
-                    });
-                    return (frames, false);
-                }
-            };
-            frames.push(Frame {
-                pc,
-                file,
-                rule: Some(rule),
-            });
-            let Rule::Frame {
+            // No CFI: frame pointers, if rbp points into the copied stack.
+            let rule = rule.or_else(|| (bp > sp && s.read(bp).is_some()).then_some(FRAME_POINTER));
+            frames.push(Frame { pc, file, rule });
+            let Some(Rule::Frame {
                 cfa_from_rbp,
                 cfa_offset,
                 rbp_at,
-            } = rule
+            }) = rule
             else {
-                return (frames, true);
+                // The outermost frame (complete), or code it cannot unwind (stopped short).
+                return (frames, rule.is_some());
             };
             let cfa = (if cfa_from_rbp { bp } else { sp }).wrapping_add_signed(cfa_offset);
             let Some(ra) = s.read(cfa.wrapping_sub(8)) else {
