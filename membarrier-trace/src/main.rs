@@ -1,13 +1,14 @@
 use std::{
-    io::Write as _,
+    io::{IsTerminal as _, Read as _, Write as _},
     os::{
         fd::AsRawFd as _,
         unix::process::{CommandExt as _, ExitStatusExt as _},
     },
+    path::PathBuf,
     process::{Child, Command, ExitCode},
     sync::{
         Arc,
-        atomic::{AtomicI32, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -242,16 +243,12 @@ fn run_calibrate(cli: CalibrateCli) -> Result<()> {
     Ok(())
 }
 
-/// SIGINT or SIGTERM, whichever came.
-fn install_signals() -> Result<Arc<AtomicI32>> {
-    let got = Arc::new(AtomicI32::new(0));
+/// SIGINT or SIGTERM, whichever came (0 until one does).
+fn install_signals() -> Result<Arc<AtomicUsize>> {
+    let got = Arc::new(AtomicUsize::new(0));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        let got = Arc::clone(&got);
-        // SAFETY: the handler only stores to an atomic.
-        unsafe {
-            signal_hook::low_level::register(sig, move || got.store(sig, Ordering::SeqCst))
-                .context("installing signal handlers")?;
-        }
+        signal_hook::flag::register_usize(sig, Arc::clone(&got), sig as usize)
+            .context("installing signal handlers")?;
     }
     Ok(got)
 }
@@ -323,16 +320,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         },
     )?;
 
-    let tui = cli.output.is_none() && unsafe { libc::isatty(1) } == 1;
+    let tui = cli.output.is_none() && std::io::stdout().is_terminal();
     // Under the dashboard, a command's output would scribble over it and its reads would take
     // our keys: it gets no stdin, and its output goes to a log named on exit.
-    let command_log = (tui && follow)
-        .then(|| std::env::temp_dir().join(format!("membarrier-trace-{}.log", std::process::id())));
+    let command_log = (tui && follow).then(command_log).transpose()?;
     let mut child = None;
     let notes = if follow {
         let (c, notes) = spawn_traced(
             &cli.command,
-            command_log.as_deref(),
+            command_log.as_ref().map(|(f, _)| f),
             tracefs.outer_ns.as_ref().map(|fd| fd.as_raw_fd()),
             &mut collector,
         )?;
@@ -454,7 +450,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     for note in session.late_notes.iter().chain(&session.note) {
         eprintln!("membarrier-trace: {note}");
     }
-    if let Some(log) = &command_log {
+    if let Some((_, log)) = &command_log {
         eprintln!(
             "membarrier-trace: the command's output is in {}",
             log.display()
@@ -466,7 +462,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 /// A tracing run: the collector and everything that can end it.
 struct Session {
     collector: Collector,
-    signal: Arc<AtomicI32>,
+    signal: Arc<AtomicUsize>,
     deadline: Option<Instant>,
     child: Option<Child>,
     exits: Option<preflight::ExitWatch>,
@@ -496,7 +492,7 @@ impl Session {
         if let Some(e) = &mut self.exporter {
             e.serve(|| self.collector.snapshot(false))?;
         }
-        let sig = self.signal.load(Ordering::SeqCst);
+        let sig = self.signal.load(Ordering::SeqCst) as i32;
         if sig != 0 {
             if let Some(c) = self.child.as_mut() {
                 self.exit = Some(stop_child(c, sig));
@@ -572,40 +568,49 @@ impl membarrier_trace::tui::Feed for Session {
     }
 }
 
+/// A new file for a command's output, in the temporary directory: created with O_EXCL under a
+/// random name, mode 0600, so no other user can choose it, plant a file or a symlink there, or
+/// read it. (The name was once `membarrier-trace-PID.log`: anyone could plant a link there for
+/// root to follow and truncate.)
+fn command_log() -> Result<(std::fs::File, PathBuf)> {
+    let dir = std::env::temp_dir();
+    let (file, path) = tempfile::Builder::new()
+        .prefix("membarrier-trace-")
+        .suffix(".log")
+        .tempfile_in(&dir)
+        .and_then(|f| f.keep().map_err(|e| e.error))
+        .with_context(|| format!("creating the command's log in {}", dir.display()))?;
+    Ok((file, path))
+}
+
 /// Starts `argv` held just before exec, so its pid is in the filter and the programs are
 /// attached before its first instruction runs (library constructors call membarrier too). It
 /// runs in `outer_ns`, the mount namespace we were started in, when we left it for tracefs.
 fn spawn_traced(
     argv: &[String],
-    log: Option<&std::path::Path>,
+    log: Option<&std::fs::File>,
     outer_ns: Option<i32>,
     collector: &mut Collector,
 ) -> Result<(Child, Vec<String>)> {
-    let mut go = [0i32; 2];
-    let mut pid_pipe = [0i32; 2];
-    // SAFETY: plain pipe creation into local arrays.
-    if unsafe { libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC) } != 0
-        || unsafe { libc::pipe2(pid_pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0
-    {
-        bail!("pipe: {}", std::io::Error::last_os_error());
-    }
-    let (go_r, go_w, pid_r, pid_w) = (go[0], go[1], pid_pipe[0], pid_pipe[1]);
+    // Both pipes close on exec, and on every return from here: no descriptor leaks on an
+    // error path.
+    let (go_r, go_w) = std::io::pipe().context("pipe")?;
+    let (mut pid_r, pid_w) = std::io::pipe().context("pipe")?;
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
-    if let Some(log) = log {
-        let f =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    if let Some(f) = log {
         cmd.stdin(std::process::Stdio::null())
             .stdout(f.try_clone()?)
-            .stderr(f);
+            .stderr(f.try_clone()?);
     }
     // Entering a mount namespace moves to its root: the command goes back to our directory
     // there (`-- ./prog` and relative paths in its arguments), resolved in that namespace.
     let cwd = outer_ns
         .and_then(|_| std::env::current_dir().ok())
         .and_then(|d| std::ffi::CString::new(d.into_os_string().into_encoded_bytes()).ok());
+    let (go_r_fd, go_w_fd, pid_w_fd) = (go_r.as_raw_fd(), go_w.as_raw_fd(), pid_w.as_raw_fd());
     // SAFETY: only async-signal-safe calls (setns, chdir, close, getpid, write, read) between
-    // fork and exec.
+    // fork and exec, on descriptors that stay open in the parent until spawn() returns.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(fd) = outer_ns
@@ -620,13 +625,13 @@ fn spawn_traced(
             }
             // Our copy of the go pipe's write end closed: the pipe then ends (EOF) when the
             // tracer closes its own without a go.
-            libc::close(go_w);
+            libc::close(go_w_fd);
             let pid = libc::getpid();
-            libc::write(pid_w, (&raw const pid).cast(), 4);
+            libc::write(pid_w_fd, (&raw const pid).cast(), 4);
             let mut b = 0u8;
             let mut n;
             loop {
-                n = libc::read(go_r, (&raw mut b).cast(), 1);
+                n = libc::read(go_r_fd, (&raw mut b).cast(), 1);
                 if n >= 0 || *libc::__errno_location() != libc::EINTR {
                     break;
                 }
@@ -640,31 +645,33 @@ fn spawn_traced(
         });
     }
     // spawn() returns only once the child has exec'd, which it does after our go: run it aside.
+    // The pid pipe's write end goes with it, so a spawn that fails before the fork ends our
+    // read below.
     let spawner = thread::spawn(move || {
         let r = cmd.spawn();
-        unsafe { libc::close(pid_w) };
+        drop(pid_w);
         r
     });
-    let mut pid: i32 = 0;
-    let n = unsafe { libc::read(pid_r, (&raw mut pid).cast(), 4) };
-    unsafe { libc::close(pid_r) };
-    let started = if n == 4 {
-        collector.add_pid(pid as u32)?;
-        // An executable with liburcu linked in: probed before its first grace period.
-        if let Some(exe) = in_path(&argv[0]) {
-            collector.probe_file(&exe);
+    let mut pid = [0u8; 4];
+    let started = match pid_r.read_exact(&mut pid) {
+        Ok(()) => {
+            drop(pid_r);
+            let pid = i32::from_ne_bytes(pid) as u32;
+            collector.add_pid(pid).and_then(|()| {
+                // An executable with liburcu linked in: probed before its first grace period.
+                if let Some(exe) = in_path(&argv[0]) {
+                    collector.probe_file(&exe);
+                }
+                collector.start()
+            })
         }
-        collector.start()
-    } else {
-        Ok(Vec::new())
+        Err(_) => Ok(Vec::new()),
     };
-    unsafe {
-        if started.is_ok() {
-            libc::write(go_w, [1u8].as_ptr().cast(), 1);
-        }
-        libc::close(go_w);
-        libc::close(go_r);
+    if started.is_ok() {
+        let _ = (&go_w).write_all(&[1]);
     }
+    drop(go_w);
+    drop(go_r);
     let child = spawner
         .join()
         .map_err(|_| anyhow::anyhow!("spawner thread panicked"))?;
@@ -691,7 +698,12 @@ fn in_path(program: &str) -> Option<std::path::PathBuf> {
 
 /// Passes the signal we got on to the command and waits a little for it to end.
 fn stop_child(child: &mut Child, sig: i32) -> ExitCode {
-    unsafe { libc::kill(child.id() as i32, sig) };
+    if let (Some(pid), Some(sig)) = (
+        rustix::process::Pid::from_raw(child.id() as i32),
+        rustix::process::Signal::from_named_raw(sig),
+    ) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
     let until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < until {
         if let Ok(Some(status)) = child.try_wait() {

@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, bail};
 const TRACEFS_MOUNTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
 pub fn check_root() -> Result<()> {
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         bail!(
             "must run as root to load eBPF programs and attach tracepoints: try `sudo membarrier-trace ...`"
         );
@@ -193,16 +193,14 @@ pub struct ExitWatch {
 
 impl ExitWatch {
     pub fn new(pids: &[u32]) -> Result<Self> {
-        use std::os::fd::FromRawFd as _;
+        use rustix::process::{Pid, PidfdFlags, pidfd_open};
         let pidfds = pids
             .iter()
             .map(|&pid| {
-                // SAFETY: pidfd_open takes no pointers; a non-negative result is a new fd we own.
-                let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
-                if fd < 0 {
-                    bail!("watching pid {pid}: {}", std::io::Error::last_os_error());
-                }
-                Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+                let p = Pid::from_raw(pid as i32)
+                    .with_context(|| format!("watching pid {pid}: not a pid"))?;
+                pidfd_open(p, PidfdFlags::empty())
+                    .map_err(|e| anyhow::anyhow!("watching pid {pid}: {e}"))
             })
             .collect::<Result<_>>()?;
         Ok(Self { pidfds })
@@ -210,27 +208,33 @@ impl ExitWatch {
 
     /// True once every watched process has exited (a pidfd turns readable at exit).
     pub fn all_exited(&self) -> bool {
-        use std::os::fd::AsRawFd as _;
-        let mut fds: Vec<libc::pollfd> = self
+        use rustix::event::{PollFd, PollFlags, poll};
+        let mut fds: Vec<PollFd<'_>> = self
             .pidfds
             .iter()
-            .map(|fd| libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
+            .map(|fd| PollFd::new(fd, PollFlags::IN))
             .collect();
-        // SAFETY: fds is a live array of fds.len() pollfds.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
-        n >= 0 && fds.iter().all(|f| f.revents != 0)
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        poll(&mut fds, Some(&zero)).is_ok() && fds.iter().all(|f| !f.revents().is_empty())
     }
 }
 
 /// Whether a process exists (zombies included), without touching /proc: a /proc/PID/stat read
 /// would take a reference on its mm and change what membarrier does.
 pub fn exists(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks existence and permission.
-    unsafe { libc::kill(pid as i32, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return false;
+    };
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e == rustix::io::Errno::PERM,
+    }
 }
 
 /// The process name of `pid` (its main thread's comm), if it is still there.

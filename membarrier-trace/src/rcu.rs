@@ -5,7 +5,8 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    os::unix::fs::MetadataExt as _,
+    fs::File,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -76,13 +77,10 @@ impl std::str::FromStr for CustomFunc {
     }
 }
 
-/// The grace-period functions in the ELF file at `path`, as (symbol, flavour): one name per
-/// address (liburcu exports some under two names).
-pub fn find_in(path: &Path) -> Vec<(String, &'static str)> {
+/// The grace-period functions in the ELF `file`, as (symbol, flavour): one name per address
+/// (liburcu exports some under two names).
+fn find_in(file: &File) -> Vec<(String, &'static str)> {
     // Read as needed: executables can be hundreds of MiB, their symbol tables are not.
-    let Ok(file) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
     let cache = object::ReadCache::new(file);
     let Ok(obj) = object::File::parse(&cache) else {
         return Vec::new();
@@ -108,6 +106,8 @@ pub struct Writers {
     pub funcs: Vec<GpFunc>,
     /// Files already looked at, by (device, inode): each is probed once, for all processes.
     files: HashSet<(u64, u64)>,
+    /// The same, as /proc/PID/maps names them: a mapping of one is not opened again.
+    mapped: HashSet<(String, u64)>,
     /// Why a function could not be probed, said once each.
     pub notes: Vec<String>,
     /// `--rcu-func`s not probed yet.
@@ -124,6 +124,7 @@ impl Writers {
         Ok(Self {
             funcs: Vec::new(),
             files: HashSet::new(),
+            mapped: HashSet::new(),
             notes: Vec::new(),
             custom,
         })
@@ -151,46 +152,44 @@ impl Writers {
 
     /// Probes what process `pid` maps that has grace-period functions (shared libraries, and
     /// an executable with liburcu linked in), unless looked at before. Cheap to call again:
-    /// it reads /proc/PID/maps and stats each file.
+    /// it reads /proc/PID/maps, and opens only files it has not seen.
     pub fn probe_process(&mut self, ebpf: &mut Ebpf, pid: u32) {
-        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        let Some(maps) = crate::procmaps::mappings(pid) else {
             return;
         };
-        let mut paths = HashSet::new();
-        for line in maps.lines() {
-            let mut f = line.split_whitespace();
-            let perms = f.nth(1).unwrap_or_default();
-            if !perms.contains('x') {
+        for m in maps {
+            if !m.exec || !m.path.starts_with('/') || !self.mapped.insert((m.dev.clone(), m.inode))
+            {
                 continue;
             }
-            if let Some(path) = f.nth(3)
-                && path.starts_with('/')
-            {
-                paths.insert(path.to_string());
+            // The very file the process maps (through map_files), in whatever mount namespace.
+            if let Some(file) = m.open(pid) {
+                self.probe_open(ebpf, &file, Path::new(m.module()));
             }
-        }
-        for path in paths {
-            // Read through the process's root: the file may be in another mount namespace.
-            let via_proc = PathBuf::from(format!("/proc/{pid}/root{path}"));
-            self.probe_as(ebpf, &via_proc, Path::new(&path));
         }
     }
 
     /// Probes the liburcu functions in `path`, once per file.
     pub fn probe_file(&mut self, ebpf: &mut Ebpf, path: &Path) {
-        self.probe_as(ebpf, path, path);
+        if let Ok(file) = File::open(path) {
+            self.probe_open(ebpf, &file, path);
+        }
     }
 
-    /// [`Writers::probe_file`] of the file at `path`, reported as `shown`.
-    fn probe_as(&mut self, ebpf: &mut Ebpf, path: &Path, shown: &Path) {
-        let Ok(meta) = std::fs::metadata(path) else {
+    /// Probes the liburcu functions in the open `file`, once per file (`shown` in reports).
+    fn probe_open(&mut self, ebpf: &mut Ebpf, file: &File, shown: &Path) {
+        let Ok(meta) = file.metadata() else {
             return;
         };
-        if !self.files.insert((meta.dev(), meta.ino())) {
+        if !meta.is_file() || !self.files.insert((meta.dev(), meta.ino())) {
             return;
         }
-        for (symbol, flavour) in find_in(path) {
-            if let Err(e) = self.try_attach(ebpf, path, shown, &symbol, flavour) {
+        // aya and the kernel open the file again by name to attach: by our descriptor's name,
+        // the very file read here, whatever a traced process does to its own names meanwhile
+        // (a uprobe placed by root in another file would break every process running it).
+        let at = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        for (symbol, flavour) in find_in(file) {
+            if let Err(e) = self.try_attach(ebpf, &at, shown, &symbol, flavour) {
                 self.notes.push(format!(
                     "no grace periods from {symbol} in {}: {e:#}",
                     shown.display()

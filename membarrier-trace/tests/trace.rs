@@ -1123,6 +1123,85 @@ fn dashboard_stays_open_after_the_command_exits() {
     );
 }
 
+/// Under the dashboard a command's output goes to a log file, created by root in the temporary
+/// directory, which other users can write to. Another user who plants a symlink or a file of
+/// their own at the name the log once had (`membarrier-trace-PID.log`, the pid known in
+/// advance to a wrapper that execs the tracer) must get nothing: the file the link points to
+/// stays whole, theirs stays empty, and the log is a new file of root's, mode 0600, named on
+/// exit. The kernel's protections against such plants are turned off, as in many containers.
+#[test]
+fn the_commands_log_cannot_be_planted_by_another_user() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let _machine = require_root();
+    let _links = Sysctl::set("fs/protected_symlinks", 0);
+    let _regular = Sysctl::set("fs/protected_regular", 0);
+    let dir = tempfile::tempdir().unwrap();
+    // A shared directory like /tmp: anyone may create files, sticky.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let victim = dir.path().join("precious");
+    std::fs::write(&victim, "root's data\n").unwrap();
+    let plant = dir.path().join("plant.sh");
+    std::fs::write(
+        &plant,
+        format!(
+            r#"name="$TMPDIR/membarrier-trace-$$.log"
+if [ "$1" = link ]; then ln -s {victim} "$name"; else : > "$name"; chown 65534 "$name"; chmod 666 "$name"; fi
+exec {TRACER} -- {WORKLOAD} --query 2
+"#,
+            victim = victim.display()
+        ),
+    )
+    .unwrap();
+    let t = Tmux::shell(250, 30);
+    for kind in ["link", "file"] {
+        t.keys("clear");
+        t.keys(&format!(
+            "TMPDIR={} sh {} {kind}; echo rc=$?",
+            shared.display(),
+            plant.display()
+        ));
+        t.wait_for("the dashboard did not say the command exited", &|s| {
+            s.contains("exited with status 0; tracing stopped, q leaves")
+        });
+        t.keys("q");
+        let screen = t.wait_for_prompt();
+        assert!(screen.contains("rc=0"), "{kind}: {screen}");
+        let log = screen
+            .lines()
+            .find_map(|l| l.split("the command's output is in ").nth(1))
+            .unwrap_or_else(|| panic!("{kind}: no log named: {screen}"))
+            .trim()
+            .to_string();
+        let planted: Vec<PathBuf> = std::fs::read_dir(&shared)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_str() != Some(log.as_str()))
+            .collect();
+        assert_eq!(planted.len(), 1, "{kind}: {planted:?} beside {log}");
+        let meta = std::fs::symlink_metadata(&log).unwrap();
+        assert!(meta.is_file(), "{kind}: {log} is not a plain file");
+        assert_eq!(
+            (meta.uid(), meta.mode() & 0o777),
+            (0, 0o600),
+            "{kind}: {log}"
+        );
+        let output = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            output.contains("\"outcomes\""),
+            "{kind}: the log has {output:?}"
+        );
+        // The plant got nothing, and what it points to is whole.
+        if kind == "file" {
+            assert_eq!(std::fs::read(&planted[0]).unwrap(), b"", "{kind}");
+        }
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's data\n");
+        std::fs::remove_file(&log).unwrap();
+        std::fs::remove_file(&planted[0]).unwrap();
+    }
+}
+
 /// Attaching to a process already making calls as fast as it can: only the call under way at
 /// the instant tracing starts, and the one at its end, are missed. (The enter and exit programs
 /// are attached one after the other; unless armed together, every call returning in between
