@@ -376,6 +376,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         exporter,
         exit: None,
         note: None,
+        linger: matches!(cli.output, Some(Format::None))
+            .then(|| Duration::from_secs_f64(cli.keep_exited.unwrap_or(300.0))),
+        linger_until: None,
         // Its program's name: the dashboard says it on one line.
         command: cli
             .command
@@ -484,9 +487,40 @@ struct Session {
     note: Option<String>,
     /// The program of `-- COMMAND`.
     command: String,
+    /// `-o none --listen`: how long to go on serving the metrics once the traced processes are
+    /// gone (`--keep-exited`), and until when.
+    linger: Option<Duration>,
+    linger_until: Option<Instant>,
 }
 
 impl Session {
+    /// Why tracing should end because what it traces is gone: the command exited (its status
+    /// kept to exit with), or every `--pid` did.
+    fn traced_ended(&mut self) -> Result<Option<String>> {
+        if let Some(c) = self.child.as_mut()
+            && let Some(status) = c.try_wait().context("waiting for the command")?
+        {
+            self.exit = Some(exit_code(status));
+            let how = match (status.code(), status.signal()) {
+                (Some(code), _) => format!("exited with status {code}"),
+                (None, Some(sig)) => format!("was killed by signal {sig}"),
+                _ => "exited".into(),
+            };
+            let name = output::printable(&self.command);
+            return Ok(Some(format!("`{name}` {how}")));
+        }
+        if self
+            .exits
+            .as_ref()
+            .is_some_and(preflight::ExitWatch::all_exited)
+        {
+            let why = "every traced process has exited";
+            self.note = Some(why.into());
+            return Ok(Some(why.into()));
+        }
+        Ok(None)
+    }
+
     /// Whether tracing should end, and why.
     fn stop(&mut self) -> Result<Option<Stop>> {
         if let Some(e) = &mut self.exporter {
@@ -502,26 +536,23 @@ impl Session {
         if self.deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(Some(Stop::Linger("--duration is over".into())));
         }
-        if let Some(c) = self.child.as_mut()
-            && let Some(status) = c.try_wait().context("waiting for the command")?
-        {
-            self.exit = Some(exit_code(status));
-            let how = match (status.code(), status.signal()) {
-                (Some(code), _) => format!("exited with status {code}"),
-                (None, Some(sig)) => format!("was killed by signal {sig}"),
-                _ => "exited".into(),
+        if let Some(why) = self.traced_ended()? {
+            let Some(keep) = self.linger else {
+                return Ok(Some(Stop::Linger(why)));
             };
-            let name = output::printable(&self.command);
-            return Ok(Some(Stop::Linger(format!("`{name}` {how}"))));
-        }
-        if self
-            .exits
-            .as_ref()
-            .is_some_and(preflight::ExitWatch::all_exited)
-        {
-            let why = "every traced process has exited";
-            self.note = Some(why.into());
-            return Ok(Some(Stop::Linger(why.into())));
+            // A plain exporter: the calls made since the last scrape reach Prometheus only if
+            // it can scrape once more.
+            let until = *self.linger_until.get_or_insert_with(|| {
+                eprintln!(
+                    "membarrier-trace: {why}; still serving the final metrics until SIGTERM, \
+                     for at most {:.0} s (--keep-exited)",
+                    keep.as_secs_f64()
+                );
+                Instant::now() + keep
+            });
+            if Instant::now() >= until {
+                return Ok(Some(Stop::Linger(why)));
+            }
         }
         if Instant::now() >= self.next_retire {
             self.collector.retire_exited()?;

@@ -2429,22 +2429,17 @@ fn url_encode(s: &str) -> String {
 struct Prometheus {
     child: Child,
     addr: String,
-    _dir: TempDir,
-}
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    _dir: tempfile::TempDir,
 }
 
 impl Prometheus {
     fn start(target: &str) -> Prometheus {
-        let dir = std::env::temp_dir().join(format!("mt-prometheus-{}", free_port()));
-        std::fs::create_dir_all(&dir).unwrap();
+        // A private directory (0700, a random name): root writes no file at a name others know.
+        let tmp = tempfile::Builder::new()
+            .prefix("mt-prometheus-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
         let config = dir.join("prometheus.yml");
         std::fs::write(
             &config,
@@ -2472,7 +2467,7 @@ impl Prometheus {
         let p = Prometheus {
             child,
             addr,
-            _dir: TempDir(dir),
+            _dir: tmp,
         };
         let until = Instant::now() + TIMEOUT;
         while http_get(&p.addr, "/-/ready", "*/*").is_none_or(|(code, _)| code != 200) {
@@ -2483,7 +2478,7 @@ impl Prometheus {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.0.join("log")).unwrap_or_default()
+        std::fs::read_to_string(self._dir.path().join("log")).unwrap_or_default()
     }
 
     /// An instant query's result vector: (labels, value) per series.
@@ -2691,6 +2686,38 @@ fn prometheus_scrapes_exact_counts_errors_and_the_global_median() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.stdout.is_empty());
+}
+
+/// A plain exporter tracing `--pid`s goes on serving once they have exited, until SIGTERM:
+/// else the calls made since the last scrape never reach Prometheus (a real one, scraping
+/// every second, saw nothing of a 20,000-call workload that ran between two scrapes).
+#[test]
+fn the_exporter_serves_the_final_counts_after_the_pids_exit() {
+    let _machine = require_root();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let prom = Prometheus::start(&listen);
+    let mut w = Workload::start(&["--query", "20000"]);
+    let pid = w.pid.to_string();
+    let mut tracer = Tracer::start(&["-o", "none", "--listen", &listen, "-p", &pid]);
+    w.go();
+    let mine = w.finish();
+    let total: u64 = workload_counts(&mine).values().sum();
+    assert_eq!(total, 20_000);
+    // Still there: the traced process is gone, the metrics are not.
+    let sel = format!("{{job=\"membarrier\",pid=\"{pid}\"}}");
+    let got = prom.wait_for(&format!("sum(membarrier_calls_total{sel})"), total as f64);
+    assert_eq!(got, Some(total as f64), "{}", prom.log());
+    assert!(tracer.child().try_wait().unwrap().is_none());
+    tracer.signal(libc::SIGTERM);
+    let out = tracer.finish();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "every traced process has exited; still serving the final metrics until SIGTERM"
+        ),
+        "{stderr}"
+    );
 }
 
 /// The repository's docs/.
