@@ -60,6 +60,11 @@ static STACKS: u8 = 0;
 #[unsafe(no_mangle)]
 static IPI_FUNCS: [u64; 4] = [0; 4];
 
+/// Offsets in `struct task_struct` of `pid`, `group_leader` and `comm`: set by userspace from
+/// the kernel's BTF; all 0 where it has none.
+#[unsafe(no_mangle)]
+static TASK_OFFSETS: [u32; 3] = [0; 3];
+
 /// Offsets of the breakdown tracepoints' fields, by `field::*` index: set by userspace from the
 /// format files.
 #[unsafe(no_mangle)]
@@ -1001,7 +1006,7 @@ macro_rules! row {
         impl Row for $t {
             #[inline(always)]
             fn start(&mut self) {
-                self.comm = bpf_get_current_comm().unwrap_or_default();
+                self.comm = process_comm();
                 self.min_ns = u64::MAX;
             }
 
@@ -1017,6 +1022,31 @@ macro_rules! row {
     )*};
 }
 row!(Stats, WriterStats);
+
+/// The process's name, as `/proc/PID/comm` shows it: its thread-group leader's comm, read here
+/// as the row is made (the process may be gone when userspace looks, and a thread making the
+/// first call has a name of its own). The calling thread's where the offsets are unknown.
+#[inline(always)]
+fn process_comm() -> [u8; COMM_LEN] {
+    let off = unsafe { core::ptr::read_volatile(&TASK_OFFSETS) };
+    if off[2] != 0 {
+        let task = unsafe { helper::bpf_get_current_task() } as *const u8;
+        let leader =
+            unsafe { bpf_probe_read_kernel(task.add(off[1] as usize).cast::<u64>()) }.unwrap_or(0);
+        if leader != 0
+            && let Ok(comm) = unsafe {
+                bpf_probe_read_kernel(
+                    (leader as *const u8)
+                        .add(off[2] as usize)
+                        .cast::<[u8; COMM_LEN]>(),
+                )
+            }
+        {
+            return comm;
+        }
+    }
+    bpf_get_current_comm().unwrap_or_default()
+}
 
 /// The row of `map` for `key`, created from `template` on first use.
 #[inline(always)]
@@ -1458,16 +1488,37 @@ pub fn synchronize_rcu_expedited_exit(_ctx: FExitContext) -> u32 {
 /// left for a dead process with the same pid is overwritten, never inherited.
 #[tracepoint]
 pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    on_new_task(
+        record::<u32>(&ctx, field::TASK_NEWTASK_PID),
+        record::<u64>(&ctx, field::TASK_NEWTASK_CLONE_FLAGS),
+    );
+    0
+}
+
+/// [`task_newtask`] as a BTF-typed raw tracepoint, where the kernel has one: unlike a classic
+/// tracepoint program it is not skipped while a map syscall on its CPU holds
+/// `bpf_prog_active` (uncounted before Linux 6.7), so no process goes untracked.
+#[btf_tracepoint(function = "task_newtask")]
+pub fn task_newtask_btf(ctx: BtfTracePointContext) -> i32 {
+    // (task, clone_flags)
+    let task: *const u8 = ctx.arg(0);
+    let pid_at = unsafe { core::ptr::read_volatile(&TASK_OFFSETS[0]) } as usize;
+    let child = unsafe { bpf_probe_read_kernel(task.add(pid_at).cast::<u32>()) }.unwrap_or(0);
+    on_new_task(child, ctx.arg(1));
+    0
+}
+
+#[inline(always)]
+fn on_new_task(child: u32, clone_flags: u64) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if record::<u64>(&ctx, field::TASK_NEWTASK_CLONE_FLAGS) & CLONE_THREAD != 0 {
+    if clone_flags & CLONE_THREAD != 0 {
         if let Some(p) = PROCS.get_ptr_mut(&tgid)
             && unsafe { (*p).serial } != 0
         {
             add(unsafe { &mut (*p).tasks }, 1);
         }
-        return 0;
+        return;
     }
-    let child = record::<u32>(&ctx, field::TASK_NEWTASK_PID);
     let traced = if filtering() {
         following() && process(tgid).1
     } else {
@@ -1476,16 +1527,16 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     if !traced {
         // Not ours; nor is whatever entry a dead process with this pid left.
         let _ = PROCS.remove(&child);
-        return 0;
+        return;
     }
     let Some(last) = SERIAL.get_ptr_mut(0) else {
-        return 0;
+        return;
     };
     // A unique number per process whatever the other CPUs do.
     let Some(serial) = fetch_add(last, 1).map(|n| n.wrapping_add(1) as u32) else {
         let _ = PROCS.remove(&child);
         bump(counter::DROPPED_PROCS);
-        return 0;
+        return;
     };
     let p = Proc {
         serial,
@@ -1496,7 +1547,6 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         let _ = PROCS.remove(&child);
         bump(counter::DROPPED_PROCS);
     }
-    0
 }
 
 /// Puts the calls of thread `tid`, whose slot is about to go, into THREADS for userspace to
@@ -1526,6 +1576,21 @@ fn retire_thread(tid: u32, slot: &Inflight) {
 /// the process is a zombie until reaped).
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    on_task_exit();
+    0
+}
+
+/// [`sched_process_exit`] as a BTF-typed raw tracepoint, where the kernel has one: not skipped
+/// while a map syscall holds `bpf_prog_active`, so no exit is missed (a process whose exit is
+/// missed would look alive, and its rows would never be freed).
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit_btf(_ctx: BtfTracePointContext) -> i32 {
+    on_task_exit();
+    0
+}
+
+#[inline(always)]
+fn on_task_exit() {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
@@ -1566,7 +1631,6 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     {
         let _ = PROCS.remove(&tgid);
     }
-    0
 }
 
 #[cfg(not(test))]

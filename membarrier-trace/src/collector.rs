@@ -95,6 +95,9 @@ pub struct Collector {
     /// The row of the hook table that is attached.
     hook: &'static Hook,
     maps: Maps,
+    /// The kernel's BTF gave the `task_struct` offsets (processes named by their leader, the
+    /// process table kept by BTF-typed tracepoints).
+    task_offsets_known: bool,
     /// Stats rows in use at the last retire pass.
     rows_in_use: usize,
     /// Exited threads drained at the last retire pass.
@@ -324,6 +327,22 @@ const PROCESS: &[Probe] = &[
         ],
     ),
     Probe::tp("sched", "sched_process_exit", &[]),
+];
+
+/// The same as BTF-typed raw tracepoints, tried first where the kernel's BTF gives the offsets
+/// they read: not skipped while a map syscall holds `bpf_prog_active` (a classic tracepoint
+/// program is, uncounted before 6.7), so no exit goes unseen.
+const PROCESS_BTF: &[Probe] = &[
+    Probe {
+        prog: "task_newtask_btf",
+        at: At::BtfTracepoint { tp: "task_newtask" },
+    },
+    Probe {
+        prog: "sched_process_exit_btf",
+        at: At::BtfTracepoint {
+            tp: "sched_process_exit",
+        },
+    },
 ];
 
 /// The grace period where fentry on synchronize_rcu is refused: off-CPU time inside the call
@@ -708,6 +727,8 @@ impl Collector {
         let filter = u8::from(!opts.pids.is_empty() || opts.follow_forks);
         let funcs = ipi_funcs();
         let sizes = MapSizes::of_this_machine();
+        let task = crate::btf::task_offsets();
+        let task_offsets = task.map_or([0; 3], |t| [t.pid, t.group_leader, t.comm]);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("STATS", sizes.stats)
             .map_max_entries("INFLIGHT", sizes.inflight)
@@ -716,6 +737,7 @@ impl Collector {
             .override_global("FOLLOW_FORKS", &u8::from(opts.follow_forks), true)
             .override_global("IPI_FUNCS", &funcs, true)
             .override_global("FIELDS", &field_offsets(tracefs), true)
+            .override_global("TASK_OFFSETS", &task_offsets, true)
             .override_global("BREAKDOWN", &u8::from(opts.breakdown), true)
             .override_global("STACKS", &u8::from(opts.stacks), true)
             .map_max_entries(
@@ -793,6 +815,7 @@ impl Collector {
             attach_mode: opts.attach,
             hook: Attach::default().hook(),
             maps: sizes.report(possible_cpus(), opts.stacks),
+            task_offsets_known: task.is_some(),
             rows_in_use: 0,
             threads_in_use: 0,
         };
@@ -902,7 +925,9 @@ impl Collector {
         }
         // Before the hook: every slot it makes is freed at its thread's exit, and every process
         // created from here on has its serial number.
-        self.attach_all(PROCESS)?;
+        if !self.task_offsets_known || self.attach_all(PROCESS_BTF).is_err() {
+            self.attach_all(PROCESS)?;
+        }
         self.attach_writers(&mut notes)?;
         self.hook = self.attach_hook(&mut notes)?;
         self.control
@@ -1062,10 +1087,14 @@ impl Collector {
 
     /// Whether process `p` is still alive. One created while tracing is alive while its entry
     /// in PROCS holds its serial (removed when its last task exits, replaced when its pid is
-    /// reused); one from before, while no later process has its pid and /proc has it.
+    /// reused) and its pid exists: an exit the kernel skipped leaves the entry, and its rows
+    /// would never be freed. One from before, while no later process has its pid and /proc
+    /// has it.
     fn alive(&self, p: ProcKey) -> bool {
         match self.procs.get(&p.0, 0) {
-            Ok(entry) if p.1 != 0 || entry.serial != 0 => entry.serial == p.1,
+            Ok(entry) if p.1 != 0 || entry.serial != 0 => {
+                entry.serial == p.1 && preflight::exists(p.0)
+            }
             _ => p.1 == 0 && Path::new(&format!("/proc/{}", p.0)).exists(),
         }
     }

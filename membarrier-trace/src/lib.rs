@@ -5,6 +5,7 @@
 //! renders reports as text or JSON, [`tui`] as a live dashboard, [`exporter`] as Prometheus
 //! metrics ([`exposition`]).
 
+pub mod btf;
 pub mod calibrate;
 pub mod cmd;
 pub mod collector;
