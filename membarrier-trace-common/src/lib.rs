@@ -416,7 +416,89 @@ pub struct Proc {
     /// Its live tasks (threads), counted for `serial` != 0: the entry is removed when the last
     /// one exits. 64-bit: the BPF CPU targeted has 64-bit cmpxchg only.
     pub tasks: u64,
+    /// The stats rows it has, for `serial` != 0: bit [`row_kind`] for each row of a kind the
+    /// last exit can find again, plus [`OTHER_ROW`] for each other row (and grace-period
+    /// row). Added to once per row, by the CPU whose insert made it.
+    pub rows: u64,
 }
+
+/// [`Proc::rows`]: one of these per row the kernel cannot move at exit.
+pub const OTHER_ROW: u64 = 1 << 40;
+/// [`Proc::rows`]: the bits of the rows it can.
+pub const ROW_KINDS: u64 = (1 << 36) - 1;
+/// The errnos whose rows are moved at exit: 0, EPERM (expedited without registering), EINVAL.
+const MOVED_ERRNOS: [u32; 3] = [0, 1, 22];
+
+/// The bit of a stats row (cmd, flags, errno) in [`Proc::rows`], for the kinds the exit can
+/// look up again: a cmd with a thread counter ([`thread_cmd`] below 12) and a common errno.
+#[inline(always)]
+pub fn row_kind(cmd: u32, flags: u32, errno: u32) -> Option<u32> {
+    let i = thread_cmd(cmd, flags) as u32;
+    let class = match errno {
+        0 => 0,
+        1 => 1,
+        22 => 2,
+        _ => return None,
+    };
+    (i < 12).then_some(class * 12 + i)
+}
+
+/// The (cmd, flags, errno) of [`row_kind`] `bit`.
+#[inline(always)]
+pub fn kind_key(bit: u32) -> (u32, u32, u32) {
+    let (i, class) = (bit % 12, bit / 12);
+    let (cmd, flags) = match i {
+        0 => (0, 0),
+        11 => (128, 1),
+        i => (1 << (i - 1), 0),
+    };
+    (cmd, flags, MOVED_ERRNOS[(class as usize).min(2)])
+}
+
+/// Buckets of a moved row's latency histogram: a window of 2 octaves from its fastest call's
+/// bucket (a short-lived process's few calls mostly lie within a factor of 4).
+pub const MOVED_BUCKETS: usize = 32;
+/// Rows an exiting process can move; one with more stays whole for userspace.
+pub const MOVED_ROWS: usize = 4;
+/// `EXITED`: exited processes' rows on their way to userspace, about 20,000 one-row processes.
+pub const EXITED_RING_BYTES: u32 = 8 << 20;
+
+/// A stats row moved out of `STATS` by the kernel at its process's last exit, whole: its
+/// histogram within the window, and no breakdown histogram (no off-CPU time, no IPI).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MovedRow {
+    pub cmd: u32,
+    pub flags: u32,
+    pub errno: u32,
+    /// The bucket `hist[0]` stands for.
+    pub first_bucket: u32,
+    pub count: u64,
+    pub sum_ns: u64,
+    pub min_ns: u64,
+    pub max_ns: u64,
+    pub mutex_wait_sum_ns: u64,
+    pub mutex_wait_max_ns: u64,
+    pub hist: [u64; MOVED_BUCKETS],
+}
+
+/// An exited process's rows, sent on `EXITED` as it exits (only `rows` of `row` are sent), so a
+/// burst of short-lived processes never fills `STATS` waiting for userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MovedProc {
+    pub tgid: u32,
+    pub serial: u32,
+    /// Its name at exit where its main thread's exit was seen (`named_at_exit`), else its
+    /// leader's name when its first row was made.
+    pub comm: [u8; COMM_LEN],
+    pub rows: u32,
+    pub named_at_exit: u32,
+    pub row: [MovedRow; MOVED_ROWS],
+}
+
+/// The bytes of a [`MovedProc`] before its rows.
+pub const MOVED_HEADER: usize = core::mem::offset_of!(MovedProc, row);
 
 /// Per (process, cmd, flags) and target CPU: IPIs sent.
 #[repr(C)]
@@ -619,4 +701,25 @@ mod user {
     unsafe impl aya::Pod for super::UnwindSlot {}
     unsafe impl aya::Pod for super::KStackKey {}
     unsafe impl aya::Pod for super::KStack {}
+    unsafe impl aya::Pod for super::MovedProc {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row kind the exit moves is found again from its bit; others have none.
+    #[test]
+    fn row_kinds_round_trip() {
+        for bit in 0..36 {
+            let (cmd, flags, errno) = kind_key(bit);
+            assert_eq!(row_kind(cmd, flags, errno), Some(bit), "bit {bit}");
+            assert!(ROW_KINDS & (1 << bit) != 0);
+        }
+        assert_eq!(row_kind(3, 0, 0), None, "an invalid cmd");
+        assert_eq!(row_kind(8, 1, 22), None, "invalid flags");
+        assert_eq!(row_kind(8, 0, 4), None, "EINTR");
+        assert_eq!(ROW_KINDS & OTHER_ROW, 0);
+        assert_eq!(MOVED_HEADER, 32);
+    }
 }

@@ -19,7 +19,7 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, pt_regs},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user,
         generated::{
             self as helper, bpf_get_attach_cookie, bpf_get_current_task_btf, bpf_task_pt_regs,
         },
@@ -32,13 +32,15 @@ use aya_ebpf::{
     },
 };
 use membarrier_trace_common::{
-    CALLER_RING_BYTES, CLONE_THREAD, COMM_LEN, CallKey, CallerSeen, CpuKey, HIST_BUCKETS, Handled,
-    HandlerKey, INSIDE_SLOTS, IPI_HIST, Inflight, KSTACK_FRAMES, KStack, KStackKey, MAX_CPU_ROWS,
-    MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT, MAX_KSTACKS, MAX_PROCS, MAX_STATS, MAX_THREADS,
-    MAX_WAKERS, MAX_WRITERS, Proc, STACK_BUDGET, STACK_COPY, STACK_RING_BYTES, STACK_SAMPLE_EVERY,
-    STACK_SAMPLED, STACK_WINDOW_NS, StackSample, Stats, StatsKey, THREAD_CMDS, ThreadCalls,
-    ThreadKey, UNWIND_SLOTS, UnwindSlot, VICTIMS_OTHER, WakerKey, Writer, WriterKey, WriterStats,
-    counter, field, hist_bucket, proc_id, thread_cmd, unwind_rule, unwind_slot,
+    CALLER_RING_BYTES, CLONE_THREAD, COMM_LEN, CallKey, CallerSeen, CpuKey, EXITED_RING_BYTES,
+    HIST_BUCKETS, Handled, HandlerKey, INSIDE_SLOTS, IPI_HIST, Inflight, KSTACK_FRAMES, KStack,
+    KStackKey, MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT, MAX_KSTACKS, MAX_PROCS,
+    MAX_STATS, MAX_THREADS, MAX_WAKERS, MAX_WRITERS, MOVED_BUCKETS, MOVED_HEADER, MOVED_ROWS,
+    MovedProc, MovedRow, OTHER_ROW, Proc, ROW_KINDS, STACK_BUDGET, STACK_COPY, STACK_RING_BYTES,
+    STACK_SAMPLE_EVERY, STACK_SAMPLED, STACK_WINDOW_NS, StackSample, Stats, StatsKey, THREAD_CMDS,
+    ThreadCalls, ThreadKey, UNWIND_SLOTS, UnwindSlot, VICTIMS_OTHER, WakerKey, Writer, WriterKey,
+    WriterStats, counter, field, hist_bucket, kind_key, proc_id, row_kind, thread_cmd, unwind_rule,
+    unwind_slot,
 };
 
 /// Set by userspace before load: 1 when only the processes marked traced in `PROCS` are. Being
@@ -128,6 +130,15 @@ static SCRATCH: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
 /// Userspace RCU grace periods, per (process, thread, function, caller).
 #[map]
 static WRITERS: HashMap<WriterKey, WriterStats> = HashMap::with_max_entries(MAX_WRITERS, 0);
+
+/// Exited processes' rows on their way to userspace (see `move_rows`; a page with `--stacks`,
+/// where none are moved).
+#[map]
+static EXITED: RingBuf = RingBuf::with_byte_size(EXITED_RING_BYTES, 0);
+
+/// Where an exiting process's rows are gathered: larger than the BPF stack.
+#[map]
+static MOVED_SCRATCH: PerCpuArray<MovedProc> = PerCpuArray::with_max_entries(1, 0);
 
 /// Callers to name now (see `CallerSeen`).
 #[map]
@@ -628,10 +639,13 @@ fn on_exit(end_ns: u64, ret: i64) {
             0
         },
     };
-    let Some(row) = row_of(&STATS, &SCRATCH, &key) else {
+    let Some((row, made)) = row_of(&STATS, &SCRATCH, &key) else {
         bump(counter::DROPPED_STATS);
         return;
     };
+    if made {
+        count_row(tgid, key.serial, row_kind(key.cmd, key.flags, key.errno));
+    }
     let row = unsafe { &mut *row };
     row.count_one(ns);
     if stacks() {
@@ -859,7 +873,7 @@ fn count_known_stack(
         hash,
     };
     // A new row from the scratch, which holds the frames.
-    let Some(row) = row_from(&KSTACKS, &k, || {
+    let Some((row, _)) = row_from(&KSTACKS, &k, || {
         s.exact = 0;
         s.exact_ns = 0;
         s.sampled = 0;
@@ -978,10 +992,14 @@ pub fn rcu_gp_exit(_ctx: RetProbeContext) -> u32 {
         func: w.func,
         caller: w.caller,
     };
-    let Some(row) = row_of(&WRITERS, &WRITER_SCRATCH, &key) else {
+    let Some((row, made)) = row_of(&WRITERS, &WRITER_SCRATCH, &key) else {
         bump(counter::DROPPED_WRITERS);
         return 0;
     };
+    if made {
+        // Grace-period rows stay for userspace, and so the process's stats rows with them.
+        count_row(tgid, key.serial, None);
+    }
     let row = unsafe { &mut *row };
     row.count_one(end_ns.wrapping_sub(w.start_ns));
     add(&mut row.membarrier_calls, w.calls);
@@ -994,7 +1012,8 @@ pub fn rcu_gp_exit(_ctx: RetProbeContext) -> u32 {
 /// counted into, so its histograms stay zero; counted into one call (or grace period) at a
 /// time.
 trait Row {
-    /// Fills in what a new row starts with: the creating thread's comm, min at its maximum.
+    /// Fills in what a new row starts with: its name (the process's or the thread's), min at
+    /// its maximum.
     fn start(&mut self);
     /// Counts one of `ns` into the latency figures.
     fn count_one(&mut self, ns: u64);
@@ -1002,11 +1021,11 @@ trait Row {
 
 /// [`Row`] for the row types, which share these fields' names.
 macro_rules! row {
-    ($($t:ty),*) => {$(
+    ($($t:ty => $comm:expr),*) => {$(
         impl Row for $t {
             #[inline(always)]
             fn start(&mut self) {
-                self.comm = process_comm();
+                self.comm = $comm;
                 self.min_ns = u64::MAX;
             }
 
@@ -1021,7 +1040,12 @@ macro_rules! row {
         }
     )*};
 }
-row!(Stats, WriterStats);
+// A stats row is the process's: named after it. A grace-period row is one thread's: named
+// after the thread.
+row!(
+    Stats => process_comm(),
+    WriterStats => bpf_get_current_comm().unwrap_or_default()
+);
 
 /// The process's name, as `/proc/PID/comm` shows it: its thread-group leader's comm, read here
 /// as the row is made (the process may be gone when userspace looks, and a thread making the
@@ -1050,7 +1074,11 @@ fn process_comm() -> [u8; COMM_LEN] {
 
 /// The row of `map` for `key`, created from `template` on first use.
 #[inline(always)]
-fn row_of<K, V: Row>(map: &HashMap<K, V>, template: &PerCpuArray<V>, key: &K) -> Option<*mut V> {
+fn row_of<K, V: Row>(
+    map: &HashMap<K, V>,
+    template: &PerCpuArray<V>,
+    key: &K,
+) -> Option<(*mut V, bool)> {
     row_from(map, key, || {
         let tmpl = template.get_ptr_mut(0)?;
         unsafe { (*tmpl).start() };
@@ -1059,20 +1087,39 @@ fn row_of<K, V: Row>(map: &HashMap<K, V>, template: &PerCpuArray<V>, key: &K) ->
 }
 
 /// `map[key]`, or a new row copied from `*new()`: a per-CPU template filled in then (rows too
-/// large for the BPF stack). None when the map is full.
+/// large for the BPF stack). None when the map is full; with whether this call made the row.
 #[inline(always)]
 fn row_from<K, V>(
     map: &HashMap<K, V>,
     key: &K,
     new: impl FnOnce() -> Option<*mut V>,
-) -> Option<*mut V> {
+) -> Option<(*mut V, bool)> {
     if let Some(row) = map.get_ptr_mut(key) {
-        return Some(row);
+        return Some((row, false));
     }
     // Slow path, once per row. NOEXIST: another CPU may have created the row meanwhile; then
     // use theirs.
-    let _ = map.insert(key, unsafe { &*new()? }, BPF_NOEXIST as u64);
-    map.get_ptr_mut(key)
+    let made = map
+        .insert(key, unsafe { &*new()? }, BPF_NOEXIST as u64)
+        .is_ok();
+    Some((map.get_ptr_mut(key)?, made))
+}
+
+/// Counts a new row of process (tgid, serial) in its `Proc::rows`, so its last exit can move
+/// it out: its kind's bit, or one more row it cannot move.
+#[inline(always)]
+fn count_row(tgid: u32, serial: u32, kind: Option<u32>) {
+    if serial == 0 {
+        return; // not tracked from its creation: its rows are for userspace's retire pass
+    }
+    if let Some(p) = PROCS.get_ptr_mut(&tgid)
+        && unsafe { (*p).serial } == serial
+    {
+        add(
+            unsafe { &mut (*p).rows },
+            kind.map_or(OTHER_ROW, |k| 1 << k),
+        );
+    }
 }
 
 /// Histogram bucket of `ns`, masked so the verifier sees the bound. The volatile read hides the
@@ -1542,6 +1589,7 @@ fn on_new_task(child: u32, clone_flags: u64) {
         serial,
         tasks: 1,
         traced: 1,
+        rows: 0,
     };
     if PROCS.insert(&child, &p, 0).is_err() {
         let _ = PROCS.remove(&child);
@@ -1629,7 +1677,111 @@ fn on_task_exit() {
         && unsafe { (*p).serial } != 0
         && fetch_add(unsafe { &raw mut (*p).tasks }, u64::MAX) == Some(1)
     {
+        // Its rows go before its entry: while the entry is there userspace holds the process
+        // alive and touches none of its rows, so each row is taken by one side only.
+        let (serial, rows) = unsafe { ((*p).serial, (*p).rows) };
+        move_rows(tgid, serial, rows);
         let _ = PROCS.remove(&tgid);
+    }
+}
+
+/// The last task of process (tgid, serial) is exiting: sends its stats rows to userspace on
+/// `EXITED` and frees them, so a burst of short-lived processes never fills `STATS` waiting
+/// for the retire pass (about 17 us a row there, starved of CPU by the burst itself). All or
+/// nothing: a process with a row it cannot move (an uncommon cmd or errno, off-CPU time or
+/// IPIs, a histogram wider than the window, more than `MOVED_ROWS` rows, a grace-period row,
+/// `--stacks`) or a full ring stays whole for userspace, as before. Runs once per process.
+#[inline(always)]
+fn move_rows(tgid: u32, serial: u32, rows: u64) {
+    if rows == 0 || rows & !ROW_KINDS != 0 || stacks() {
+        return;
+    }
+    let Some(out) = MOVED_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let out = unsafe { &mut *out };
+    let mut n = 0usize;
+    for bit in 0..36u32 {
+        if rows & (1 << bit) == 0 {
+            continue;
+        }
+        if n >= MOVED_ROWS {
+            return;
+        }
+        let (cmd, flags, errno) = kind_key(bit);
+        let key = StatsKey {
+            tgid,
+            serial,
+            cmd,
+            flags,
+            errno,
+        };
+        let Some(row) = STATS.get_ptr(&key) else {
+            return;
+        };
+        let row = unsafe { &*row };
+        let (lo, hi) = (bucket(row.min_ns), bucket(row.max_ns));
+        if row.blocked_sum_ns != 0 || row.ipis != 0 || hi < lo || hi - lo >= MOVED_BUCKETS {
+            return;
+        }
+        let first = lo.min(HIST_BUCKETS - MOVED_BUCKETS);
+        let first = unsafe { core::ptr::read_volatile(&first) } & (HIST_BUCKETS - 1);
+        let m: &mut MovedRow = &mut out.row[n & (MOVED_ROWS - 1)];
+        m.cmd = cmd;
+        m.flags = flags;
+        m.errno = errno;
+        m.first_bucket = first as u32;
+        m.count = row.count;
+        m.sum_ns = row.sum_ns;
+        m.min_ns = row.min_ns;
+        m.max_ns = row.max_ns;
+        m.mutex_wait_sum_ns = row.mutex_wait_sum_ns;
+        m.mutex_wait_max_ns = row.mutex_wait_max_ns;
+        // Straight into the scratch: the window is half the BPF stack.
+        let from = unsafe { row.hist.as_ptr().add(first) }.cast::<u8>();
+        let to = unsafe {
+            core::slice::from_raw_parts_mut(
+                m.hist.as_mut_ptr().cast::<u8>(),
+                size_of::<[u64; MOVED_BUCKETS]>(),
+            )
+        };
+        if unsafe { bpf_probe_read_kernel_buf(from, to) }.is_err() {
+            return;
+        }
+        if n == 0 {
+            out.comm = row.comm;
+        }
+        n += 1;
+    }
+    out.tgid = tgid;
+    out.serial = serial;
+    // Its name as its main thread exited, where that was seen; else its row's (the leader's
+    // when the row was made).
+    let named = EXIT_NAMES.get_ptr(&proc_id(tgid, serial));
+    out.named_at_exit = u32::from(named.is_some());
+    if let Some(c) = named {
+        out.comm = unsafe { *c };
+    }
+    out.rows = n as u32;
+    let len = MOVED_HEADER + (n & (MOVED_ROWS - 1 | MOVED_ROWS)) * size_of::<MovedRow>();
+    if n == 0 || len > size_of::<MovedProc>() {
+        return;
+    }
+    let bytes = unsafe { core::slice::from_raw_parts((out as *const MovedProc).cast::<u8>(), len) };
+    if EXITED.output::<[u8]>(bytes, 0).is_err() {
+        return; // the ring is full: the rows stay for the retire pass
+    }
+    for bit in 0..36u32 {
+        if rows & (1 << bit) != 0 {
+            let (cmd, flags, errno) = kind_key(bit);
+            let _ = STATS.remove(&StatsKey {
+                tgid,
+                serial,
+                cmd,
+                flags,
+                errno,
+            });
+        }
     }
 }
 

@@ -10,14 +10,14 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, FEntry, FExit, Program, ProgramError, TracePoint},
 };
 use membarrier_trace_common::{
-    COMM_LEN, CpuKey, Handled, HandlerKey, Inflight, KStack, KStackKey, MAX_INFLIGHT, MAX_KSTACKS,
-    MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_WRITERS, Proc, STACK_RING_BYTES, Stats, StatsKey,
-    ThreadCalls, ThreadKey, UNWIND_SLOTS, UnwindSlot, WakerKey, WriterKey, WriterStats, counter,
-    field, proc_id,
+    COMM_LEN, CpuKey, EXITED_RING_BYTES, Handled, HandlerKey, Inflight, KStack, KStackKey,
+    MAX_INFLIGHT, MAX_KSTACKS, MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_WRITERS, MOVED_ROWS,
+    MovedProc, Proc, STACK_RING_BYTES, Stats, StatsKey, ThreadCalls, ThreadKey, UNWIND_SLOTS,
+    UnwindSlot, WakerKey, WriterKey, WriterStats, counter, field, proc_id,
 };
 
 use crate::{
@@ -65,6 +65,10 @@ pub struct Collector {
     handled: BpfHashMap<MapData, HandlerKey, Handled>,
     exit_names: BpfHashMap<MapData, u64, [u8; COMM_LEN]>,
     writer_rows: BpfHashMap<MapData, WriterKey, WriterStats>,
+    /// Exited processes' rows, sent by the kernel as they exit.
+    exited_rows: RingBuf<MapData>,
+    /// Exited processes taken from it at the last retire pass.
+    moved_in_use: usize,
     /// Exited threads' calls, drained at every retire pass.
     thread_rows: BpfHashMap<MapData, ThreadKey, ThreadCalls>,
     /// What was drained from it, per process.
@@ -283,7 +287,7 @@ impl MapSizes {
     }
 
     /// With `--stacks`, the samples ring, the unwinding rules and the kernel's stacks add
-    /// theirs to the bound.
+    /// theirs to the bound; without, the ring of exited processes' rows (`EXITED`).
     pub fn report(&self, cpus: u64, stacks: bool) -> Maps {
         let stacks_bytes = if stacks {
             u64::from(STACK_RING_BYTES)
@@ -296,7 +300,8 @@ impl MapSizes {
                     cpus,
                 )
         } else {
-            0
+            // The ring's pages, and its header pages.
+            u64::from(EXITED_RING_BYTES) + (16 << 10)
         };
         Maps {
             stats_rows: self.stats,
@@ -746,6 +751,8 @@ impl Collector {
             )
             .map_max_entries("UNWIND", if opts.stacks { UNWIND_SLOTS } else { 1 })
             .map_max_entries("KSTACKS", if opts.stacks { MAX_KSTACKS } else { 1 })
+            // With --stacks no rows are moved at exit (their stacks stay with userspace).
+            .map_max_entries("EXITED", if opts.stacks { 4096 } else { EXITED_RING_BYTES })
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let stats = take(&mut ebpf, "STATS")?;
@@ -759,6 +766,7 @@ impl Collector {
         let exit_names = take(&mut ebpf, "EXIT_NAMES")?;
         let writer_rows = take(&mut ebpf, "WRITERS")?;
         let thread_rows = take(&mut ebpf, "THREADS")?;
+        let exited_rows = take(&mut ebpf, "EXITED")?;
         let rings = Rings {
             callers: opts.rcu.then(|| take(&mut ebpf, "CALLERS")).transpose()?,
             stacks: opts
@@ -796,6 +804,8 @@ impl Collector {
             handled,
             exit_names,
             writer_rows,
+            exited_rows,
+            moved_in_use: 0,
             thread_rows,
             exited_threads: HashMap::new(),
             writers,
@@ -831,6 +841,7 @@ impl Collector {
             serial: 0,
             tasks: 0,
             traced: 1,
+            rows: 0,
         };
         self.procs
             .insert(pid, p, 0)
@@ -1104,6 +1115,13 @@ impl Collector {
     /// enough to run several times a second: it reads keys, and the rows of the dead only.
     /// Returns the processes found alive.
     pub fn retire_exited(&mut self) -> Result<HashSet<ProcKey>> {
+        // First: every row the kernel moved out is in the ring before its process looks dead
+        // (its PROCS entry goes after), so no row of a process read below is in a record read
+        // later, and none is both.
+        // Where each dead process's figures go: its own entry, or its name's.
+        let mut dest: HashMap<ProcKey, ProcKey> = HashMap::new();
+        let moved = self.take_moved(&mut dest);
+        self.moved_in_use = moved.len();
         let keys: Vec<StatsKey> = self
             .stats
             .keys()
@@ -1156,15 +1174,21 @@ impl Collector {
                 }
             }
         }
-        if dead.is_empty() {
+        if dead.is_empty() && moved.is_empty() {
             self.threads_in_use = drained;
             return Ok(live);
         }
-        // Where each dead process's figures go: its own entry, or its name's.
-        let mut dest: HashMap<ProcKey, ProcKey> = HashMap::new();
         for key in keys.iter().filter(|k| dead.contains(&k.proc())) {
-            let row = self.stats.get(key, 0).context("reading a stats row")?;
-            self.stats.remove(key).context("freeing a stats row")?;
+            // Gone since the keys were read: the kernel moved it at the exit (it moves a
+            // process's rows before its PROCS entry goes, so it is in the next drain).
+            let row = match self.stats.get(key, 0) {
+                Err(MapError::KeyNotFound) => continue,
+                r => r.context("reading a stats row")?,
+            };
+            match self.stats.remove(key) {
+                Err(MapError::KeyNotFound) => continue,
+                r => r.context("freeing a stats row")?,
+            }
             if row.count == 0 {
                 continue;
             }
@@ -1196,6 +1220,9 @@ impl Collector {
                 WriterRow::from_stats(to, &row),
             );
         }
+        // The processes whose rows the kernel moved go with the dead from here (their rows
+        // are retired already; a row read above belonged to a process still alive then).
+        dead.extend(moved);
         if let Some(namer) = &mut self.callers {
             // The kernel's stacks of the dead join the samples' first, each under its own
             // process, and are summed with them.
@@ -1220,6 +1247,52 @@ impl Collector {
         self.comms.retain(|p, _| !dead.contains(p));
         self.threads_in_use = drained;
         Ok(live)
+    }
+
+    /// Takes in the exited processes whose rows the kernel sent on `EXITED`: each placed like
+    /// any exited process (`dest`), named as it exited where that was seen, its rows retired.
+    /// Returns them, to be retired with the dead (threads, details, names).
+    fn take_moved(&mut self, dest: &mut HashMap<ProcKey, ProcKey>) -> HashSet<ProcKey> {
+        let mut procs = HashSet::new();
+        loop {
+            let mut m = MovedProc::default();
+            {
+                let Some(item) = self.exited_rows.next() else {
+                    break;
+                };
+                let n = item.len().min(size_of::<MovedProc>());
+                // SAFETY: MovedProc is plain data; at most its size is copied from the record.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(item.as_ptr(), (&raw mut m).cast::<u8>(), n);
+                }
+            }
+            let p = (m.tgid, m.serial);
+            let to = match dest.get(&p) {
+                Some(&to) => to,
+                None => {
+                    let name = if m.named_at_exit != 0 {
+                        comm_str(&m.comm)
+                    } else {
+                        self.comms.remove(&p).unwrap_or_else(|| comm_str(&m.comm))
+                    };
+                    let to = self.retired.place(p, name);
+                    dest.insert(p, to);
+                    to
+                }
+            };
+            for r in &m.row[..(m.rows as usize).min(MOVED_ROWS)] {
+                let key = StatsKey {
+                    tgid: to.0,
+                    serial: to.1,
+                    cmd: r.cmd,
+                    flags: r.flags,
+                    errno: r.errno,
+                };
+                add_retired(&mut self.retired.rows, key, RawRow::from_moved(key, r));
+            }
+            procs.insert(p);
+        }
+        procs
     }
 
     /// Moves the exited threads' calls out of the kernel. Returns how many there were.
@@ -1293,6 +1366,7 @@ impl Collector {
     pub fn rows_filling(&self) -> bool {
         self.rows_in_use * 4 > self.maps.stats_rows as usize
             || self.threads_in_use * 4 > MAX_THREADS as usize
+            || self.moved_in_use > 1000
     }
 
     /// Reads the kernel's totals. With `last`, calls still inside membarrier are counted as
@@ -1596,10 +1670,10 @@ mod tests {
                 procs: 32768
             }
         );
-        // "about 55.5 MiB", "under 60 MiB in all"
+        // "about 55.8 MiB", "under 60 MiB in all"
         assert_eq!(
             (s.kernel_bytes(2) as f64 / f64::from(1 << 20) * 10.0).round(),
-            555.0
+            558.0
         );
         assert_eq!(s.kernel_bytes_bound(2) >> 20, 59);
         // The clamps: a small VM still gets the defaults, a huge box no more than the maxima.

@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use membarrier_trace_common::{
-    CpuKey, Handled, HandlerKey, IPI_HIST, Stats, StatsKey, THREAD_CMDS, VICTIMS_OTHER, WakerKey,
-    WriterKey, WriterStats, thread_cmd,
+    CpuKey, Handled, HandlerKey, IPI_HIST, MovedRow, Stats, StatsKey, THREAD_CMDS, VICTIMS_OTHER,
+    WakerKey, WriterKey, WriterStats, thread_cmd,
 };
 use serde::Serialize;
 
@@ -61,6 +61,27 @@ impl RawRow {
             mutex_wait_max_ns: 0,
             stacks_unsent: 0,
             stacks_sampled_out: 0,
+        }
+    }
+
+    /// A row the kernel moved out at its process's exit (no breakdown histograms: it moves
+    /// only rows without).
+    pub fn from_moved(key: StatsKey, r: &MovedRow) -> Self {
+        let mut hist = Histogram::default();
+        for (i, &n) in r.hist.iter().enumerate().filter(|(_, n)| **n > 0) {
+            hist.add_to(r.first_bucket as usize + i, n);
+        }
+        Self {
+            key,
+            count: r.count,
+            sum_ns: r.sum_ns,
+            min_ns: r.min_ns,
+            max_ns: r.max_ns,
+            hist,
+            ipi_hist: Vec::new(),
+            mutex_wait_sum_ns: r.mutex_wait_sum_ns,
+            mutex_wait_max_ns: r.mutex_wait_max_ns,
+            ..Self::new(key)
         }
     }
 
