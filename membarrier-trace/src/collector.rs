@@ -1246,7 +1246,40 @@ impl Collector {
         }
         self.comms.retain(|p, _| !dead.contains(p));
         self.threads_in_use = drained;
+        let demoted = self.retired.keep_most();
+        self.demote(&demoted);
         Ok(live)
+    }
+
+    /// What is kept outside `self.retired` of exited processes [`Retired::keep_most`] summed
+    /// into their name's entry follows them there: their threads (summed), the names of their
+    /// grace periods' callers, their stacks (unattributed: addresses are a process's own).
+    fn demote(&mut self, demoted: &HashMap<ProcKey, ProcKey>) {
+        if demoted.is_empty() {
+            return;
+        }
+        for (p, &to) in demoted {
+            if let Some(t) = self.exited_threads.remove(p) {
+                self.exited_threads
+                    .entry(to)
+                    .or_default()
+                    .absorb(t, to, false);
+            }
+        }
+        if let Some(namer) = &mut self.callers {
+            let named: Vec<_> = namer
+                .named
+                .keys()
+                .filter(|(p, _)| demoted.contains_key(p))
+                .copied()
+                .collect();
+            for (p, caller) in named {
+                if let Some(c) = namer.named.remove(&(p, caller)) {
+                    namer.named.insert((demoted[&p], caller), c);
+                }
+            }
+            namer.retire(demoted);
+        }
     }
 
     /// Takes in the exited processes whose rows the kernel sent on `EXITED`: each placed like
@@ -1499,15 +1532,17 @@ impl Collector {
     }
 }
 
-/// Exited processes kept individually in the tracer's memory; later ones are summed per name.
+/// Exited processes kept individually in the tracer's memory: those that matter most, half
+/// chosen by calls and half by time in the call; the others are summed per name.
 pub const RETIRED_KEEP: usize = 1024;
 /// Names summed apart; the rest go into one `(other)` entry.
 pub const RETIRED_NAMES: usize = 1024;
 
-/// What the kernel maps held for processes that have exited, moved to userspace. The first
-/// [`RETIRED_KEEP`] keep their own rows; after that each is summed into an entry per name
-/// (tgid 0, serial numbering the names), so memory stays bounded however many processes come
-/// and go, and every call stays counted.
+/// What the kernel maps held for processes that have exited, moved to userspace. Each keeps
+/// its own rows as it comes; past [`RETIRED_KEEP`], [`Retired::keep_most`] sums the ones that
+/// matter least into an entry per name (tgid 0, serial numbering the names), so memory stays
+/// bounded however many processes come and go, the busiest keep their identity whenever they
+/// exit, and every call stays counted.
 #[derive(Default)]
 struct Retired {
     rows: HashMap<StatsKey, RawRow>,
@@ -1522,23 +1557,109 @@ struct Retired {
 }
 
 impl Retired {
-    /// Counts exited process `p`, named `comm`, and returns the entry its figures go to.
+    /// Counts exited process `p`, named `comm`, and returns the entry its figures go to: its
+    /// own, until [`Retired::keep_most`] says otherwise.
     fn place(&mut self, p: ProcKey, comm: String) -> ProcKey {
-        let singles = self.exited.len() - self.by_name.len();
-        let (to, name) = if singles < RETIRED_KEEP {
-            (p, comm)
+        self.comms.insert(p, comm);
+        *self.exited.entry(p).or_default() += 1;
+        p
+    }
+
+    /// The entry summing the exited processes named `name` (past [`RETIRED_NAMES`] names,
+    /// `(other)`).
+    fn name_entry(&mut self, name: String) -> ProcKey {
+        let name = if self.by_name.len() < RETIRED_NAMES || self.by_name.contains_key(&name) {
+            name
         } else {
-            let name = if self.by_name.len() < RETIRED_NAMES || self.by_name.contains_key(&comm) {
-                comm
-            } else {
-                "(other)".to_string()
-            };
-            let next = (0, self.by_name.len() as u32 + 1);
-            (*self.by_name.entry(name.clone()).or_insert(next), name)
+            "(other)".to_string()
         };
+        let next = (0, self.by_name.len() as u32 + 1);
+        let to = *self.by_name.entry(name.clone()).or_insert(next);
         self.comms.insert(to, name);
-        *self.exited.entry(to).or_default() += 1;
         to
+    }
+
+    /// Keeps [`RETIRED_KEEP`] exited processes individually: taken in turn from the most calls
+    /// down and from the most time in the call down (ties: the lower pid), so both a busy
+    /// caller and a slow one keep their identity. Sums the others into their name's entry and
+    /// returns where each went, for what is kept outside (threads, callers, stacks).
+    fn keep_most(&mut self) -> HashMap<ProcKey, ProcKey> {
+        let singles: Vec<ProcKey> = self.exited.keys().filter(|p| p.0 != 0).copied().collect();
+        if singles.len() <= RETIRED_KEEP {
+            return HashMap::new();
+        }
+        let mut weight: HashMap<ProcKey, (u64, u64)> =
+            singles.iter().map(|&p| (p, (0, 0))).collect();
+        for (k, r) in &self.rows {
+            if let Some(w) = weight.get_mut(&k.proc()) {
+                w.0 += r.count;
+                w.1 += r.sum_ns;
+            }
+        }
+        let ranked = |by: fn(&(u64, u64)) -> u64| {
+            let mut v = singles.clone();
+            v.sort_unstable_by_key(|p| (std::cmp::Reverse(by(&weight[p])), *p));
+            v
+        };
+        let (by_calls, by_time) = (ranked(|w| w.0), ranked(|w| w.1));
+        let mut keep = HashSet::new();
+        for (c, t) in by_calls.iter().zip(&by_time) {
+            for p in [c, t] {
+                if keep.len() < RETIRED_KEEP {
+                    keep.insert(*p);
+                }
+            }
+        }
+        let mut demoted = HashMap::new();
+        for p in singles.into_iter().filter(|p| !keep.contains(p)) {
+            let name = self.comms.remove(&p).unwrap_or_default();
+            let to = self.name_entry(name);
+            let n = self.exited.remove(&p).unwrap_or(0);
+            *self.exited.entry(to).or_default() += n;
+            demoted.insert(p, to);
+        }
+        rekey(&mut self.rows, &demoted, |r, k| r.key = k);
+        rekey(&mut self.writers, &demoted, |r, k| r.key = k);
+        rekey_sum(&mut self.ipi_cpus, &demoted);
+        rekey_sum(&mut self.wakers, &demoted);
+        rekey_sum(&mut self.handled, &demoted);
+        demoted
+    }
+}
+
+/// Moves the rows of the processes in `to` under their new entry, summing them there.
+fn rekey<K: ProcKeyed + Eq + std::hash::Hash, R: Absorb>(
+    rows: &mut HashMap<K, R>,
+    to: &HashMap<ProcKey, ProcKey>,
+    set_key: impl Fn(&mut R, K),
+) {
+    let moved: Vec<K> = rows
+        .keys()
+        .filter(|k| to.contains_key(&k.proc()))
+        .copied()
+        .collect();
+    for k in moved {
+        let mut r = rows.remove(&k).expect("listed above");
+        let new = k.moved_to(to[&k.proc()]);
+        set_key(&mut r, new);
+        add_retired(rows, new, r);
+    }
+}
+
+/// [`rekey`] for the detail maps, whose values add.
+fn rekey_sum<K, V>(map: &mut HashMap<K, V>, to: &HashMap<ProcKey, ProcKey>)
+where
+    K: ProcKeyed + Eq + std::hash::Hash,
+    V: Default + std::ops::AddAssign,
+{
+    let moved: Vec<K> = map
+        .keys()
+        .filter(|k| to.contains_key(&k.proc()))
+        .copied()
+        .collect();
+    for k in moved {
+        let v = map.remove(&k).expect("listed above");
+        *map.entry(k.moved_to(to[&k.proc()])).or_default() += v;
     }
 }
 
@@ -1738,22 +1859,46 @@ mod tests {
     }
 
     /// Past RETIRED_KEEP, exited processes are summed per name, then under `(other)`: the
-    /// tracer's memory stays bounded and no call or process goes uncounted.
+    /// tracer's memory stays bounded and no call or process goes uncounted. Those kept are the
+    /// ones with the most calls and the most time in the call, half each, whenever they exited.
     #[test]
     fn retired_processes_are_kept_then_summed_per_name() {
         let mut r = Retired::default();
         let n = RETIRED_KEEP + RETIRED_NAMES + 50;
+        // Process i: 2 + i calls, (n - i) ms in the call: the late ones call most, the early
+        // ones spend the most time in the call.
+        let calls = |i: u32| 2 + u64::from(i);
+        let ns = |i: u32| (n as u64 - u64::from(i)) * 1_000_000;
+        let mut demoted = 0;
         for i in 0..n as u32 {
-            let to = r.place(
-                (i + 1, i + 1),
-                format!("p{}", i % (RETIRED_NAMES as u32 + 10)),
-            );
-            let one = row(i + 1, i + 1, 2);
-            let key = one.key.moved_to(to);
-            add_retired(&mut r.rows, key, RawRow { key, ..one });
+            let p = (i + 1, i + 1);
+            let to = r.place(p, format!("p{}", i % (RETIRED_NAMES as u32 + 10)));
+            assert_eq!(to, p);
+            let one = RawRow {
+                sum_ns: ns(i),
+                ..row(i + 1, i + 1, calls(i))
+            };
+            add_retired(&mut r.rows, one.key, one);
+            if i % 700 == 0 {
+                demoted += r.keep_most().len();
+            }
+        }
+        demoted += r.keep_most().len();
+        assert_eq!(demoted + RETIRED_KEEP, n);
+        let singles: HashSet<ProcKey> = r.exited.keys().filter(|p| p.0 != 0).copied().collect();
+        assert_eq!(singles.len(), RETIRED_KEEP);
+        // Half the most calls (the last processes), half the most time (the first).
+        let half = RETIRED_KEEP as u32 / 2;
+        for i in (0..half).chain(n as u32 - half..n as u32) {
+            assert!(singles.contains(&(i + 1, i + 1)), "process {i} was summed");
         }
         assert_eq!(r.exited.values().sum::<u64>(), n as u64);
-        assert_eq!(r.rows.values().map(|r| r.count).sum::<u64>(), 2 * n as u64);
+        let total: u64 = (0..n as u32).map(calls).sum();
+        assert_eq!(r.rows.values().map(|r| r.count).sum::<u64>(), total);
+        let total_ns: u64 = (0..n as u32).map(ns).sum();
+        assert_eq!(r.rows.values().map(|r| r.sum_ns).sum::<u64>(), total_ns);
+        // Every row under its entry's key.
+        assert!(r.rows.iter().all(|(k, row)| row.key == *k));
         assert!(
             r.rows.len() <= RETIRED_KEEP + RETIRED_NAMES + 1,
             "{}",

@@ -388,6 +388,9 @@ pub struct Report {
     pub dropped: Dropped,
     /// Processes that have exited, each counted once (per-name entries count all theirs).
     pub exited_processes: u64,
+    /// Of those, how many are summed into per-name entries (pid 0): past the 1,024 kept
+    /// individually, those with the fewest calls and the least time in the call.
+    pub exited_summed: u64,
     /// `tracepoint`, `fentry` or `raw`.
     pub attach: Attach,
     pub grace_period_source: GraceSource,
@@ -674,6 +677,7 @@ impl Report {
             missed_grace_periods: 0,
             dropped: Dropped::default(),
             exited_processes: 0,
+            exited_summed: 0,
             attach: Attach::Tracepoint,
             grace_period_source: GraceSource::None,
             maps: Maps::default(),
@@ -953,6 +957,12 @@ impl Model {
             missed_grace_periods: snap.losses.missed_grace_periods,
             dropped: snap.losses.into(),
             exited_processes: snap.exited.values().sum(),
+            exited_summed: snap
+                .exited
+                .iter()
+                .filter(|(p, _)| p.0 == 0)
+                .map(|(_, n)| n)
+                .sum(),
             attach: snap.attach,
             grace_period_source: snap.grace_period_source,
             maps: snap.maps,

@@ -115,7 +115,15 @@ pub fn text(r: &Report) -> String {
             r.dropped.hook_runs_skipped
         );
     }
-    if r.exited_processes > 0 {
+    if r.exited_summed > 0 {
+        let _ = writeln!(
+            s,
+            "exited processes: {} ({} summed by name: the {} with the most calls or time in the call keep their own entries)",
+            r.exited_processes,
+            r.exited_summed,
+            r.exited_processes - r.exited_summed
+        );
+    } else if r.exited_processes > 0 {
         let _ = writeln!(s, "exited processes: {}", r.exited_processes);
     }
     let _ = writeln!(

@@ -1490,6 +1490,7 @@ fn a_burst_of_short_lived_processes_loses_no_call() {
     let rate = 40_000.0 / own["children_secs"].as_f64().unwrap();
     let after = run(Command::new(WORKLOAD).args(["--name", "mt-after", "--query", "500"]));
     assert!(after.status.success());
+    let after_pid = last_json_with(&String::from_utf8_lossy(&after.stdout), "pid")["pid"].clone();
     tracer.signal(libc::SIGINT);
     let (_, report) = tracer.report();
     assert_eq!(report["dropped"]["total"], 0, "{}", report["dropped"]);
@@ -1497,6 +1498,14 @@ fn a_burst_of_short_lived_processes_loses_no_call() {
     assert_eq!(calls, [(0, 40_000)].into());
     assert_eq!(procs, 40_000);
     assert_eq!(calls_named(&report, "mt-after"), ([(0, 500)].into(), 1));
+    // The busiest exited process keeps its own entry, though 40,000 exited before it: the
+    // one-call processes are the ones summed by name (it was once the first 1,024 kept).
+    let p = process(&report, after_pid.as_u64().unwrap() as u32);
+    assert_eq!(
+        (&p["comm"], &p["exited"]),
+        (&json!("mt-after"), &json!(true))
+    );
+    assert!(report["exited_summed"].as_u64().unwrap() >= 40_000 - 1024);
     // Last: a slower burst would not test the claim (here: about 30,000 a second traced).
     assert!(rate >= 20_000.0, "only {rate:.0} processes a second");
     eprintln!("burst: {rate:.0} processes a second, every call counted");
