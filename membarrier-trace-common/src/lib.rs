@@ -132,6 +132,9 @@ pub struct Inflight {
     /// The thread's calls: counted in the slot the exit already holds, so attributing calls
     /// to threads costs no map lookup.
     pub thread: ThreadCalls,
+    /// The process's name when the slot was made (its leader's comm): the name a stats row
+    /// this thread makes starts with.
+    pub process: [u8; COMM_LEN],
 }
 
 /// Per-thread call counters: one per cmd with flags 0 (QUERY .. GET_REGISTRATIONS), one for

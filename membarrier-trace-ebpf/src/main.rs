@@ -136,7 +136,9 @@ static WRITERS: HashMap<WriterKey, WriterStats> = HashMap::with_max_entries(MAX_
 #[map]
 static EXITED: RingBuf = RingBuf::with_byte_size(EXITED_RING_BYTES, 0);
 
-/// Where an exiting process's rows are gathered: larger than the BPF stack.
+/// Where an exiting process's rows are gathered: larger than the BPF stack. Per CPU is safe:
+/// only the exit programs use it, which run from the `sched_process_exit` tracepoint with
+/// preemption off (tracepoint probes are called so, PREEMPT_RT included), in task context.
 #[map]
 static MOVED_SCRATCH: PerCpuArray<MovedProc> = PerCpuArray::with_max_entries(1, 0);
 
@@ -591,6 +593,7 @@ fn slot_of(tgid: u32, tid: u32) -> Option<*mut Inflight> {
                 (*slot).serial = serial;
                 (*slot).born_ns = now();
                 (*slot).thread.comm = bpf_get_current_comm().unwrap_or_default();
+                (*slot).process = process_comm();
             }
             Some(slot)
         }
@@ -639,13 +642,13 @@ fn on_exit(end_ns: u64, ret: i64) {
             0
         },
     };
-    let Some((row, made)) = row_of(&STATS, &SCRATCH, &key) else {
+    // A stats row is the process's: named after it, as the slot has it (read there: the reads
+    // here, before the `--stacks` walk, were too much for 6.1's verifier).
+    let made = || count_row(tgid, key.serial, row_kind(key.cmd, key.flags, key.errno));
+    let Some(row) = row_of(&STATS, &SCRATCH, &key, || call.process, made) else {
         bump(counter::DROPPED_STATS);
         return;
     };
-    if made {
-        count_row(tgid, key.serial, row_kind(key.cmd, key.flags, key.errno));
-    }
     let row = unsafe { &mut *row };
     row.count_one(ns);
     if stacks() {
@@ -873,15 +876,20 @@ fn count_known_stack(
         hash,
     };
     // A new row from the scratch, which holds the frames.
-    let Some((row, _)) = row_from(&KSTACKS, &k, || {
-        s.exact = 0;
-        s.exact_ns = 0;
-        s.sampled = 0;
-        s.sampled_ns = 0;
-        s.depth = depth as u32;
-        s.complete = complete;
-        Some(&raw mut *s)
-    }) else {
+    let Some(row) = row_from(
+        &KSTACKS,
+        &k,
+        || {
+            s.exact = 0;
+            s.exact_ns = 0;
+            s.sampled = 0;
+            s.sampled_ns = 0;
+            s.depth = depth as u32;
+            s.complete = complete;
+            Some(&raw mut *s)
+        },
+        || {},
+    ) else {
         return false;
     };
     let row = unsafe { &mut *row };
@@ -992,14 +1000,14 @@ pub fn rcu_gp_exit(_ctx: RetProbeContext) -> u32 {
         func: w.func,
         caller: w.caller,
     };
-    let Some((row, made)) = row_of(&WRITERS, &WRITER_SCRATCH, &key) else {
+    // Grace-period rows stay for userspace, and so the process's stats rows with them.
+    // A grace-period row is one thread's: named after the thread.
+    let made = || count_row(tgid, key.serial, None);
+    let comm = || bpf_get_current_comm().unwrap_or_default();
+    let Some(row) = row_of(&WRITERS, &WRITER_SCRATCH, &key, comm, made) else {
         bump(counter::DROPPED_WRITERS);
         return 0;
     };
-    if made {
-        // Grace-period rows stay for userspace, and so the process's stats rows with them.
-        count_row(tgid, key.serial, None);
-    }
     let row = unsafe { &mut *row };
     row.count_one(end_ns.wrapping_sub(w.start_ns));
     add(&mut row.membarrier_calls, w.calls);
@@ -1014,18 +1022,18 @@ pub fn rcu_gp_exit(_ctx: RetProbeContext) -> u32 {
 trait Row {
     /// Fills in what a new row starts with: its name (the process's or the thread's), min at
     /// its maximum.
-    fn start(&mut self);
+    fn start(&mut self, comm: [u8; COMM_LEN]);
     /// Counts one of `ns` into the latency figures.
     fn count_one(&mut self, ns: u64);
 }
 
 /// [`Row`] for the row types, which share these fields' names.
 macro_rules! row {
-    ($($t:ty => $comm:expr),*) => {$(
+    ($($t:ty),*) => {$(
         impl Row for $t {
             #[inline(always)]
-            fn start(&mut self) {
-                self.comm = $comm;
+            fn start(&mut self, comm: [u8; COMM_LEN]) {
+                self.comm = comm;
                 self.min_ns = u64::MAX;
             }
 
@@ -1040,36 +1048,34 @@ macro_rules! row {
         }
     )*};
 }
-// A stats row is the process's: named after it. A grace-period row is one thread's: named
-// after the thread.
-row!(
-    Stats => process_comm(),
-    WriterStats => bpf_get_current_comm().unwrap_or_default()
-);
+row!(Stats, WriterStats);
 
 /// The process's name, as `/proc/PID/comm` shows it: its thread-group leader's comm, read here
 /// as the row is made (the process may be gone when userspace looks, and a thread making the
-/// first call has a name of its own). The calling thread's where the offsets are unknown.
+/// first call has a name of its own). The calling thread's where the offsets are unknown (a
+/// constant to the verifier). A failed read leaves zeros: no name, never another's.
 #[inline(always)]
 fn process_comm() -> [u8; COMM_LEN] {
     let off = unsafe { core::ptr::read_volatile(&TASK_OFFSETS) };
-    if off[2] != 0 {
-        let task = unsafe { helper::bpf_get_current_task() } as *const u8;
-        let leader =
-            unsafe { bpf_probe_read_kernel(task.add(off[1] as usize).cast::<u64>()) }.unwrap_or(0);
-        if leader != 0
-            && let Ok(comm) = unsafe {
-                bpf_probe_read_kernel(
-                    (leader as *const u8)
-                        .add(off[2] as usize)
-                        .cast::<[u8; COMM_LEN]>(),
-                )
-            }
-        {
-            return comm;
-        }
+    let mut comm = [0u8; COMM_LEN];
+    if off[2] == 0 {
+        return bpf_get_current_comm().unwrap_or_default();
     }
-    bpf_get_current_comm().unwrap_or_default()
+    let task = unsafe { helper::bpf_get_current_task() } as *const u8;
+    let mut leader: u64 = 0;
+    unsafe {
+        helper::bpf_probe_read_kernel(
+            (&raw mut leader).cast(),
+            8,
+            task.add(off[1] as usize).cast(),
+        );
+        helper::bpf_probe_read_kernel(
+            comm.as_mut_ptr().cast(),
+            COMM_LEN as u32,
+            (leader as *const u8).add(off[2] as usize).cast(),
+        );
+    }
+    comm
 }
 
 /// The row of `map` for `key`, created from `template` on first use.
@@ -1078,31 +1084,44 @@ fn row_of<K, V: Row>(
     map: &HashMap<K, V>,
     template: &PerCpuArray<V>,
     key: &K,
-) -> Option<(*mut V, bool)> {
-    row_from(map, key, || {
-        let tmpl = template.get_ptr_mut(0)?;
-        unsafe { (*tmpl).start() };
-        Some(tmpl)
-    })
+    comm: impl FnOnce() -> [u8; COMM_LEN],
+    made: impl FnOnce(),
+) -> Option<*mut V> {
+    row_from(
+        map,
+        key,
+        || {
+            let tmpl = template.get_ptr_mut(0)?;
+            unsafe { (*tmpl).start(comm()) };
+            Some(tmpl)
+        },
+        made,
+    )
 }
 
 /// `map[key]`, or a new row copied from `*new()`: a per-CPU template filled in then (rows too
-/// large for the BPF stack). None when the map is full; with whether this call made the row.
+/// large for the BPF stack), and `made()` run by the one call that made it. None when the map
+/// is full. (`made` runs inside: a flag returned past here would split the `--stacks` walk
+/// that follows into one verification per value, too much for 6.1's verifier.)
 #[inline(always)]
 fn row_from<K, V>(
     map: &HashMap<K, V>,
     key: &K,
     new: impl FnOnce() -> Option<*mut V>,
-) -> Option<(*mut V, bool)> {
+    made: impl FnOnce(),
+) -> Option<*mut V> {
     if let Some(row) = map.get_ptr_mut(key) {
-        return Some((row, false));
+        return Some(row);
     }
     // Slow path, once per row. NOEXIST: another CPU may have created the row meanwhile; then
     // use theirs.
-    let made = map
+    if map
         .insert(key, unsafe { &*new()? }, BPF_NOEXIST as u64)
-        .is_ok();
-    Some((map.get_ptr_mut(key)?, made))
+        .is_ok()
+    {
+        made();
+    }
+    map.get_ptr_mut(key)
 }
 
 /// Counts a new row of process (tgid, serial) in its `Proc::rows`, so its last exit can move
