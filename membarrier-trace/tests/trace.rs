@@ -1773,8 +1773,8 @@ impl UrcuWriters {
 /// their time within 15% below the program's own timing, and membarrier calls inside. Alone
 /// on the machine: a grace period here is about 7 us, and the program's own clock around each
 /// call also holds the uprobe's two traps and any preemption; beside the other tests (workloads
-/// spinning on both CPUs) its time came out 74% and 83% of the program's in two CI runs of 20
-/// (alone: 96% to 99.5% in every run).
+/// spinning on both CPUs) its time came out 74% and 83% of the program's in two CI runs (alone:
+/// 96% to 99.5% in every run).
 #[test]
 fn rcu_writers_are_counted_per_caller_and_thread() {
     let _machine = alone();
