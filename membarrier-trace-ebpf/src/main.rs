@@ -1000,8 +1000,8 @@ pub fn rcu_gp_exit(_ctx: RetProbeContext) -> u32 {
         func: w.func,
         caller: w.caller,
     };
-    // Grace-period rows stay for userspace, and so the process's stats rows with them.
-    // A grace-period row is one thread's: named after the thread.
+    // A grace-period row is one thread's, named after the thread. It stays for userspace, and
+    // so its process's stats rows with it (counted as a row the exit cannot move).
     let made = || count_row(tgid, key.serial, None);
     let comm = || bpf_get_current_comm().unwrap_or_default();
     let Some(row) = row_of(&WRITERS, &WRITER_SCRATCH, &key, comm, made) else {
@@ -1050,17 +1050,18 @@ macro_rules! row {
 }
 row!(Stats, WriterStats);
 
-/// The process's name, as `/proc/PID/comm` shows it: its thread-group leader's comm, read here
-/// as the row is made (the process may be gone when userspace looks, and a thread making the
-/// first call has a name of its own). The calling thread's where the offsets are unknown (a
-/// constant to the verifier). A failed read leaves zeros: no name, never another's.
+/// The process's name, as `/proc/PID/comm` shows it: its thread-group leader's comm, read as a
+/// thread's in-flight slot is made, for the rows it makes (the process may be gone when
+/// userspace looks, and the thread has a name of its own). The calling thread's where the
+/// offsets are unknown (a constant to the verifier). A failed read leaves zeros: no name, never
+/// another's.
 #[inline(always)]
 fn process_comm() -> [u8; COMM_LEN] {
     let off = unsafe { core::ptr::read_volatile(&TASK_OFFSETS) };
-    let mut comm = [0u8; COMM_LEN];
     if off[2] == 0 {
         return bpf_get_current_comm().unwrap_or_default();
     }
+    let mut comm = [0u8; COMM_LEN];
     let task = unsafe { helper::bpf_get_current_task() } as *const u8;
     let mut leader: u64 = 0;
     unsafe {

@@ -1300,19 +1300,8 @@ impl Collector {
                 }
             }
             let p = (m.tgid, m.serial);
-            let to = match dest.get(&p) {
-                Some(&to) => to,
-                None => {
-                    let name = if m.named_at_exit != 0 {
-                        comm_str(&m.comm)
-                    } else {
-                        self.comms.remove(&p).unwrap_or_else(|| comm_str(&m.comm))
-                    };
-                    let to = self.retired.place(p, name);
-                    dest.insert(p, to);
-                    to
-                }
-            };
+            let at_exit = (m.named_at_exit != 0).then_some(m.comm);
+            let to = self.place_named(dest, p, at_exit, &m.comm);
             for r in &m.row[..(m.rows as usize).min(MOVED_ROWS)] {
                 let key = StatsKey {
                     tgid: to.0,
@@ -1385,6 +1374,20 @@ impl Collector {
         let id = proc_id(p.0, p.1);
         let at_exit = self.exit_names.get(&id, 0).ok();
         let _ = self.exit_names.remove(&id);
+        self.place_named(dest, p, at_exit, comm)
+    }
+
+    /// [`Collector::place`] with its name at exit already known (or known to be missing).
+    fn place_named(
+        &mut self,
+        dest: &mut HashMap<ProcKey, ProcKey>,
+        p: ProcKey,
+        at_exit: Option<[u8; COMM_LEN]>,
+        comm: &[u8; COMM_LEN],
+    ) -> ProcKey {
+        if let Some(to) = dest.get(&p) {
+            return *to;
+        }
         let name = at_exit
             .map(|c| comm_str(&c))
             .or_else(|| self.comms.remove(&p))
