@@ -33,14 +33,14 @@ use aya_ebpf::{
 };
 use membarrier_trace_common::{
     CALLER_RING_BYTES, CLONE_THREAD, COMM_LEN, CallKey, CallerSeen, CpuKey, EXITED_RING_BYTES,
-    HIST_BUCKETS, Handled, HandlerKey, INSIDE_SLOTS, IPI_HIST, Inflight, KSTACK_FRAMES, KStack,
-    KStackKey, MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT, MAX_KSTACKS, MAX_PROCS,
-    MAX_STATS, MAX_THREADS, MAX_WAKERS, MAX_WRITERS, MOVED_BUCKETS, MOVED_HEADER, MOVED_ROWS,
-    MovedProc, MovedRow, OTHER_ROW, Proc, ROW_KINDS, STACK_BUDGET, STACK_COPY, STACK_RING_BYTES,
-    STACK_SAMPLE_EVERY, STACK_SAMPLED, STACK_WINDOW_NS, StackSample, Stats, StatsKey, THREAD_CMDS,
-    ThreadCalls, ThreadKey, UNWIND_SLOTS, UnwindSlot, VICTIMS_OTHER, WakerKey, Writer, WriterKey,
-    WriterStats, counter, field, hist_bucket, kind_key, proc_id, row_kind, thread_cmd, unwind_rule,
-    unwind_slot,
+    ExitedThread, HIST_BUCKETS, Handled, HandlerKey, INSIDE_SLOTS, IPI_HIST, Inflight,
+    KSTACK_FRAMES, KStack, KStackKey, MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT,
+    MAX_KSTACKS, MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_WAKERS, MAX_WRITERS, MOVED_BUCKETS,
+    MOVED_HEADER, MOVED_ROWS, MovedProc, MovedRow, OTHER_ROW, Proc, ROW_KINDS, STACK_BUDGET,
+    STACK_COPY, STACK_RING_BYTES, STACK_SAMPLE_EVERY, STACK_SAMPLED, STACK_WINDOW_NS, StackSample,
+    Stats, StatsKey, THREAD_CMDS, ThreadCalls, ThreadKey, UNWIND_SLOTS, UnwindSlot, VICTIMS_OTHER,
+    WakerKey, Writer, WriterKey, WriterStats, counter, exited_kind, field, hist_bucket, kind_key,
+    proc_id, row_kind, thread_cmd, unwind_rule, unwind_slot,
 };
 
 /// Set by userspace before load: 1 when only the processes marked traced in `PROCS` are. Being
@@ -131,8 +131,8 @@ static SCRATCH: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static WRITERS: HashMap<WriterKey, WriterStats> = HashMap::with_max_entries(MAX_WRITERS, 0);
 
-/// Exited processes' rows on their way to userspace (see `move_rows`; a page with `--stacks`,
-/// where none are moved).
+/// Exited processes' rows and exited threads' calls on their way to userspace (see
+/// `move_rows`, `retire_thread`; a page with `--stacks`, where no rows are moved).
 #[map]
 static EXITED: RingBuf = RingBuf::with_byte_size(EXITED_RING_BYTES, 0);
 
@@ -1617,8 +1617,9 @@ fn on_new_task(child: u32, clone_flags: u64) {
     }
 }
 
-/// Puts the calls of thread `tid`, whose slot is about to go, into THREADS for userspace to
-/// drain. Once per thread, not per call; an insert only (see `ThreadKey`).
+/// Sends the calls of thread `tid`, whose slot is about to go, to userspace on `EXITED`; into
+/// THREADS, for the retire pass to drain, when the ring is full. Once per thread, not per call;
+/// an insert only (see `ThreadKey`).
 #[inline(always)]
 fn retire_thread(tid: u32, slot: &Inflight) {
     if slot.thread.calls.iter().all(|&n| n == 0) {
@@ -1631,6 +1632,15 @@ fn retire_thread(tid: u32, slot: &Inflight) {
         _pad: 0,
         born_ns: slot.born_ns,
     };
+    let sent = ExitedThread {
+        kind: exited_kind::THREAD,
+        _pad: 0,
+        key,
+        calls: slot.thread,
+    };
+    if EXITED.output::<ExitedThread>(&sent, 0).is_ok() {
+        return;
+    }
     if THREADS
         .insert(&key, &slot.thread, BPF_NOEXIST as u64)
         .is_err()
@@ -1713,11 +1723,20 @@ fn on_task_exit() {
 /// `--stacks`) or a full ring stays whole for userspace, as before. Runs once per process.
 #[inline(always)]
 fn move_rows(tgid: u32, serial: u32, rows: u64) {
-    if rows == 0 || rows & !ROW_KINDS != 0 || stacks() {
+    if rows == 0 || stacks() {
         return;
     }
+    if rows & !ROW_KINDS != 0 || !moved(tgid, serial, rows) {
+        bump(counter::EXITED_KEPT);
+    }
+}
+
+/// [`move_rows`] for a process whose rows are all of a kind it can find: false when one of them
+/// cannot go (the process stays whole); true when sent, or the ring was full (counted).
+#[inline(always)]
+fn moved(tgid: u32, serial: u32, rows: u64) -> bool {
     let Some(out) = MOVED_SCRATCH.get_ptr_mut(0) else {
-        return;
+        return false;
     };
     let out = unsafe { &mut *out };
     let mut n = 0usize;
@@ -1726,7 +1745,7 @@ fn move_rows(tgid: u32, serial: u32, rows: u64) {
             continue;
         }
         if n >= MOVED_ROWS {
-            return;
+            return false;
         }
         let (cmd, flags, errno) = kind_key(bit);
         let key = StatsKey {
@@ -1737,12 +1756,12 @@ fn move_rows(tgid: u32, serial: u32, rows: u64) {
             errno,
         };
         let Some(row) = STATS.get_ptr(&key) else {
-            return;
+            return false;
         };
         let row = unsafe { &*row };
         let (lo, hi) = (bucket(row.min_ns), bucket(row.max_ns));
         if row.blocked_sum_ns != 0 || row.ipis != 0 || hi < lo || hi - lo >= MOVED_BUCKETS {
-            return;
+            return false;
         }
         let first = lo.min(HIST_BUCKETS - MOVED_BUCKETS);
         let first = unsafe { core::ptr::read_volatile(&first) } & (HIST_BUCKETS - 1);
@@ -1766,13 +1785,14 @@ fn move_rows(tgid: u32, serial: u32, rows: u64) {
             )
         };
         if unsafe { bpf_probe_read_kernel_buf(from, to) }.is_err() {
-            return;
+            return false;
         }
         if n == 0 {
             out.comm = row.comm;
         }
         n += 1;
     }
+    out.kind = exited_kind::PROC;
     out.tgid = tgid;
     out.serial = serial;
     // Its name as its main thread exited, where that was seen; else its row's (the leader's
@@ -1785,11 +1805,13 @@ fn move_rows(tgid: u32, serial: u32, rows: u64) {
     out.rows = n as u32;
     let len = MOVED_HEADER + (n & (MOVED_ROWS - 1 | MOVED_ROWS)) * size_of::<MovedRow>();
     if n == 0 || len > size_of::<MovedProc>() {
-        return;
+        return false;
     }
     let bytes = unsafe { core::slice::from_raw_parts((out as *const MovedProc).cast::<u8>(), len) };
     if EXITED.output::<[u8]>(bytes, 0).is_err() {
-        return; // the ring is full: the rows stay for the retire pass
+        // The ring is full (its drain thread starved of CPU): the rows stay for the retire pass.
+        bump(counter::EXITED_RING_FULL);
+        return true;
     }
     for bit in 0..36u32 {
         if rows & (1 << bit) != 0 {
@@ -1803,8 +1825,8 @@ fn move_rows(tgid: u32, serial: u32, rows: u64) {
             });
         }
     }
+    true
 }
-
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

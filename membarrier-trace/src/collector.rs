@@ -10,25 +10,26 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray},
     programs::{BtfTracePoint, FEntry, FExit, Program, ProgramError, TracePoint},
 };
 use membarrier_trace_common::{
     COMM_LEN, CpuKey, EXITED_RING_BYTES, Handled, HandlerKey, Inflight, KStack, KStackKey,
-    MAX_INFLIGHT, MAX_KSTACKS, MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_WRITERS, MOVED_ROWS,
-    MovedProc, Proc, STACK_RING_BYTES, Stats, StatsKey, ThreadCalls, ThreadKey, UNWIND_SLOTS,
-    UnwindSlot, WakerKey, WriterKey, WriterStats, counter, field, proc_id,
+    MAX_INFLIGHT, MAX_KSTACKS, MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_WRITERS, MOVED_ROWS, Proc,
+    STACK_RING_BYTES, Stats, StatsKey, ThreadCalls, ThreadKey, UNWIND_SLOTS, UnwindSlot, WakerKey,
+    WriterKey, WriterStats, counter, field, proc_id,
 };
 
 use crate::{
     hook::{Attach, AttachMode, Hook, Kind},
     kstacks::KernelStacks,
     model::{
-        Absorb, GraceSource, Losses, Maps, ProcKey, RawRow, Snapshot, ThreadRow, WriterRow,
-        comm_str,
+        Absorb, ExitedRows, GraceSource, Losses, Maps, ProcKey, RawRow, Snapshot, ThreadRow,
+        WriterRow, comm_str,
     },
     preflight,
     rcu::{CustomFunc, Writers},
+    ring::ExitedRing,
     symbolize::{CallerNamer, Rings},
 };
 
@@ -66,9 +67,11 @@ pub struct Collector {
     exit_names: BpfHashMap<MapData, u64, [u8; COMM_LEN]>,
     writer_rows: BpfHashMap<MapData, WriterKey, WriterStats>,
     /// Exited processes' rows, sent by the kernel as they exit.
-    exited_rows: RingBuf<MapData>,
+    exited_rows: ExitedRing,
     /// Exited processes taken from it at the last retire pass.
     moved_in_use: usize,
+    /// ... and in all.
+    moved: u64,
     /// Exited threads' calls, drained at every retire pass.
     thread_rows: BpfHashMap<MapData, ThreadKey, ThreadCalls>,
     /// What was drained from it, per process.
@@ -766,7 +769,8 @@ impl Collector {
         let exit_names = take(&mut ebpf, "EXIT_NAMES")?;
         let writer_rows = take(&mut ebpf, "WRITERS")?;
         let thread_rows = take(&mut ebpf, "THREADS")?;
-        let exited_rows = take(&mut ebpf, "EXITED")?;
+        let exited_rows = ExitedRing::start(take(&mut ebpf, "EXITED")?)
+            .context("starting the exited processes' thread")?;
         let rings = Rings {
             callers: opts.rcu.then(|| take(&mut ebpf, "CALLERS")).transpose()?,
             stacks: opts
@@ -806,6 +810,7 @@ impl Collector {
             writer_rows,
             exited_rows,
             moved_in_use: 0,
+            moved: 0,
             thread_rows,
             exited_threads: HashMap::new(),
             writers,
@@ -1122,6 +1127,7 @@ impl Collector {
         let mut dest: HashMap<ProcKey, ProcKey> = HashMap::new();
         let moved = self.take_moved(&mut dest);
         self.moved_in_use = moved.len();
+        self.moved += moved.len() as u64;
         let keys: Vec<StatsKey> = self
             .stats
             .keys()
@@ -1287,18 +1293,7 @@ impl Collector {
     /// Returns them, to be retired with the dead (threads, details, names).
     fn take_moved(&mut self, dest: &mut HashMap<ProcKey, ProcKey>) -> HashSet<ProcKey> {
         let mut procs = HashSet::new();
-        loop {
-            let mut m = MovedProc::default();
-            {
-                let Some(item) = self.exited_rows.next() else {
-                    break;
-                };
-                let n = item.len().min(size_of::<MovedProc>());
-                // SAFETY: MovedProc is plain data; at most its size is copied from the record.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(item.as_ptr(), (&raw mut m).cast::<u8>(), n);
-                }
-            }
+        for m in self.exited_rows.take() {
             let p = (m.tgid, m.serial);
             let at_exit = (m.named_at_exit != 0).then_some(m.comm);
             let to = self.place_named(dest, p, at_exit, &m.comm);
@@ -1317,15 +1312,20 @@ impl Collector {
         procs
     }
 
-    /// Moves the exited threads' calls out of the kernel. Returns how many there were.
+    /// Moves the exited threads' calls out of the kernel: those sent on the ring, and those
+    /// put in `THREADS` when it was full. Returns how many `THREADS` held.
     fn drain_threads(&mut self) -> Result<usize> {
         let entries: Vec<(ThreadKey, ThreadCalls)> = self
             .thread_rows
             .iter()
             .collect::<Result<_, _>>()
             .context("reading the threads map")?;
-        for (k, t) in &entries {
+        for (k, _) in &entries {
             let _ = self.thread_rows.remove(k);
+        }
+        let held = entries.len();
+        let sent = self.exited_rows.take_threads().into_iter();
+        for (k, t) in entries.into_iter().chain(sent.map(|t| (t.key, t.calls))) {
             let p = (k.tgid, k.serial);
             self.exited_threads.entry(p).or_default().add(ThreadRow {
                 proc: p,
@@ -1335,7 +1335,7 @@ impl Collector {
                 threads: 1,
             });
         }
-        Ok(entries.len())
+        Ok(held)
     }
 
     /// One pass over the in-flight slots: the calls of the threads of processes in `live`, and
@@ -1512,6 +1512,11 @@ impl Collector {
             grace_period_source: self.grace_source,
             attach: self.hook.attach,
             maps: self.maps,
+            exited_rows: ExitedRows {
+                moved_at_exit: self.moved,
+                ring_full: self.counter(counter::EXITED_RING_FULL)?,
+                kept_whole: self.counter(counter::EXITED_KEPT)?,
+            },
             writers,
             gp_funcs: self
                 .writers

@@ -20,6 +20,7 @@ pub mod output;
 pub mod preflight;
 pub mod procmaps;
 pub mod rcu;
+pub mod ring;
 pub mod siblings;
 pub mod symbolize;
 pub mod tui;

@@ -187,6 +187,7 @@ pub struct Snapshot {
     pub grace_period_source: GraceSource,
     pub attach: Attach,
     pub maps: Maps,
+    pub exited_rows: ExitedRows,
     /// Userspace RCU grace periods, per (process, thread, function, caller).
     pub writers: Vec<WriterRow>,
     /// The probed grace-period functions, indexed by [`WriterKey::func`].
@@ -293,6 +294,18 @@ pub struct Maps {
     pub kernel_bytes_bound: u64,
 }
 
+/// How exited processes' rows left the kernel; none of these is a loss.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct ExitedRows {
+    /// Processes whose rows the kernel moved out at their last exit (the `EXITED` ring).
+    pub moved_at_exit: u64,
+    /// Left whole in the stats map for the retire pass: the ring was full ...
+    pub ring_full: u64,
+    /// ... or a row was of a kind the kernel does not move (off-CPU time or IPIs in a call, an
+    /// uncommon cmd or errno, latencies spread over more than an octave, a grace period).
+    pub kept_whole: u64,
+}
+
 /// What could not be counted, each lost call once under one cause.
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
 pub struct Losses {
@@ -391,6 +404,8 @@ pub struct Report {
     /// Of those, how many are summed into per-name entries (pid 0): past the 1,024 kept
     /// individually, those with the fewest calls and the least time in the call.
     pub exited_summed: u64,
+    /// How their rows left the kernel.
+    pub exited_rows: ExitedRows,
     /// `tracepoint`, `fentry` or `raw`.
     pub attach: Attach,
     pub grace_period_source: GraceSource,
@@ -678,6 +693,7 @@ impl Report {
             dropped: Dropped::default(),
             exited_processes: 0,
             exited_summed: 0,
+            exited_rows: ExitedRows::default(),
             attach: Attach::Tracepoint,
             grace_period_source: GraceSource::None,
             maps: Maps::default(),
@@ -963,6 +979,7 @@ impl Model {
                 .filter(|(p, _)| p.0 == 0)
                 .map(|(_, n)| n)
                 .sum(),
+            exited_rows: snap.exited_rows,
             attach: snap.attach,
             grace_period_source: snap.grace_period_source,
             maps: snap.maps,

@@ -26,6 +26,7 @@ use membarrier_trace_common::{CallerSeen, StackSample};
 use crate::{
     model::{Caller, ProcKey, StackCount, Stacks},
     procmaps::mappings,
+    ring::{read_as, spawn},
     unwind::{Copied, FrameFile, Unwinder},
 };
 
@@ -354,42 +355,6 @@ struct StackHead {
 }
 
 const _: () = assert!(size_of::<StackHead>() == std::mem::offset_of!(StackSample, stack));
-
-/// A `T` at the start of a ring item, when it is long enough.
-fn read_as<T: Copy>(bytes: &[u8]) -> Option<T> {
-    // SAFETY: T is plain data written by the kernel; checked long enough; read unaligned.
-    (bytes.len() >= size_of::<T>())
-        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
-}
-
-/// A thread that runs `read` (which returns the items it took) whenever the ring `fd` has
-/// items, and every 100 ms, until `stop`.
-fn spawn(
-    name: &str,
-    stop: Arc<AtomicBool>,
-    fd: std::os::fd::RawFd,
-    mut read: impl FnMut() -> usize + Send + 'static,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let mut pfd = libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one live pollfd; the ring (and its fd) lives in `read`, until this
-                // thread ends.
-                let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
-                // Readable with nothing to take: an item reserved but not yet submitted by a
-                // program that was preempted (PREEMPT_RT): let it finish, do not spin.
-                if read() == 0 && ready > 0 {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-            }
-        })
-}
 
 /// Names the code at `addr` (a return address: the call is the byte before it) from where it
 /// was found, with blazesym.

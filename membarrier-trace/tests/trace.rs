@@ -1475,7 +1475,24 @@ fn command_mode_follows_every_child_through_pid_wraps_and_no_stranger() {
 #[test]
 fn a_burst_of_short_lived_processes_loses_no_call() {
     let _machine = alone();
-    let tracer = Tracer::start(&["-o", "json"]);
+    // At nice 19, the tracer as starved of CPU as a busy box makes it: with its rings emptied by
+    // the retire pass, CI lost 11,900 calls and 1,641 threads' counts once at nice 0, and here
+    // at nice 19 520 to 7,769 threads' counts were lost in each of 3 runs.
+    let tracer = {
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = tracer();
+        cmd.args(["-o", "json"]);
+        // SAFETY: setpriority on the child itself, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setpriority(libc::PRIO_PROCESS, 0, 19) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Tracer::spawn(&mut cmd)
+    };
     let w = run(Command::new(WORKLOAD).args([
         "--name",
         "mt-burst",
@@ -1493,9 +1510,14 @@ fn a_burst_of_short_lived_processes_loses_no_call() {
     let after_pid = last_json_with(&String::from_utf8_lossy(&after.stdout), "pid")["pid"].clone();
     tracer.signal(libc::SIGINT);
     let (_, report) = tracer.report();
-    assert_eq!(report["dropped"]["total"], 0, "{}", report["dropped"]);
+    // How the rows left the kernel says why, if a call was lost.
+    let how = format!(
+        "{rate:.0} processes a second; dropped {}; exited rows {}",
+        report["dropped"], report["exited_rows"]
+    );
+    assert_eq!(report["dropped"]["total"], 0, "{how}");
     let (calls, procs) = calls_named(&report, "mt-burst");
-    assert_eq!(calls, [(0, 40_000)].into());
+    assert_eq!(calls, [(0, 40_000)].into(), "{how}");
     assert_eq!(procs, 40_000);
     assert_eq!(calls_named(&report, "mt-after"), ([(0, 500)].into(), 1));
     // The busiest exited process keeps its own entry, though 40,000 exited before it: the
@@ -1508,7 +1530,7 @@ fn a_burst_of_short_lived_processes_loses_no_call() {
     assert!(report["exited_summed"].as_u64().unwrap() >= 40_000 - 1024);
     // Last: a slower burst would not test the claim (here: about 30,000 a second traced).
     assert!(rate >= 20_000.0, "only {rate:.0} processes a second");
-    eprintln!("burst: {rate:.0} processes a second, every call counted");
+    eprintln!("burst: {how}, every call counted");
 }
 
 #[test]
