@@ -526,6 +526,37 @@ pub struct ExitedThread {
     pub calls: ThreadCalls,
 }
 
+/// An exited process's row summed under its name in the kernel (`SUMMED`), when `EXITED` was
+/// full: its name, then the row's kind.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SummedKey {
+    pub comm: [u8; COMM_LEN],
+    pub cmd: u32,
+    pub flags: u32,
+    pub errno: u32,
+}
+
+/// The rows of exited processes of one name and kind, summed by the kernel: from the start of
+/// tracing, never freed (userspace takes what was added since its last look).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SummedRow {
+    /// Processes summed (counted in their first row only).
+    pub procs: u64,
+    pub count: u64,
+    pub sum_ns: u64,
+    /// u64::MAX until the first process.
+    pub min_ns: u64,
+    pub max_ns: u64,
+    pub mutex_wait_sum_ns: u64,
+    pub mutex_wait_max_ns: u64,
+    pub hist: [u64; HIST_BUCKETS],
+}
+
+/// Names and kinds `SUMMED` holds: a burst has a few (each about 4 KiB).
+pub const MAX_SUMMED: u32 = 128;
+
 /// The bytes of a [`MovedProc`] before its rows.
 pub const MOVED_HEADER: usize = core::mem::offset_of!(MovedProc, row);
 
@@ -688,7 +719,10 @@ pub mod counter {
     pub const EXITED_RING_FULL: u32 = 9;
     /// ... or a row was not of a kind it moves (see `move_rows`).
     pub const EXITED_KEPT: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// Not a loss: of `EXITED_RING_FULL`, processes whose rows the kernel summed under their
+    /// name in `SUMMED` (the others stayed whole: `SUMMED` was full).
+    pub const EXITED_SUMMED: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 /// Default map sizes; userspace sizes STATS, INFLIGHT and PROCS from the machine at load
@@ -737,6 +771,30 @@ mod user {
     unsafe impl aya::Pod for super::KStack {}
     unsafe impl aya::Pod for super::MovedProc {}
     unsafe impl aya::Pod for super::ExitedThread {}
+    unsafe impl aya::Pod for super::SummedKey {}
+    unsafe impl aya::Pod for super::SummedRow {}
+}
+
+#[cfg(feature = "user")]
+impl SummedRow {
+    /// What was added since `seen`, an earlier read of this row (each word only grows; min and
+    /// max as now).
+    pub fn since(&self, seen: &Self) -> Self {
+        let mut hist = self.hist;
+        for (h, s) in hist.iter_mut().zip(&seen.hist) {
+            *h = h.saturating_sub(*s);
+        }
+        Self {
+            procs: self.procs.saturating_sub(seen.procs),
+            count: self.count.saturating_sub(seen.count),
+            sum_ns: self.sum_ns.saturating_sub(seen.sum_ns),
+            mutex_wait_sum_ns: self
+                .mutex_wait_sum_ns
+                .saturating_sub(seen.mutex_wait_sum_ns),
+            hist,
+            ..*self
+        }
+    }
 }
 
 #[cfg(test)]

@@ -35,12 +35,13 @@ use membarrier_trace_common::{
     CALLER_RING_BYTES, CLONE_THREAD, COMM_LEN, CallKey, CallerSeen, CpuKey, EXITED_RING_BYTES,
     ExitedThread, HIST_BUCKETS, Handled, HandlerKey, INSIDE_SLOTS, IPI_HIST, Inflight,
     KSTACK_FRAMES, KStack, KStackKey, MAX_CPU_ROWS, MAX_CSDS, MAX_EXIT_NAMES, MAX_INFLIGHT,
-    MAX_KSTACKS, MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_WAKERS, MAX_WRITERS, MOVED_BUCKETS,
-    MOVED_HEADER, MOVED_ROWS, MovedProc, MovedRow, OTHER_ROW, Proc, ROW_KINDS, STACK_BUDGET,
-    STACK_COPY, STACK_RING_BYTES, STACK_SAMPLE_EVERY, STACK_SAMPLED, STACK_WINDOW_NS, StackSample,
-    Stats, StatsKey, THREAD_CMDS, ThreadCalls, ThreadKey, UNWIND_SLOTS, UnwindSlot, VICTIMS_OTHER,
-    WakerKey, Writer, WriterKey, WriterStats, counter, exited_kind, field, hist_bucket, kind_key,
-    proc_id, row_kind, thread_cmd, unwind_rule, unwind_slot,
+    MAX_KSTACKS, MAX_PROCS, MAX_STATS, MAX_SUMMED, MAX_THREADS, MAX_WAKERS, MAX_WRITERS,
+    MOVED_BUCKETS, MOVED_HEADER, MOVED_ROWS, MovedProc, MovedRow, OTHER_ROW, Proc, ROW_KINDS,
+    STACK_BUDGET, STACK_COPY, STACK_RING_BYTES, STACK_SAMPLE_EVERY, STACK_SAMPLED, STACK_WINDOW_NS,
+    StackSample, Stats, StatsKey, SummedKey, SummedRow, THREAD_CMDS, ThreadCalls, ThreadKey,
+    UNWIND_SLOTS, UnwindSlot, VICTIMS_OTHER, WakerKey, Writer, WriterKey, WriterStats, counter,
+    exited_kind, field, hist_bucket, kind_key, proc_id, row_kind, thread_cmd, unwind_rule,
+    unwind_slot,
 };
 
 /// Set by userspace before load: 1 when only the processes marked traced in `PROCS` are. Being
@@ -141,6 +142,14 @@ static EXITED: RingBuf = RingBuf::with_byte_size(EXITED_RING_BYTES, 0);
 /// preemption off (tracepoint probes are called so, PREEMPT_RT included), in task context.
 #[map]
 static MOVED_SCRATCH: PerCpuArray<MovedProc> = PerCpuArray::with_max_entries(1, 0);
+
+/// Exited processes' rows summed under their name when `EXITED` was full (see `sum_by_name`).
+#[map]
+static SUMMED: HashMap<SummedKey, SummedRow> = HashMap::with_max_entries(MAX_SUMMED, 0);
+
+/// A new `SUMMED` row: zero, min at its maximum (set at each use; nothing else writes it).
+#[map]
+static SUMMED_SCRATCH: PerCpuArray<SummedRow> = PerCpuArray::with_max_entries(1, 0);
 
 /// Callers to name now (see `CallerSeen`).
 #[map]
@@ -1809,9 +1818,14 @@ fn moved(tgid: u32, serial: u32, rows: u64) -> bool {
     }
     let bytes = unsafe { core::slice::from_raw_parts((out as *const MovedProc).cast::<u8>(), len) };
     if EXITED.output::<[u8]>(bytes, 0).is_err() {
-        // The ring is full (its drain thread starved of CPU): the rows stay for the retire pass.
+        // The ring is full (its drain thread starved of CPU): the rows are summed under the
+        // process's name, else stay whole for the retire pass. Left in `STATS`, a burst filled
+        // it while the retire pass was starved too, and lost calls (CI, at 56,000 a second).
         bump(counter::EXITED_RING_FULL);
-        return true;
+        if !sum_by_name(out) {
+            return true;
+        }
+        bump(counter::EXITED_SUMMED);
     }
     for bit in 0..36u32 {
         if rows & (1 << bit) != 0 {
@@ -1827,6 +1841,59 @@ fn moved(tgid: u32, serial: u32, rows: u64) -> bool {
     }
     true
 }
+/// Adds the rows gathered in `out` to their name's rows in `SUMMED`; false, with nothing
+/// added, when `SUMMED` is full. Userspace never frees a row there, so once each exists the
+/// adds cannot fail: all or nothing.
+#[inline(always)]
+fn sum_by_name(out: &MovedProc) -> bool {
+    let n = out.rows as usize;
+    let key = |m: &MovedRow| SummedKey {
+        comm: out.comm,
+        cmd: m.cmd,
+        flags: m.flags,
+        errno: m.errno,
+    };
+    let new = || {
+        let t = SUMMED_SCRATCH.get_ptr_mut(0)?;
+        unsafe { (*t).min_ns = u64::MAX };
+        Some(t)
+    };
+    for i in 0..MOVED_ROWS {
+        if i >= n {
+            break;
+        }
+        if row_from(&SUMMED, &key(&out.row[i]), new, || {}).is_none() {
+            return false;
+        }
+    }
+    for i in 0..MOVED_ROWS {
+        if i >= n {
+            break;
+        }
+        let m = &out.row[i];
+        let Some(s) = SUMMED.get_ptr_mut(&key(m)) else {
+            continue;
+        };
+        let s = unsafe { &mut *s };
+        if i == 0 {
+            add(&mut s.procs, 1);
+        }
+        for b in 0..MOVED_BUCKETS {
+            if m.hist[b] != 0 {
+                let at = (m.first_bucket as usize + b) & (HIST_BUCKETS - 1);
+                add(&mut s.hist[at], m.hist[b]);
+            }
+        }
+        add(&mut s.sum_ns, m.sum_ns);
+        add(&mut s.mutex_wait_sum_ns, m.mutex_wait_sum_ns);
+        update(&mut s.min_ns, m.min_ns, |v, c| v < c);
+        update(&mut s.max_ns, m.max_ns, |v, c| v > c);
+        update(&mut s.mutex_wait_max_ns, m.mutex_wait_max_ns, |v, c| v > c);
+        add(&mut s.count, m.count);
+    }
+    true
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -15,9 +15,9 @@ use aya::{
 };
 use membarrier_trace_common::{
     COMM_LEN, CpuKey, EXITED_RING_BYTES, Handled, HandlerKey, Inflight, KStack, KStackKey,
-    MAX_INFLIGHT, MAX_KSTACKS, MAX_PROCS, MAX_STATS, MAX_THREADS, MAX_WRITERS, MOVED_ROWS, Proc,
-    STACK_RING_BYTES, Stats, StatsKey, ThreadCalls, ThreadKey, UNWIND_SLOTS, UnwindSlot, WakerKey,
-    WriterKey, WriterStats, counter, field, proc_id,
+    MAX_INFLIGHT, MAX_KSTACKS, MAX_PROCS, MAX_STATS, MAX_SUMMED, MAX_THREADS, MAX_WRITERS,
+    MOVED_ROWS, Proc, STACK_RING_BYTES, Stats, StatsKey, SummedKey, SummedRow, ThreadCalls,
+    ThreadKey, UNWIND_SLOTS, UnwindSlot, WakerKey, WriterKey, WriterStats, counter, field, proc_id,
 };
 
 use crate::{
@@ -72,6 +72,10 @@ pub struct Collector {
     moved_in_use: usize,
     /// ... and in all.
     moved: u64,
+    /// Exited processes' rows the kernel summed by name when that ring was full ...
+    summed: BpfHashMap<MapData, SummedKey, SummedRow>,
+    /// ... and what of them was taken in already.
+    summed_seen: HashMap<SummedKey, SummedRow>,
     /// Exited threads' calls, drained at every retire pass.
     thread_rows: BpfHashMap<MapData, ThreadKey, ThreadCalls>,
     /// What was drained from it, per process.
@@ -283,10 +287,17 @@ impl MapSizes {
             )
     }
 
-    /// The most kernel memory all the maps take: these five, and the fixed-size others
-    /// (detail maps, per-CPU counters and the row templates): under 4 MiB plus 16 KiB a CPU.
+    /// The most kernel memory all the maps take: these five, the rows summed by name
+    /// (`SUMMED` and its per-CPU template), and the fixed-size others (detail maps, per-CPU
+    /// counters and the row templates): under 4 MiB plus 16 KiB a CPU.
     pub fn kernel_bytes_bound(&self, cpus: u64) -> u64 {
-        self.kernel_bytes(cpus) + (4 << 20) + cpus * (16 << 10)
+        let summed = htab_bytes(
+            MAX_SUMMED,
+            size_of::<SummedKey>(),
+            size_of::<SummedRow>(),
+            cpus,
+        ) + cpus * size_of::<SummedRow>() as u64;
+        self.kernel_bytes(cpus) + summed + (4 << 20) + cpus * (16 << 10)
     }
 
     /// With `--stacks`, the samples ring, the unwinding rules and the kernel's stacks add
@@ -769,6 +780,7 @@ impl Collector {
         let exit_names = take(&mut ebpf, "EXIT_NAMES")?;
         let writer_rows = take(&mut ebpf, "WRITERS")?;
         let thread_rows = take(&mut ebpf, "THREADS")?;
+        let summed = take(&mut ebpf, "SUMMED")?;
         let exited_rows = ExitedRing::start(take(&mut ebpf, "EXITED")?)
             .context("starting the exited processes' thread")?;
         let rings = Rings {
@@ -811,6 +823,8 @@ impl Collector {
             exited_rows,
             moved_in_use: 0,
             moved: 0,
+            summed,
+            summed_seen: HashMap::new(),
             thread_rows,
             exited_threads: HashMap::new(),
             writers,
@@ -1126,6 +1140,7 @@ impl Collector {
         // Where each dead process's figures go: its own entry, or its name's.
         let mut dest: HashMap<ProcKey, ProcKey> = HashMap::new();
         let moved = self.take_moved(&mut dest);
+        self.take_summed()?;
         self.moved_in_use = moved.len();
         self.moved += moved.len() as u64;
         let keys: Vec<StatsKey> = self
@@ -1310,6 +1325,38 @@ impl Collector {
             procs.insert(p);
         }
         procs
+    }
+
+    /// Takes in what the kernel summed by name since the last pass (it sums, at their exit, the
+    /// rows of processes it could not send on a full `EXITED`): into each name's entry, with
+    /// the processes counted there. Read before `STATS`, like the ring: a process summed later
+    /// has no row left there.
+    fn take_summed(&mut self) -> Result<()> {
+        let entries: Vec<(SummedKey, SummedRow)> = self
+            .summed
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the summed map")?;
+        for (k, cur) in entries {
+            let new = match self.summed_seen.insert(k, cur) {
+                Some(seen) => cur.since(&seen),
+                None => cur,
+            };
+            if new.count == 0 && new.procs == 0 {
+                continue;
+            }
+            let to = self.retired.name_entry(comm_str(&k.comm));
+            *self.retired.exited.entry(to).or_default() += new.procs;
+            let key = StatsKey {
+                tgid: to.0,
+                serial: to.1,
+                cmd: k.cmd,
+                flags: k.flags,
+                errno: k.errno,
+            };
+            add_retired(&mut self.retired.rows, key, RawRow::from_summed(key, &new));
+        }
+        Ok(())
     }
 
     /// Moves the exited threads' calls out of the kernel: those sent on the ring, and those
@@ -1515,6 +1562,7 @@ impl Collector {
             exited_rows: ExitedRows {
                 moved_at_exit: self.moved,
                 ring_full: self.counter(counter::EXITED_RING_FULL)?,
+                summed_by_name: self.counter(counter::EXITED_SUMMED)?,
                 kept_whole: self.counter(counter::EXITED_KEPT)?,
             },
             writers,
@@ -1791,12 +1839,12 @@ mod tests {
                 procs: 32768
             }
         );
-        // "about 56.8 MiB", "under 61 MiB in all"
+        // "about 56.8 MiB", "under 62 MiB in all"
         assert_eq!(
             (s.kernel_bytes(2) as f64 / f64::from(1 << 20) * 10.0).round(),
             568.0
         );
-        assert_eq!(s.kernel_bytes_bound(2) >> 20, 60);
+        assert_eq!(s.kernel_bytes_bound(2) >> 20, 61);
         // The clamps: a small VM still gets the defaults, a huge box no more than the maxima.
         let small = MapSizes::new(512 << 20, 4000, 4000);
         assert_eq!(

@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use membarrier_trace_common::{
-    CpuKey, Handled, HandlerKey, IPI_HIST, MovedRow, Stats, StatsKey, THREAD_CMDS, VICTIMS_OTHER,
-    WakerKey, WriterKey, WriterStats, thread_cmd,
+    CpuKey, Handled, HandlerKey, IPI_HIST, MovedRow, Stats, StatsKey, SummedRow, THREAD_CMDS,
+    VICTIMS_OTHER, WakerKey, WriterKey, WriterStats, thread_cmd,
 };
 use serde::Serialize;
 
@@ -78,6 +78,22 @@ impl RawRow {
             min_ns: r.min_ns,
             max_ns: r.max_ns,
             hist,
+            ipi_hist: Vec::new(),
+            mutex_wait_sum_ns: r.mutex_wait_sum_ns,
+            mutex_wait_max_ns: r.mutex_wait_max_ns,
+            ..Self::new(key)
+        }
+    }
+
+    /// Rows the kernel summed by name (no breakdown histograms: it sums only rows it moves).
+    pub fn from_summed(key: StatsKey, r: &SummedRow) -> Self {
+        Self {
+            key,
+            count: r.count,
+            sum_ns: r.sum_ns,
+            min_ns: r.min_ns,
+            max_ns: r.max_ns,
+            hist: Histogram::from_counts(&r.hist),
             ipi_hist: Vec::new(),
             mutex_wait_sum_ns: r.mutex_wait_sum_ns,
             mutex_wait_max_ns: r.mutex_wait_max_ns,
@@ -299,8 +315,10 @@ pub struct Maps {
 pub struct ExitedRows {
     /// Processes whose rows the kernel moved out at their last exit (the `EXITED` ring).
     pub moved_at_exit: u64,
-    /// Left whole in the stats map for the retire pass: the ring was full ...
+    /// The ring was full at their exit (its thread starved of CPU): summed under their name by
+    /// the kernel (`summed_by_name`), else left whole in the stats map for the retire pass ...
     pub ring_full: u64,
+    pub summed_by_name: u64,
     /// ... or a row was of a kind the kernel does not move (off-CPU time or IPIs in a call, an
     /// uncommon cmd or errno, latencies spread over more than an octave, a grace period).
     pub kept_whole: u64,
