@@ -719,8 +719,8 @@ pub mod counter {
     pub const EXITED_RING_FULL: u32 = 9;
     /// ... or a row was not of a kind it moves (see `move_rows`).
     pub const EXITED_KEPT: u32 = 10;
-    /// Not a loss: of `EXITED_RING_FULL`, processes whose rows the kernel summed under their
-    /// name in `SUMMED` (the others stayed whole: `SUMMED` was full).
+    /// Not a loss: of `EXITED_RING_FULL`, one-row processes whose row the kernel summed under
+    /// their name in `SUMMED` (the others stayed whole: more rows, or `SUMMED` was full).
     pub const EXITED_SUMMED: u32 = 11;
     pub const COUNT: u32 = 12;
 }
