@@ -12,7 +12,9 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd};
+#[cfg(not(no_cmpxchg))]
+use core::intrinsics::atomic_cxchg;
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -57,6 +59,7 @@ static BREAKDOWN: u8 = 1;
 /// Set by userspace: 1 with `--stacks` (each call's user stack is sent to userspace).
 #[unsafe(no_mangle)]
 static STACKS: u8 = 0;
+
 /// Addresses of membarrier's IPI callbacks (ipi_mb, ipi_sync_core, ipi_rseq, and
 /// registration's ipi_sync_rq_state) from kallsyms, so the csd probes skip every other
 /// cross-CPU call with a compare; 0 for one this kernel lacks, all 0 when none is known.
@@ -136,6 +139,12 @@ static WRITERS: HashMap<WriterKey, WriterStats> = HashMap::with_max_entries(MAX_
 /// `move_rows`, `retire_thread`; a page with `--stacks`, where no rows are moved).
 #[map]
 static EXITED: RingBuf = RingBuf::with_byte_size(EXITED_RING_BYTES, 0);
+
+/// Before Linux 5.12: the processes whose last task was claimed (see `last_task`). Only the
+/// claims of processes exiting at once matter; older ones may go.
+#[cfg(no_cmpxchg)]
+#[map]
+static LAST_TASK: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0);
 
 /// Where an exiting process's rows are gathered: larger than the BPF stack. Per CPU is safe:
 /// only the exit programs use it, which run from the `sched_process_exit` tracepoint with
@@ -315,6 +324,7 @@ fn add32(p: *mut u32, v: u32) {
 
 /// Adds `v` to `*p` and returns the value before, or None after losing 8 races in a row. The
 /// object is built for the generic BPF CPU, which has no fetch-and-add; a 64-bit cmpxchg it has.
+#[cfg(not(no_cmpxchg))]
 #[inline(always)]
 fn fetch_add(p: *mut u64, v: u64) -> Option<u64> {
     let mut cur = unsafe { core::ptr::read_volatile(p) };
@@ -331,6 +341,19 @@ fn fetch_add(p: *mut u64, v: u64) -> Option<u64> {
 
 /// Stores `v` when `better(v, current)`, with a bounded compare-exchange retry (the verifier
 /// wants bounded loops; losing 4 races in a row to the same row needs 5 CPUs in it at once).
+/// Before Linux 5.12 (the object built with `no_cmpxchg`: that kernel refuses a program holding
+/// the instruction anywhere, reached or not), a plain store: two CPUs ending calls of one row
+/// at once can leave the lesser of their values (docs/design.md, "Kernels").
+#[cfg(no_cmpxchg)]
+#[inline(always)]
+fn update(p: &mut u64, v: u64, better: impl Fn(u64, u64) -> bool) {
+    if better(v, unsafe { core::ptr::read_volatile(p) }) {
+        unsafe { core::ptr::write_volatile(p, v) };
+    }
+}
+
+/// See above.
+#[cfg(not(no_cmpxchg))]
 #[inline(always)]
 fn update(p: &mut u64, v: u64, better: impl Fn(u64, u64) -> bool) {
     // An aligned 8-byte load is single-copy atomic; the cmpxchg below catches a stale value.
@@ -1325,6 +1348,16 @@ pub fn smp_call_function_many(ctx: FEntryContext) -> u32 {
     0
 }
 
+/// The end of a mask's round: targets it counted are no longer awaited by
+/// `smp_call_function_single` (see `MANY_COUNTED`).
+#[fexit(function = "smp_call_function_many")]
+pub fn smp_call_function_many_exit(_ctx: FExitContext) -> u32 {
+    if let Some(c) = MANY_COUNTED.get_ptr_mut(0) {
+        unsafe { *c = 0 };
+    }
+    0
+}
+
 #[fentry(function = "on_each_cpu_cond_mask")]
 pub fn on_each_cpu_cond_mask(ctx: FEntryContext) -> u32 {
     // (cond_func, func, info, wait, mask): SYNC_CORE's on_each_cpu_mask()
@@ -1380,6 +1413,15 @@ fn cross_call(ctx: &FEntryContext, func_arg: usize, to: CrossCall) {
     match to {
         CrossCall::Single(n) => {
             let cpu = raw_arg(ctx, n) as u32;
+            // Counted already: a mask's round with one target left calls this for it
+            // (smp_call_function_many before 5.11 does).
+            if let Some(c) = MANY_COUNTED.get_ptr_mut(0)
+                && cpu < 64
+                && unsafe { *c } >> cpu & 1 != 0
+            {
+                unsafe { *c &= !(1u64 << cpu) };
+                return;
+            }
             if cpu != me {
                 ipi_sent(caller, cpu);
             }
@@ -1396,9 +1438,19 @@ fn cross_call(ctx: &FEntryContext, func_arg: usize, to: CrossCall) {
                     ipi_sent(caller, cpu);
                 }
             }
+            if let Some(c) = MANY_COUNTED.get_ptr_mut(0) {
+                unsafe { *c = bits };
+            }
         }
     }
 }
+
+/// Per CPU, the targets `smp_call_function_many` counted in the round under way there (it
+/// runs with preemption off), until its fexit: before 5.11 it sends a lone target's IPI
+/// through `smp_call_function_single`, which would count it again (the 5.10 guest: 2 IPIs a
+/// call where 1 was sent).
+#[map]
+static MANY_COUNTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The membarrier callbacks themselves, on the target CPU (fentry/fexit): handler time for the
 /// round's owner. Used where the csd tracepoints are missing.
@@ -1608,12 +1660,12 @@ fn on_new_task(child: u32, clone_flags: u64) {
     let Some(last) = SERIAL.get_ptr_mut(0) else {
         return;
     };
-    // A unique number per process whatever the other CPUs do.
-    let Some(serial) = fetch_add(last, 1).map(|n| n.wrapping_add(1) as u32) else {
-        let _ = PROCS.remove(&child);
-        bump(counter::DROPPED_PROCS);
-        return;
-    };
+    // A number no earlier process of this tgid had, whatever the other CPUs do (a plain add,
+    // which every kernel has): two processes created at once may read the same value, but they
+    // are two tgids; a later one with this tgid was created after this read, and its add came
+    // after it. 0 stays "existed before tracing".
+    add(unsafe { &mut *last }, 1);
+    let serial = (unsafe { core::ptr::read_volatile(last) } as u32).max(1);
     let p = Proc {
         serial,
         tasks: 1,
@@ -1714,7 +1766,7 @@ fn on_task_exit() {
     }
     if let Some(p) = p
         && unsafe { (*p).serial } != 0
-        && fetch_add(unsafe { &raw mut (*p).tasks }, u64::MAX) == Some(1)
+        && last_task(p, tgid)
     {
         // Its rows go before its entry: while the entry is there userspace holds the process
         // alive and touches none of its rows, so each row is taken by one side only.
@@ -1722,6 +1774,27 @@ fn on_task_exit() {
         move_rows(tgid, serial, rows);
         let _ = PROCS.remove(&tgid);
     }
+}
+
+/// Counts a task of process `p` out; true for its last one, once.
+#[cfg(not(no_cmpxchg))]
+#[inline(always)]
+fn last_task(p: *mut Proc, _tgid: u32) -> bool {
+    fetch_add(unsafe { &raw mut (*p).tasks }, u64::MAX) == Some(1)
+}
+
+/// Before Linux 5.12 (no fetch-and-add): two tasks counting out at once may both see none
+/// left; the one whose claim in `LAST_TASK` goes in first is the last.
+#[cfg(no_cmpxchg)]
+#[inline(always)]
+fn last_task(p: *mut Proc, tgid: u32) -> bool {
+    let tasks = unsafe { &raw mut (*p).tasks };
+    add(unsafe { &mut *tasks }, u64::MAX);
+    if unsafe { core::ptr::read_volatile(tasks) } != 0 {
+        return false;
+    }
+    let id = proc_id(tgid, unsafe { (*p).serial });
+    LAST_TASK.insert(&id, &0, BPF_NOEXIST as u64).is_ok()
 }
 
 /// The last task of process (tgid, serial) is exiting: sends its stats rows to userspace on

@@ -34,6 +34,10 @@ use crate::{
 };
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MEMBARRIER_TRACE_EBPF_OBJECT"));
+/// The same programs for kernels before 5.12, built without compare-and-exchange or fetching
+/// atomics, which those kernels refuse anywhere in a program (docs/design.md, "Kernels").
+static EBPF_OBJECT_NO_CMPXCHG: &[u8] =
+    aya::include_bytes_aligned!(env!("MEMBARRIER_TRACE_EBPF_OBJECT_NO_CMPXCHG"));
 
 /// What to trace.
 pub struct Options {
@@ -421,6 +425,7 @@ const BREAKDOWN: &[(&str, &[&[Probe]])] = &[
             // its callbacks on the target CPUs.
             &[
                 Probe::fentry("smp_call_function_many", "smp_call_function_many"),
+                Probe::fexit("smp_call_function_many_exit", "smp_call_function_many"),
                 Probe::fentry("on_each_cpu_cond_mask", "on_each_cpu_cond_mask"),
                 Probe::fentry("smp_call_function_single", "smp_call_function_single"),
                 Probe::fexit("ipi_mb_exit", "ipi_mb"),
@@ -584,9 +589,7 @@ fn attach_probe(
 fn hold_the_cpu_in_map_syscalls() -> Option<String> {
     /// linux/sched.h: or'ed into the policy.
     const SCHED_RESET_ON_FORK: i32 = 0x4000_0000;
-    let p = libc::sched_param { sched_priority: 1 };
-    // SAFETY: sets the calling thread's policy; the struct is valid for the call.
-    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO | SCHED_RESET_ON_FORK, &p) };
+    let r = crate::preflight::set_scheduler(libc::SCHED_FIFO | SCHED_RESET_ON_FORK, 1);
     (r != 0).then(|| {
         format!(
             "PREEMPT_RT: could not run at SCHED_FIFO ({}): a traced process preempting the \
@@ -767,7 +770,11 @@ impl Collector {
             .map_max_entries("KSTACKS", if opts.stacks { MAX_KSTACKS } else { 1 })
             // With --stacks no rows are moved at exit (their stacks stay with userspace).
             .map_max_entries("EXITED", if opts.stacks { 4096 } else { EXITED_RING_BYTES })
-            .load(EBPF_OBJECT)
+            .load(if crate::kernel::Features::of_this_kernel().cmpxchg {
+                EBPF_OBJECT
+            } else {
+                EBPF_OBJECT_NO_CMPXCHG
+            })
             .context("loading the eBPF object")?;
         let stats = take(&mut ebpf, "STATS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;

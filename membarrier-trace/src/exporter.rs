@@ -45,7 +45,14 @@ const MAX_HEAD: usize = 16 * 1024;
 impl Exporter {
     /// Binds `addr` and starts taking connections.
     pub fn bind(addr: &str, by: By, keep_exited: Duration) -> Result<Self> {
-        let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        let listener = match addr.strip_prefix(':') {
+            // Every address: IPv6's, which takes IPv4 too (unless net.ipv6.bindv6only), else
+            // IPv4's where the box has no IPv6.
+            Some(port) => TcpListener::bind(format!("[::]:{port}"))
+                .or_else(|_| TcpListener::bind(format!("0.0.0.0:{port}"))),
+            None => TcpListener::bind(addr),
+        }
+        .with_context(|| format!("listening on {addr}"))?;
         let local = listener.local_addr()?;
         let (tx, rx) = sync_channel(16);
         thread::Builder::new()

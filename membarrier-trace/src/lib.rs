@@ -7,6 +7,7 @@
 
 pub mod btf;
 pub mod calibrate;
+pub mod cli;
 pub mod cmd;
 pub mod collector;
 pub mod exporter;
@@ -14,6 +15,7 @@ pub mod exposition;
 pub mod findings;
 pub mod hist;
 pub mod hook;
+pub mod kernel;
 pub mod kstacks;
 pub mod model;
 pub mod output;

@@ -15,94 +15,18 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use membarrier_trace::tui::{Feed as _, Stop};
 use membarrier_trace::{
     calibrate,
+    cli::{CalibrateCli, Cli, Format, Sub},
     collector::{Collector, Options},
     exporter::Exporter,
-    exposition::By,
     findings,
-    hook::AttachMode,
+    kernel::Features,
     model::{Model, Report},
     output, preflight,
 };
-
-/// Exact per-process accounting of membarrier(2) calls: counts, errors and in-kernel latency
-/// per process and cmd, measured with eBPF on the syscall tracepoints.
-///
-/// `membarrier-trace calibrate` measures what each cmd costs on this host (see its --help).
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Cli {
-    /// Trace only this process (repeatable); filtered in the kernel.
-    #[arg(short, long = "pid", value_name = "PID")]
-    pids: Vec<u32>,
-    /// Stop after this many seconds.
-    #[arg(short, long, value_name = "SECS", value_parser = duration_secs, allow_negative_numbers = true)]
-    duration: Option<f64>,
-    /// Print a summary every SECS seconds (JSON: one document per line); the dashboard's refresh
-    /// interval (default 1; at least 0.01).
-    #[arg(short, long, value_name = "SECS", value_parser = interval_secs, allow_negative_numbers = true)]
-    interval: Option<f64>,
-    /// Only count calls and their latency: leave out the grace-period, IPI, handler and mutex
-    /// probes (they run on every context switch, IPI and lock contention on the box).
-    #[arg(long)]
-    no_breakdown: bool,
-    /// Leave out userspace RCU writers: no uprobes on liburcu's synchronize_rcu.
-    #[arg(long)]
-    no_rcu: bool,
-    /// Each call's user stack, unwound from the code's .eh_frame (frame pointers not needed):
-    /// calls and latency per stack under each cmd. Every call's stack up to 10,000 calls a
-    /// second per CPU; beyond, a sample (up to 5,000 a second), and those stacks' counts are
-    /// estimates.
-    #[arg(long)]
-    stacks: bool,
-    /// Benchmarks only (`cargo xtask bench`): attach the hook with programs that do nothing,
-    /// to measure the hook's own cost; nothing is counted.
-    #[arg(long, hide = true)]
-    hook_floor: bool,
-    /// Also count the grace periods of this function (repeatable): e.g. QEMU's
-    /// synchronize_rcu, DPDK's rte_rcu_qsbr_synchronize.
-    #[arg(long, value_name = "PATH:SYMBOL")]
-    rcu_func: Vec<membarrier_trace::rcu::CustomFunc>,
-    /// How to hook the syscall: fentry on its entry function (only membarrier calls pay),
-    /// the syscall tracepoints (work everywhere; every syscall on the box takes the slow path
-    /// while attached), or auto: fentry where the kernel allows it.
-    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
-    attach: AttachMode,
-    /// Output format; without it, a live dashboard when stdout is a terminal, else text.
-    /// `none`: nothing on stdout (with --listen: a plain exporter).
-    #[arg(short, long, value_enum)]
-    output: Option<Format>,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9479), beside any
-    /// output. Unauthenticated: keep it on loopback or the fleet's scrape network.
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<String>,
-    /// Metrics per process (pid and comm labels) or per process name (comm only: fewer series,
-    /// and exited processes stay counted in their name's series).
-    /// [default: pid]
-    #[arg(long, value_enum)]
-    by: Option<By>,
-    /// With --by pid, an exited process's series leave the metrics this long after it exited
-    /// [default: 300].
-    #[arg(long, value_name = "SECS", value_parser = duration_secs, allow_negative_numbers = true)]
-    keep_exited: Option<f64>,
-    /// Run COMMAND, trace it and the processes it starts, stop when it exits and exit with its
-    /// status.
-    #[arg(last = true, value_name = "COMMAND")]
-    command: Vec<String>,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Format {
-    Text,
-    Json,
-    None,
-    /// With --stacks: folded stacks for flame-graph tools (flamegraph.pl, inferno, speedscope),
-    /// `comm;CMD;outermost;...;innermost calls`, one line per stack.
-    Folded,
-}
 
 /// How often exited processes' stats rows are moved out of the kernel: often enough that a box
 /// starting thousands of processes a second does not fill the map in between.
@@ -113,43 +37,23 @@ const RETIRE_SOON: Duration = Duration::from_millis(50);
 /// How often the traced processes' mappings are looked at for grace-period functions (dlopen).
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// Longest `--duration`/`--interval`: a year, far beyond any run, and well inside what a
-/// `Duration` and `Instant` arithmetic hold.
-const MAX_SECS: f64 = 366.0 * 86400.0;
-/// Shortest `--interval`: below it the tracer would spend its time reading maps.
-const MIN_INTERVAL_SECS: f64 = 0.01;
+/// A usage error found after parsing (options that do not go together): exit status 2, as
+/// clap's own; every other error is a runtime failure, 1.
+#[derive(Debug)]
+struct Usage(String);
 
-fn secs(s: &str, min: f64) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= min && v > 0.0 && v <= MAX_SECS => Ok(v),
-        Ok(v) if v.is_finite() && v > MAX_SECS => Err(format!(
-            "`{s}` seconds is too long: at most {MAX_SECS} (a year)"
-        )),
-        Ok(v) if v > 0.0 && v < min => Err(format!("`{s}` is too short: at least {min} seconds")),
-        _ => Err(format!("`{s}` is not a positive number of seconds")),
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
-fn duration_secs(s: &str) -> Result<f64, String> {
-    secs(s, 0.0)
-}
+impl std::error::Error for Usage {}
 
-fn interval_secs(s: &str) -> Result<f64, String> {
-    secs(s, MIN_INTERVAL_SECS)
-}
-
-/// `membarrier-trace calibrate`: what each cmd costs on this host.
-#[derive(Parser, Debug)]
-#[command(name = "membarrier-trace calibrate")]
-struct CalibrateCli {
-    /// Calls of each cheap scenario (the IPI scenarios make a quarter as many, GLOBAL 20).
-    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(4..=10_000_000))]
-    calls: u64,
-    /// How to hook the syscall (as for tracing).
-    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
-    attach: AttachMode,
-    #[arg(short, long, value_enum, default_value_t = Format::Text)]
-    output: Format,
+macro_rules! usage {
+    ($($t:tt)*) => {
+        return Err(Usage(format!($($t)*)).into())
+    };
 }
 
 /// One line for a bad command line (clap's first line names the problem; its usage block
@@ -168,37 +72,31 @@ fn parse_or_exit<T: Parser>(args: &[String]) -> Result<T, ExitCode> {
     }
 }
 
-/// An error as one line, whatever it carries; exit status 2.
+/// An error as one line, whatever it carries; exit status 2 for a usage error, else 1.
 fn fail(e: anyhow::Error) -> ExitCode {
     let msg = format!("{e:#}").replace('\n', " ");
     eprintln!("membarrier-trace: error: {msg}");
-    ExitCode::from(2)
+    ExitCode::from(if e.is::<Usage>() { 2 } else { 1 })
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    match args.get(1).map(String::as_str) {
-        Some(calibrate::SCENARIO_ARG) => {
-            return calibrate::child(&args[2..]).map_or_else(fail, |()| ExitCode::SUCCESS);
-        }
-        Some("calibrate") => {
-            return match parse_or_exit::<CalibrateCli>(&args[1..]) {
-                Ok(cli) => run_calibrate(cli).map_or_else(fail, |()| ExitCode::SUCCESS),
-                Err(code) => code,
-            };
-        }
-        _ => {}
+    if args.get(1).map(String::as_str) == Some(calibrate::SCENARIO_ARG) {
+        return calibrate::child(&args[2..]).map_or_else(fail, |()| ExitCode::SUCCESS);
     }
-    let cli = match parse_or_exit::<Cli>(&args) {
-        Ok(cli) => cli,
-        Err(code) => return code,
-    };
-    run(cli).unwrap_or_else(fail)
+    match parse_or_exit::<Cli>(&args) {
+        Ok(Cli {
+            sub: Some(Sub::Calibrate(c)),
+            ..
+        }) => run_calibrate(c).map_or_else(fail, |()| ExitCode::SUCCESS),
+        Ok(cli) => run(cli).unwrap_or_else(fail),
+        Err(code) => code,
+    }
 }
 
 fn run_calibrate(cli: CalibrateCli) -> Result<()> {
     if matches!(cli.output, Format::None | Format::Folded) {
-        bail!("calibrate prints a table (text) or JSON: -o none or folded would not show it");
+        usage!("calibrate prints a table (text) or JSON: -o none or folded would not show it");
     }
     preflight::check_root()?;
     let tracefs = preflight::tracefs()?;
@@ -280,14 +178,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     if matches!(cli.output, Some(Format::Folded)) && !cli.stacks {
-        bail!("-o folded prints stacks: add --stacks");
+        usage!("-o folded prints stacks: add --stacks");
     }
     if cli.listen.is_none() {
         if matches!(cli.output, Some(Format::None)) {
-            bail!("-o none shows nothing without --listen ADDR");
+            usage!("-o none shows nothing without --listen ADDR");
         }
         if cli.by.is_some() || cli.keep_exited.is_some() {
-            bail!("--by and --keep-exited shape the metrics of --listen ADDR, which is not given");
+            usage!("--by and --keep-exited shape the metrics of --listen ADDR, which is not given");
         }
     }
     let exporter = cli
@@ -306,6 +204,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Some(preflight::ExitWatch::new(&cli.pids)?)
     };
     let follow = !cli.command.is_empty();
+    // What this kernel cannot do is turned off, each with one line.
+    let kernel = Features::of_this_kernel();
+    let mut off = Vec::new();
+    let rcu = !cli.no_rcu && kernel.attach_cookie;
+    if !cli.no_rcu && !rcu {
+        off.push(format!(
+            "RCU writers off: their uprobes need bpf_get_attach_cookie (Linux 5.15), this is {}",
+            kernel.name()
+        ));
+    }
+    let stacks = cli.stacks && kernel.task_pt_regs;
+    if cli.stacks && !stacks {
+        if matches!(cli.output, Some(Format::Folded)) {
+            bail!(
+                "-o folded needs --stacks, which needs bpf_task_pt_regs (Linux 5.15): this is {}",
+                kernel.name()
+            );
+        }
+        off.push(format!(
+            "--stacks off: it needs bpf_task_pt_regs (Linux 5.15), this is {}",
+            kernel.name()
+        ));
+    }
     let mut collector = Collector::load(
         &tracefs.path,
         &Options {
@@ -313,9 +234,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             follow_forks: follow,
             breakdown: !cli.no_breakdown,
             attach: cli.attach,
-            rcu: !cli.no_rcu,
+            rcu,
             rcu_funcs: cli.rcu_func.clone(),
-            stacks: cli.stacks,
+            stacks,
             hook_floor: cli.hook_floor,
         },
     )?;
@@ -337,7 +258,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     } else {
         collector.start()?
     };
-    for note in tracefs.note().into_iter().chain(notes) {
+    for note in tracefs.note().into_iter().chain(off).chain(notes) {
         eprintln!("membarrier-trace: {note}");
     }
     let what = if follow {

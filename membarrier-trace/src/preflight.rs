@@ -252,6 +252,22 @@ pub fn preempt_rt() -> bool {
         || read("/proc/sys/kernel/version").contains("PREEMPT_RT")
 }
 
+/// sched_setscheduler(2) on the calling thread: `policy` at `priority`; 0, or -1 with errno
+/// set. The system call itself: musl's wrapper does nothing but fail with ENOSYS (POSIX's
+/// per-process meaning cannot be had from Linux's per-thread call).
+pub fn set_scheduler(policy: i32, priority: i32) -> i64 {
+    /// The kernel's struct sched_param.
+    #[repr(C)]
+    struct Param {
+        sched_priority: libc::c_int,
+    }
+    let p = Param {
+        sched_priority: priority,
+    };
+    // SAFETY: the kernel reads one int from `p`, valid for the call.
+    unsafe { libc::syscall(libc::SYS_sched_setscheduler, 0, policy, &raw const p) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,12 +44,8 @@ impl Siblings {
                 thread::spawn(move || {
                     pin(cpu);
                     if fifo {
-                        // SAFETY: sched_param is plain data; failure (not root) just leaves
-                        // it SCHED_OTHER.
-                        unsafe {
-                            let p = libc::sched_param { sched_priority: 1 };
-                            libc::sched_setscheduler(0, libc::SCHED_FIFO, &p);
-                        }
+                        // Failure (not root) just leaves it SCHED_OTHER.
+                        let _ = crate::preflight::set_scheduler(libc::SCHED_FIFO, 1);
                     }
                     started.wait();
                     let give_up = Instant::now() + Duration::from_secs(60);

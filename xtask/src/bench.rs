@@ -115,8 +115,8 @@ impl Paths {
     /// The release binaries of the checkout at `root`, and tracefs (mounted if need be).
     fn new(root: &Path) -> Result<Self> {
         Ok(Paths {
-            tracer: root.join("target/release/membarrier-trace"),
-            workload: root.join("target/release/membarrier-workload"),
+            tracer: crate::dist::static_bins(root).join("membarrier-trace"),
+            workload: crate::dist::static_bins(root).join("membarrier-workload"),
             tracefs: tracefs()?,
         })
     }

@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 mod bench;
+mod dist;
 mod soak;
 mod vmtest;
 
@@ -36,6 +37,7 @@ const USAGE: &str = "usage: cargo xtask <command>
   soak [MINUTES]   two tracers on a churning box, checked against the workloads' counts (as root;
                    default 10 minutes)
   vmtest [KERNEL]  the end-to-end tests inside QEMU guests on stock kernels, all or one (as root)
+  dist             the static binary in target/dist: a tarball and a .deb, each checked
   clippy           cargo clippy -D warnings on every crate
   bench [ROUNDS]   what tracing costs, against the untraced baseline (as root; default 5 rounds)
   bench programs   only the hook programs' run time per call (kernel.bpf_stats_enabled), 5 times";
@@ -68,7 +70,7 @@ fn run() -> Result<ExitCode> {
         }
         "run" => {
             let b = build(&root)?;
-            let bin = root.join("target/release/membarrier-trace");
+            let bin = dist::static_bins(&root).join("membarrier-trace");
             status(as_root(Command::new(bin).args(&rest), &b.path))
         }
         "test" => {
@@ -86,6 +88,9 @@ fn run() -> Result<ExitCode> {
                 // A filtered run is for one test at hand, not the soak or the matrix.
                 return Ok(code);
             }
+            let bins = dist::static_bins(&root);
+            let made = dist::dist(&root, &bins)?;
+            dist::verify(&root, &made, &bins.join("membarrier-workload"))?;
             let code = status(as_root(
                 Command::new(env::current_exe()?).args(["soak", "1"]),
                 &b.path,
@@ -120,6 +125,15 @@ fn run() -> Result<ExitCode> {
             require_root("the soak loads eBPF programs and lowers kernel.pid_max")?;
             let minutes = rest.first().map(|m| m.parse()).transpose()?.unwrap_or(10.0);
             soak::soak(&root, minutes)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "dist" => {
+            build(&root)?;
+            let bins = dist::static_bins(&root);
+            let made = dist::dist(&root, &bins)?;
+            if is_root() {
+                dist::verify(&root, &made, &bins.join("membarrier-workload"))?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         "clippy" => {
@@ -210,21 +224,28 @@ fn as_root<'a>(cmd: &'a mut Command, path: &OsString) -> &'a mut Command {
     cmd
 }
 
+/// Every binary is built static, for musl: the binary users get (`cargo xtask dist`) is the one
+/// the tests, the guests, the soak and the bench run.
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
+
 /// `cargo test` builds every binary and test of the workspace, with the dev-dependencies' features
-/// unified in; `build`, `run`, `bench` and `vmtest` build the very same, so each finds the others'
-/// build done instead of rebuilding with other features.
+/// unified in; `build`, `run`, `bench`, `dist` and `vmtest` build the very same, so each finds the
+/// others' build done instead of rebuilding with other features.
 const TEST_ARGS: &[&str] = &[
     "test",
     "--release",
+    "--target",
+    STATIC_TARGET,
     "--workspace",
     "--exclude",
     "membarrier-trace-ebpf",
 ];
 
-/// What a build made: the PATH it ran with (bpf-linker on it), and the eBPF object.
+/// What a build made: the PATH it ran with (bpf-linker on it), and the eBPF objects (for
+/// kernels from 5.12, and before).
 pub struct Build {
     pub path: OsString,
-    pub ebpf: PathBuf,
+    pub ebpf: [PathBuf; 2],
 }
 
 impl Build {
@@ -232,7 +253,8 @@ impl Build {
     fn cargo(&self) -> Command {
         let mut c = Command::new(cargo_bin());
         c.env("PATH", &self.path)
-            .env("MEMBARRIER_TRACE_EBPF", &self.ebpf);
+            .env("MEMBARRIER_TRACE_EBPF", &self.ebpf[0])
+            .env("MEMBARRIER_TRACE_EBPF_NO_CMPXCHG", &self.ebpf[1]);
         c
     }
 }
@@ -246,35 +268,44 @@ fn build(root: &Path) -> Result<Build> {
     Ok(b)
 }
 
-/// Builds the eBPF programs into target/bpf, as aya-build would from build.rs but once, shared
-/// by every later build, with cargo's progress shown as progress (aya-build relays it as
-/// `warning:` lines). Returns the object's path, for build.rs (MEMBARRIER_TRACE_EBPF).
-fn ebpf(root: &Path, path: &OsString) -> Result<PathBuf> {
+/// Builds the eBPF programs, as aya-build would from build.rs but once, shared by every later
+/// build, with cargo's progress shown as progress (aya-build relays it as `warning:` lines):
+/// into target/bpf, and again with `--cfg no_cmpxchg` into target/bpf-no-cmpxchg for kernels
+/// before 5.12, which refuse a program holding a compare-and-exchange or a fetching atomic
+/// anywhere, reached or not. Returns both objects' paths, for build.rs
+/// (MEMBARRIER_TRACE_EBPF, MEMBARRIER_TRACE_EBPF_NO_CMPXCHG).
+fn ebpf(root: &Path, path: &OsString) -> Result<[PathBuf; 2]> {
     const TARGET: &str = "bpfel-unknown-none";
-    let target_dir = root.join("target/bpf");
-    // The flags aya-build passes: the traced architecture, and BTF for the loader.
-    let flags = [
-        format!("--cfg=bpf_target_arch=\"{}\"", env::consts::ARCH),
-        "-Cdebuginfo=2".to_string(),
-        "-Clink-arg=--btf".to_string(),
-    ]
-    .join("\x1f");
+    let build = |dir: &str, cfg: Option<&str>| -> Result<PathBuf> {
+        let target_dir = root.join("target").join(dir);
+        // The flags aya-build passes: the traced architecture, and BTF for the loader.
+        let mut flags = vec![
+            format!("--cfg=bpf_target_arch=\"{}\"", env::consts::ARCH),
+            "-Cdebuginfo=2".to_string(),
+            "-Clink-arg=--btf".to_string(),
+        ];
+        flags.extend(cfg.map(|c| format!("--cfg={c}")));
+        check(
+            Command::new("rustup")
+                .args(["run", "nightly", "cargo", "build", "--release", "--bins"])
+                .args(["--package", "membarrier-trace-ebpf", "--target", TARGET])
+                .args(["-Z", "build-std=core", "--target-dir"])
+                .arg(&target_dir)
+                .env("PATH", path)
+                .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"))
+                // Set by the cargo running xtask: they would pick the stable toolchain.
+                .env_remove("RUSTC")
+                .env_remove("RUSTC_WORKSPACE_WRAPPER")
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env_remove("CARGO"),
+        )?;
+        Ok(target_dir.join(TARGET).join("release/membarrier-trace"))
+    };
     eprintln!("xtask: building the eBPF programs");
-    check(
-        Command::new("rustup")
-            .args(["run", "nightly", "cargo", "build", "--release", "--bins"])
-            .args(["--package", "membarrier-trace-ebpf", "--target", TARGET])
-            .args(["-Z", "build-std=core", "--target-dir"])
-            .arg(&target_dir)
-            .env("PATH", path)
-            .env("CARGO_ENCODED_RUSTFLAGS", flags)
-            // Set by the cargo running xtask: they would pick the stable toolchain.
-            .env_remove("RUSTC")
-            .env_remove("RUSTC_WORKSPACE_WRAPPER")
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("CARGO"),
-    )?;
-    Ok(target_dir.join(TARGET).join("release/membarrier-trace"))
+    let new = build("bpf", None)?;
+    eprintln!("xtask: building the eBPF programs for kernels before 5.12 (no cmpxchg)");
+    let old = build("bpf-no-cmpxchg", Some("no_cmpxchg"))?;
+    Ok([new, old])
 }
 
 /// Makes sure the eBPF toolchain is there: nightly with rust-src, and bpf-linker built against
@@ -304,6 +335,11 @@ fn toolchain() -> Result<OsString> {
             "--toolchain",
             "nightly",
         ]))?;
+    }
+    let installed = rustup(&["target", "list", "--installed"])?;
+    if !installed.lines().any(|t| t == STATIC_TARGET) {
+        eprintln!("xtask: adding the {STATIC_TARGET} target (the static binary)");
+        check(Command::new("rustup").args(["target", "add", STATIC_TARGET]))?;
     }
     let linker_bin = bpf_linker(&sysroot)?;
     let mut paths = vec![linker_bin];

@@ -285,8 +285,8 @@ pub fn soak(root: &Path, minutes: f64) -> Result<()> {
     if !(minutes > 0.0 && minutes <= 24.0 * 60.0) {
         bail!("soak: MINUTES must be more than 0 and at most a day, not {minutes}");
     }
-    let tracer = root.join("target/release/membarrier-trace");
-    let workload = root.join("target/release/membarrier-workload");
+    let tracer = crate::dist::static_bins(root).join("membarrier-trace");
+    let workload = crate::dist::static_bins(root).join("membarrier-workload");
     let dir = root.join("target/soak");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;

@@ -147,16 +147,33 @@ struct Outcome {
 
 type Tally = BTreeMap<(i32, u32, u32), Outcome>;
 
+/// membarrier(2) as a `syscall` instruction here, not through libc's syscall(): the binary is
+/// static musl, whose syscall() has no unwind information, so a stack taken inside it would
+/// end there (glibc's has it). Returns the kernel's value: the result, or -errno.
+#[inline(always)]
+fn sys_membarrier(cmd: i32, flags: u32) -> i64 {
+    let r: i64;
+    // SAFETY: membarrier takes no pointers; the syscall instruction clobbers rcx and r11.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") libc::SYS_membarrier => r,
+            in("rdi") i64::from(cmd),
+            in("rsi") i64::from(flags),
+            in("rdx") 0i64,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    r
+}
+
 fn membarrier(cmd: i32, flags: u32) -> (u32, u64) {
     let t = Instant::now();
-    // SAFETY: membarrier takes no pointers.
-    let r = unsafe { libc::syscall(libc::SYS_membarrier, cmd, flags, 0) };
+    let r = sys_membarrier(cmd, flags);
     let ns = t.elapsed().as_nanos() as u64;
-    let errno = if r < 0 {
-        std::io::Error::last_os_error().raw_os_error().unwrap_or(0) as u32
-    } else {
-        0
-    };
+    let errno = if r < 0 { (-r) as u32 } else { 0 };
     (errno, ns)
 }
 
@@ -522,8 +539,8 @@ fn main() {
     let mut loops = serde_json::Map::new();
     if args.loop_expedited > 0 {
         call(&mut tally, 1, cmd::REGISTER_PRIVATE_EXPEDITED, 0, false);
-        let ns = timed(args.loop_expedited, || unsafe {
-            libc::syscall(libc::SYS_membarrier, cmd::PRIVATE_EXPEDITED, 0, 0);
+        let ns = timed(args.loop_expedited, || {
+            sys_membarrier(cmd::PRIVATE_EXPEDITED, 0);
         });
         loops.insert("expedited_ns".into(), ns.into());
     }
@@ -533,8 +550,8 @@ fn main() {
         while left > 0 {
             let n = left.min(50);
             let burst = n as f64
-                * timed(n, || unsafe {
-                    libc::syscall(libc::SYS_membarrier, cmd::PRIVATE_EXPEDITED, 0, 0);
+                * timed(n, || {
+                    sys_membarrier(cmd::PRIVATE_EXPEDITED, 0);
                 });
             if left <= args.loop_paced {
                 ns += burst;
