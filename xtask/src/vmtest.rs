@@ -22,7 +22,12 @@ use anyhow::{Context as _, Result, bail};
 use crate::{Build, TEST_ARGS, check, output};
 
 /// Debian packages the guests need.
-pub const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
+pub const PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "debian-archive-keyring",
+];
 
 pub struct Kernel {
     /// Short name, for the table and `cargo xtask vmtest NAME`.
@@ -189,7 +194,7 @@ impl Off {
             }
             Off::OneTest => "a guest booted for one test (its kernel command line is the point)",
             Off::VmtestOnly => {
-                "left to `cargo xtask vmtest`: the same programs run in another cell of `cargo xtask test` (the tracepoints on 6.1 and the host, fentry on 5.10, 6.1 and 6.12)"
+                "left to `cargo xtask vmtest`: the same programs run in another cell of `cargo xtask test` (the tracepoints on 5.10, 6.1 and the host; fentry on 6.1, and on 6.12 in `auto`)"
             }
         }
     }
@@ -335,17 +340,23 @@ fn cache_dir() -> Result<PathBuf> {
 
 /// apt-get or apt-cache, reading package lists of `suite` of its own (under the cache), not
 /// the machine's: Debian's archive serves every release's kernels, and the machine's sources
-/// stay as they are.
+/// stay as they are. The release itself (its point releases' kernels), checked against Debian's
+/// archive keyring; not its security suite, whose pool this workplace's mirror does not serve
+/// for every release (bullseye-security: 404).
 fn apt(tool: &str, suite: &str) -> Result<Command> {
+    const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
     let dir = cache_dir()?.join("../apt").join(suite);
     let lists = dir.join("lists");
+    let sources = dir.join("sources.list");
+    let want = format!("deb [signed-by={KEYRING}] http://deb.debian.org/debian {suite} main\n");
+    if fs::read_to_string(&sources).ok().as_deref() != Some(want.as_str()) {
+        // Other sources than the lists were read from: read them again.
+        let _ = fs::remove_dir_all(&lists);
+        fs::create_dir_all(&dir)?;
+        fs::write(&sources, &want)?;
+    }
     fs::create_dir_all(lists.join("partial"))?;
     fs::create_dir_all(dir.join("cache/archives/partial"))?;
-    let sources = dir.join("sources.list");
-    fs::write(
-        &sources,
-        format!("deb [trusted=yes] http://deb.debian.org/debian {suite} main\n"),
-    )?;
     let mut c = Command::new(tool);
     c.arg("-o")
         .arg(format!("Dir::Etc::sourcelist={}", sources.display()))
@@ -393,7 +404,8 @@ fn fetch_kernel(k: &Kernel) -> Result<PathBuf> {
         return Ok(vmlinuz);
     }
     eprintln!("xtask: vmtest: fetching {pkg} into {}", dir.display());
-    let tmp = dir.with_extension("tmp");
+    // Beside it (with_extension would cut the name at "5.10").
+    let tmp = cache_dir()?.join(format!("{pkg}.tmp"));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp)?;
     check(
