@@ -55,6 +55,9 @@ pub struct Options {
     pub stacks: bool,
     /// `--hook-floor` (benchmarks): only the hook, with programs that do nothing.
     pub hook_floor: bool,
+    /// What the running kernel's BPF can do: which eBPF object loads (read once, by the caller,
+    /// which also turns off what the kernel cannot do).
+    pub kernel: crate::kernel::Features,
 }
 
 pub struct Collector {
@@ -770,7 +773,7 @@ impl Collector {
             .map_max_entries("KSTACKS", if opts.stacks { MAX_KSTACKS } else { 1 })
             // With --stacks no rows are moved at exit (their stacks stay with userspace).
             .map_max_entries("EXITED", if opts.stacks { 4096 } else { EXITED_RING_BYTES })
-            .load(if crate::kernel::Features::of_this_kernel().cmpxchg {
+            .load(if opts.kernel.cmpxchg {
                 EBPF_OBJECT
             } else {
                 EBPF_OBJECT_NO_CMPXCHG

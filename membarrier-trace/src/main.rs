@@ -111,6 +111,7 @@ fn run_calibrate(cli: CalibrateCli) -> Result<()> {
             rcu_funcs: Vec::new(),
             stacks: false,
             hook_floor: false,
+            kernel: Features::of_this_kernel(),
         },
     )?;
     for note in tracefs.note().into_iter().chain(collector.start()?) {
@@ -238,6 +239,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             rcu_funcs: cli.rcu_func.clone(),
             stacks,
             hook_floor: cli.hook_floor,
+            kernel,
         },
     )?;
 
