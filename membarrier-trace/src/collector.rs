@@ -16,8 +16,9 @@ use aya::{
 use membarrier_trace_common::{
     COMM_LEN, CpuKey, EXITED_RING_BYTES, Handled, HandlerKey, Inflight, KStack, KStackKey,
     MAX_INFLIGHT, MAX_KSTACKS, MAX_PROCS, MAX_STATS, MAX_SUMMED, MAX_THREADS, MAX_WRITERS,
-    MOVED_ROWS, Proc, STACK_RING_BYTES, Stats, StatsKey, SummedKey, SummedRow, ThreadCalls,
-    ThreadKey, UNWIND_SLOTS, UnwindSlot, WakerKey, WriterKey, WriterStats, counter, field, proc_id,
+    MOVED_ROWS, Proc, STACK_RING_BYTES, Stats, StatsKey, SummedKey, SummedRow, THREAD_CMDS,
+    ThreadCalls, ThreadKey, UNWIND_SLOTS, UnwindSlot, WakerKey, WriterKey, WriterStats, counter,
+    field, proc_id, thread_cmd,
 };
 
 use crate::{
@@ -578,7 +579,22 @@ fn attach_probe(
             }
         }
     }
+    // For whoever changes a program: the verifier's work on it, the figure that has to stay
+    // far below its limit (a million instructions) on every kernel.
+    if std::env::var_os("MEMBARRIER_TRACE_VERIFIER_STATS").is_some()
+        && let Some(n) = prog_info(ebpf, p.prog)
+    {
+        eprintln!("verifier: {} {n} instructions", p.prog);
+    }
     Ok(())
+}
+
+/// The instructions the verifier processed for `prog` (Linux 5.16+).
+fn prog_info(ebpf: &Ebpf, prog: &str) -> Option<u32> {
+    ebpf.program(prog)?
+        .info()
+        .ok()?
+        .verified_instruction_count()
 }
 
 /// Every map syscall (the snapshots' reads, the retire pass's deletes) holds its CPU's
@@ -1365,6 +1381,17 @@ impl Collector {
                 errno: k.errno,
             };
             add_retired(&mut self.retired.rows, key, RawRow::from_summed(key, &new));
+            // The kernel sums a process only when its last thread made all its calls and
+            // sent no row of its own: one thread per process, summed with the name's others.
+            let mut calls = [0; THREAD_CMDS];
+            calls[thread_cmd(k.cmd, k.flags)] = new.count;
+            self.exited_threads.entry(to).or_default().sum(ThreadRow {
+                proc: to,
+                tid: 0,
+                name: String::new(),
+                calls,
+                threads: new.procs,
+            });
         }
         Ok(())
     }
