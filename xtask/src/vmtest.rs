@@ -131,7 +131,7 @@ pub const KERNELS: &[Kernel] = &[
 
 /// Takes CPUs offline, and needs a nohz_full kernel for half of it: ignored on the host, run
 /// in the cloud guest and in the nohz one.
-const GLOBAL_UNAVAILABLE: &str = "global_unavailable_where_the_kernel_cannot_wait";
+const GLOBAL_UNAVAILABLE: &str = "breakdown::global_unavailable_where_the_kernel_cannot_wait";
 
 const MODES: &[&str] = &["auto", "tracepoint", "fentry"];
 
@@ -144,8 +144,8 @@ const MODES: &[&str] = &["auto", "tracepoint", "fentry"];
 /// checked for its accounting alone: no call counted twice or invented, every one lost within
 /// `missed_calls` + `hook_runs_skipped`. The tests that need exact counts show `-` here.
 const RT_FENTRY_TESTS: &[&str] = &[
-    "pid_filter_counts_exactly_and_ignores_others",
-    "command_mode_sees_every_call_and_passes_exit_status",
+    "counts::pid_filter_counts_exactly_and_ignores_others",
+    "counts::command_mode_sees_every_call_and_passes_exit_status",
 ];
 
 /// Why `test` does not run in `mode` on kernel `k` (None: it runs), in a `cargo xtask test`
@@ -203,27 +203,51 @@ impl Off {
 /// The end-to-end tests that run in a guest, with their column in the table. Left out: those
 /// that need a compiler and liburcu, tmux, or an unprivileged user (not in the initramfs).
 const TESTS: &[(&str, &str)] = &[
-    ("pid_filter_counts_exactly_and_ignores_others", "counts+gp"),
     (
-        "command_mode_sees_every_call_and_passes_exit_status",
+        "counts::pid_filter_counts_exactly_and_ignores_others",
+        "counts+gp",
+    ),
+    (
+        "counts::command_mode_sees_every_call_and_passes_exit_status",
         "command",
     ),
     (
-        "ipis_go_to_the_running_sibling_and_not_for_a_lone_thread",
+        "breakdown::ipis_go_to_the_running_sibling_and_not_for_a_lone_thread",
         "ipis",
     ),
-    ("concurrent_expedited_callers_wait_for_the_mutex", "mutex"),
-    ("a_rename_just_before_exit_names_the_process", "rename"),
     (
-        "attaching_mid_flight_misses_only_the_calls_under_way",
+        "breakdown::concurrent_expedited_callers_wait_for_the_mutex",
+        "mutex",
+    ),
+    (
+        "counts::a_rename_just_before_exit_names_the_process",
+        "rename",
+    ),
+    (
+        "attach::attaching_mid_flight_misses_only_the_calls_under_way",
         "mid-flight",
     ),
-    ("a_call_under_way_at_attach_is_counted_missed", "missed"),
-    ("sigint_prints_the_final_summary", "sigint"),
-    ("stacks_above_the_rate_are_sampled_and_add_up", "stacks"),
-    ("attach_auto_falls_back_and_fentry_is_clear", "attach"),
-    ("snapshots_on_the_callers_cpu_lose_no_call", "snapshots"),
-    ("hook_floor_attaches_each_hook_and_counts_nothing", "floor"),
+    (
+        "attach::a_call_under_way_at_attach_is_counted_missed",
+        "missed",
+    ),
+    ("cli::sigint_prints_the_final_summary", "sigint"),
+    (
+        "stacks::stacks_above_the_rate_are_sampled_and_add_up",
+        "stacks",
+    ),
+    (
+        "attach::attach_auto_falls_back_and_fentry_is_clear",
+        "attach",
+    ),
+    (
+        "counts::snapshots_on_the_callers_cpu_lose_no_call",
+        "snapshots",
+    ),
+    (
+        "attach::hook_floor_attaches_each_hook_and_counts_nothing",
+        "floor",
+    ),
     (GLOBAL_UNAVAILABLE, "global"),
 ];
 
@@ -717,14 +741,17 @@ mod tests {
     #[test]
     fn parses_libtest_output_per_mode() {
         let text = "@@kernel 6.1.0 fentry=allowed cpus=2\n@@mode auto\n\nrunning 2 tests\n\
-                    test pid_filter_counts_exactly_and_ignores_others ... ok\n\
-                    test concurrent_expedited_callers_wait_for_the_mutex ... FAILED\n\
+                    test counts::pid_filter_counts_exactly_and_ignores_others ... ok\n\
+                    test breakdown::concurrent_expedited_callers_wait_for_the_mutex ... FAILED\n\
                     @@rc auto 101\n@@mode fentry\n\
-                    test sigint_prints_the_final_summary ... ok\n";
+                    test cli::sigint_prints_the_final_summary ... ok\n";
         let r = parse(text);
-        assert!(r["auto"]["pid_filter_counts_exactly_and_ignores_others"] == Outcome::Ok);
-        assert!(r["auto"]["concurrent_expedited_callers_wait_for_the_mutex"] == Outcome::Failed);
-        assert!(r["fentry"]["sigint_prints_the_final_summary"] == Outcome::Ok);
+        assert!(r["auto"]["counts::pid_filter_counts_exactly_and_ignores_others"] == Outcome::Ok);
+        assert!(
+            r["auto"]["breakdown::concurrent_expedited_callers_wait_for_the_mutex"]
+                == Outcome::Failed
+        );
+        assert!(r["fentry"]["cli::sigint_prints_the_final_summary"] == Outcome::Ok);
         assert!(!r.contains_key("tracepoint"));
     }
 

@@ -1,0 +1,14 @@
+//! End-to-end tests: the real eBPF programs, loaded as root, against workloads that issue a
+//! known mix of membarrier calls. Run them with `cargo xtask test` (as root). One binary, so
+//! that the machine lock in `common` covers every test; a module per feature.
+
+mod attach;
+mod breakdown;
+mod calibrate;
+mod cli;
+mod common;
+mod counts;
+mod dashboard;
+mod prometheus;
+mod rcu;
+mod stacks;
