@@ -1,0 +1,249 @@
+//! One membarrier call: its thread's in-flight slot at entry, its stats row (per tgid, cmd,
+//! flags, errno) at exit.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use membarrier_trace_common::{
+    INSIDE_SLOTS, IPI_HIST, Inflight, MAX_INFLIGHT, MAX_STATS, OTHER_ROW, Stats, StatsKey,
+    THREAD_CMDS, counter, row_kind, thread_cmd,
+};
+
+use crate::{
+    config::{armed, breakdown, stacks},
+    process::{PROCS, hold_thread, process, process_comm, send_thread},
+    stacks::take_stack,
+    util::{Row as _, add, add32, bucket, bump, now, row_of, update},
+};
+
+#[map]
+pub(crate) static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
+
+/// A zeroed slot to insert (too large for the stack); never written.
+#[map]
+pub(crate) static ZERO_SLOT: PerCpuArray<Inflight> = PerCpuArray::with_max_entries(1, 0);
+
+/// Threads inside membarrier, counted per `tid % INSIDE_SLOTS`: the probes that run for every
+/// task on the box look here first (an inlined array load) and return unless it is non-zero.
+#[map]
+pub(crate) static INSIDE: Array<u32> = Array::with_max_entries(INSIDE_SLOTS, 0);
+
+// One shared, preallocated row per key, updated with atomics. Not per-CPU: a row is 8.8 KiB, so
+// per-CPU rows cost rows x CPUs x 8.8 KiB; and not BPF_F_NO_PREALLOC: allocation from a tracing
+// program fails transiently (-ENOMEM) while the allocator refills its per-CPU cache, which
+// dropped the first calls of new rows in testing. Rows are only contended when one process
+// calls from several CPUs at once, and the expedited cmds serialize on a kernel mutex anyway.
+#[map]
+pub(crate) static STATS: HashMap<StatsKey, Stats> = HashMap::with_max_entries(MAX_STATS, 0);
+
+/// Template for new stats rows: the BPF stack (512 bytes) cannot hold one.
+#[map]
+pub(crate) static SCRATCH: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub(crate) fn inside_counter(tid: u32) -> Option<*mut u32> {
+    INSIDE.get_ptr_mut(tid % INSIDE_SLOTS)
+}
+
+/// The slot of `tid` if it is inside membarrier now. The array check keeps the common case
+/// (a task that is not) to one inlined load.
+#[inline(always)]
+pub(crate) fn inside(tid: u32) -> Option<&'static mut Inflight> {
+    marked(tid).filter(|slot| slot.start_ns != 0)
+}
+
+/// The slot of `tid` if a thread with its index in INSIDE is inside membarrier or a userspace
+/// grace period.
+#[inline(always)]
+pub(crate) fn marked(tid: u32) -> Option<&'static mut Inflight> {
+    let n = inside_counter(tid)?;
+    if unsafe { *n } == 0 {
+        return None;
+    }
+    Some(unsafe { &mut *INFLIGHT.get_ptr_mut(&tid)? })
+}
+
+#[inline(always)]
+pub(crate) fn on_enter(cmd: u32, flags: u32) {
+    if !armed() {
+        return;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    let Some(slot) = slot_of(tgid, tid) else {
+        return;
+    };
+    if unsafe { (*slot).start_ns } != 0 {
+        // Still open: the exit of this thread's last call was skipped (it stays counted as
+        // inside membarrier, so it is not counted in again).
+        bump(counter::EXIT_SKIPPED);
+    } else if breakdown()
+        && let Some(n) = inside_counter(tid)
+    {
+        add32(n, 1);
+    }
+    // The call's fields afresh; the thread's (identity, counters, grace period) stay.
+    let s = unsafe { &mut *slot };
+    s.cmd = cmd;
+    s.flags = flags;
+    s.ipis = 0;
+    s.off_since_ns = 0;
+    s.blocked_ns = 0;
+    s.lock_since_ns = 0;
+    s.mutex_wait_ns = 0;
+    s.gp_since_ns = 0;
+    // Timestamp last, so the tracer's own work here is not counted as the call's.
+    s.start_ns = now();
+}
+
+/// The in-flight slot of thread `tid` of traced process `tgid`, made on first use.
+#[inline(always)]
+pub(crate) fn slot_of(tgid: u32, tid: u32) -> Option<*mut Inflight> {
+    // A thread keeps its INFLIGHT slot between calls (sched_process_exit frees it), so the
+    // common case is one lookup and plain stores, not a hash insert and delete per call. Slots
+    // are only made for traced processes and carry the process's serial: a slot of this tgid
+    // needs no process lookup (another tgid means a stale slot of a reused tid).
+    match INFLIGHT.get_ptr_mut(&tid) {
+        Some(slot) if unsafe { (*slot).tgid } == tgid => Some(slot),
+        stale => {
+            let (serial, traced) = process(tgid);
+            if !traced {
+                return None;
+            }
+            if let Some(old) = stale {
+                // A slot of another process: the tid's last thread left without passing
+                // sched_process_exit (a non-leader thread that exec'd). Its calls are kept.
+                send_thread(tid, unsafe { &mut *old });
+                hold_thread(tid);
+            }
+            // From a zeroed template: a slot is too large for the stack.
+            let zero = ZERO_SLOT.get_ptr(0)?;
+            if INFLIGHT.insert(&tid, unsafe { &*zero }, 0).is_err() {
+                bump(counter::DROPPED_INFLIGHT);
+                return None;
+            }
+            let slot = INFLIGHT.get_ptr_mut(&tid)?;
+            unsafe {
+                (*slot).tgid = tgid;
+                (*slot).serial = serial;
+                (*slot).born_ns = now();
+                (*slot).thread.comm = bpf_get_current_comm().unwrap_or_default();
+                (*slot).process = process_comm();
+            }
+            Some(slot)
+        }
+    }
+}
+
+/// `end_ns` is taken first thing by the caller, so the tracer's work is not counted.
+#[inline(always)]
+pub(crate) fn on_exit(end_ns: u64, ret: i64) {
+    if !armed() {
+        return;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    let call = match INFLIGHT.get_ptr_mut(&tid) {
+        // start_ns 0: the slot is idle, this exit's enter was not seen.
+        Some(slot) if unsafe { (*slot).start_ns } != 0 => unsafe { &mut *slot },
+        _ => {
+            if process(tgid).1 {
+                bump(counter::EXIT_WITHOUT_SLOT);
+            }
+            return;
+        }
+    };
+    let ns = end_ns.wrapping_sub(call.start_ns);
+    call.start_ns = 0;
+    if breakdown()
+        && let Some(n) = inside_counter(tid)
+    {
+        add32(n, u32::MAX); // -1
+    }
+    if call.writer.start_ns != 0 {
+        // Inside a userspace grace period: its membarrier share.
+        call.writer.calls += 1;
+        call.writer.membarrier_ns += ns;
+    }
+    let key = StatsKey {
+        tgid,
+        serial: call.serial,
+        cmd: call.cmd,
+        flags: call.flags,
+        errno: if ret < 0 {
+            ret.wrapping_neg() as u32
+        } else {
+            0
+        },
+    };
+    // A stats row is the process's: named after it, as the slot has it (read there: the reads
+    // here, before the `--stacks` walk, were too much for 6.1's verifier).
+    let made = || count_row(tgid, key.serial, row_kind(key.cmd, key.flags, key.errno));
+    let Some(row) = row_of(&STATS, &SCRATCH, &key, || call.process, made) else {
+        bump(counter::DROPPED_STATS);
+        return;
+    };
+    let row = unsafe { &mut *row };
+    row.count_one(ns);
+    if stacks() {
+        // Inside a probed grace-period function, its return address on the stack is the
+        // uretprobe's trampoline: the unwinding takes the caller recorded at entry instead
+        // (`ra_at` is 0 outside one). Read from the slot, not chosen by a branch: the
+        // verifier would check the walk once per choice.
+        let ra = unsafe {
+            (
+                core::ptr::read_volatile(&call.writer.ra_at),
+                core::ptr::read_volatile(&call.writer.caller),
+            )
+        };
+        take_stack(row, &key, end_ns, ns, ra);
+    }
+    // The slot is the thread's own: a plain add.
+    let i = thread_cmd(call.cmd, call.flags);
+    let i = unsafe { core::ptr::read_volatile(&i) }.min(THREAD_CMDS - 1);
+    call.thread.calls[i] += 1;
+    // The breakdown: zero for most calls, so only non-zero parts are added (userspace derives
+    // the zero buckets from the count).
+    if call.blocked_ns != 0 {
+        add(&mut row.blocked_sum_ns, call.blocked_ns);
+        update(&mut row.blocked_max_ns, call.blocked_ns, |new, cur| {
+            new > cur
+        });
+        add(&mut row.blocked_hist[bucket(call.blocked_ns)], 1);
+    }
+    if call.ipis != 0 {
+        add(&mut row.ipis, call.ipis as u64);
+        let i = (call.ipis as usize).min(IPI_HIST - 1);
+        let i = unsafe { core::ptr::read_volatile(&i) } & (IPI_HIST - 1);
+        add(&mut row.ipi_hist[i], 1);
+    }
+    if call.mutex_wait_ns != 0 {
+        add(&mut row.mutex_wait_sum_ns, call.mutex_wait_ns);
+        update(
+            &mut row.mutex_wait_max_ns,
+            call.mutex_wait_ns,
+            |new, cur| new > cur,
+        );
+    }
+}
+
+/// Counts a new row of process (tgid, serial) in its `Proc::rows`, so its last exit can move
+/// it out: its kind's bit, or one more row it cannot move.
+#[inline(always)]
+pub(crate) fn count_row(tgid: u32, serial: u32, kind: Option<u32>) {
+    if serial == 0 {
+        return; // not tracked from its creation: its rows are for userspace's retire pass
+    }
+    if let Some(p) = PROCS.get_ptr_mut(&tgid)
+        && unsafe { (*p).serial } == serial
+    {
+        add(
+            unsafe { &mut (*p).rows },
+            kind.map_or(OTHER_ROW, |k| 1 << k),
+        );
+    }
+}

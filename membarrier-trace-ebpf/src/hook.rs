@@ -1,0 +1,149 @@
+//! The syscall hooks: the `syscalls` tracepoints, fentry/fexit on the syscall, the raw
+//! `sys_enter`/`sys_exit` tracepoints, and their floors (the same hooks doing nothing, to
+//! measure what attaching alone costs). Each hands the call to [`crate::call`].
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel,
+    macros::{btf_tracepoint, fentry, fexit, tracepoint},
+    programs::{BtfTracePointContext, FEntryContext, FExitContext, TracePointContext},
+};
+
+use crate::{
+    call::{on_enter, on_exit},
+    config::{ENTER_CMD_OFF, ENTER_FLAGS_OFF, EXIT_RET_OFF},
+    util::{arg, now},
+};
+
+#[tracepoint]
+pub fn sys_enter_membarrier(ctx: TracePointContext) -> u32 {
+    on_enter(
+        arg(&ctx, ENTER_CMD_OFF) as u32,
+        arg(&ctx, ENTER_FLAGS_OFF) as u32,
+    );
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_membarrier(ctx: TracePointContext) -> u32 {
+    on_exit(now(), arg(&ctx, EXIT_RET_OFF) as i64);
+    0
+}
+
+/// Where the kernel allows fentry (`--attach fentry|auto`): only membarrier calls pay, the rest
+/// of the box keeps the fast syscall path. The argument is the syscall's `struct pt_regs *`.
+#[fentry(function = "sys_membarrier")]
+pub fn membarrier_fentry(ctx: FEntryContext) -> u32 {
+    let regs: *const u8 = ctx.arg(0);
+    let reg =
+        |off: usize| unsafe { bpf_probe_read_kernel(regs.add(off).cast::<u64>()) }.unwrap_or(0);
+    on_enter(reg(PT_REGS_ARG0) as u32, reg(PT_REGS_ARG1) as u32);
+    0
+}
+
+#[fexit(function = "sys_membarrier")]
+pub fn membarrier_fexit(ctx: FExitContext) -> u32 {
+    let end_ns = now();
+    // (regs, return value)
+    let ret: i64 = ctx.arg(1);
+    on_exit(end_ns, ret);
+    0
+}
+
+/// `--attach raw`: the raw syscall tracepoints, which every syscall on the box runs through;
+/// anything but membarrier returns at the first compare. Cheaper per membarrier call than the
+/// syscall tracepoints (no record is built), dearer for every other syscall. tp_btf rather
+/// than raw_tp: the registers are read with direct loads, not `bpf_probe_read`. The syscall's
+/// number is an argument at entry, and read from the registers at exit.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn raw_sys_enter(ctx: BtfTracePointContext) -> i32 {
+    // (regs, id)
+    let id: i64 = ctx.arg(1);
+    if id != NR_MEMBARRIER {
+        return 0;
+    }
+    let regs: *const u8 = ctx.arg(0);
+    let reg = |off: usize| unsafe { *regs.add(off).cast::<u64>() };
+    on_enter(reg(PT_REGS_ARG0) as u32, reg(PT_REGS_ARG1) as u32);
+    0
+}
+
+#[btf_tracepoint(function = "sys_exit")]
+pub fn raw_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    // (regs, ret)
+    let regs: *const u8 = ctx.arg(0);
+    if i64::from(unsafe { *regs.add(PT_REGS_NR).cast::<SyscallNr>() }) != NR_MEMBARRIER {
+        return 0;
+    }
+    let end_ns = now();
+    on_exit(end_ns, ctx.arg(1));
+    0
+}
+
+// Each hook's floor (`cargo xtask bench`): the same attachment with programs that do nothing
+// (the raw pair still tells membarrier from the other syscalls, as any program there must).
+// What the tracer's programs cost is their time over these.
+
+#[tracepoint]
+pub fn floor_sys_enter_membarrier(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+#[tracepoint]
+pub fn floor_sys_exit_membarrier(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+#[fentry(function = "sys_membarrier")]
+pub fn floor_membarrier_fentry(_ctx: FEntryContext) -> u32 {
+    0
+}
+
+#[fexit(function = "sys_membarrier")]
+pub fn floor_membarrier_fexit(_ctx: FExitContext) -> u32 {
+    0
+}
+
+#[btf_tracepoint(function = "sys_enter")]
+pub fn floor_raw_sys_enter(ctx: BtfTracePointContext) -> i32 {
+    let id: i64 = ctx.arg(1);
+    if id != NR_MEMBARRIER {
+        return 0;
+    }
+    // Keep the compare: a membarrier call would do its work here.
+    unsafe { core::ptr::read_volatile(&id) as i32 & 0 }
+}
+
+#[btf_tracepoint(function = "sys_exit")]
+pub fn floor_raw_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    let regs: *const u8 = ctx.arg(0);
+    let nr = i64::from(unsafe { *regs.add(PT_REGS_NR).cast::<SyscallNr>() });
+    if nr != NR_MEMBARRIER {
+        return 0;
+    }
+    unsafe { core::ptr::read_volatile(&nr) as i32 & 0 }
+}
+
+#[cfg(bpf_target_arch = "x86_64")]
+pub(crate) const NR_MEMBARRIER: i64 = 324;
+
+#[cfg(bpf_target_arch = "x86_64")]
+pub(crate) const PT_REGS_NR: usize = 120; // orig_ax
+#[cfg(bpf_target_arch = "x86_64")]
+pub(crate) type SyscallNr = i64;
+
+#[cfg(not(bpf_target_arch = "x86_64"))]
+pub(crate) const NR_MEMBARRIER: i64 = 283; // the generic table: aarch64, riscv64
+#[cfg(not(bpf_target_arch = "x86_64"))]
+pub(crate) const PT_REGS_NR: usize = 280; // aarch64: syscallno
+#[cfg(not(bpf_target_arch = "x86_64"))]
+pub(crate) type SyscallNr = i32;
+
+// Offsets of the first two syscall arguments in struct pt_regs.
+#[cfg(bpf_target_arch = "x86_64")]
+pub(crate) const PT_REGS_ARG0: usize = 112; // di
+#[cfg(bpf_target_arch = "x86_64")]
+pub(crate) const PT_REGS_ARG1: usize = 104; // si
+#[cfg(not(bpf_target_arch = "x86_64"))]
+pub(crate) const PT_REGS_ARG0: usize = 0; // aarch64, riscv64...: regs[0]
+#[cfg(not(bpf_target_arch = "x86_64"))]
+pub(crate) const PT_REGS_ARG1: usize = 8;
