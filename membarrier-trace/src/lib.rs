@@ -1,29 +1,24 @@
 //! membarrier-trace: exact per-process accounting of membarrier(2) calls.
 //!
-//! [`collector`] loads the eBPF programs and reads their in-kernel aggregates into a
-//! [`model::Snapshot`]; [`model::Model`] turns snapshots into [`model::Report`]s; [`output`]
-//! renders reports as text or JSON, [`tui`] as a live dashboard, [`exporter`] as Prometheus
-//! metrics ([`exposition`]).
+//! The folders are the data path:
+//! - [`collect`] loads the eBPF programs, attaches them and reads the kernel's aggregates
+//!   (and the rings of exited processes, callers and stack samples) into a
+//!   [`model::Snapshot`];
+//! - [`enrich`] names what the kernel gave as addresses: callers and stack frames, from the
+//!   mapped files;
+//! - [`model`] turns snapshots into [`model::Report`]s (percentiles, findings, cmd names);
+//! - [`render`] draws a report: text and JSON, Prometheus metrics, the dashboard;
+//! - [`app`] is what the binary runs: the command line, the exporter's server, calibration.
+//!
+//! [`hook`] (the syscall hooks and attach modes), [`preflight`] (checks and /proc reads before
+//! and while tracing) and [`siblings`] (sibling threads for the workload) are leaves every
+//! layer may use.
 
-pub mod btf;
-pub mod calibrate;
-pub mod cli;
-pub mod cmd;
-pub mod collector;
-pub mod exporter;
-pub mod exposition;
-pub mod findings;
-pub mod hist;
+pub mod app;
+pub mod collect;
+pub mod enrich;
 pub mod hook;
-pub mod kernel;
-pub mod kstacks;
 pub mod model;
-pub mod output;
 pub mod preflight;
-pub mod procmaps;
-pub mod rcu;
-pub mod ring;
+pub mod render;
 pub mod siblings;
-pub mod symbolize;
-pub mod tui;
-pub mod unwind;

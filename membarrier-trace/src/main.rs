@@ -1,3 +1,7 @@
+//! The tracing loop: parses the command line, starts the collector (and the command to trace,
+//! if any), and ticks until a signal, `--duration` or the traced processes' exit; then renders
+//! the final report (text, JSON, folded stacks, or the dashboard throughout).
+
 use std::{
     io::{IsTerminal as _, Read as _, Write as _},
     os::{
@@ -16,16 +20,17 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use membarrier_trace::tui::{Feed as _, Stop};
+use membarrier_trace::render::tui::{Feed as _, Stop};
 use membarrier_trace::{
-    calibrate,
-    cli::{CalibrateCli, Cli, Format, Sub},
-    collector::{Collector, Options},
-    exporter::Exporter,
-    findings,
-    kernel::Features,
+    app::calibrate,
+    app::cli::{CalibrateCli, Cli, Format, Sub},
+    app::exporter::Exporter,
+    collect::collector::{Collector, Options},
+    collect::kernel::Features,
+    model::findings,
     model::{Model, Report},
-    output, preflight,
+    preflight,
+    render::text,
 };
 
 /// How often exited processes' stats rows are moved out of the kernel: often enough that a box
@@ -136,7 +141,7 @@ fn run_calibrate(cli: CalibrateCli) -> Result<()> {
             serde_json::json!({"host": about, "calibration": rows})
         )?,
         Format::Text | Format::None | Format::Folded => {
-            write!(out, "{}", output::calibration_text(&rows, &about))?
+            write!(out, "{}", text::calibration_text(&rows, &about))?
         }
     }
     Ok(())
@@ -156,9 +161,9 @@ fn install_signals() -> Result<Arc<AtomicUsize>> {
 fn emit(format: Format, report: &Report) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
     match format {
-        Format::Text => writeln!(out, "{}", output::text(report))?,
-        Format::Json => writeln!(out, "{}", output::json(report))?,
-        Format::Folded => write!(out, "{}", output::folded(report))?,
+        Format::Text => writeln!(out, "{}", text::text(report))?,
+        Format::Json => writeln!(out, "{}", text::json(report))?,
+        Format::Folded => write!(out, "{}", text::folded(report))?,
         Format::None => return Ok(()),
     };
     out.flush()
@@ -319,7 +324,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         let interval = cli
             .interval
             .map_or(Duration::from_secs(1), Duration::from_secs_f64);
-        let last = membarrier_trace::tui::run(&mut session, interval, source)?;
+        let last = membarrier_trace::render::tui::run(&mut session, interval, source)?;
         // Quitting the dashboard also stops a command we started.
         if session.exit.is_none()
             && let Some(c) = session.child.as_mut()
@@ -339,7 +344,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         let interval = cli.interval.map(Duration::from_secs_f64);
         let mut next_report = interval.map(|i| started + i);
         let mut closed = None;
-        while session.stop()?.is_none() {
+        while session.tick()?.is_none() {
             if let (Some(next), Some(i)) = (next_report, interval)
                 && Instant::now() >= next
             {
@@ -429,7 +434,7 @@ impl Session {
                 (None, Some(sig)) => format!("was killed by signal {sig}"),
                 _ => "exited".into(),
             };
-            let name = output::printable(&self.command);
+            let name = text::printable(&self.command);
             return Ok(Some(format!("`{name}` {how}")));
         }
         if self
@@ -444,8 +449,9 @@ impl Session {
         Ok(None)
     }
 
-    /// Whether tracing should end, and why.
-    fn stop(&mut self) -> Result<Option<Stop>> {
+    /// The loop's tick: answers a waiting scrape, retires the exited processes and probes new
+    /// mappings when their time has come, and says whether tracing should end, and why.
+    fn tick(&mut self) -> Result<Option<Stop>> {
         if let Some(e) = &mut self.exporter {
             e.serve(|| self.collector.snapshot(false))?;
         }
@@ -504,9 +510,9 @@ impl Session {
     }
 }
 
-impl membarrier_trace::tui::Feed for Session {
+impl membarrier_trace::render::tui::Feed for Session {
     fn stopped(&mut self) -> Result<Option<Stop>> {
-        self.stop()
+        self.tick()
     }
 
     fn report(&mut self) -> Result<Report> {

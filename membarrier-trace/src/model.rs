@@ -1,8 +1,15 @@
 //! The data model every output reads: the collector turns the kernel's maps into a
 //! [`Snapshot`]; [`Model::report`] turns snapshots into [`Report`]s, which the text and JSON
-//! outputs (and later the TUI) only render.
+//! outputs, the metrics and the dashboard only render.
 
-use std::collections::{BTreeMap, HashMap};
+pub mod cmd;
+pub mod findings;
+pub mod hist;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+};
 
 use membarrier_trace_common::{
     CpuKey, Handled, HandlerKey, IPI_HIST, MovedRow, Stats, StatsKey, SummedRow, THREAD_CMDS,
@@ -10,13 +17,20 @@ use membarrier_trace_common::{
 };
 use serde::Serialize;
 
-pub use crate::hist::Bucket;
 pub use crate::hook::Attach;
-use crate::{
-    cmd::{self, Kind},
-    hist::Histogram,
-    rcu::GpFunc,
-};
+use cmd::Kind;
+pub use hist::Bucket;
+use hist::Histogram;
+
+/// A probed grace-period function; its index in the collector's list is the uprobe's cookie.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpFunc {
+    /// `memb`, `mb`, `qsbr`, `bp`, `signal`, or `custom` (`--rcu-func`).
+    pub flavour: &'static str,
+    pub function: String,
+    /// The file it is in.
+    pub library: PathBuf,
+}
 
 /// One kernel stats row, summed over CPUs.
 #[derive(Clone, Debug)]
@@ -755,163 +769,27 @@ impl Model {
                 n as f64 * 1e9 / window_ns as f64
             }
         };
-
-        // (tgid, serial, cmd, flags) -> rows of each outcome.
-        let mut groups: BTreeMap<(u32, u32, i32, u32), Vec<&RawRow>> = BTreeMap::new();
-        for row in &snap.rows {
-            let k = row.key;
-            groups
-                .entry((k.tgid, k.serial, k.cmd as i32, k.flags))
-                .or_default()
-                .push(row);
-        }
-
+        let mut detail = Detail::index(snap);
         let mut processes: BTreeMap<ProcKey, ProcessReport> = BTreeMap::new();
         let mut next = HashMap::new();
         // Per process: all its calls' latencies, and latency and CPU time over the window.
         let mut proc_hist: HashMap<ProcKey, WindowSums> = HashMap::new();
-        // Breakdown figures kept apart from the stats rows, by (tgid, serial, cmd, flags).
-        let mut per_cpu: HashMap<Group, BTreeMap<String, u64>> = HashMap::new();
-        for (k, n) in &snap.ipi_cpus {
-            *per_cpu
-                .entry((k.tgid, k.serial, k.cmd, k.flags))
-                .or_default()
-                .entry(k.cpu.to_string())
-                .or_default() += n;
-        }
-        let mut wakers: HashMap<Group, BTreeMap<String, u64>> = HashMap::new();
-        for (k, n) in &snap.wakers {
-            *wakers
-                .entry((k.tgid, k.serial, k.cmd, k.flags))
-                .or_default()
-                .entry(comm_str(&k.comm))
-                .or_default() += n;
-        }
-        let mut threads: HashMap<ProcKey, Vec<&ThreadRow>> = HashMap::new();
-        for t in &snap.threads {
-            threads.entry(t.proc).or_default().push(t);
-        }
-        let mut handler: HashMap<Group, u64> = HashMap::new();
-        let mut victims: HashMap<Group, Vec<IpiVictim>> = HashMap::new();
-        for (k, h) in &snap.handled {
-            let group = (k.tgid, k.serial, k.cmd, k.flags);
-            *handler.entry(group).or_default() += h.ns;
-            victims.entry(group).or_default().push(IpiVictim {
-                pid: (k.victim != VICTIMS_OTHER).then_some(k.victim),
-                comm: comm_str(&h.comm),
-                interrupts: h.runs,
-                handler_ns: h.ns,
-            });
-        }
-        for v in victims.values_mut() {
-            v.sort_by(|a, b| b.interrupts.cmp(&a.interrupts).then(a.pid.cmp(&b.pid)));
-        }
-
-        // --stacks: each group's stacks.
-        let mut stacks: HashMap<StackGroup, Vec<(&[u64], &StackCount)>> = HashMap::new();
-        for ((g, frames), c) in snap.stacks.iter().flat_map(|s| &s.stacks) {
-            stacks.entry(*g).or_default().push((frames, c));
-        }
-        for ((tgid, serial, cmd_value, flags), rows) in groups {
+        for ((tgid, serial, cmd_value, flags), rows) in group_rows(snap) {
             let proc_key = (tgid, serial);
-            let mut all = RawRow::new(rows[0].key);
-            let mut errno = BTreeMap::new();
-            let mut errors = 0;
-            for r in &rows {
-                all.absorb(r);
-                if r.key.errno != 0 {
-                    errors += r.count;
-                    *errno.entry(cmd::errno_name(r.key.errno)).or_insert(0) += r.count;
-                }
-            }
-            let (calls, sum, min, max) = (all.count, all.sum_ns, all.min_ns, all.max_ns);
-            // The kernel only counts calls with a non-zero breakdown; the rest had none.
-            all.blocked_hist
-                .add_to(0, calls.saturating_sub(all.blocked_hist.total()));
-            all.ipi_hist[0] += calls.saturating_sub(all.ipi_hist.iter().sum());
             let group = (tgid, serial, cmd_value as u32, flags);
             let (before, sum_before, cpu_before) =
                 self.prev.get(&group).copied().unwrap_or((0, 0, 0));
-            let cost = CpuCost {
-                caller: sum.saturating_sub(all.blocked_sum_ns),
-                ipi_handler: handler.get(&group).copied().unwrap_or(0),
+            let (row, all, cost) = cmd_report(group, cmd_value, &rows, &mut detail, snap);
+            let row = CmdReport {
+                calls_per_sec: per_sec(row.calls.saturating_sub(before)),
+                ..row
             };
-            next.insert(group, (calls, sum, cost.total()));
+            next.insert(group, (all.count, all.sum_ns, cost.total()));
             let ph = proc_hist.entry(proc_key).or_default();
             ph.0.add(&all.hist);
-            ph.1 = ph.1.min(min);
-            ph.2 += sum.saturating_sub(sum_before);
+            ph.1 = ph.1.min(all.min_ns);
+            ph.2 += all.sum_ns.saturating_sub(sum_before);
             ph.3 += cost.total().saturating_sub(cpu_before);
-            let row = CmdReport {
-                cmd: cmd::display_name(cmd_value),
-                cmd_value,
-                kind: cmd::kind_with_flags(cmd_value, flags),
-                flags,
-                calls,
-                calls_per_sec: per_sec(calls.saturating_sub(before)),
-                errors,
-                errno,
-                latency_ns: Latency::new(&all.hist, min, max, sum),
-                histogram: all.hist.buckets(max),
-                blocked_ns: Blocked {
-                    sum: all.blocked_sum_ns,
-                    p50: all.blocked_hist.quantile(0.5, 0, all.blocked_max_ns),
-                    p99: all.blocked_hist.quantile(0.99, 0, all.blocked_max_ns),
-                    max: all.blocked_max_ns,
-                },
-                on_cpu_ns: cost.caller,
-                woken_by: wakers.remove(&group).unwrap_or_default(),
-                ipis: Ipis {
-                    sent: all.ipis,
-                    per_cpu: per_cpu.remove(&group).unwrap_or_default(),
-                    per_call: all
-                        .ipi_hist
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, c)| **c > 0)
-                        .map(|(i, &count)| IpiBucket {
-                            ipis: i as u64,
-                            count,
-                        })
-                        .collect(),
-                    handler_ns: cost.ipi_handler,
-                    victims: victims.remove(&group).unwrap_or_default(),
-                },
-                mutex_wait_ns: MutexWait {
-                    sum: all.mutex_wait_sum_ns,
-                    max: all.mutex_wait_max_ns,
-                },
-                threads: cmd_threads(threads.get(&proc_key), cmd_value as u32, flags),
-                stacks: None,
-                unattributed: None,
-            };
-            let row = match &snap.stacks {
-                Some(st) => {
-                    let g = (proc_key, cmd_value as u32, flags);
-                    let mine = stacks.remove(&g).unwrap_or_default();
-                    // Calls sampled out with no sample taken to stand for them have no stack.
-                    let orphans = if mine.iter().any(|(_, c)| c.sampled > 0) {
-                        0
-                    } else {
-                        all.stacks_sampled_out
-                    };
-                    CmdReport {
-                        stacks: Some(stack_reports(
-                            &mine,
-                            all.stacks_sampled_out,
-                            &snap.callers,
-                            proc_key,
-                        )),
-                        unattributed: Some(
-                            all.stacks_unsent
-                                + st.unattributed.get(&g).copied().unwrap_or(0)
-                                + orphans,
-                        ),
-                        ..row
-                    }
-                }
-                None => row,
-            };
             let p = processes.entry(proc_key).or_insert_with(|| ProcessReport {
                 exited: snap.exited.contains_key(&proc_key),
                 processes: snap.exited.get(&proc_key).copied().unwrap_or(1),
@@ -921,61 +799,25 @@ impl Model {
                     snap.comms.get(&proc_key).cloned().unwrap_or_default(),
                 )
             });
-            p.cpu_ns.caller += cost.caller;
-            p.cpu_ns.ipi_handler += cost.ipi_handler;
-            p.latency_ns.sum += row.latency_ns.sum;
-            p.latency_ns.max = p.latency_ns.max.max(row.latency_ns.max);
-            if row.kind == Kind::Registration {
-                p.registrations += row.calls - row.errors;
-                p.registrations_failed += row.errors;
-                p.registration_ns += row.latency_ns.sum;
-            }
-            if row.kind == Kind::Barrier {
-                p.unregistered_eperm += row.errno.get("EPERM").copied().unwrap_or(0);
-            }
-            p.calls += row.calls;
-            p.calls_per_sec += row.calls_per_sec;
-            p.errors += row.errors;
-            p.cmds.push(row);
+            p.add_cmd(row, cost);
         }
         self.prev = next;
         self.prev_elapsed_ns = snap.elapsed_ns;
-        let mut rcu_writers =
-            writer_reports(&snap.writers, &snap.gp_funcs, &snap.callers, &snap.comms);
-        let mut writers_next = HashMap::new();
-        for w in &mut rcu_writers {
-            let key = (w.pid, w.serial, w.func, w.caller.address);
-            let before = self.prev_writers.get(&key).copied().unwrap_or(0);
-            w.grace_periods_per_sec = per_sec(w.grace_periods.saturating_sub(before));
-            writers_next.insert(key, w.grace_periods);
-        }
-        self.prev_writers = writers_next;
+        let rcu_writers = self.writers_with_rates(snap, per_sec);
+        let pct = |ns: u64| {
+            if window_ns == 0 {
+                0.0
+            } else {
+                ns as f64 * 100.0 / window_ns as f64
+            }
+        };
         for (key, p) in processes.iter_mut() {
             let WindowSums(hist, min, window_sum, window_cpu) = &proc_hist[key];
             p.latency_ns = Latency::new(hist, *min, p.latency_ns.max, p.latency_ns.sum);
-            let pct = |ns: u64| {
-                if window_ns == 0 {
-                    0.0
-                } else {
-                    ns as f64 * 100.0 / window_ns as f64
-                }
-            };
             p.time_inside_pct = pct(*window_sum);
             p.cpu_pct = pct(*window_cpu);
         }
-
-        let mut processes: Vec<ProcessReport> = processes.into_values().collect();
-        // Busiest first; ties by pid so the order is stable.
-        processes.sort_by(|a, b| {
-            b.calls
-                .cmp(&a.calls)
-                .then(a.pid.cmp(&b.pid))
-                .then(a.serial.cmp(&b.serial))
-        });
-        for p in &mut processes {
-            p.cmds
-                .sort_by(|a, b| b.calls.cmp(&a.calls).then(a.cmd_value.cmp(&b.cmd_value)));
-        }
+        let processes = busiest_first(processes.into_values().collect());
         let calls = processes.iter().map(|p| p.calls).sum();
         Report {
             duration_ns: snap.elapsed_ns,
@@ -1006,6 +848,234 @@ impl Model {
             findings: Vec::new(),
         }
     }
+
+    /// The RCU writers, each with its grace periods per second over the window.
+    fn writers_with_rates(
+        &mut self,
+        snap: &Snapshot,
+        per_sec: impl Fn(u64) -> f64,
+    ) -> Vec<WriterReport> {
+        let mut rcu_writers =
+            writer_reports(&snap.writers, &snap.gp_funcs, &snap.callers, &snap.comms);
+        let mut writers_next = HashMap::new();
+        for w in &mut rcu_writers {
+            let key = (w.pid, w.serial, w.func, w.caller.address);
+            let before = self.prev_writers.get(&key).copied().unwrap_or(0);
+            w.grace_periods_per_sec = per_sec(w.grace_periods.saturating_sub(before));
+            writers_next.insert(key, w.grace_periods);
+        }
+        self.prev_writers = writers_next;
+        rcu_writers
+    }
+}
+
+/// The snapshot's stats rows by (tgid, serial, cmd, flags): one per outcome (errno) each.
+fn group_rows(snap: &Snapshot) -> BTreeMap<(u32, u32, i32, u32), Vec<&RawRow>> {
+    let mut groups: BTreeMap<(u32, u32, i32, u32), Vec<&RawRow>> = BTreeMap::new();
+    for row in &snap.rows {
+        let k = row.key;
+        groups
+            .entry((k.tgid, k.serial, k.cmd as i32, k.flags))
+            .or_default()
+            .push(row);
+    }
+    groups
+}
+
+/// The snapshot's detail, apart from the stats rows: by group (tgid, serial, cmd, flags), or by
+/// process for threads. Each group's share is taken out as its row is built.
+struct Detail<'a> {
+    per_cpu: HashMap<Group, BTreeMap<String, u64>>,
+    wakers: HashMap<Group, BTreeMap<String, u64>>,
+    threads: HashMap<ProcKey, Vec<&'a ThreadRow>>,
+    handler: HashMap<Group, u64>,
+    victims: HashMap<Group, Vec<IpiVictim>>,
+    /// --stacks: each group's stacks.
+    stacks: HashMap<StackGroup, Vec<(&'a [u64], &'a StackCount)>>,
+}
+
+impl<'a> Detail<'a> {
+    fn index(snap: &'a Snapshot) -> Self {
+        let mut d = Detail {
+            per_cpu: HashMap::new(),
+            wakers: HashMap::new(),
+            threads: HashMap::new(),
+            handler: HashMap::new(),
+            victims: HashMap::new(),
+            stacks: HashMap::new(),
+        };
+        for (k, n) in &snap.ipi_cpus {
+            *d.per_cpu
+                .entry((k.tgid, k.serial, k.cmd, k.flags))
+                .or_default()
+                .entry(k.cpu.to_string())
+                .or_default() += n;
+        }
+        for (k, n) in &snap.wakers {
+            *d.wakers
+                .entry((k.tgid, k.serial, k.cmd, k.flags))
+                .or_default()
+                .entry(comm_str(&k.comm))
+                .or_default() += n;
+        }
+        for t in &snap.threads {
+            d.threads.entry(t.proc).or_default().push(t);
+        }
+        for (k, h) in &snap.handled {
+            let group = (k.tgid, k.serial, k.cmd, k.flags);
+            *d.handler.entry(group).or_default() += h.ns;
+            d.victims.entry(group).or_default().push(IpiVictim {
+                pid: (k.victim != VICTIMS_OTHER).then_some(k.victim),
+                comm: comm_str(&h.comm),
+                interrupts: h.runs,
+                handler_ns: h.ns,
+            });
+        }
+        for v in d.victims.values_mut() {
+            v.sort_by(|a, b| b.interrupts.cmp(&a.interrupts).then(a.pid.cmp(&b.pid)));
+        }
+        for ((g, frames), c) in snap.stacks.iter().flat_map(|s| &s.stacks) {
+            d.stacks.entry(*g).or_default().push((frames, c));
+        }
+        d
+    }
+}
+
+/// One group's row of the report, from its stats rows (one per errno) and its detail; its rate
+/// is left to the caller, which knows the window. Returns the rows summed and the CPU cost too.
+fn cmd_report(
+    group: Group,
+    cmd_value: i32,
+    rows: &[&RawRow],
+    detail: &mut Detail,
+    snap: &Snapshot,
+) -> (CmdReport, RawRow, CpuCost) {
+    let (tgid, serial, _, flags) = group;
+    let proc_key = (tgid, serial);
+    let mut all = RawRow::new(rows[0].key);
+    let mut errno = BTreeMap::new();
+    let mut errors = 0;
+    for r in rows {
+        all.absorb(r);
+        if r.key.errno != 0 {
+            errors += r.count;
+            *errno.entry(cmd::errno_name(r.key.errno)).or_insert(0) += r.count;
+        }
+    }
+    let (calls, sum, min, max) = (all.count, all.sum_ns, all.min_ns, all.max_ns);
+    // The kernel only counts calls with a non-zero breakdown; the rest had none.
+    all.blocked_hist
+        .add_to(0, calls.saturating_sub(all.blocked_hist.total()));
+    all.ipi_hist[0] += calls.saturating_sub(all.ipi_hist.iter().sum());
+    let cost = CpuCost {
+        caller: sum.saturating_sub(all.blocked_sum_ns),
+        ipi_handler: detail.handler.get(&group).copied().unwrap_or(0),
+    };
+    let row = CmdReport {
+        cmd: cmd::display_name(cmd_value),
+        cmd_value,
+        kind: cmd::kind_with_flags(cmd_value, flags),
+        flags,
+        calls,
+        calls_per_sec: 0.0,
+        errors,
+        errno,
+        latency_ns: Latency::new(&all.hist, min, max, sum),
+        histogram: all.hist.buckets(max),
+        blocked_ns: Blocked {
+            sum: all.blocked_sum_ns,
+            p50: all.blocked_hist.quantile(0.5, 0, all.blocked_max_ns),
+            p99: all.blocked_hist.quantile(0.99, 0, all.blocked_max_ns),
+            max: all.blocked_max_ns,
+        },
+        on_cpu_ns: cost.caller,
+        woken_by: detail.wakers.remove(&group).unwrap_or_default(),
+        ipis: Ipis {
+            sent: all.ipis,
+            per_cpu: detail.per_cpu.remove(&group).unwrap_or_default(),
+            per_call: all
+                .ipi_hist
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(|(i, &count)| IpiBucket {
+                    ipis: i as u64,
+                    count,
+                })
+                .collect(),
+            handler_ns: cost.ipi_handler,
+            victims: detail.victims.remove(&group).unwrap_or_default(),
+        },
+        mutex_wait_ns: MutexWait {
+            sum: all.mutex_wait_sum_ns,
+            max: all.mutex_wait_max_ns,
+        },
+        threads: cmd_threads(detail.threads.get(&proc_key), cmd_value as u32, flags),
+        stacks: None,
+        unattributed: None,
+    };
+    let Some(st) = &snap.stacks else {
+        return (row, all, cost);
+    };
+    let g = (proc_key, cmd_value as u32, flags);
+    let mine = detail.stacks.remove(&g).unwrap_or_default();
+    // Calls sampled out with no sample taken to stand for them have no stack.
+    let orphans = if mine.iter().any(|(_, c)| c.sampled > 0) {
+        0
+    } else {
+        all.stacks_sampled_out
+    };
+    let row = CmdReport {
+        stacks: Some(stack_reports(
+            &mine,
+            all.stacks_sampled_out,
+            &snap.callers,
+            proc_key,
+        )),
+        unattributed: Some(
+            all.stacks_unsent + st.unattributed.get(&g).copied().unwrap_or(0) + orphans,
+        ),
+        ..row
+    };
+    (row, all, cost)
+}
+
+impl ProcessReport {
+    /// Adds one of its cmds' rows to the process's totals, and the row to its list.
+    fn add_cmd(&mut self, row: CmdReport, cost: CpuCost) {
+        self.cpu_ns.caller += cost.caller;
+        self.cpu_ns.ipi_handler += cost.ipi_handler;
+        self.latency_ns.sum += row.latency_ns.sum;
+        self.latency_ns.max = self.latency_ns.max.max(row.latency_ns.max);
+        if row.kind == Kind::Registration {
+            self.registrations += row.calls - row.errors;
+            self.registrations_failed += row.errors;
+            self.registration_ns += row.latency_ns.sum;
+        }
+        if row.kind == Kind::Barrier {
+            self.unregistered_eperm += row.errno.get("EPERM").copied().unwrap_or(0);
+        }
+        self.calls += row.calls;
+        self.calls_per_sec += row.calls_per_sec;
+        self.errors += row.errors;
+        self.cmds.push(row);
+    }
+}
+
+/// Busiest process first, and in each its busiest cmd first; ties by pid (and serial) or cmd,
+/// so the order is stable.
+fn busiest_first(mut processes: Vec<ProcessReport>) -> Vec<ProcessReport> {
+    processes.sort_by(|a, b| {
+        b.calls
+            .cmp(&a.calls)
+            .then(a.pid.cmp(&b.pid))
+            .then(a.serial.cmp(&b.serial))
+    });
+    for p in &mut processes {
+        p.cmds
+            .sort_by(|a, b| b.calls.cmp(&a.calls).then(a.cmd_value.cmp(&b.cmd_value)));
+    }
+    processes
 }
 
 /// The threads of a process that made calls of `cmd` with `flags`, most calls first.

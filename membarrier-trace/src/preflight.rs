@@ -1,5 +1,6 @@
-//! Checks of the machine and the command line before anything is loaded, so that each problem
-//! is one clear line instead of a failure deep inside a BPF load.
+//! The machine as /proc, /sys and tracefs show it: checked before anything is loaded, so that
+//! each problem is one clear line instead of a failure deep inside a BPF load, and read live
+//! while tracing (whether a pid still exists, its name, whether it is a kernel thread).
 
 use std::{
     ffi::CString,

@@ -6,7 +6,7 @@ use std::{fs, io::Write as _, path::PathBuf};
 use anyhow::{Context as _, Result, bail};
 use clap::CommandFactory as _;
 use clap_complete::Shell;
-use membarrier_trace::cli::{Cli, EXIT_CODES};
+use membarrier_trace::app::cli::{Cli, EXIT_CODES};
 
 fn main() -> Result<()> {
     let mut args = std::env::args_os().skip(1);

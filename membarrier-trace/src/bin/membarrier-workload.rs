@@ -18,7 +18,7 @@ use std::{
 
 use clap::Parser;
 use membarrier_trace::{
-    cmd,
+    model::cmd,
     siblings::{Siblings, pin},
 };
 

@@ -92,7 +92,8 @@ fn concurrent_expedited_callers_wait_for_the_mutex() {
     // Whether two calls meet at the mutex is up to the scheduler: a PREEMPT_RT guest under
     // TCG once ran 80,000 calls without one wait. Up to three rounds, each checked in full.
     let mut waits = Vec::new();
-    let lock_tracepoints = membarrier_trace::kernel::Features::of_this_kernel().lock_contention;
+    let lock_tracepoints =
+        membarrier_trace::collect::kernel::Features::of_this_kernel().lock_contention;
     for _round in 0..3 {
         let args = ["--expedited", "20000", "--threads", "2"];
         let (a, b) = (Workload::start(&args), Workload::start(&args));

@@ -115,7 +115,7 @@ fn stacks_above_the_rate_are_sampled_and_add_up() {
         .unwrap()
         .clone();
     assert_eq!(pe["calls"], expected);
-    let kernel = membarrier_trace::kernel::Features::of_this_kernel();
+    let kernel = membarrier_trace::collect::kernel::Features::of_this_kernel();
     if !kernel.task_pt_regs {
         // Before Linux 5.15 (the 5.10 guest): the run goes on without stacks, saying so once.
         let err = String::from_utf8_lossy(&out.stderr);

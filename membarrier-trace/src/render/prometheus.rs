@@ -1,6 +1,6 @@
 //! The report as Prometheus metrics: the text exposition format 0.0.4, or OpenMetrics 1.0 when
 //! the scraper asks for it. Pure rendering; serving and forgetting exited processes are in
-//! [`crate::exporter`].
+//! [`crate::app::exporter`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -3,11 +3,12 @@
 use std::{borrow::Cow, fmt::Write as _};
 
 use crate::{
-    cmd::{self, Kind},
+    model::cmd::{self, Kind},
     model::{
         Caller, CmdReport, CmdThread, Dropped, GraceSource, IpiVictim, ProcessReport, Report,
         Severity, StackReport,
     },
+    render::units,
 };
 
 /// `s` safe to put on a terminal: control bytes (ESC, newline, DEL...) written as `\xNN`, so a
@@ -63,28 +64,6 @@ pub fn dropped_causes(d: &Dropped) -> String {
     parts.join(", ")
 }
 
-/// A duration in ns as text with a unit: `412ns`, `1.25us`, `12.3ms`, `1.50s`.
-pub fn fmt_ns(ns: u64) -> String {
-    let f = ns as f64;
-    if ns < 1_000 {
-        format!("{ns}ns")
-    } else if ns < 1_000_000 {
-        format!("{:.2}us", f / 1e3)
-    } else if ns < 1_000_000_000 {
-        format!("{:.2}ms", f / 1e6)
-    } else {
-        format!("{:.2}s", f / 1e9)
-    }
-}
-
-fn fmt_rate(r: f64) -> String {
-    if r >= 100.0 {
-        format!("{r:.0}")
-    } else {
-        format!("{r:.1}")
-    }
-}
-
 pub fn text(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -92,8 +71,8 @@ pub fn text(r: &Report) -> String {
         "membarrier-trace: {:.2} s traced, {} calls ({}/s over the run, {}/s over the last {:.2} s), {} missed, {} dropped",
         r.duration_ns as f64 / 1e9,
         r.calls,
-        fmt_rate(r.run_calls_per_sec),
-        fmt_rate(r.calls_per_sec),
+        units::per_sec(r.run_calls_per_sec),
+        units::per_sec(r.calls_per_sec),
         r.window_ns as f64 / 1e9,
         r.missed_calls,
         r.dropped.total
@@ -154,7 +133,7 @@ pub fn text(r: &Report) -> String {
             p.pid,
             process_name(p),
             p.calls,
-            fmt_rate(p.calls_per_sec),
+            units::per_sec(p.calls_per_sec),
             p.errors
         );
         if p.registrations + p.registrations_failed > 0 {
@@ -167,15 +146,15 @@ pub fn text(r: &Report) -> String {
                 s,
                 "  registered: {} calls{failed}, {} in all",
                 p.registrations,
-                fmt_ns(p.registration_ns)
+                units::ns(p.registration_ns)
             );
         }
         if p.cpu_ns.total() > 0 {
             let _ = writeln!(
                 s,
                 "  cpu: {} on the callers' CPUs + {} in IPI handlers on others; {:.2}% of a core over the last {:.2} s",
-                fmt_ns(p.cpu_ns.caller),
-                fmt_ns(p.cpu_ns.ipi_handler),
+                units::ns(p.cpu_ns.caller),
+                units::ns(p.cpu_ns.ipi_handler),
                 p.cpu_pct,
                 r.window_ns as f64 / 1e9
             );
@@ -206,11 +185,11 @@ pub fn text(r: &Report) -> String {
                 name,
                 cmd::flags_name(c.flags),
                 c.calls,
-                fmt_rate(c.calls_per_sec),
+                units::per_sec(c.calls_per_sec),
                 c.errors,
-                fmt_ns(c.latency_ns.p50),
-                fmt_ns(c.latency_ns.p99),
-                fmt_ns(c.latency_ns.max)
+                units::ns(c.latency_ns.p50),
+                units::ns(c.latency_ns.p99),
+                units::ns(c.latency_ns.max)
             );
             if !c.errno.is_empty() {
                 let errs: Vec<String> = c.errno.iter().map(|(e, n)| format!("{e}:{n}")).collect();
@@ -322,13 +301,13 @@ RCU writers (userspace grace periods):"
             s,
             "  {} grace periods, p50 {}, p99 {}, max {}, {} in all: membarrier {} ({} calls), blocked {} (waiting for readers)",
             w.grace_periods,
-            fmt_ns(w.latency_ns.p50),
-            fmt_ns(w.latency_ns.p99),
-            fmt_ns(w.latency_ns.max),
-            fmt_ns(w.latency_ns.sum),
-            fmt_ns(w.membarrier_ns),
+            units::ns(w.latency_ns.p50),
+            units::ns(w.latency_ns.p99),
+            units::ns(w.latency_ns.max),
+            units::ns(w.latency_ns.sum),
+            units::ns(w.membarrier_ns),
             w.membarrier_calls,
-            fmt_ns(w.blocked_ns)
+            units::ns(w.blocked_ns)
         );
         let threads: Vec<String> = w
             .threads
@@ -354,11 +333,11 @@ fn breakdown(s: &mut String, c: &CmdReport) {
     if c.blocked_ns.sum > 0 {
         let mut p = format!(
             "blocked {} of {} in the call, summed over calls ({:.0}%), p50 {}, max {}",
-            fmt_ns(c.blocked_ns.sum),
-            fmt_ns(c.latency_ns.sum),
+            units::ns(c.blocked_ns.sum),
+            units::ns(c.latency_ns.sum),
             c.blocked_pct(),
-            fmt_ns(c.blocked_ns.p50),
-            fmt_ns(c.blocked_ns.max)
+            units::ns(c.blocked_ns.p50),
+            units::ns(c.blocked_ns.max)
         );
         if !c.woken_by.is_empty() {
             let _ = write!(p, "; woken by {}", counts(&c.woken_by, ""));
@@ -370,7 +349,7 @@ fn breakdown(s: &mut String, c: &CmdReport) {
             "IPIs {:.2}/call ({}), handler time {}",
             c.ipis_per_call(),
             counts(&c.ipis.per_cpu, "cpu"),
-            fmt_ns(c.ipis.handler_ns)
+            units::ns(c.ipis.handler_ns)
         ));
     }
     if !c.ipis.victims.is_empty() {
@@ -379,8 +358,8 @@ fn breakdown(s: &mut String, c: &CmdReport) {
     if c.mutex_wait_ns.sum > 0 {
         parts.push(format!(
             "mutex wait {} (max {})",
-            fmt_ns(c.mutex_wait_ns.sum),
-            fmt_ns(c.mutex_wait_ns.max)
+            units::ns(c.mutex_wait_ns.sum),
+            units::ns(c.mutex_wait_ns.max)
         ));
     }
     if c.threads.len() > 1 {
@@ -402,7 +381,7 @@ fn breakdown(s: &mut String, c: &CmdReport) {
                 "  {}{} calls, {}: {}",
                 if st.estimated { "~" } else { "" },
                 st.calls,
-                fmt_ns(st.latency_ns_sum),
+                units::ns(st.latency_ns_sum),
                 stack_frames(st, 8)
             ));
         }
@@ -474,7 +453,7 @@ pub fn victims(vs: &[IpiVictim], max: usize) -> String {
                 Some(pid) => format!("{}({pid})", printable(&v.comm)),
                 None => "others".to_string(),
             };
-            format!("{who}:{} {}", v.interrupts, fmt_ns(v.handler_ns))
+            format!("{who}:{} {}", v.interrupts, units::ns(v.handler_ns))
         })
         .collect();
     if vs.len() > max {
@@ -515,7 +494,7 @@ pub fn json(r: &Report) -> String {
 
 /// `calibrate`'s table: each scenario's latency, on-CPU time and IPIs per call, and what it
 /// costs at 1,000 calls a second.
-pub fn calibration_text(rows: &[crate::calibrate::Calibration], about: &str) -> String {
+pub fn calibration_text(rows: &[crate::app::calibrate::Calibration], about: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "membarrier's cost on this host: {about}");
     let _ = writeln!(
@@ -537,11 +516,11 @@ pub fn calibration_text(rows: &[crate::calibrate::Calibration], about: &str) -> 
             "{:<46} {:>7} {:>8} {:>8} {:>8} {:>9.2} {:>8} {:>11.3} {:>12.1}",
             r.scenario,
             r.calls,
-            fmt_ns(r.p50_ns),
-            fmt_ns(r.p99_ns),
-            fmt_ns(r.caller_cpu_ns_per_call),
+            units::ns(r.p50_ns),
+            units::ns(r.p99_ns),
+            units::ns(r.caller_cpu_ns_per_call),
             r.ipis_per_call,
-            fmt_ns(r.handler_ns_per_ipi),
+            units::ns(r.handler_ns_per_ipi),
             r.caller_pct_at(1000.0),
             r.handler_us_per_cpu_at(1000.0)
         );
@@ -574,10 +553,10 @@ mod tests {
 
     #[test]
     fn units() {
-        assert_eq!(fmt_ns(412), "412ns");
-        assert_eq!(fmt_ns(1_250), "1.25us");
-        assert_eq!(fmt_ns(12_300_000), "12.30ms");
-        assert_eq!(fmt_ns(1_500_000_000), "1.50s");
+        assert_eq!(units::ns(412), "412ns");
+        assert_eq!(units::ns(1_250), "1.25us");
+        assert_eq!(units::ns(12_300_000), "12.30ms");
+        assert_eq!(units::ns(1_500_000_000), "1.50s");
     }
 
     #[test]
@@ -673,7 +652,7 @@ mod tests {
     #[test]
     fn findings_come_first() {
         let mut r = Model::default().report(&snapshot());
-        r.findings = crate::findings::of(&r, &crate::findings::Machine::default());
+        r.findings = crate::model::findings::of(&r, &crate::model::findings::Machine::default());
         // PID 42's PRIVATE_EXPEDITED row has 2 EPERM.
         assert_eq!(r.findings.len(), 1, "{:#?}", r.findings);
         assert_eq!(r.findings[0].rule, "unregistered_eperm");

@@ -3,7 +3,7 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{exposition::By, hook::AttachMode, rcu::CustomFunc};
+use crate::{collect::rcu::CustomFunc, hook::AttachMode, render::prometheus::By};
 
 /// `--version`: the version and the commit it was built from.
 pub const VERSION: &str = concat!(

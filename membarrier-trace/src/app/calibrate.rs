@@ -12,8 +12,8 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
 use crate::{
-    cmd,
-    collector::Collector,
+    collect::collector::Collector,
+    model::cmd,
     model::{Model, ProcessReport},
     siblings::{Siblings, pin},
 };
@@ -226,7 +226,7 @@ pub fn run(
 
 /// A scenario's figures from its processes' rows of its cmd (every flags and outcome).
 fn figures(s: &Scenario, procs: &[&ProcessReport]) -> Calibration {
-    let mut hist = crate::hist::Histogram::default();
+    let mut hist = crate::model::hist::Histogram::default();
     let (mut calls, mut errors, mut sum, mut on_cpu, mut ipis, mut handler) = (0, 0, 0, 0, 0, 0);
     let (mut min, mut max) = (u64::MAX, 0);
     let mut errno = Vec::new();

@@ -1,5 +1,8 @@
-//! Loads the eBPF programs, attaches them, and reads the kernel's aggregates into a
-//! [`Snapshot`].
+//! The collector: four jobs on the maps of one loaded object. It picks the programs a run needs
+//! from the probe tables and attaches them (checking each tracepoint's layout first); loads
+//! and starts them, with maps sized for the machine; retires exited processes (their rows,
+//! threads and detail moved out of the kernel, summed past a bound); and reads the kernel's
+//! aggregates into a [`Snapshot`].
 
 use std::{
     collections::{HashMap, HashSet},
@@ -22,16 +25,16 @@ use membarrier_trace_common::{
 };
 
 use crate::{
+    collect::kstacks::KernelStacks,
+    collect::rcu::{CustomFunc, Writers},
+    collect::ring::ExitedRing,
+    enrich::symbolize::{CallerNamer, Rings},
     hook::{Attach, AttachMode, Hook, Kind},
-    kstacks::KernelStacks,
     model::{
         Absorb, ExitedRows, GraceSource, Losses, Maps, ProcKey, RawRow, Snapshot, ThreadRow,
         WriterRow, comm_str,
     },
     preflight,
-    rcu::{CustomFunc, Writers},
-    ring::ExitedRing,
-    symbolize::{CallerNamer, Rings},
 };
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MEMBARRIER_TRACE_EBPF_OBJECT"));
@@ -58,7 +61,7 @@ pub struct Options {
     pub hook_floor: bool,
     /// What the running kernel's BPF can do: which eBPF object loads (read once, by the caller,
     /// which also turns off what the kernel cannot do).
-    pub kernel: crate::kernel::Features,
+    pub kernel: crate::collect::kernel::Features,
 }
 
 pub struct Collector {
@@ -768,7 +771,7 @@ impl Collector {
         let filter = u8::from(!opts.pids.is_empty() || opts.follow_forks);
         let funcs = ipi_funcs();
         let sizes = MapSizes::of_this_machine();
-        let task = crate::btf::task_offsets();
+        let task = crate::collect::btf::task_offsets();
         let task_offsets = task.map_or([0; 3], |t| [t.pid, t.group_leader, t.comm]);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("STATS", sizes.stats)

@@ -20,6 +20,8 @@ use aya::{
 };
 use object::{Object as _, ObjectSymbol as _};
 
+use crate::model::GpFunc;
+
 /// liburcu's grace-period functions: the names since 0.11 (`urcu_<flavour>_`), then the older
 /// ones, which later releases no longer export.
 const LIBURCU: &[(&str, &str)] = &[
@@ -46,16 +48,6 @@ const LIB_DIRS: &[&str] = &[
     "/usr/local/lib",
     "/usr/local/lib64",
 ];
-
-/// A probed grace-period function; its index in [`Writers::funcs`] is the uprobe's cookie.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GpFunc {
-    /// `memb`, `mb`, `qsbr`, `bp`, `signal`, or `custom` (`--rcu-func`).
-    pub flavour: &'static str,
-    pub function: String,
-    /// The file it is in.
-    pub library: PathBuf,
-}
 
 /// A `--rcu-func PATH:SYMBOL`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,7 +146,7 @@ impl Writers {
     /// an executable with liburcu linked in), unless looked at before. Cheap to call again:
     /// it reads /proc/PID/maps, and opens only files it has not seen.
     pub fn probe_process(&mut self, ebpf: &mut Ebpf, pid: u32) {
-        let Some(maps) = crate::procmaps::mappings(pid) else {
+        let Some(maps) = crate::enrich::procmaps::mappings(pid) else {
             return;
         };
         for m in maps {

@@ -6,7 +6,7 @@
 use serde_json::{Value, json};
 
 use crate::{
-    cmd::Kind,
+    model::cmd::Kind,
     model::{CmdReport, Finding, ProcessReport, Report, Severity},
 };
 

@@ -13,27 +13,11 @@ use ratatui::{
 
 use super::app::{App, Column, Pane};
 use crate::{
-    cmd::Kind,
+    model::cmd::Kind,
     model::{CmdReport, Finding, GraceSource, ProcessReport, WriterReport},
-    output::{counts, victims},
+    render::text::{counts, victims},
+    render::units,
 };
-
-/// A duration in at most 6 characters, 3 significant digits: `687ns`, `15.0us`, `11.8ms`.
-fn fmt_ns(ns: u64) -> String {
-    let (v, unit) = match ns {
-        0..1_000 => return format!("{ns}ns"),
-        1_000..1_000_000 => (ns as f64 / 1e3, "us"),
-        1_000_000..1_000_000_000 => (ns as f64 / 1e6, "ms"),
-        _ => (ns as f64 / 1e9, "s"),
-    };
-    if v >= 100.0 {
-        format!("{v:.0}{unit}")
-    } else if v >= 10.0 {
-        format!("{v:.1}{unit}")
-    } else {
-        format!("{v:.2}{unit}")
-    }
-}
 
 /// Below this the dashboard cannot be laid out: a one-line note instead.
 const MIN_W: u16 = 40;
@@ -42,16 +26,6 @@ const MIN_H: u16 = 10;
 const DETAIL_MIN_H: u16 = 20;
 /// Rows the histogram, sparkline and breakdown under the cmd list need at least.
 const DETAIL_BELOW_H: u16 = 9;
-
-/// A bucket bound as a short label: `512ns`, `16us`, `2ms`, `1s`.
-fn short_ns(ns: u64) -> String {
-    match ns {
-        0..1_000 => format!("{ns}ns"),
-        1_000..1_000_000 => format!("{}us", ns / 1_000),
-        1_000_000..1_000_000_000 => format!("{}ms", ns / 1_000_000),
-        _ => format!("{}s", ns / 1_000_000_000),
-    }
-}
 
 /// A count in at most 7 characters: exact below 10 million, then `12.3M`, `4.56G`. A column
 /// never cuts a number short.
@@ -225,7 +199,7 @@ fn process_cells(app: &App, p: &ProcessReport) -> Vec<String> {
         p.pid.to_string()
     };
     // A process with findings: `!` before its name (they are in its detail pane).
-    let name = crate::output::process_name(p);
+    let name = crate::render::text::process_name(p);
     let name = if findings_of(app, p).next().is_some() {
         format!("!{name}")
     } else {
@@ -237,9 +211,9 @@ fn process_cells(app: &App, p: &ProcessReport) -> Vec<String> {
         rate(p.calls_per_sec),
         count(p.calls),
         count(p.errors),
-        fmt_ns(p.latency_ns.p50),
-        fmt_ns(p.latency_ns.p99),
-        fmt_ns(p.latency_ns.max),
+        units::ns3(p.latency_ns.p50),
+        units::ns3(p.latency_ns.p99),
+        units::ns3(p.latency_ns.max),
         p.cmds.first().map(|c| c.cmd.clone()).unwrap_or_default(),
         // Threads inside membarrier on average (the time inside over the interval).
         format!("{:.2}", p.time_inside_pct / 100.0),
@@ -400,7 +374,7 @@ fn render_cmds(f: &mut Frame, app: &App, p: &ProcessReport, area: Rect) {
     let title = format!(
         " {} {}: cmds (Tab, then j/k) ",
         p.pid,
-        crate::output::process_name(p)
+        crate::render::text::process_name(p)
     );
     let header = Row::new([
         "CMD", "CALLS", "CALLS/S", "ERRORS", "P50", "P99", "MAX", "BLOCKED", "IPI/CALL",
@@ -417,9 +391,9 @@ fn render_cmds(f: &mut Frame, app: &App, p: &ProcessReport, area: Rect) {
             count(c.calls),
             rate(c.calls_per_sec),
             count(c.errors),
-            fmt_ns(c.latency_ns.p50),
-            fmt_ns(c.latency_ns.p99),
-            fmt_ns(c.latency_ns.max),
+            units::ns3(c.latency_ns.p50),
+            units::ns3(c.latency_ns.p99),
+            units::ns3(c.latency_ns.max),
             format!("{:.0}%", c.blocked_pct()),
             format!("{:.2}", c.ipis_per_call()),
         ])
@@ -477,11 +451,11 @@ fn render_writers(f: &mut Frame, writers: &[&WriterReport], area: Rect) {
     };
     let rows = writers.iter().map(|w| {
         Row::new([
-            crate::output::caller(&w.caller),
+            crate::render::text::caller(&w.caller),
             count(w.grace_periods),
             rate(w.grace_periods_per_sec),
-            fmt_ns(w.latency_ns.p50),
-            fmt_ns(w.latency_ns.p99),
+            units::ns3(w.latency_ns.p50),
+            units::ns3(w.latency_ns.p99),
             share(w.membarrier_ns, w),
             share(w.blocked_ns, w),
             w.threads.len().to_string(),
@@ -529,7 +503,7 @@ fn render_histogram(f: &mut Frame, c: &CmdReport, area: Rect) {
                 .sum();
             Bar::default()
                 .value(n)
-                .label(Line::from(short_ns(1u64 << from)))
+                .label(Line::from(units::bound(1u64 << from)))
         })
         .collect();
     f.render_widget(
@@ -552,29 +526,29 @@ fn render_breakdown(f: &mut Frame, c: &CmdReport, findings: &[&Finding], area: R
     lines.extend([
         Line::from(format!(
             "blocked {} ({:.0}%), on CPU {}, summed over calls; p50 blocked {}",
-            fmt_ns(c.blocked_ns.sum),
+            units::ns3(c.blocked_ns.sum),
             c.blocked_pct(),
-            fmt_ns(c.on_cpu_ns),
-            fmt_ns(c.blocked_ns.p50)
+            units::ns3(c.on_cpu_ns),
+            units::ns3(c.blocked_ns.p50)
         )),
         Line::from(if c.ipis.per_cpu.is_empty() {
             format!(
                 "IPIs {:.2}/call; handler {}",
                 c.ipis_per_call(),
-                fmt_ns(c.ipis.handler_ns)
+                units::ns3(c.ipis.handler_ns)
             )
         } else {
             format!(
                 "IPIs {:.2}/call {}; handler {}",
                 c.ipis_per_call(),
                 counts(&c.ipis.per_cpu, "cpu"),
-                fmt_ns(c.ipis.handler_ns)
+                units::ns3(c.ipis.handler_ns)
             )
         }),
         Line::from(format!(
             "mutex wait {} (max {})",
-            fmt_ns(c.mutex_wait_ns.sum),
-            fmt_ns(c.mutex_wait_ns.max)
+            units::ns3(c.mutex_wait_ns.sum),
+            units::ns3(c.mutex_wait_ns.max)
         )),
     ]);
     if !c.woken_by.is_empty() {
@@ -589,7 +563,7 @@ fn render_breakdown(f: &mut Frame, c: &CmdReport, findings: &[&Finding], area: R
     if !c.threads.is_empty() {
         lines.push(Line::from(format!(
             "threads: {}",
-            crate::output::threads(&c.threads, 8)
+            crate::render::text::threads(&c.threads, 8)
         )));
     }
     // --stacks: the top stacks as an indented list, innermost frame first.
@@ -603,11 +577,11 @@ fn render_breakdown(f: &mut Frame, c: &CmdReport, findings: &[&Finding], area: R
                 "{}{} calls, {}{}",
                 if st.estimated { "~" } else { "" },
                 st.calls,
-                fmt_ns(st.latency_ns_sum),
+                units::ns3(st.latency_ns_sum),
                 if st.truncated { " (truncated)" } else { "" }
             )));
             for fr in st.frames.iter().take(8) {
-                lines.push(Line::from(format!("  {}", crate::output::frame(fr))));
+                lines.push(Line::from(format!("  {}", crate::render::text::frame(fr))));
             }
         }
     }
@@ -655,7 +629,7 @@ mod tests {
     use super::*;
     use crate::{
         model::{Model, Snapshot, tests::row},
-        tui::app::App,
+        render::tui::app::App,
     };
 
     fn app() -> App {
@@ -701,7 +675,7 @@ mod tests {
                 })
                 .to_vec(),
             writers: vec![writer()],
-            gp_funcs: vec![crate::rcu::GpFunc {
+            gp_funcs: vec![crate::model::GpFunc {
                 flavour: "memb",
                 function: "urcu_memb_synchronize_rcu".into(),
                 library: "/usr/lib/x86_64-linux-gnu/liburcu-memb.so.8".into(),
@@ -726,7 +700,7 @@ mod tests {
     /// Three grace periods of 10 ms from writer_a: 6 membarrier calls (30 us in all), 24 ms
     /// waiting for readers.
     fn writer() -> crate::model::WriterRow {
-        let mut hist = crate::hist::Histogram::default();
+        let mut hist = crate::model::hist::Histogram::default();
         [9_000_000, 10_000_000, 11_000_000]
             .iter()
             .for_each(|&l| hist.record(l));
@@ -837,7 +811,7 @@ mod tests {
         let snap = Snapshot {
             elapsed_ns: 1_000_000_000,
             writers: vec![w],
-            gp_funcs: vec![crate::rcu::GpFunc {
+            gp_funcs: vec![crate::model::GpFunc {
                 flavour: "qsbr",
                 function: "urcu_qsbr_synchronize_rcu".into(),
                 library: "/usr/lib/x86_64-linux-gnu/liburcu-qsbr.so.8".into(),
@@ -863,19 +837,19 @@ mod tests {
 
     #[test]
     fn labels() {
-        assert_eq!(short_ns(512), "512ns");
-        assert_eq!(short_ns(16_384), "16us");
-        assert_eq!(short_ns(8_388_608), "8ms");
-        assert_eq!(short_ns(2_147_483_648), "2s");
-        assert_eq!(fmt_ns(687), "687ns");
+        assert_eq!(units::bound(512), "512ns");
+        assert_eq!(units::bound(16_384), "16us");
+        assert_eq!(units::bound(8_388_608), "8ms");
+        assert_eq!(units::bound(2_147_483_648), "2s");
+        assert_eq!(units::ns3(687), "687ns");
         assert_eq!(count(9_999_999), "9999999");
         assert_eq!(count(13_068_190), "13.1M");
         assert_eq!(count(4_560_000_000), "4.56G");
         assert_eq!(rate(1_131_014.0), "1131014");
         assert_eq!(rate(12_500_000.0), "12.5M");
-        assert_eq!(fmt_ns(15_000), "15.0us");
-        assert_eq!(fmt_ns(11_800_000), "11.8ms");
-        assert_eq!(fmt_ns(1_250), "1.25us");
-        assert_eq!(fmt_ns(250_000_000), "250ms");
+        assert_eq!(units::ns3(15_000), "15.0us");
+        assert_eq!(units::ns3(11_800_000), "11.8ms");
+        assert_eq!(units::ns3(1_250), "1.25us");
+        assert_eq!(units::ns3(250_000_000), "250ms");
     }
 }

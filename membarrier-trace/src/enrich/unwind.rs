@@ -20,8 +20,8 @@ use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 use membarrier_trace_common::unwind_rule;
 
 use crate::{
+    enrich::procmaps::{Mapping, mappings},
     model::ProcKey,
-    procmaps::{Mapping, mappings},
 };
 
 /// Mapped files whose call-frame information is kept at most.
@@ -417,7 +417,9 @@ mod tests {
         let symbolizer = blazesym::symbolize::Symbolizer::new();
         let names: Vec<String> = frames
             .iter()
-            .filter_map(|f| crate::symbolize::name_frame(&symbolizer, f.pc, f.file.clone()?).symbol)
+            .filter_map(|f| {
+                crate::enrich::symbolize::name_frame(&symbolizer, f.pc, f.file.clone()?).symbol
+            })
             .collect();
         assert!(
             names.iter().any(|n| n.contains("unwinds_its_own_stack")),

@@ -14,8 +14,8 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
-    exposition::{self, By},
     model::{Model, Snapshot},
+    render::prometheus::{self, By},
 };
 
 /// A scrape waiting for the tracing loop.
@@ -109,7 +109,7 @@ impl Exporter {
             .filter(|w| !hidden.contains(&(w.pid, w.serial)))
             .collect();
         for s in waiting {
-            let text = exposition::render(&report, &shown, &writers, self.by, s.openmetrics);
+            let text = prometheus::render(&report, &shown, &writers, self.by, s.openmetrics);
             let _ = s.reply.send(text);
         }
         Ok(())

@@ -1,0 +1,7 @@
+//! A report drawn for a reader: text and JSON, Prometheus metrics, the live dashboard, with
+//! their units in one place.
+
+pub mod prometheus;
+pub mod text;
+pub mod tui;
+pub mod units;
