@@ -7,23 +7,17 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use membarrier_trace_common::{
-    INSIDE_SLOTS, IPI_HIST, Inflight, MAX_INFLIGHT, MAX_STATS, OTHER_ROW, Stats, StatsKey,
-    THREAD_CMDS, counter, row_kind, thread_cmd,
+    INSIDE_SLOTS, IPI_HIST, Inflight, MAX_STATS, OTHER_ROW, Stats, StatsKey, THREAD_CMDS, counter,
+    row_kind, thread_cmd,
 };
 
 use crate::{
     config::{armed, breakdown, stacks},
-    process::{PROCS, hold_thread, process, process_comm, send_thread},
+    process::{PROCS, process, process_comm},
     stacks::take_stack,
+    thread::{INFLIGHT, ZERO_SLOT, hold_thread, send_thread},
     util::{Row as _, add, add32, bucket, bump, now, row_of, update},
 };
-
-#[map]
-pub(crate) static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
-
-/// A zeroed slot to insert (too large for the stack); never written.
-#[map]
-pub(crate) static ZERO_SLOT: PerCpuArray<Inflight> = PerCpuArray::with_max_entries(1, 0);
 
 /// Threads inside membarrier, counted per `tid % INSIDE_SLOTS`: the probes that run for every
 /// task on the box look here first (an inlined array load) and return unless it is non-zero.

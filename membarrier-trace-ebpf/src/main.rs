@@ -3,8 +3,10 @@
 //! - [`hook`]: the syscall hooks (tracepoints, fentry, raw tracepoints) and their floors.
 //! - [`call`]: one call, from its thread's in-flight slot at entry to its stats row, keyed by
 //!   (tgid, cmd, flags, errno), at exit.
-//! - [`process`]: fork and exit: serial numbers, names, and at exit the rows and threads'
-//!   calls of the dead, sent on a ring or summed by name.
+//! - [`thread`]: each thread's in-flight slot, and its calls' way out when it goes.
+//! - [`process`]: new processes' serial numbers, and names.
+//! - [`exit`]: a task's exit; a process's last takes its rows out of the kernel, sent on a
+//!   ring or summed by name.
 //! - [`breakdown`]: while a thread is inside membarrier, what it waits for (off-CPU time, IPIs
 //!   sent and their handlers' time, mutex wait, the grace period).
 //! - [`rcu`]: userspace RCU writers (liburcu's grace-period functions, by uprobe).
@@ -23,10 +25,12 @@
 mod breakdown;
 mod call;
 mod config;
+mod exit;
 mod hook;
 mod process;
 mod rcu;
 mod stacks;
+mod thread;
 mod util;
 
 #[cfg(not(test))]

@@ -15,9 +15,10 @@ use membarrier_trace_common::{
 };
 
 use crate::{
-    call::{INFLIGHT, count_row, inside_counter, slot_of},
+    call::{count_row, inside_counter, slot_of},
     config::{armed, breakdown},
     process::process,
+    thread::INFLIGHT,
     util::{Row as _, add, add32, bump, now, row_of},
 };
 
