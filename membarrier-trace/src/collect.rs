@@ -1,9 +1,15 @@
-//! From the kernel to a [`crate::model::Snapshot`]: what the running kernel can do, loading and
-//! attaching the eBPF programs, reading and retiring their maps, and the rings' threads.
+//! From the kernel to a [`crate::model::Snapshot`]: what the running kernel can do, loading
+//! and attaching the eBPF programs (the probe tables, the maps' sizes), reading their maps,
+//! retiring exited processes, and the rings' threads.
 
 pub mod btf;
 pub mod collector;
 pub mod kernel;
 pub mod kstacks;
+pub mod maps;
+mod probes;
 pub mod rcu;
+mod read;
+mod retire;
+mod retired;
 pub mod ring;
