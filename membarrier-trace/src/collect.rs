@@ -1,6 +1,6 @@
 //! From the kernel to a [`crate::model::Snapshot`]: what the running kernel can do, loading
 //! and attaching the eBPF programs (the probe tables, the maps' sizes), reading their maps,
-//! retiring exited processes, and the rings' threads.
+//! and retiring exited processes.
 
 pub mod btf;
 pub mod collector;
@@ -12,4 +12,3 @@ pub mod rcu;
 mod read;
 mod retire;
 mod retired;
-pub mod ring;

@@ -11,8 +11,8 @@
 //! - [`app`] is what the binary runs: the command line, the exporter's server, calibration.
 //!
 //! [`hook`] (the syscall hooks and attach modes), [`preflight`] (checks and /proc reads before
-//! and while tracing) and [`siblings`] (sibling threads for the workload) are leaves every
-//! layer may use.
+//! and while tracing), [`ring`] (the kernel's ring buffers, each read by a thread) and
+//! [`siblings`] (sibling threads for the workload) are leaves every layer may use.
 
 pub mod app;
 pub mod collect;
@@ -21,4 +21,5 @@ pub mod hook;
 pub mod model;
 pub mod preflight;
 pub mod render;
+pub mod ring;
 pub mod siblings;

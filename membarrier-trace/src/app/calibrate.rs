@@ -9,12 +9,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use serde::Serialize;
 
 use crate::{
     collect::collector::Collector,
     model::cmd,
-    model::{Model, ProcessReport},
+    model::{Calibration, Model, ProcessReport},
     siblings::{Siblings, pin},
 };
 
@@ -133,41 +132,6 @@ pub fn scenarios(cpus: usize, calls: u64) -> Vec<Scenario> {
 
 fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
-}
-
-/// One scenario's figures, from the tracer's rows of its processes.
-#[derive(Clone, Debug, Serialize)]
-pub struct Calibration {
-    pub scenario: String,
-    pub cmd: String,
-    pub siblings: usize,
-    pub calls: u64,
-    pub errors: u64,
-    /// The errno names of failed calls (a cmd this kernel lacks: EINVAL).
-    pub errno: Vec<String>,
-    pub p50_ns: u64,
-    pub p99_ns: u64,
-    pub mean_ns: u64,
-    /// The caller's on-CPU time per call (latency minus time blocked).
-    pub caller_cpu_ns_per_call: u64,
-    pub ipis_per_call: f64,
-    /// Handler time on the target CPU per IPI.
-    pub handler_ns_per_ipi: u64,
-}
-
-impl Calibration {
-    /// Share of one core the caller spends at `rate` calls per second, in percent.
-    pub fn caller_pct_at(&self, rate: f64) -> f64 {
-        rate * self.caller_cpu_ns_per_call as f64 / 1e9 * 100.0
-    }
-
-    /// Handler time per second on each CPU interrupted, at `rate` calls per second, in µs.
-    pub fn handler_us_per_cpu_at(&self, rate: f64) -> f64 {
-        if self.siblings == 0 {
-            return 0.0;
-        }
-        rate * self.ipis_per_call * self.handler_ns_per_ipi as f64 / self.siblings as f64 / 1e3
-    }
 }
 
 /// Runs every scenario under `collector` (loaded with a filter and started) and reads the

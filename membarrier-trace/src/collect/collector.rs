@@ -19,11 +19,11 @@ use membarrier_trace_common::{
 use crate::{
     collect::kstacks::KernelStacks,
     collect::rcu::{CustomFunc, Writers},
-    collect::ring::ExitedRing,
     enrich::symbolize::{CallerNamer, Rings},
     hook::{Attach, AttachMode, Hook},
     model::{GraceSource, Maps, ProcKey},
     preflight,
+    ring::ExitedRing,
 };
 
 use super::{

@@ -24,10 +24,10 @@ use aya::maps::{MapData, RingBuf};
 use membarrier_trace_common::{CallerSeen, StackSample};
 
 use crate::{
-    collect::ring::{read_as, spawn},
     enrich::procmaps::mappings,
     enrich::unwind::{Copied, FrameFile, Unwinder},
     model::{Caller, ProcKey, StackCount, Stacks},
+    ring::{read_as, spawn},
 };
 
 /// Rules learned from the samples, for the retire pass to give the kernel (`UNWIND`): by

@@ -494,7 +494,7 @@ pub fn json(r: &Report) -> String {
 
 /// `calibrate`'s table: each scenario's latency, on-CPU time and IPIs per call, and what it
 /// costs at 1,000 calls a second.
-pub fn calibration_text(rows: &[crate::app::calibrate::Calibration], about: &str) -> String {
+pub fn calibration_text(rows: &[crate::model::Calibration], about: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "membarrier's cost on this host: {about}");
     let _ = writeln!(
