@@ -159,26 +159,7 @@ fn emit(format: Format, report: &Report) -> std::io::Result<()> {
 const EXIT_STDOUT_CLOSED: u8 = 141;
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    preflight::check_root()?;
-    for &pid in &cli.pids {
-        preflight::check_pid(pid)?;
-        if preflight::is_kernel_thread(pid) {
-            eprintln!(
-                "membarrier-trace: warning: pid {pid} is a kernel thread; kernel threads make no system calls, so it will show no calls"
-            );
-        }
-    }
-    if matches!(cli.output, Some(Format::Folded)) && !cli.stacks {
-        usage!("-o folded prints stacks: add --stacks");
-    }
-    if cli.listen.is_none() {
-        if matches!(cli.output, Some(Format::None)) {
-            usage!("-o none shows nothing without --listen ADDR");
-        }
-        if cli.by.is_some() || cli.keep_exited.is_some() {
-            usage!("--by and --keep-exited shape the metrics of --listen ADDR, which is not given");
-        }
-    }
+    check_options(&cli)?;
     let exporter = cli
         .listen
         .as_deref()
@@ -195,29 +176,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Some(preflight::ExitWatch::new(&cli.pids)?)
     };
     let follow = !cli.command.is_empty();
-    // What this kernel cannot do is turned off, each with one line.
     let kernel = Features::of_this_kernel();
-    let mut off = Vec::new();
-    let rcu = !cli.no_rcu && kernel.attach_cookie;
-    if !cli.no_rcu && !rcu {
-        off.push(format!(
-            "RCU writers off: their uprobes need bpf_get_attach_cookie (Linux 5.15), this is {}",
-            kernel.name()
-        ));
-    }
-    let stacks = cli.stacks && kernel.task_pt_regs;
-    if cli.stacks && !stacks {
-        if matches!(cli.output, Some(Format::Folded)) {
-            bail!(
-                "-o folded needs --stacks, which needs bpf_task_pt_regs (Linux 5.15): this is {}",
-                kernel.name()
-            );
-        }
-        off.push(format!(
-            "--stacks off: it needs bpf_task_pt_regs (Linux 5.15), this is {}",
-            kernel.name()
-        ));
-    }
+    let (rcu, stacks, off) = kernel_features(&cli, &kernel)?;
     let mut collector = Collector::load(
         &tracefs.path,
         &Options {
@@ -253,20 +213,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     for note in tracefs.note().into_iter().chain(off).chain(notes) {
         eprintln!("membarrier-trace: {note}");
     }
-    let what = if follow {
-        format!("`{}` and its children", cli.command.join(" "))
-    } else if cli.pids.is_empty() {
-        "all processes".to_string()
-    } else {
-        format!(
-            "pid {}",
-            cli.pids
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
+    let what = traced_what(&cli);
     let how = collector.attach_source().describe();
     eprintln!("membarrier-trace: tracing {what} ({how}); Ctrl-C to stop");
     if let Some(e) = &exporter {
@@ -300,68 +247,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             .unwrap_or_default(),
     };
     if tui {
-        let hook = session.collector.attach_source().describe();
-        let source = if cli.no_breakdown {
-            format!("{hook} (no breakdown)")
-        } else {
-            hook.to_string()
-        };
-        let interval = cli
-            .interval
-            .map_or(Duration::from_secs(1), Duration::from_secs_f64);
-        let last = membarrier_trace::render::tui::run(&mut session, interval, source)?;
-        // Quitting the dashboard also stops a command we started.
+        run_dashboard(&mut session, &cli)?;
+    } else if let Some(e) = run_loop(&mut session, &cli, started)? {
+        // Detach now (dropping the collector), and stop a command we started.
         if session.exit.is_none()
             && let Some(c) = session.child.as_mut()
         {
-            session.exit = Some(stop_child(c, libc::SIGTERM));
+            stop_child(c, libc::SIGTERM);
         }
-        // The figures stay on the terminal after the screen is gone.
-        let last = match last {
-            Some(r) => r,
-            None => session.final_report()?,
-        };
-        if emit(Format::Text, &last).is_err() {
-            eprintln!("membarrier-trace: stdout closed: no summary printed");
-        }
-    } else {
-        let format = cli.output.unwrap_or(Format::Text);
-        let interval = cli.interval.map(Duration::from_secs_f64);
-        let mut next_report = interval.map(|i| started + i);
-        let mut closed = None;
-        while session.tick()?.is_none() {
-            if let (Some(next), Some(i)) = (next_report, interval)
-                && Instant::now() >= next
-            {
-                if let Err(e) = emit(format, &session.report()?) {
-                    closed = Some(e);
-                    break;
-                }
-                next_report = Some(next + i);
-            }
-            // Short ticks keep Ctrl-C and process exit responsive; the kernel does the counting.
-            let mut tick = Duration::from_millis(50);
-            for t in [session.deadline, next_report].into_iter().flatten() {
-                tick = tick.min(t.saturating_duration_since(Instant::now()));
-            }
-            thread::sleep(tick);
-        }
-        if closed.is_none()
-            && let Err(e) = emit(format, &session.final_report()?)
-        {
-            closed = Some(e);
-        }
-        if let Some(e) = closed {
-            // Detach now (dropping the collector), and stop a command we started.
-            if session.exit.is_none()
-                && let Some(c) = session.child.as_mut()
-            {
-                stop_child(c, libc::SIGTERM);
-            }
-            drop(session);
-            eprintln!("membarrier-trace: stdout closed ({e}): stopped tracing");
-            return Ok(ExitCode::from(EXIT_STDOUT_CLOSED));
-        }
+        drop(session);
+        eprintln!("membarrier-trace: stdout closed ({e}): stopped tracing");
+        return Ok(ExitCode::from(EXIT_STDOUT_CLOSED));
     }
     for note in session.late_notes.iter().chain(&session.note) {
         eprintln!("membarrier-trace: {note}");
@@ -373,4 +269,135 @@ fn run(cli: Cli) -> Result<ExitCode> {
         );
     }
     Ok(session.exit.unwrap_or(ExitCode::SUCCESS))
+}
+/// The command line's checks that need no kernel: root, the `--pid`s, and options that only
+/// go together (a usage error, exit status 2).
+fn check_options(cli: &Cli) -> Result<()> {
+    preflight::check_root()?;
+    for &pid in &cli.pids {
+        preflight::check_pid(pid)?;
+        if preflight::is_kernel_thread(pid) {
+            eprintln!(
+                "membarrier-trace: warning: pid {pid} is a kernel thread; kernel threads make no system calls, so it will show no calls"
+            );
+        }
+    }
+    if matches!(cli.output, Some(Format::Folded)) && !cli.stacks {
+        usage!("-o folded prints stacks: add --stacks");
+    }
+    if cli.listen.is_none() {
+        if matches!(cli.output, Some(Format::None)) {
+            usage!("-o none shows nothing without --listen ADDR");
+        }
+        if cli.by.is_some() || cli.keep_exited.is_some() {
+            usage!("--by and --keep-exited shape the metrics of --listen ADDR, which is not given");
+        }
+    }
+    Ok(())
+}
+
+/// What this kernel cannot do is turned off, each with one line: whether RCU writers and
+/// `--stacks` stay on, and the lines.
+fn kernel_features(cli: &Cli, kernel: &Features) -> Result<(bool, bool, Vec<String>)> {
+    let mut off = Vec::new();
+    let rcu = !cli.no_rcu && kernel.attach_cookie;
+    if !cli.no_rcu && !rcu {
+        off.push(format!(
+            "RCU writers off: their uprobes need bpf_get_attach_cookie (Linux 5.15), this is {}",
+            kernel.name()
+        ));
+    }
+    let stacks = cli.stacks && kernel.task_pt_regs;
+    if cli.stacks && !stacks {
+        if matches!(cli.output, Some(Format::Folded)) {
+            bail!(
+                "-o folded needs --stacks, which needs bpf_task_pt_regs (Linux 5.15): this is {}",
+                kernel.name()
+            );
+        }
+        off.push(format!(
+            "--stacks off: it needs bpf_task_pt_regs (Linux 5.15), this is {}",
+            kernel.name()
+        ));
+    }
+    Ok((rcu, stacks, off))
+}
+
+/// What is traced, for the line that says tracing started.
+fn traced_what(cli: &Cli) -> String {
+    if !cli.command.is_empty() {
+        format!("`{}` and its children", cli.command.join(" "))
+    } else if cli.pids.is_empty() {
+        "all processes".to_string()
+    } else {
+        format!(
+            "pid {}",
+            cli.pids
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+/// The dashboard until the user quits; then the last report stays on the terminal as text.
+fn run_dashboard(session: &mut Session, cli: &Cli) -> Result<()> {
+    let hook = session.collector.attach_source().describe();
+    let source = if cli.no_breakdown {
+        format!("{hook} (no breakdown)")
+    } else {
+        hook.to_string()
+    };
+    let interval = cli
+        .interval
+        .map_or(Duration::from_secs(1), Duration::from_secs_f64);
+    let last = membarrier_trace::render::tui::run(session, interval, source)?;
+    // Quitting the dashboard also stops a command we started.
+    if session.exit.is_none()
+        && let Some(c) = session.child.as_mut()
+    {
+        session.exit = Some(stop_child(c, libc::SIGTERM));
+    }
+    // The figures stay on the terminal after the screen is gone.
+    let last = match last {
+        Some(r) => r,
+        None => session.final_report()?,
+    };
+    if emit(Format::Text, &last).is_err() {
+        eprintln!("membarrier-trace: stdout closed: no summary printed");
+    }
+    Ok(())
+}
+
+/// Reports on stdout (`-i`, and the final one) while the session ticks. Returns the error when
+/// stdout was closed under us (tracing stops then).
+fn run_loop(session: &mut Session, cli: &Cli, started: Instant) -> Result<Option<std::io::Error>> {
+    let format = cli.output.unwrap_or(Format::Text);
+    let interval = cli.interval.map(Duration::from_secs_f64);
+    let mut next_report = interval.map(|i| started + i);
+    let mut closed = None;
+    while session.tick()?.is_none() {
+        if let (Some(next), Some(i)) = (next_report, interval)
+            && Instant::now() >= next
+        {
+            if let Err(e) = emit(format, &session.report()?) {
+                closed = Some(e);
+                break;
+            }
+            next_report = Some(next + i);
+        }
+        // Short ticks keep Ctrl-C and process exit responsive; the kernel does the counting.
+        let mut tick = Duration::from_millis(50);
+        for t in [session.deadline, next_report].into_iter().flatten() {
+            tick = tick.min(t.saturating_duration_since(Instant::now()));
+        }
+        thread::sleep(tick);
+    }
+    if closed.is_none()
+        && let Err(e) = emit(format, &session.final_report()?)
+    {
+        closed = Some(e);
+    }
+    Ok(closed)
 }
