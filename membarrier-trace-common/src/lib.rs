@@ -249,8 +249,8 @@ pub struct StackSample {
     pub stack: [u8; STACK_COPY],
 }
 
-/// The stack rate per CPU: up to `STACK_BUDGET` calls per `STACK_WINDOW_NS` (10,000 a second)
-/// have their stacks taken, each one exact; beyond it, 1 in `STACK_SAMPLE_EVERY`, up to
+/// The stack rate per CPU: up to a budget of calls per `STACK_WINDOW_NS` (by default
+/// `STACK_BUDGET`, 10,000 a second; `--stack-rate` sets it) have their stacks taken, each one exact; beyond it, 1 in `STACK_SAMPLE_EVERY`, up to
 /// `STACK_SAMPLED` more per window (5,000 a second), and none after that: the calls sampled out
 /// are counted, and the samples stand for them (docs/design.md, "Stacks"). A short window, so a
 /// burst cannot fill the samples ring before sampling starts.

@@ -21,6 +21,11 @@ pub(crate) static BREAKDOWN: u8 = 1;
 #[unsafe(no_mangle)]
 pub(crate) static STACKS: u8 = 0;
 
+/// Set by userspace with `--stacks`: the calls per CPU per `STACK_WINDOW_NS` whose stacks are
+/// all taken before sampling starts (`--stack-rate` / 100).
+#[unsafe(no_mangle)]
+pub(crate) static STACK_BUDGET: u64 = membarrier_trace_common::STACK_BUDGET;
+
 /// Addresses of membarrier's IPI callbacks (ipi_mb, ipi_sync_core, ipi_rseq, and
 /// registration's ipi_sync_rq_state) from kallsyms, so the csd probes skip every other
 /// cross-CPU call with a compare; 0 for one this kernel lacks, all 0 when none is known.
@@ -63,6 +68,11 @@ pub(crate) fn breakdown() -> bool {
 #[inline(always)]
 pub(crate) fn stacks() -> bool {
     unsafe { core::ptr::read_volatile(&STACKS) != 0 }
+}
+
+#[inline(always)]
+pub(crate) fn stack_budget() -> u64 {
+    unsafe { core::ptr::read_volatile(&STACK_BUDGET) }
 }
 
 #[inline(always)]

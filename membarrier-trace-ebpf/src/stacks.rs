@@ -11,11 +11,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use membarrier_trace_common::{
-    KSTACK_FRAMES, KStack, KStackKey, MAX_KSTACKS, STACK_BUDGET, STACK_COPY, STACK_RING_BYTES,
+    KSTACK_FRAMES, KStack, KStackKey, MAX_KSTACKS, STACK_COPY, STACK_RING_BYTES,
     STACK_SAMPLE_EVERY, STACK_SAMPLED, STACK_WINDOW_NS, StackSample, Stats, StatsKey, UNWIND_SLOTS,
     UnwindSlot, proc_id, unwind_rule, unwind_slot,
 };
 
+use crate::config::stack_budget;
 use crate::util::{add, row_from};
 
 /// `--stacks`: calls' user stacks, for userspace to unwind (sized by userspace: a page without).
@@ -76,7 +77,7 @@ pub(crate) fn take_stack(row: &mut Stats, key: &StatsKey, end_ns: u64, ns: u64, 
         rate[1] = 0;
         rate[3] = 0;
     }
-    let sampled = rate[1] >= STACK_BUDGET;
+    let sampled = rate[1] >= stack_budget();
     if sampled {
         rate[2] += 1;
         if rate[2] % STACK_SAMPLE_EVERY != 0 || rate[3] >= STACK_SAMPLED {

@@ -100,6 +100,7 @@ fn run_calibrate(cli: CalibrateCli) -> Result<()> {
             rcu: false,
             rcu_funcs: Vec::new(),
             stacks: false,
+            stack_rate: membarrier_trace_common::STACK_BUDGET * 100,
             hook_floor: false,
             kernel: Features::of_this_kernel(),
         },
@@ -188,6 +189,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             rcu,
             rcu_funcs: cli.rcu_func.clone(),
             stacks,
+            stack_rate: cli
+                .stack_rate
+                .unwrap_or(membarrier_trace_common::STACK_BUDGET * 100),
             hook_floor: cli.hook_floor,
             kernel,
         },
@@ -284,6 +288,9 @@ fn check_options(cli: &Cli) -> Result<()> {
     }
     if matches!(cli.output, Some(Format::Folded)) && !cli.stacks {
         usage!("-o folded prints stacks: add --stacks");
+    }
+    if cli.stack_rate.is_some() && !cli.stacks {
+        usage!("--stack-rate sets the rate of --stacks, which is not given");
     }
     if cli.listen.is_none() {
         if matches!(cli.output, Some(Format::None)) {

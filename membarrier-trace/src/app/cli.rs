@@ -83,6 +83,11 @@ pub struct Cli {
     /// estimates.
     #[arg(long)]
     pub stacks: bool,
+    /// With --stacks: calls a second per CPU whose stacks are all taken before sampling starts
+    /// (counted in 10 ms windows, so a multiple of 100). Lower it to spend less on stacks.
+    /// Default 10,000.
+    #[arg(long, value_name = "CALLS", value_parser = stack_rate)]
+    pub stack_rate: Option<u64>,
     /// Benchmarks only (`cargo xtask bench`): attach the hook with programs that do nothing,
     /// to measure the hook's own cost; nothing is counted.
     #[arg(long, hide = true)]
@@ -153,6 +158,19 @@ pub fn duration_secs(s: &str) -> Result<f64, String> {
 
 pub fn interval_secs(s: &str) -> Result<f64, String> {
     secs(s, MIN_INTERVAL_SECS)
+}
+
+/// `--stack-rate`: from 100 (one call's stack per 10 ms window) to 1,000,000 a second, in 100s.
+pub fn stack_rate(s: &str) -> Result<u64, String> {
+    let rate: u64 = s
+        .parse()
+        .map_err(|_| format!("not a whole number of calls: {s}"))?;
+    if !(100..=1_000_000).contains(&rate) || !rate.is_multiple_of(100) {
+        return Err(format!(
+            "{rate}: give a multiple of 100 from 100 to 1000000 (the budget is counted per 10 ms)"
+        ));
+    }
+    Ok(rate)
 }
 
 /// `membarrier-trace calibrate`'s options.

@@ -12,8 +12,8 @@ use aya::{
 };
 use membarrier_trace_common::{
     COMM_LEN, CpuKey, EXITED_RING_BYTES, Handled, HandlerKey, Inflight, MAX_KSTACKS, Proc,
-    STACK_RING_BYTES, Stats, StatsKey, SummedKey, SummedRow, ThreadCalls, ThreadKey, UNWIND_SLOTS,
-    WakerKey, WriterKey, WriterStats, field,
+    STACK_RING_BYTES, STACK_WINDOW_NS, Stats, StatsKey, SummedKey, SummedRow, ThreadCalls,
+    ThreadKey, UNWIND_SLOTS, WakerKey, WriterKey, WriterStats, field,
 };
 
 use crate::{
@@ -53,6 +53,8 @@ pub struct Options {
     pub rcu_funcs: Vec<CustomFunc>,
     /// `--stacks`: each call's user stack, unwound in userspace.
     pub stacks: bool,
+    /// `--stack-rate`: calls a second per CPU whose stacks are all taken.
+    pub stack_rate: u64,
     /// `--hook-floor` (benchmarks): only the hook, with programs that do nothing.
     pub hook_floor: bool,
     /// What the running kernel's BPF can do: which eBPF object loads (read once, by the caller,
@@ -247,6 +249,11 @@ impl Collector {
             .override_global("TASK_OFFSETS", &task_offsets, true)
             .override_global("BREAKDOWN", &u8::from(opts.breakdown), true)
             .override_global("STACKS", &u8::from(opts.stacks), true)
+            .override_global(
+                "STACK_BUDGET",
+                &(opts.stack_rate * STACK_WINDOW_NS / 1_000_000_000),
+                true,
+            )
             .map_max_entries(
                 "STACK_SAMPLES",
                 if opts.stacks { STACK_RING_BYTES } else { 4096 },

@@ -110,6 +110,16 @@ fn bad_input_is_one_line_and_exit_2_for_usage_1_at_runtime() {
     );
     expect_error(
         2,
+        Command::new(TRACER).args(["--stacks", "--stack-rate", "150"]),
+        "150: give a multiple of 100 from 100 to 1000000",
+    );
+    expect_error(
+        2,
+        Command::new(TRACER).args(["--stack-rate", "100"]),
+        "--stack-rate sets the rate of --stacks, which is not given",
+    );
+    expect_error(
+        2,
         Command::new(TRACER).args(["-o", "none"]),
         "-o none shows nothing without --listen",
     );
