@@ -249,6 +249,10 @@ const TESTS: &[(&str, &str)] = &[
         "floor",
     ),
     (GLOBAL_UNAVAILABLE, "global"),
+    (
+        "attach::every_program_verifies_with_room_to_spare",
+        "verifier",
+    ),
 ];
 
 /// A guest that has not powered off by then has hung.
@@ -575,6 +579,8 @@ enum Outcome {
 }
 
 /// Boots `k` with the initramfs and collects what its tests said.
+///
+/// Long: QEMU's command line, then the guest's console read line by line to its results.
 fn boot(k: &Kernel, vmlinuz: &Path, initrd: &Path, dir: &Path, in_test: bool) -> Result<Results> {
     let console = dir.join(format!("{}.console.log", k.name));
     let results = dir.join(format!("{}.tests.log", k.name));
