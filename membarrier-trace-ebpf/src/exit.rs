@@ -160,6 +160,9 @@ pub(crate) fn move_rows(tgid: u32, serial: u32, rows: u64, tid: u32) {
 /// [`move_rows`] for a process whose rows are all of a kind it can find: false when one of them
 /// cannot go (the process stays whole); true when sent or summed, or the ring was full
 /// (counted).
+///
+/// Long: straight-line for the verifier (a loop over the rows made 6.1 refuse the program);
+/// each step is commented.
 #[inline(always)]
 pub(crate) fn moved(tgid: u32, serial: u32, rows: u64, tid: u32) -> bool {
     let Some(out) = MOVED_SCRATCH.get_ptr_mut(0) else {

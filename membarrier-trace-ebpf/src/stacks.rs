@@ -136,6 +136,9 @@ pub(crate) fn take_stack(row: &mut Stats, key: &StatsKey, end_ns: u64, ns: u64, 
 /// `KSTACK_FRAMES`, or a new stack when `KSTACKS` is full. The frames and where they stop are
 /// the ones userspace finds from a sample, so both count into one stack. `ra` is at `ra_at`
 /// (in a grace-period function, where its uretprobe's trampoline is on the stack).
+///
+/// Long: the verifier must see the frame walk as one bounded loop, inlined (a BPF-to-BPF
+/// call would cost a frame of the 512-byte stack and reset what the verifier knows).
 #[inline(always)]
 pub(crate) fn count_known_stack(
     key: &StatsKey,

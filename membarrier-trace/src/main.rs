@@ -159,6 +159,9 @@ fn emit(format: Format, report: &Report) -> std::io::Result<()> {
 /// SIGPIPE (128 + 13), which is what the tracer would have been without Rust's SIG_IGN.
 const EXIT_STDOUT_CLOSED: u8 = 141;
 
+/// Long: the run's steps in their order (options, kernel, what is traced, load, attach, the
+/// dashboard or the loop, the command's status), each a call; what stays inline is the
+/// ordering between them that the comments explain.
 fn run(cli: Cli) -> Result<ExitCode> {
     check_options(&cli)?;
     let exporter = cli

@@ -506,6 +506,8 @@ pub fn programs(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Long: the benchmark's report printed top to bottom in the order docs/bench.md reads it,
+/// each figure a statement beside the medians it comes from.
 pub fn bench(root: &Path, rounds: usize) -> Result<()> {
     let p = Paths::new(root)?;
     let bpftrace = Command::new("bpftrace").arg("--version").output().is_ok();

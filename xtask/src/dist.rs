@@ -26,6 +26,8 @@ pub struct Dist {
 }
 
 /// Writes the tarball and the .deb into target/dist from the static build in `bins`.
+///
+/// Long: the package's files listed one after the other, as the tarball and the .deb hold them.
 pub fn dist(root: &Path, bins: &Path) -> Result<Dist> {
     let tracer = bins.join("membarrier-trace");
     ensure_static(&tracer)?;
@@ -237,6 +239,8 @@ pub fn ensure_static(bin: &Path) -> Result<()> {
 /// installs (into a private dpkg root, not this machine's), its binary says its version, its
 /// man page opens; and the exporter, run with only its unit's capabilities, serves exact
 /// counts.
+///
+/// Long: a script of checks, each as a user meets it, in order.
 pub fn verify(root: &Path, d: &Dist, workload: &Path) -> Result<()> {
     let listing = output(Command::new("tar").arg("-tzf").arg(&d.tarball))?;
     for f in [
@@ -334,6 +338,9 @@ pub fn verify(root: &Path, d: &Dist, workload: &Path) -> Result<()> {
 /// Runs `bin` as the unit runs it (its ExecStart's options), with only the capabilities in its
 /// CapabilityBoundingSet (and no new privileges), while a workload makes 1,000 calls; the
 /// metrics must say 1,000.
+///
+/// Long: the unit's ExecStart and capabilities read, the exporter started under them, the
+/// workload run, the scrape checked: one scenario.
 fn exporter_with_the_units_capabilities(bin: &Path, unit: &Path, workload: &Path) -> Result<()> {
     let unit = fs::read_to_string(unit)?;
     let value = |key: &str| {

@@ -52,6 +52,7 @@ fn main() -> ExitCode {
     }
 }
 
+/// Long: one arm per `cargo xtask` subcommand, each a few calls.
 fn run() -> Result<ExitCode> {
     let mut args = env::args().skip(1);
     let cmd = args.next().unwrap_or_default();

@@ -281,6 +281,8 @@ fn check(who: &str, truth: &ByName, report: &Value, problems: &mut Vec<String>) 
     Ok(())
 }
 
+/// Long: a script: the tracers and workloads started, the hour's loop, then each check in the
+/// order docs/design.md, "Soak", lists them.
 pub fn soak(root: &Path, minutes: f64) -> Result<()> {
     if !(minutes > 0.0 && minutes <= 24.0 * 60.0) {
         bail!("soak: MINUTES must be more than 0 and at most a day, not {minutes}");

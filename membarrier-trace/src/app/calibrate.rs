@@ -45,6 +45,8 @@ const RSEQ: i32 = 128;
 const REGISTER_RSEQ: i32 = 256;
 
 /// The scenarios for a machine with `cpus` CPUs, scaled by `calls` (calls of each cheap one).
+///
+/// Long: a table, one entry per scenario.
 pub fn scenarios(cpus: usize, calls: u64) -> Vec<Scenario> {
     let s = |name: String, cmd, calls, siblings, register, processes| Scenario {
         name,

@@ -35,6 +35,9 @@ pub fn command_log() -> Result<(std::fs::File, PathBuf)> {
 /// Starts `argv` held just before exec, so its pid is in the filter and the programs are
 /// attached before its first instruction runs (library constructors call membarrier too). It
 /// runs in `outer_ns`, the mount namespace we were started in, when we left it for tracefs.
+///
+/// Long: the fork, the child's few steps before exec and the parent's wait for it to be held
+/// read best in one place: the child may only make async-signal-safe calls.
 pub fn spawn_traced(
     argv: &[String],
     log: Option<&std::fs::File>,

@@ -403,6 +403,9 @@ fn live_threads(n: u64) -> Tally {
     std::mem::take(&mut *shared.lock().unwrap())
 }
 
+/// Long: the workload's scenarios one after the other, in the order a run makes them, each a
+/// few lines (its calls, then its threads), and the tally printed last; split, each scenario
+/// would pass the tally and its half of the arguments around.
 fn main() {
     let args = Args::parse();
     let started = Instant::now();

@@ -233,41 +233,9 @@ impl Collector {
     /// Loads the programs. Nothing is attached until [`Collector::start`].
     pub fn load(tracefs: &Path, opts: &Options) -> Result<Self> {
         raise_memlock();
-        let filter = u8::from(!opts.pids.is_empty() || opts.follow_forks);
-        let funcs = ipi_funcs();
         let sizes = MapSizes::of_this_machine();
         let task = crate::collect::btf::task_offsets();
-        let task_offsets = task.map_or([0; 3], |t| [t.pid, t.group_leader, t.comm]);
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries("STATS", sizes.stats)
-            .map_max_entries("INFLIGHT", sizes.inflight)
-            .map_max_entries("PROCS", sizes.procs)
-            .override_global("FILTER_TGIDS", &filter, true)
-            .override_global("FOLLOW_FORKS", &u8::from(opts.follow_forks), true)
-            .override_global("IPI_FUNCS", &funcs, true)
-            .override_global("FIELDS", &field_offsets(tracefs), true)
-            .override_global("TASK_OFFSETS", &task_offsets, true)
-            .override_global("BREAKDOWN", &u8::from(opts.breakdown), true)
-            .override_global("STACKS", &u8::from(opts.stacks), true)
-            .override_global(
-                "STACK_BUDGET",
-                &(opts.stack_rate * STACK_WINDOW_NS / 1_000_000_000),
-                true,
-            )
-            .map_max_entries(
-                "STACK_SAMPLES",
-                if opts.stacks { STACK_RING_BYTES } else { 4096 },
-            )
-            .map_max_entries("UNWIND", if opts.stacks { UNWIND_SLOTS } else { 1 })
-            .map_max_entries("KSTACKS", if opts.stacks { MAX_KSTACKS } else { 1 })
-            // With --stacks no rows are moved at exit (their stacks stay with userspace).
-            .map_max_entries("EXITED", if opts.stacks { 4096 } else { EXITED_RING_BYTES })
-            .load(if opts.kernel.cmpxchg {
-                EBPF_OBJECT
-            } else {
-                EBPF_OBJECT_NO_CMPXCHG
-            })
-            .context("loading the eBPF object")?;
+        let mut ebpf = load_object(tracefs, opts, &sizes, task)?;
         let stats = take(&mut ebpf, "STATS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
         let inflight = take(&mut ebpf, "INFLIGHT")?;
@@ -609,4 +577,46 @@ impl Collector {
     pub fn attach_source(&self) -> Attach {
         self.hook.attach
     }
+}
+
+/// The eBPF object this kernel takes, its switches set and its maps sized before load.
+fn load_object(
+    tracefs: &Path,
+    opts: &Options,
+    sizes: &MapSizes,
+    task: Option<crate::collect::btf::TaskOffsets>,
+) -> Result<Ebpf> {
+    let filter = u8::from(!opts.pids.is_empty() || opts.follow_forks);
+    let funcs = ipi_funcs();
+    let task_offsets = task.map_or([0; 3], |t| [t.pid, t.group_leader, t.comm]);
+    EbpfLoader::new()
+        .map_max_entries("STATS", sizes.stats)
+        .map_max_entries("INFLIGHT", sizes.inflight)
+        .map_max_entries("PROCS", sizes.procs)
+        .override_global("FILTER_TGIDS", &filter, true)
+        .override_global("FOLLOW_FORKS", &u8::from(opts.follow_forks), true)
+        .override_global("IPI_FUNCS", &funcs, true)
+        .override_global("FIELDS", &field_offsets(tracefs), true)
+        .override_global("TASK_OFFSETS", &task_offsets, true)
+        .override_global("BREAKDOWN", &u8::from(opts.breakdown), true)
+        .override_global("STACKS", &u8::from(opts.stacks), true)
+        .override_global(
+            "STACK_BUDGET",
+            &(opts.stack_rate * STACK_WINDOW_NS / 1_000_000_000),
+            true,
+        )
+        .map_max_entries(
+            "STACK_SAMPLES",
+            if opts.stacks { STACK_RING_BYTES } else { 4096 },
+        )
+        .map_max_entries("UNWIND", if opts.stacks { UNWIND_SLOTS } else { 1 })
+        .map_max_entries("KSTACKS", if opts.stacks { MAX_KSTACKS } else { 1 })
+        // With --stacks no rows are moved at exit (their stacks stay with userspace).
+        .map_max_entries("EXITED", if opts.stacks { 4096 } else { EXITED_RING_BYTES })
+        .load(if opts.kernel.cmpxchg {
+            EBPF_OBJECT
+        } else {
+            EBPF_OBJECT_NO_CMPXCHG
+        })
+        .context("loading the eBPF object")
 }

@@ -55,26 +55,8 @@ impl Collector {
         }
         let elapsed_ns = self.started.elapsed().as_nanos() as u64;
         let live = self.retire_exited()?;
-        let mut rows = Vec::new();
         let mut named = HashSet::new();
-        for item in self.stats.iter() {
-            let (key, s) = item.context("reading the stats map")?;
-            // A row is created just before its first call is counted into it.
-            if s.count == 0 {
-                continue;
-            }
-            // Live processes are named by /proc, afresh each time (exec and PR_SET_NAME rename
-            // them: the main thread's comm); else by the comm of the thread that made the
-            // first call.
-            let p = (key.tgid, key.serial);
-            if named.insert(p) {
-                let name = preflight::comm(key.tgid)
-                    .filter(|_| live.contains(&p))
-                    .unwrap_or_else(|| comm_str(&s.comm));
-                self.comms.insert(p, name);
-            }
-            rows.push(RawRow::from_stats(key, &s));
-        }
+        let mut rows = self.read_rows(&live, &mut named)?;
         // Every lost call once, by cause. An enter that got no slot leaves an exit without
         // one too: those are counted as dropped, not missed. A skipped exit program leaves
         // its slot open, found at the thread's next call or exit (the kernel's own count of
@@ -94,37 +76,9 @@ impl Collector {
         for t in self.exited_threads.values() {
             threads.extend(t.by_tid.values().chain(&t.others).cloned());
         }
-        let mut writers = Vec::new();
-        for item in self.writer_rows.iter() {
-            let (key, s) = item.context("reading the writers map")?;
-            let p = key.proc();
-            if s.count == 0 {
-                continue;
-            }
-            // A process that has rows here only (qsbr makes no membarrier calls) is named too.
-            if !named.contains(&p) && live.contains(&p) {
-                named.insert(p);
-                if let Some(name) = preflight::comm(key.tgid) {
-                    self.comms.insert(p, name);
-                }
-            }
-            writers.push(WriterRow::from_stats(key, &s));
-        }
+        let mut writers = self.read_writers(&live, &mut named)?;
         writers.extend(self.retired.writers.values().cloned());
-        let (hook_runs_skipped, probe_runs_skipped) = self.runs_skipped()?;
-        let losses = Losses {
-            missed_calls: missed,
-            missed_grace_periods,
-            grace_periods_without_row: self.counter(counter::DROPPED_WRITERS)?,
-            callers_unreported: self.counter(counter::CALLERS_UNSENT)?,
-            calls_without_row: self.counter(counter::DROPPED_STATS)?,
-            calls_without_inflight_slot: no_slot,
-            processes_not_tracked: self.counter(counter::DROPPED_PROCS)?,
-            detail_rows: self.counter(counter::DROPPED_DETAIL)?,
-            unwind_rules: self.kstacks.as_ref().map_or(0, |k| k.rules_dropped),
-            probe_runs_skipped,
-            hook_runs_skipped,
-        };
+        let losses = self.losses(missed, missed_grace_periods, no_slot)?;
         let mut ipi_cpus: Vec<(CpuKey, u64)> = self.ipi_cpus.iter().collect::<Result<_, _>>()?;
         let mut wakers: Vec<(WakerKey, u64)> = self.wakers.iter().collect::<Result<_, _>>()?;
         let mut handled: Vec<(HandlerKey, Handled)> =
@@ -172,6 +126,77 @@ impl Collector {
                 .map(|(s, k)| k.with_live(s.lock().unwrap().clone()))
                 .transpose()?,
             threads,
+        })
+    }
+
+    /// The stats rows with calls, each live process named afresh from /proc.
+    fn read_rows(
+        &mut self,
+        live: &HashSet<ProcKey>,
+        named: &mut HashSet<ProcKey>,
+    ) -> Result<Vec<RawRow>> {
+        let mut rows = Vec::new();
+        for item in self.stats.iter() {
+            let (key, s) = item.context("reading the stats map")?;
+            // A row is created just before its first call is counted into it.
+            if s.count == 0 {
+                continue;
+            }
+            // Live processes are named by /proc, afresh each time (exec and PR_SET_NAME rename
+            // them: the main thread's comm); else by the comm of the thread that made the
+            // first call.
+            let p = (key.tgid, key.serial);
+            if named.insert(p) {
+                let name = preflight::comm(key.tgid)
+                    .filter(|_| live.contains(&p))
+                    .unwrap_or_else(|| comm_str(&s.comm));
+                self.comms.insert(p, name);
+            }
+            rows.push(RawRow::from_stats(key, &s));
+        }
+        Ok(rows)
+    }
+
+    /// The RCU writers' rows with grace periods; a process with rows only here is named too.
+    fn read_writers(
+        &mut self,
+        live: &HashSet<ProcKey>,
+        named: &mut HashSet<ProcKey>,
+    ) -> Result<Vec<WriterRow>> {
+        let mut writers = Vec::new();
+        for item in self.writer_rows.iter() {
+            let (key, s) = item.context("reading the writers map")?;
+            let p = key.proc();
+            if s.count == 0 {
+                continue;
+            }
+            // A process that has rows here only (qsbr makes no membarrier calls) is named too.
+            if !named.contains(&p) && live.contains(&p) {
+                named.insert(p);
+                if let Some(name) = preflight::comm(key.tgid) {
+                    self.comms.insert(p, name);
+                }
+            }
+            writers.push(WriterRow::from_stats(key, &s));
+        }
+        Ok(writers)
+    }
+
+    /// Everything lost, by cause: the kernel's counters beside the figures read above.
+    fn losses(&mut self, missed: u64, missed_grace_periods: u64, no_slot: u64) -> Result<Losses> {
+        let (hook_runs_skipped, probe_runs_skipped) = self.runs_skipped()?;
+        Ok(Losses {
+            missed_calls: missed,
+            missed_grace_periods,
+            grace_periods_without_row: self.counter(counter::DROPPED_WRITERS)?,
+            callers_unreported: self.counter(counter::CALLERS_UNSENT)?,
+            calls_without_row: self.counter(counter::DROPPED_STATS)?,
+            calls_without_inflight_slot: no_slot,
+            processes_not_tracked: self.counter(counter::DROPPED_PROCS)?,
+            detail_rows: self.counter(counter::DROPPED_DETAIL)?,
+            unwind_rules: self.kstacks.as_ref().map_or(0, |k| k.rules_dropped),
+            probe_runs_skipped,
+            hook_runs_skipped,
         })
     }
 }

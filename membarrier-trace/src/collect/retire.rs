@@ -86,6 +86,46 @@ impl Collector {
             .keys()
             .collect::<Result<_, _>>()
             .context("reading the writers map")?;
+        let (live, mut dead) = self.live_and_dead(&keys, &writer_keys);
+        // After the liveness checks: a process found dead has all its threads' exits in.
+        let drained = self.drain_threads()?;
+        // `--stacks`: the kernel unwinds from now on what the stacks thread has seen.
+        if let (Some(namer), Some(k)) = (&self.callers, &mut self.kstacks) {
+            k.teach(namer.learned(), &live);
+        }
+        // The callers thread finds callers as the kernel reports them, named here; one whose
+        // report was lost (a full ring) is asked for, while its process lives.
+        if let Some(namer) = &mut self.callers {
+            namer.name_found();
+            for key in &writer_keys {
+                let p = key.proc();
+                if live.contains(&p) && !namer.named.contains_key(&(p, key.caller)) {
+                    namer.ask(p, key.caller);
+                }
+            }
+        }
+        if dead.is_empty() && moved.is_empty() {
+            self.threads_in_use = drained;
+            return Ok(live);
+        }
+        self.retire_rows(&keys, &writer_keys, &dead, &mut dest)?;
+        // The processes whose rows the kernel moved go with the dead from here (their rows
+        // are retired already; a row read above belonged to a process still alive then).
+        dead.extend(moved);
+        self.retire_details(&dead, &dest)?;
+        self.comms.retain(|p, _| !dead.contains(p));
+        self.threads_in_use = drained;
+        let demoted = self.retired.keep_most();
+        self.demote(&demoted);
+        Ok(live)
+    }
+
+    /// The processes of these rows, each checked once: alive (and named while it is) or dead.
+    fn live_and_dead(
+        &mut self,
+        keys: &[StatsKey],
+        writer_keys: &[WriterKey],
+    ) -> (HashSet<ProcKey>, HashSet<ProcKey>) {
         let (mut live, mut dead) = (HashSet::new(), HashSet::new());
         let procs = keys
             .iter()
@@ -110,27 +150,18 @@ impl Collector {
                 }
             }
         }
-        // After the liveness checks: a process found dead has all its threads' exits in.
-        let drained = self.drain_threads()?;
-        // `--stacks`: the kernel unwinds from now on what the stacks thread has seen.
-        if let (Some(namer), Some(k)) = (&self.callers, &mut self.kstacks) {
-            k.teach(namer.learned(), &live);
-        }
-        // The callers thread finds callers as the kernel reports them, named here; one whose
-        // report was lost (a full ring) is asked for, while its process lives.
-        if let Some(namer) = &mut self.callers {
-            namer.name_found();
-            for key in &writer_keys {
-                let p = key.proc();
-                if live.contains(&p) && !namer.named.contains_key(&(p, key.caller)) {
-                    namer.ask(p, key.caller);
-                }
-            }
-        }
-        if dead.is_empty() && moved.is_empty() {
-            self.threads_in_use = drained;
-            return Ok(live);
-        }
+        (live, dead)
+    }
+
+    /// The dead processes' rows (stats and writers) out of the kernel, each into the retired
+    /// entry `place` gives it (its own, or its name's).
+    fn retire_rows(
+        &mut self,
+        keys: &[StatsKey],
+        writer_keys: &[WriterKey],
+        dead: &HashSet<ProcKey>,
+        dest: &mut HashMap<ProcKey, ProcKey>,
+    ) -> Result<()> {
         for key in keys.iter().filter(|k| dead.contains(&k.proc())) {
             // Gone since the keys were read: the kernel moved it at the exit (it moves a
             // process's rows before its PROCS entry goes, so it is in the next drain).
@@ -145,7 +176,7 @@ impl Collector {
             if row.count == 0 {
                 continue;
             }
-            let to = key.moved_to(self.place(&mut dest, key.proc(), &row.comm));
+            let to = key.moved_to(self.place(dest, key.proc(), &row.comm));
             add_retired(&mut self.retired.rows, to, RawRow::from_stats(to, &row));
         }
         for key in writer_keys.iter().filter(|k| dead.contains(&k.proc())) {
@@ -160,7 +191,7 @@ impl Collector {
                 continue;
             }
             let p = key.proc();
-            let to = self.place(&mut dest, p, &row.comm);
+            let to = self.place(dest, p, &row.comm);
             if let Some(namer) = &mut self.callers
                 && let Some(c) = namer.named.remove(&(p, key.caller))
             {
@@ -173,22 +204,29 @@ impl Collector {
                 WriterRow::from_stats(to, &row),
             );
         }
-        // The processes whose rows the kernel moved go with the dead from here (their rows
-        // are retired already; a row read above belonged to a process still alive then).
-        dead.extend(moved);
+        Ok(())
+    }
+
+    /// What else the dead leave: their stacks, callers' names, IPI targets, wakers, handled
+    /// IPIs and exited threads, each into its process's retired entry.
+    fn retire_details(
+        &mut self,
+        dead: &HashSet<ProcKey>,
+        dest: &HashMap<ProcKey, ProcKey>,
+    ) -> Result<()> {
         if let Some(namer) = &mut self.callers {
             // The kernel's stacks of the dead join the samples' first, each under its own
             // process, and are summed with them.
             if let (Some(k), Some(stacks)) = (&mut self.kstacks, &namer.stacks) {
-                k.retire(&dead, &mut stacks.lock().unwrap())?;
+                k.retire(dead, &mut stacks.lock().unwrap())?;
             }
-            namer.retire(&dest);
+            namer.retire(dest);
         }
         let r = &mut self.retired;
-        retire_detail(&mut self.ipi_cpus, &mut r.ipi_cpus, &dead, &dest)?;
-        retire_detail(&mut self.wakers, &mut r.wakers, &dead, &dest)?;
-        retire_detail(&mut self.handled, &mut r.handled, &dead, &dest)?;
-        for p in &dead {
+        retire_detail(&mut self.ipi_cpus, &mut r.ipi_cpus, dead, dest)?;
+        retire_detail(&mut self.wakers, &mut r.wakers, dead, dest)?;
+        retire_detail(&mut self.handled, &mut r.handled, dead, dest)?;
+        for p in dead {
             if let Some(t) = self.exited_threads.remove(p) {
                 let to = dest.get(p).copied().unwrap_or(*p);
                 self.exited_threads
@@ -197,11 +235,7 @@ impl Collector {
                     .absorb(t, to, to == *p);
             }
         }
-        self.comms.retain(|p, _| !dead.contains(p));
-        self.threads_in_use = drained;
-        let demoted = self.retired.keep_most();
-        self.demote(&demoted);
-        Ok(live)
+        Ok(())
     }
 
     /// What is kept outside `self.retired` of exited processes [`Retired::keep_most`] summed

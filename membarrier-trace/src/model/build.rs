@@ -12,8 +12,27 @@ use super::{
 
 use super::{report::*, snapshot::*};
 
-/// (tgid, serial, cmd, flags): one cmd row of one process.
-type Group = (u32, u32, u32, u32);
+/// One cmd row of one process: the stats rows' key without the errno, and the key of the
+/// detail that joins them. Ordered as the report lists them: cmd as the syscall's signed int.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Group {
+    tgid: u32,
+    serial: u32,
+    cmd: i32,
+    flags: u32,
+}
+
+impl Group {
+    fn of(tgid: u32, serial: u32, cmd: u32, flags: u32) -> Self {
+        let cmd = cmd as i32;
+        Group {
+            tgid,
+            serial,
+            cmd,
+            flags,
+        }
+    }
+}
 
 /// A process's latency histogram and least latency over the run, and its latency and CPU time
 /// summed over the window.
@@ -36,6 +55,10 @@ pub struct Model {
 }
 
 impl Model {
+    /// The report of `snap`, its rates over the time since the previous report.
+    ///
+    /// Long: the report's steps (group, index the detail, each cmd's row, processes,
+    /// writers, findings), each a call, and the run's totals summed between them.
     pub fn report(&mut self, snap: &Snapshot) -> Report {
         let window_ns = snap.elapsed_ns.saturating_sub(self.prev_elapsed_ns);
         let per_sec = |n: u64| {
@@ -50,12 +73,12 @@ impl Model {
         let mut next = HashMap::new();
         // Per process: all its calls' latencies, and latency and CPU time over the window.
         let mut proc_hist: HashMap<ProcKey, WindowSums> = HashMap::new();
-        for ((tgid, serial, cmd_value, flags), rows) in group_rows(snap) {
+        for (group, rows) in group_rows(snap) {
+            let Group { tgid, serial, .. } = group;
             let proc_key = (tgid, serial);
-            let group = (tgid, serial, cmd_value as u32, flags);
             let (before, sum_before, cpu_before) =
                 self.prev.get(&group).copied().unwrap_or((0, 0, 0));
-            let (row, all, cost) = cmd_report(group, cmd_value, &rows, &mut detail, snap);
+            let (row, all, cost) = cmd_report(group, &rows, &mut detail, snap);
             let row = CmdReport {
                 calls_per_sec: per_sec(row.calls.saturating_sub(before)),
                 ..row
@@ -146,12 +169,12 @@ impl Model {
 }
 
 /// The snapshot's stats rows by (tgid, serial, cmd, flags): one per outcome (errno) each.
-fn group_rows(snap: &Snapshot) -> BTreeMap<(u32, u32, i32, u32), Vec<&RawRow>> {
-    let mut groups: BTreeMap<(u32, u32, i32, u32), Vec<&RawRow>> = BTreeMap::new();
+fn group_rows(snap: &Snapshot) -> BTreeMap<Group, Vec<&RawRow>> {
+    let mut groups: BTreeMap<Group, Vec<&RawRow>> = BTreeMap::new();
     for row in &snap.rows {
         let k = row.key;
         groups
-            .entry((k.tgid, k.serial, k.cmd as i32, k.flags))
+            .entry(Group::of(k.tgid, k.serial, k.cmd, k.flags))
             .or_default()
             .push(row);
     }
@@ -182,14 +205,14 @@ impl<'a> Detail<'a> {
         };
         for (k, n) in &snap.ipi_cpus {
             *d.per_cpu
-                .entry((k.tgid, k.serial, k.cmd, k.flags))
+                .entry(Group::of(k.tgid, k.serial, k.cmd, k.flags))
                 .or_default()
                 .entry(k.cpu.to_string())
                 .or_default() += n;
         }
         for (k, n) in &snap.wakers {
             *d.wakers
-                .entry((k.tgid, k.serial, k.cmd, k.flags))
+                .entry(Group::of(k.tgid, k.serial, k.cmd, k.flags))
                 .or_default()
                 .entry(comm_str(&k.comm))
                 .or_default() += n;
@@ -198,7 +221,7 @@ impl<'a> Detail<'a> {
             d.threads.entry(t.proc).or_default().push(t);
         }
         for (k, h) in &snap.handled {
-            let group = (k.tgid, k.serial, k.cmd, k.flags);
+            let group = Group::of(k.tgid, k.serial, k.cmd, k.flags);
             *d.handler.entry(group).or_default() += h.ns;
             d.victims.entry(group).or_default().push(IpiVictim {
                 pid: (k.victim != VICTIMS_OTHER).then_some(k.victim),
@@ -219,14 +242,21 @@ impl<'a> Detail<'a> {
 
 /// One group's row of the report, from its stats rows (one per errno) and its detail; its rate
 /// is left to the caller, which knows the window. Returns the rows summed and the CPU cost too.
+///
+/// Long: one row's fields, each summed over its stats rows and joined with its detail in one
+/// pass; the struct it fills has that many fields.
 fn cmd_report(
     group: Group,
-    cmd_value: i32,
     rows: &[&RawRow],
     detail: &mut Detail,
     snap: &Snapshot,
 ) -> (CmdReport, RawRow, CpuCost) {
-    let (tgid, serial, _, flags) = group;
+    let Group {
+        tgid,
+        serial,
+        cmd: cmd_value,
+        flags,
+    } = group;
     let proc_key = (tgid, serial);
     let mut all = RawRow::new(rows[0].key);
     let mut errno = BTreeMap::new();

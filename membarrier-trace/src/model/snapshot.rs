@@ -76,37 +76,31 @@ impl RawRow {
         for (i, &n) in r.hist.iter().enumerate().filter(|(_, n)| **n > 0) {
             hist.add_to(r.first_bucket as usize + i, n);
         }
+        let l = [r.count, r.sum_ns, r.min_ns, r.max_ns];
+        Self::latency_only(key, l, hist, [r.mutex_wait_sum_ns, r.mutex_wait_max_ns])
+    }
+    pub fn from_summed(key: StatsKey, r: &SummedRow) -> Self {
+        let l = [r.count, r.sum_ns, r.min_ns, r.max_ns];
+        let hist = Histogram::from_counts(&r.hist);
+        Self::latency_only(key, l, hist, [r.mutex_wait_sum_ns, r.mutex_wait_max_ns])
+    }
+    /// A row the kernel kept only the latency and mutex wait of (moved at exit, or summed by
+    /// name): `[count, sum, min, max]`, the histogram, `[mutex wait sum, max]`.
+    fn latency_only(key: StatsKey, l: [u64; 4], hist: Histogram, mutex_wait: [u64; 2]) -> Self {
+        let [count, sum_ns, min_ns, max_ns] = l;
         Self {
             key,
-            count: r.count,
-            sum_ns: r.sum_ns,
-            min_ns: r.min_ns,
-            max_ns: r.max_ns,
+            count,
+            sum_ns,
+            min_ns,
+            max_ns,
             hist,
             ipi_hist: Vec::new(),
-            mutex_wait_sum_ns: r.mutex_wait_sum_ns,
-            mutex_wait_max_ns: r.mutex_wait_max_ns,
+            mutex_wait_sum_ns: mutex_wait[0],
+            mutex_wait_max_ns: mutex_wait[1],
             ..Self::new(key)
         }
     }
-
-    /// Rows the kernel summed by name (no breakdown histograms: it sums only rows it moves).
-    pub fn from_summed(key: StatsKey, r: &SummedRow) -> Self {
-        Self {
-            key,
-            count: r.count,
-            sum_ns: r.sum_ns,
-            min_ns: r.min_ns,
-            max_ns: r.max_ns,
-            hist: Histogram::from_counts(&r.hist),
-            ipi_hist: Vec::new(),
-            mutex_wait_sum_ns: r.mutex_wait_sum_ns,
-            mutex_wait_max_ns: r.mutex_wait_max_ns,
-            ..Self::new(key)
-        }
-    }
-
-    /// A kernel stats row as read.
     pub fn from_stats(key: StatsKey, s: &Stats) -> Self {
         Self {
             key,

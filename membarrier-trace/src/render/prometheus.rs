@@ -219,7 +219,7 @@ fn writer_series(writers: &[&WriterReport], by: By) -> BTreeMap<String, (u64, u6
 }
 
 /// The exposition of `report`, over `processes` and `writers` (those of the report still
-/// shown).
+/// shown): the calls' families (per process or name), the RCU writers', then the tracer's own.
 pub fn render(
     report: &Report,
     processes: &[&ProcessReport],
@@ -242,13 +242,23 @@ pub fn render(
             (who, s)
         })
         .collect();
+    call_families(&mut o, &series);
+    rcu_families(&mut o, writers, by);
+    tracer_families(&mut o, report);
+    if openmetrics {
+        o.s.push_str("# EOF\n");
+    }
+    o.s
+}
 
+/// Calls, their latency histogram, IPIs and CPU time, per (who, cmd).
+fn call_families(o: &mut Out, series: &[(String, Series)]) {
     o.family(
         "membarrier_calls",
         "counter",
         "membarrier(2) calls, by cmd, flags and result (ok or the errno's name).",
     );
-    for (who, s) in &series {
+    for (who, s) in series {
         for (cmd, c) in &s.cmds {
             for ((flags, result), n) in &c.calls {
                 let l = and(
@@ -271,7 +281,7 @@ pub fn render(
     );
     let bounds = duration_bounds_ns();
     let les: Vec<String> = bounds.iter().map(|&b| secs(b).to_string()).collect();
-    for (who, s) in &series {
+    for (who, s) in series {
         for (cmd, c) in &s.cmds {
             let base = and(who, &[("cmd", cmd)]);
             // Built once per series: a scrape writes about 114 of these lines per cmd row.
@@ -299,7 +309,7 @@ pub fn render(
         "counter",
         "IPIs sent by membarrier(2) calls, by target CPU.",
     );
-    for (who, s) in &series {
+    for (who, s) in series {
         for (cmd, c) in &s.cmds {
             for (cpu, n) in &c.ipis {
                 let l = and(who, &[("cmd", cmd), ("cpu", cpu)]);
@@ -314,7 +324,7 @@ pub fn render(
         "CPU time membarrier(2) costs: on the caller's CPU inside its calls (where=caller), and \
          in the IPI handlers its calls ran on other CPUs (where=ipi_handler).",
     );
-    for (who, s) in &series {
+    for (who, s) in series {
         for (place, ns) in [
             ("caller", s.cpu_ns.caller),
             ("ipi_handler", s.cpu_ns.ipi_handler),
@@ -323,7 +333,10 @@ pub fn render(
             o.sample("membarrier_cpu_seconds_total", &l, secs(ns));
         }
     }
+}
 
+/// Userspace RCU grace periods by function.
+fn rcu_families(o: &mut Out, writers: &[&WriterReport], by: By) {
     let gps = writer_series(writers, by);
     o.family(
         "membarrier_rcu_grace_periods",
@@ -353,7 +366,10 @@ pub fn render(
             secs(*ns),
         );
     }
+}
 
+/// The tracer's own: missed calls, what it dropped by cause, and what it attached.
+fn tracer_families(o: &mut Out, report: &Report) {
     o.family(
         "membarrier_trace_missed_calls",
         "counter",
@@ -391,10 +407,6 @@ pub fn render(
         ("grace_period_source", source.as_str().unwrap_or_default()),
     ]);
     o.sample("membarrier_trace_info", &l, 1);
-    if openmetrics {
-        o.s.push_str("# EOF\n");
-    }
-    o.s
 }
 #[cfg(test)]
 mod tests {

@@ -66,6 +66,20 @@ pub fn dropped_causes(d: &Dropped) -> String {
 
 pub fn text(r: &Report) -> String {
     let mut s = String::new();
+    header(&mut s, r);
+    findings(&mut s, r);
+    if r.processes.is_empty() {
+        let _ = writeln!(s, "no membarrier calls seen");
+    }
+    for p in &r.processes {
+        process(&mut s, p, r.window_ns);
+    }
+    writers(&mut s, r);
+    s
+}
+
+/// The run's lines: calls, what was missed or dropped and why, exited processes, the hook.
+fn header(s: &mut String, r: &Report) {
     let _ = writeln!(
         s,
         "membarrier-trace: {:.2} s traced, {} calls ({}/s over the run, {}/s over the last {:.2} s), {} missed, {} dropped",
@@ -122,85 +136,81 @@ pub fn text(r: &Report) -> String {
             r.missed_grace_periods
         );
     }
-    findings(&mut s, r);
-    if r.processes.is_empty() {
-        let _ = writeln!(s, "no membarrier calls seen");
+}
+
+/// A process's lines: its totals, registrations, CPU, then a line per cmd with its breakdown.
+fn process(s: &mut String, p: &ProcessReport, window_ns: u64) {
+    let _ = writeln!(
+        s,
+        "\nPID {} ({}): {} calls, {}/s, {} errors",
+        p.pid,
+        process_name(p),
+        p.calls,
+        units::per_sec(p.calls_per_sec),
+        p.errors
+    );
+    if p.registrations + p.registrations_failed > 0 {
+        let failed = if p.registrations_failed > 0 {
+            format!(" ({} more failed)", p.registrations_failed)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            s,
+            "  registered: {} calls{failed}, {} in all",
+            p.registrations,
+            units::ns(p.registration_ns)
+        );
     }
-    for p in &r.processes {
+    if p.cpu_ns.total() > 0 {
         let _ = writeln!(
             s,
-            "\nPID {} ({}): {} calls, {}/s, {} errors",
-            p.pid,
-            process_name(p),
-            p.calls,
-            units::per_sec(p.calls_per_sec),
-            p.errors
+            "  cpu: {} on the callers' CPUs + {} in IPI handlers on others; {:.2}% of a core over the last {:.2} s",
+            units::ns(p.cpu_ns.caller),
+            units::ns(p.cpu_ns.ipi_handler),
+            p.cpu_pct,
+            window_ns as f64 / 1e9
         );
-        if p.registrations + p.registrations_failed > 0 {
-            let failed = if p.registrations_failed > 0 {
-                format!(" ({} more failed)", p.registrations_failed)
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                s,
-                "  registered: {} calls{failed}, {} in all",
-                p.registrations,
-                units::ns(p.registration_ns)
-            );
-        }
-        if p.cpu_ns.total() > 0 {
-            let _ = writeln!(
-                s,
-                "  cpu: {} on the callers' CPUs + {} in IPI handlers on others; {:.2}% of a core over the last {:.2} s",
-                units::ns(p.cpu_ns.caller),
-                units::ns(p.cpu_ns.ipi_handler),
-                p.cpu_pct,
-                r.window_ns as f64 / 1e9
-            );
-        }
-        if p.unregistered_eperm > 0 {
-            let _ = writeln!(
-                s,
-                "  ! {} EPERM from expedited cmds issued without registering (REGISTER_* first)",
-                p.unregistered_eperm
-            );
-        }
+    }
+    if p.unregistered_eperm > 0 {
         let _ = writeln!(
             s,
-            "  {:<44} {:>5} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}",
-            "CMD", "FLAGS", "CALLS", "CALLS/S", "ERRORS", "P50", "P99", "MAX"
+            "  ! {} EPERM from expedited cmds issued without registering (REGISTER_* first)",
+            p.unregistered_eperm
         );
-        for c in &p.cmds {
-            let name = match c.kind {
-                Kind::GracePeriod => format!("{} (grace period)", c.cmd),
-                // A known cmd with flags the kernel refuses: EINVAL, no barrier.
-                Kind::Invalid if cmd::name(c.cmd_value).is_some() => {
-                    format!("{} (invalid flags)", c.cmd)
-                }
-                _ => c.cmd.clone(),
-            };
-            let mut line = format!(
-                "  {:<44} {:>5} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}",
-                name,
-                cmd::flags_name(c.flags),
-                c.calls,
-                units::per_sec(c.calls_per_sec),
-                c.errors,
-                units::ns(c.latency_ns.p50),
-                units::ns(c.latency_ns.p99),
-                units::ns(c.latency_ns.max)
-            );
-            if !c.errno.is_empty() {
-                let errs: Vec<String> = c.errno.iter().map(|(e, n)| format!("{e}:{n}")).collect();
-                let _ = write!(line, "  {}", errs.join(" "));
+    }
+    let _ = writeln!(
+        s,
+        "  {:<44} {:>5} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}",
+        "CMD", "FLAGS", "CALLS", "CALLS/S", "ERRORS", "P50", "P99", "MAX"
+    );
+    for c in &p.cmds {
+        let name = match c.kind {
+            Kind::GracePeriod => format!("{} (grace period)", c.cmd),
+            // A known cmd with flags the kernel refuses: EINVAL, no barrier.
+            Kind::Invalid if cmd::name(c.cmd_value).is_some() => {
+                format!("{} (invalid flags)", c.cmd)
             }
-            let _ = writeln!(s, "{line}");
-            breakdown(&mut s, c);
+            _ => c.cmd.clone(),
+        };
+        let mut line = format!(
+            "  {:<44} {:>5} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}",
+            name,
+            cmd::flags_name(c.flags),
+            c.calls,
+            units::per_sec(c.calls_per_sec),
+            c.errors,
+            units::ns(c.latency_ns.p50),
+            units::ns(c.latency_ns.p99),
+            units::ns(c.latency_ns.max)
+        );
+        if !c.errno.is_empty() {
+            let errs: Vec<String> = c.errno.iter().map(|(e, n)| format!("{e}:{n}")).collect();
+            let _ = write!(line, "  {}", errs.join(" "));
         }
+        let _ = writeln!(s, "{line}");
+        breakdown(s, c);
     }
-    writers(&mut s, r);
-    s
 }
 
 /// The "Findings" section, before the tables: rule, process, evidence, cost and fix.
