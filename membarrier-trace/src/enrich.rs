@@ -2,5 +2,6 @@
 //! files a process maps while it lives, unwound and symbolized.
 
 pub mod procmaps;
+pub mod stacks;
 pub mod symbolize;
 pub mod unwind;

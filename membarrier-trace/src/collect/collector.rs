@@ -19,7 +19,7 @@ use membarrier_trace_common::{
 use crate::{
     collect::kstacks::KernelStacks,
     collect::rcu::{CustomFunc, Writers},
-    enrich::symbolize::{CallerNamer, Rings},
+    enrich::{stacks::StackCounter, symbolize::CallerNamer},
     hook::{Attach, AttachMode, Hook},
     model::{GraceSource, Maps, ProcKey},
     preflight,
@@ -96,8 +96,10 @@ pub struct Collector {
     pub(super) follow_forks: bool,
     /// sched_switch_writers is attached (off-CPU time in grace periods beside fentry).
     pub(super) writers_off_cpu: bool,
-    /// Names grace periods' callers and unwinds `--stacks` (None: neither).
+    /// Names grace periods' callers and `--stacks` frames (None: neither).
     pub(super) callers: Option<CallerNamer>,
+    /// `--stacks`: unwinds and counts each call's stack sent to userspace.
+    pub(super) stacks: Option<StackCounter>,
     /// `--stacks`: the stacks the kernel unwinds itself.
     pub(super) kstacks: Option<KernelStacks>,
     /// Last known name of each process seen.
@@ -250,13 +252,6 @@ impl Collector {
         let summed = take(&mut ebpf, "SUMMED")?;
         let exited_rows = ExitedRing::start(take(&mut ebpf, "EXITED")?)
             .context("starting the exited processes' thread")?;
-        let rings = Rings {
-            callers: opts.rcu.then(|| take(&mut ebpf, "CALLERS")).transpose()?,
-            stacks: opts
-                .stacks
-                .then(|| take(&mut ebpf, "STACK_SAMPLES"))
-                .transpose()?,
-        };
         let kstacks = if opts.stacks {
             Some(KernelStacks::new(
                 take(&mut ebpf, "UNWIND")?,
@@ -271,9 +266,17 @@ impl Collector {
             None
         };
         let callers = if opts.rcu || opts.stacks {
-            Some(CallerNamer::start(rings).context("starting the addresses thread")?)
+            let ring = opts.rcu.then(|| take(&mut ebpf, "CALLERS")).transpose()?;
+            Some(CallerNamer::start(ring).context("starting the callers' thread")?)
         } else {
             None
+        };
+        let stacks = match (&callers, opts.stacks) {
+            (Some(namer), true) => Some(
+                StackCounter::start(take(&mut ebpf, "STACK_SAMPLES")?, namer.finder())
+                    .context("starting the stacks thread")?,
+            ),
+            _ => None,
         };
         let mut c = Self {
             ebpf,
@@ -299,6 +302,7 @@ impl Collector {
             follow_forks: opts.follow_forks,
             writers_off_cpu: false,
             callers,
+            stacks,
             kstacks,
             comms: HashMap::new(),
             retired: Retired::default(),

@@ -9,7 +9,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use membarrier_trace_common::{KSTACK_FRAMES, KStack, KStackKey, UnwindSlot, proc_id, unwind_slot};
 
 use crate::{
-    enrich::symbolize::{Learned, MAX_STACKS},
+    enrich::stacks::{Learned, MAX_STACKS},
     model::{ProcKey, StackCount, Stacks},
 };
 

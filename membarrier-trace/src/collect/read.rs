@@ -49,8 +49,8 @@ impl Collector {
             self.control
                 .set(0, 0, 0)
                 .context("disarming the eBPF programs")?;
-            if let Some(n) = &self.callers {
-                n.flush();
+            if let Some(s) = &self.stacks {
+                s.flush();
             }
         }
         let elapsed_ns = self.started.elapsed().as_nanos() as u64;
@@ -119,11 +119,10 @@ impl Collector {
                 .map(|n| n.named.clone())
                 .unwrap_or_default(),
             stacks: self
-                .callers
+                .stacks
                 .as_ref()
-                .and_then(|n| n.stacks.as_ref())
                 .zip(self.kstacks.as_ref())
-                .map(|(s, k)| k.with_live(s.lock().unwrap().clone()))
+                .map(|(s, k)| k.with_live(s.counts.lock().unwrap().clone()))
                 .transpose()?,
             threads,
         })

@@ -90,8 +90,8 @@ impl Collector {
         // After the liveness checks: a process found dead has all its threads' exits in.
         let drained = self.drain_threads()?;
         // `--stacks`: the kernel unwinds from now on what the stacks thread has seen.
-        if let (Some(namer), Some(k)) = (&self.callers, &mut self.kstacks) {
-            k.teach(namer.learned(), &live);
+        if let (Some(s), Some(k)) = (&self.stacks, &mut self.kstacks) {
+            k.teach(s.learned(), &live);
         }
         // The callers thread finds callers as the kernel reports them, named here; one whose
         // report was lost (a full ring) is asked for, while its process lives.
@@ -214,12 +214,15 @@ impl Collector {
         dead: &HashSet<ProcKey>,
         dest: &HashMap<ProcKey, ProcKey>,
     ) -> Result<()> {
-        if let Some(namer) = &mut self.callers {
+        if let Some(s) = &self.stacks {
             // The kernel's stacks of the dead join the samples' first, each under its own
             // process, and are summed with them.
-            if let (Some(k), Some(stacks)) = (&mut self.kstacks, &namer.stacks) {
-                k.retire(dead, &mut stacks.lock().unwrap())?;
+            if let Some(k) = &mut self.kstacks {
+                k.retire(dead, &mut s.counts.lock().unwrap())?;
             }
+            s.retire(dest);
+        }
+        if let Some(namer) = &mut self.callers {
             namer.retire(dest);
         }
         let r = &mut self.retired;
@@ -266,6 +269,9 @@ impl Collector {
                 }
             }
             namer.retire(demoted);
+        }
+        if let Some(s) = &self.stacks {
+            s.retire(demoted);
         }
     }
 

@@ -254,7 +254,7 @@ pub struct Stacks {
     /// By (group, frames: innermost first).
     pub stacks: HashMap<(StackGroup, Vec<u64>), StackCount>,
     /// Calls sent without a readable stack (no registers or stack bytes), or with a new stack
-    /// when `symbolize::MAX_STACKS` were kept.
+    /// when `enrich::stacks::MAX_STACKS` were kept.
     pub unattributed: HashMap<StackGroup, u64>,
 }
 
