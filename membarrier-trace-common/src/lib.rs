@@ -648,7 +648,8 @@ pub mod field {
     pub const CSD_FUNCTION_EXIT_CSD: usize = 8;
     pub const TASK_NEWTASK_PID: usize = 9;
     pub const TASK_NEWTASK_CLONE_FLAGS: usize = 10;
-    pub const COUNT: usize = 11;
+    pub const LOCK_CONTENTION_BEGIN_FLAGS: usize = 11;
+    pub const COUNT: usize = 12;
 
     /// Per field, the offsets with a direct read: mainline's, and Debian 12's PREEMPT_RT
     /// (6.1-rt: `common_preempt_lazy_count` makes the header 12 bytes; seen in its format files).
@@ -664,6 +665,7 @@ pub mod field {
         [16, 24],
         [8, 12],
         [32, 32],
+        [16, 24],
     ];
 
     /// Mainline's offsets, the default before userspace sets them.

@@ -1,15 +1,35 @@
-//! Mutex wait inside a call (`lock:contention_begin/end`, Linux 5.19).
+//! Mutex wait inside a call (`lock:contention_begin/end`, Linux 5.19): the time a caller waits
+//! for a mutex (the expedited cmds' `membarrier_ipi_mutex`, spinning on its owner or asleep),
+//! an rwsem, or any lock on PREEMPT_RT. A spinlock's contention is left out: it comes as often
+//! from an interrupt that happens to land in the call (the scheduler tick on a runqueue lock)
+//! or from the tracer's own map locks as from the call.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use membarrier_trace_common::field;
 
 use crate::{
     call::inside,
+    config::FIELDS,
     util::{current_tid, now},
 };
 
+/// `contention_begin`'s flags (include/trace/events/lock.h): a spinlock or rwlock has
+/// `LCB_F_SPIN` alone (or with READ/WRITE); a mutex has `LCB_F_MUTEX`, with `LCB_F_SPIN` while
+/// it spins on a running owner (most of the expedited cmds' waits on two CPUs).
+const LCB_F_SPIN: u32 = 1;
+const LCB_F_MUTEX: u32 = 1 << 5;
+
 #[tracepoint]
-pub fn contention_begin(_ctx: TracePointContext) -> u32 {
+pub fn contention_begin(ctx: TracePointContext) -> u32 {
     if let Some(caller) = inside(current_tid()) {
+        // Read with the helper: the compiler kept ctx + 16 in a register, which the verifier
+        // refuses to dereference; this runs only for a thread inside a call. Unread, the wait
+        // counts.
+        let off = unsafe { core::ptr::read_volatile(&FIELDS[field::LOCK_CONTENTION_BEGIN_FLAGS]) };
+        let flags = unsafe { ctx.read_at::<u32>(off as usize) }.unwrap_or(0);
+        if flags & (LCB_F_SPIN | LCB_F_MUTEX) == LCB_F_SPIN {
+            return 0;
+        }
         caller.lock_since_ns = now();
     }
     0

@@ -227,7 +227,11 @@ pub(super) const BREAKDOWN: &[(&str, &[&[Probe]])] = &[
     (
         "mutex wait",
         &[&[
-            Probe::tp("lock", "contention_begin", &[]),
+            Probe::tp(
+                "lock",
+                "contention_begin",
+                &[("flags", field::LOCK_CONTENTION_BEGIN_FLAGS)],
+            ),
             Probe::tp("lock", "contention_end", &[]),
         ]],
     ),
