@@ -79,6 +79,10 @@ fn main() -> ExitCode {
             sub: Some(Sub::Calibrate(c)),
             ..
         }) => run_calibrate(c).map_or_else(fail, |()| ExitCode::SUCCESS),
+        Ok(Cli {
+            sub: Some(Sub::Symbolize(s)),
+            ..
+        }) => membarrier_trace::app::symbolize::run(&s).unwrap_or_else(fail),
         Ok(cli) => run(cli).unwrap_or_else(fail),
         Err(code) => code,
     }
@@ -101,6 +105,7 @@ fn run_calibrate(cli: CalibrateCli) -> Result<()> {
             rcu_funcs: Vec::new(),
             stacks: false,
             stack_rate: membarrier_trace_common::STACK_BUDGET * 100,
+            debug_dirs: Vec::new(),
             hook_floor: false,
             kernel: Features::of_this_kernel(),
         },
@@ -195,6 +200,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             stack_rate: cli
                 .stack_rate
                 .unwrap_or(membarrier_trace_common::STACK_BUDGET * 100),
+            debug_dirs: cli.debug_dir.clone(),
             hook_floor: cli.hook_floor,
             kernel,
         },

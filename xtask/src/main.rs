@@ -25,6 +25,13 @@ const TEST_PACKAGES: &[&str] = &[
     "strace",
     "tmux",
     "gcc",
+    // readelf, objcopy, strip, addr2line: the independent checks of build IDs and debug files.
+    "binutils",
+    // A debuginfod server and its client (debuginfod-find), for the test that fetches from one.
+    "debuginfod",
+    "elfutils",
+    // libc's debug file, by build ID under /usr/lib/debug: its local functions named.
+    "libc6-dbg",
     "prometheus",
 ];
 

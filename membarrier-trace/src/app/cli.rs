@@ -48,12 +48,30 @@ pub enum Sub {
     /// Measure what each cmd costs on this host: latency and IPIs per cmd and scenario, traced
     /// as a run traces them.
     Calibrate(CalibrateCli),
+    /// Name the code a saved JSON report (`-o json`) left unnamed, from the build IDs and
+    /// module offsets of its frames and callers, on a machine that has the symbols: debug files
+    /// (--debug-dir, /usr/lib/debug/.build-id, debuginfod when DEBUGINFOD_URLS is set) or the
+    /// same build of the module. Prints the documents back, one per line.
+    Symbolize(SymbolizeCli),
+}
+
+/// `membarrier-trace symbolize`'s options.
+#[derive(Args, Debug)]
+pub struct SymbolizeCli {
+    /// The report: one JSON document per line, as `-o json` (with `-i`) writes; `-` for stdin.
+    #[arg(value_name = "FILE")]
+    pub file: std::path::PathBuf,
+    /// Also look for debug files here, before /usr/lib/debug (repeatable): a tree of
+    /// `.build-id/xx/yyyy.debug`, as -dbgsym packages install.
+    #[arg(long, value_name = "DIR")]
+    pub debug_dir: Vec<std::path::PathBuf>,
 }
 
 /// Exact per-process accounting of membarrier(2) calls: counts, errors and in-kernel latency
 /// per process and cmd, measured with eBPF on the syscall tracepoints.
 ///
-/// `membarrier-trace calibrate` measures what each cmd costs on this host (see its --help).
+/// `membarrier-trace calibrate` measures what each cmd costs on this host, `membarrier-trace
+/// symbolize` names a saved report's code (see their --help).
 #[derive(Parser, Debug)]
 #[command(name = "membarrier-trace", version = VERSION, about, after_long_help = exit_status())]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -92,6 +110,10 @@ pub struct Cli {
     /// to measure the hook's own cost; nothing is counted.
     #[arg(long, hide = true)]
     pub hook_floor: bool,
+    /// Also look for split debug files here to name code in stripped binaries (repeatable),
+    /// before /usr/lib/debug: a tree of `.build-id/xx/yyyy.debug`, as -dbgsym packages install.
+    #[arg(long, value_name = "DIR")]
+    pub debug_dir: Vec<std::path::PathBuf>,
     /// Also count the grace periods of this function (repeatable): e.g. QEMU's
     /// synchronize_rcu, DPDK's rte_rcu_qsbr_synchronize.
     #[arg(long, value_name = "PATH:SYMBOL")]

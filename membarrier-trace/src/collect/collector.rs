@@ -55,6 +55,8 @@ pub struct Options {
     pub stacks: bool,
     /// `--stack-rate`: calls a second per CPU whose stacks are all taken.
     pub stack_rate: u64,
+    /// `--debug-dir`: where else to look for debug files by build ID.
+    pub debug_dirs: Vec<std::path::PathBuf>,
     /// `--hook-floor` (benchmarks): only the hook, with programs that do nothing.
     pub hook_floor: bool,
     /// What the running kernel's BPF can do: which eBPF object loads (read once, by the caller,
@@ -267,7 +269,10 @@ impl Collector {
         };
         let callers = if opts.rcu || opts.stacks {
             let ring = opts.rcu.then(|| take(&mut ebpf, "CALLERS")).transpose()?;
-            Some(CallerNamer::start(ring).context("starting the callers' thread")?)
+            Some(
+                CallerNamer::start(ring, &opts.debug_dirs)
+                    .context("starting the callers' thread")?,
+            )
         } else {
             None
         };

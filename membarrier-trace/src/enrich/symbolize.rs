@@ -11,6 +11,7 @@
 use std::{
     collections::{HashMap, HashSet},
     os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -22,7 +23,10 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use membarrier_trace_common::CallerSeen;
 
+use blazesym::symbolize::Input;
+
 use crate::{
+    enrich::module::{DebugFiles, Modules, has_build_id},
     enrich::procmaps::mappings,
     enrich::unwind::FrameFile,
     model::{Caller, ProcKey},
@@ -41,7 +45,7 @@ type Found = HashMap<(ProcKey, u64), Option<FrameFile>>;
 pub struct CallerNamer {
     /// Addresses named so far.
     pub named: Callers,
-    symbolizer: blazesym::symbolize::Symbolizer,
+    symbols: Symbols,
     found: Arc<Mutex<Found>>,
     asks: mpsc::Sender<(ProcKey, u64)>,
     stop: Arc<AtomicBool>,
@@ -50,7 +54,10 @@ pub struct CallerNamer {
 
 impl CallerNamer {
     /// Starts the thread that reads the callers' ring (grace periods' callers), if given.
-    pub fn start(callers: Option<RingBuf<MapData>>) -> std::io::Result<Self> {
+    pub fn start(
+        callers: Option<RingBuf<MapData>>,
+        debug_dirs: &[PathBuf],
+    ) -> std::io::Result<Self> {
         let found = Arc::new(Mutex::new(Found::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (asks, asked) = mpsc::channel::<(ProcKey, u64)>();
@@ -80,7 +87,7 @@ impl CallerNamer {
         }
         Ok(Self {
             named: Callers::new(),
-            symbolizer: blazesym::symbolize::Symbolizer::new(),
+            symbols: Symbols::new(debug_dirs),
             found,
             asks,
             stop,
@@ -98,7 +105,7 @@ impl CallerNamer {
         let found = std::mem::take(&mut *self.found.lock().unwrap());
         for (key, f) in found {
             let caller = match f {
-                Some(f) => name_frame(&self.symbolizer, key.1, f),
+                Some(f) => self.symbols.name(key.1, f),
                 None => Caller {
                     address: key.1,
                     ..Default::default()
@@ -182,38 +189,123 @@ impl Finder {
     }
 }
 
-/// Names the code at `addr` (a return address: the call is the byte before it) from where it
-/// was found, with blazesym.
-pub fn name_frame(symbolizer: &blazesym::symbolize::Symbolizer, addr: u64, f: FrameFile) -> Caller {
-    use blazesym::symbolize::{Input, Symbolized, source::Elf, source::Source};
-    let mut caller = Caller {
-        address: addr,
-        module: Some(f.module),
-        ..Default::default()
-    };
-    let Some(file) = f.file else {
-        return caller;
-    };
-    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-    let src = Source::Elf(Elf::new(&path));
-    let mut sym = symbolizer.symbolize_single(&src, Input::FileOffset(f.file_offset));
-    if !matches!(sym, Ok(Symbolized::Sym(_))) {
-        // Debug sections it cannot read (libc's are zlib-compressed): the symbol tables alone.
-        let src = Source::Elf(Elf {
-            debug_syms: false,
-            ..Elf::new(&path)
-        });
-        sym = symbolizer.symbolize_single(&src, Input::FileOffset(f.file_offset));
-    }
-    if let Ok(Symbolized::Sym(s)) = sym {
-        caller.symbol = Some(s.name.to_string());
-        caller.offset = Some(s.offset as u64 + 1);
-        if let Some(ci) = s.code_info {
-            caller.file = Some(ci.to_path().display().to_string());
-            caller.line = ci.line;
+/// Names code from its module: its own symbols, then its split debug file found by build ID
+/// (where the module has no symbol for it, or no line); every frame gets the module's build ID
+/// and its address as the module's file sees it, which outlive the process and ASLR.
+pub struct Symbols {
+    symbolizer: blazesym::symbolize::Symbolizer,
+    modules: Modules,
+    debug: DebugFiles,
+}
+
+/// A symbol found for an address.
+struct Named {
+    symbol: String,
+    /// Bytes from the symbol's start to the address named (the byte before a return address).
+    offset: u64,
+    file: Option<String>,
+    line: Option<u32>,
+}
+
+impl Symbols {
+    /// `debug_dirs` (`--debug-dir`) are searched before /usr/lib/debug.
+    pub fn new(debug_dirs: &[PathBuf]) -> Self {
+        let debug = DebugFiles::new(debug_dirs);
+        let symbolizer = blazesym::symbolize::Symbolizer::builder()
+            .set_debug_dirs(Some(debug.dirs()))
+            .build();
+        Symbols {
+            symbolizer,
+            modules: Modules::default(),
+            debug,
         }
     }
-    caller
+
+    /// Names the code at `addr` (a return address: the call is the byte before it) from where
+    /// it was found.
+    pub fn name(&mut self, addr: u64, f: FrameFile) -> Caller {
+        let mut caller = Caller {
+            address: addr,
+            module: Some(f.module),
+            ..Default::default()
+        };
+        let Some(file) = f.file else {
+            return caller;
+        };
+        let module = self.modules.of(&file);
+        let vaddr = module.as_ref().and_then(|m| m.vaddr(f.file_offset));
+        caller.build_id = module.and_then(|m| m.build_id.clone());
+        caller.module_offset = vaddr.map(|v| v + 1);
+        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let mut named = self.in_file(&path, Input::FileOffset(f.file_offset));
+        if named.as_ref().is_none_or(|n| n.file.is_none())
+            && let (Some(id), Some(v)) = (&caller.build_id, vaddr)
+            && let Some(debug) = self.debug.find(id)
+            && let Some(n) = self.in_file(&debug, Input::VirtOffset(v))
+        {
+            named = Some(n);
+        }
+        fill(&mut caller, named);
+        caller
+    }
+
+    /// Names a frame of a saved report from its build ID and module offset: in the build's
+    /// debug file, else in `module` where that file is the same build. False where neither is
+    /// here.
+    pub fn name_saved(&mut self, c: &mut Caller) -> bool {
+        let (Some(id), Some(off)) = (c.build_id.clone(), c.module_offset) else {
+            return false;
+        };
+        let v = off.saturating_sub(1);
+        let files = self.debug.find(&id).into_iter().chain(
+            c.module
+                .as_deref()
+                .map(PathBuf::from)
+                .filter(|m| has_build_id(m, &id)),
+        );
+        for f in files.collect::<Vec<_>>() {
+            if let Some(n) = self.in_file(&f, Input::VirtOffset(v)) {
+                fill(c, Some(n));
+                return true;
+            }
+        }
+        false
+    }
+
+    fn in_file(&self, path: &Path, input: Input<u64>) -> Option<Named> {
+        use blazesym::symbolize::{Symbolized, source::Elf, source::Source};
+        let src = Source::Elf(Elf::new(path));
+        let mut sym = self.symbolizer.symbolize_single(&src, input);
+        if !matches!(sym, Ok(Symbolized::Sym(_))) {
+            // Debug sections it cannot read (libc's are zlib-compressed): the symbol tables
+            // alone.
+            let src = Source::Elf(Elf {
+                debug_syms: false,
+                ..Elf::new(path)
+            });
+            sym = self.symbolizer.symbolize_single(&src, input);
+        }
+        let Ok(Symbolized::Sym(s)) = sym else {
+            return None;
+        };
+        let code = s.code_info.as_ref();
+        Some(Named {
+            symbol: s.name.to_string(),
+            offset: s.offset as u64,
+            file: code.map(|ci| ci.to_path().display().to_string()),
+            line: code.and_then(|ci| ci.line),
+        })
+    }
+}
+
+/// The symbol's fields of `c`, for the return address (one byte after the address named).
+fn fill(c: &mut Caller, named: Option<Named>) {
+    if let Some(n) = named {
+        c.symbol = Some(n.symbol);
+        c.offset = Some(n.offset + 1);
+        c.file = n.file;
+        c.line = n.line;
+    }
 }
 
 #[cfg(test)]
@@ -231,7 +323,7 @@ mod tests {
             file: m.open(std::process::id()).map(Arc::new),
             file_offset: f + 0x19 - m.start + m.file_offset,
         };
-        let c = name_frame(&blazesym::symbolize::Symbolizer::new(), f + 0x1a, frame);
+        let c = Symbols::new(&[]).name(f + 0x1a, frame);
         assert_eq!(c.symbol.as_deref(), Some("syscall"), "{c:?}");
     }
 }

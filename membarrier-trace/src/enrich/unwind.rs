@@ -414,12 +414,10 @@ mod tests {
         };
         let (frames, _) = Unwinder::default().unwind((me, 0), &copied);
         assert!(frames.len() >= 3, "{} frames", frames.len());
-        let symbolizer = blazesym::symbolize::Symbolizer::new();
+        let mut symbols = crate::enrich::symbolize::Symbols::new(&[]);
         let names: Vec<String> = frames
             .iter()
-            .filter_map(|f| {
-                crate::enrich::symbolize::name_frame(&symbolizer, f.pc, f.file.clone()?).symbol
-            })
+            .filter_map(|f| symbols.name(f.pc, f.file.clone()?).symbol)
             .collect();
         assert!(
             names.iter().any(|n| n.contains("unwinds_its_own_stack")),

@@ -418,6 +418,12 @@ pub struct Caller {
     pub offset: Option<u64>,
     /// The executable or library.
     pub module: Option<String>,
+    /// The module's GNU build ID (hex): names the exact build, to find its symbols later
+    /// (`/usr/lib/debug/.build-id/`, debuginfod, `membarrier-trace symbolize`).
+    pub build_id: Option<String>,
+    /// `address` as the module's file sees it: its ELF virtual address (what `addr2line -e`
+    /// and objdump take; perf's `module+0xOFF`), the same under any ASLR.
+    pub module_offset: Option<u64>,
     /// Source file and line of the call, where the module has debug info.
     pub file: Option<String>,
     pub line: Option<u32>,

@@ -261,11 +261,7 @@ fn compact(v: &serde_json::Value) -> String {
 
 /// Where a grace-period function was called from, for a human view.
 pub fn caller(c: &Caller) -> String {
-    let mut out = match (&c.symbol, c.offset) {
-        (Some(sym), Some(off)) => format!("{}+{off:#x}", printable(sym)),
-        (Some(sym), None) => printable(sym).into_owned(),
-        _ => format!("{:#x}", c.address),
-    };
+    let mut out = frame(c);
     if let Some(file) = &c.file {
         let file = file.rsplit('/').next().unwrap_or(file);
         match c.line {
@@ -413,18 +409,29 @@ fn stack_frames(st: &StackReport, max: usize) -> String {
     parts.join(" <- ")
 }
 
-/// A frame in a stack: `symbol+0x1c`, or the address.
+/// A frame in a stack: `symbol+0x1c`; without a symbol, `module+0x1a2b3` (the module's own
+/// address, as perf prints it: `addr2line -e` takes it); else the address.
 pub fn frame(c: &Caller) -> String {
     match (&c.symbol, c.offset) {
         (Some(sym), Some(off)) => format!("{}+{off:#x}", printable(sym)),
         (Some(sym), None) => printable(sym).into_owned(),
+        _ => unnamed(c),
+    }
+}
+
+/// Code without a symbol: `module+0xOFF`, or the address.
+fn unnamed(c: &Caller) -> String {
+    match (&c.module, c.module_offset) {
+        (Some(m), Some(off)) => {
+            format!("{}+{off:#x}", printable(m.rsplit('/').next().unwrap_or(m)))
+        }
         _ => format!("{:#x}", c.address),
     }
 }
 
 /// Folded stacks (`-o folded`), for flame-graph tools: per process, cmd and stack, one line
 /// `comm;CMD;outermost;...;innermost calls`. Frames are named by symbol alone (offsets would
-/// split one function into many boxes), or `module+0xoffset`, or the address.
+/// split one function into many boxes), or `module+0xOFF`, or the address.
 pub fn folded(r: &Report) -> String {
     let mut s = String::new();
     // The format's separators: no ';' or whitespace inside a name.
@@ -434,12 +441,9 @@ pub fn folded(r: &Report) -> String {
             for st in c.stacks.iter().flatten() {
                 let mut line = format!("{};{}", clean(&printable(&p.comm)), c.cmd);
                 for f in st.frames.iter().rev() {
-                    let name = match (&f.symbol, &f.module) {
-                        (Some(sym), _) => printable(sym).into_owned(),
-                        (None, Some(m)) => {
-                            format!("{}@{:#x}", m.rsplit('/').next().unwrap_or(m), f.address)
-                        }
-                        _ => format!("{:#x}", f.address),
+                    let name = match &f.symbol {
+                        Some(sym) => printable(sym).into_owned(),
+                        None => unnamed(f),
                     };
                     let _ = write!(line, ";{}", clean(&name));
                 }
@@ -559,6 +563,29 @@ mod tests {
             printable("\x1b[2J\x1b[31mEV\nIL\x7f"),
             "\\x1b[2J\\x1b[31mEV\\x0aIL\\x7f"
         );
+    }
+
+    /// Code without a symbol as perf prints it, `module+0xOFF` (the module's own address),
+    /// in text, frames and folded stacks; the address where even the module is unknown.
+    #[test]
+    fn unnamed_code_is_module_plus_offset() {
+        let mut c = Caller {
+            address: 0x5596_1d2c_a2b3,
+            module: Some("/usr/sbin/knotd".into()),
+            build_id: Some("ab12".into()),
+            module_offset: Some(0x1a2b3),
+            ..Default::default()
+        };
+        assert_eq!(frame(&c), "knotd+0x1a2b3");
+        assert_eq!(caller(&c), "knotd+0x1a2b3 in knotd");
+        c.symbol = Some("zone_reload".into());
+        c.offset = Some(0x1c);
+        assert_eq!(frame(&c), "zone_reload+0x1c");
+        let anon = Caller {
+            address: 0x7f00_0000_1000,
+            ..Default::default()
+        };
+        assert_eq!(frame(&anon), "0x7f0000001000");
     }
 
     #[test]

@@ -14,3 +14,4 @@ mod dashboard;
 mod prometheus;
 mod rcu;
 mod stacks;
+mod symbols;
