@@ -71,7 +71,12 @@ fn calibrate_measures_each_cmd_and_agrees_with_the_tracer() {
     );
     assert!(two > alone * 10, "alone {alone} ns, two threads {two} ns");
 
-    // The tracer on the spinner pair (one sibling running) measures the same cost per call.
+    // The tracer on the spinner pair (one sibling running) measures the same cost per call,
+    // within 3x: on this VM the cost of an IPI to a running sibling is bimodal per process,
+    // tracer or not (the workload untraced, 6 runs: 13.2 to 26.3 us a call, in two modes near
+    // 13 and 25; calibrate, 14 runs: p50 12.0 to 27.1 us, with a SCHED_FIFO sibling too), so
+    // two runs a few seconds apart can be 2.4x apart. A scenario without its IPI (a sibling
+    // not running) costs a tenth: still far outside.
     let mut pair = Workload::start(&["--spinner-calls", "4000"]);
     let pair_pid = pair.pid;
     let tracer = Tracer::start(&["-o", "json", "--pid", &pair_pid.to_string()]);
@@ -85,7 +90,7 @@ fn calibrate_measures_each_cmd_and_agrees_with_the_tracer() {
         cal["p50_ns"].as_f64().unwrap(),
     );
     assert!(
-        a < b * 2.0 && b < a * 2.0,
+        a < b * 3.0 && b < a * 3.0,
         "traced p50 {a} ns, calibrate {b} ns"
     );
 }
