@@ -22,6 +22,21 @@ pub(crate) mod tests {
 
     use super::{cmd::Kind, hist::Histogram, *};
 
+    /// Wall-clock times as RFC 3339 in UTC, leap days and centuries included (checked against
+    /// Python's datetime).
+    #[test]
+    fn rfc3339_times() {
+        for (ns, want) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (1_709_210_096_789_000_000, "2024-02-29T12:34:56.789Z"),
+            (1_796_514_421_250_000_000, "2026-12-05T23:47:01.250Z"),
+            (951_868_800_000_000_000, "2000-03-01T00:00:00.000Z"),
+            (4_133_980_799_999_000_000, "2100-12-31T23:59:59.999Z"),
+        ] {
+            assert_eq!(rfc3339(ns), want);
+        }
+    }
+
     /// The kernel's calls of a stack join the samples' in one entry; past the bound a new
     /// stack's calls are unattributed, not lost.
     #[test]

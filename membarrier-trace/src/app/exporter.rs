@@ -14,8 +14,8 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
-    model::{Model, Snapshot},
-    render::prometheus::{self, By},
+    model::{Model, Snapshot, findings},
+    render::prometheus::{self, By, SelfStats},
 };
 
 /// A scrape waiting for the tracing loop.
@@ -84,7 +84,7 @@ impl Exporter {
         if waiting.is_empty() {
             return Ok(());
         }
-        let report = self.model.report(&snapshot()?);
+        let report = findings::judged(self.model.report(&snapshot()?));
         let now = Instant::now();
         let exited_at = &mut self.exited_at;
         exited_at.retain(|k, _| {
@@ -108,8 +108,9 @@ impl Exporter {
             .iter()
             .filter(|w| !hidden.contains(&(w.pid, w.serial)))
             .collect();
+        let me = self_stats();
         for s in waiting {
-            let text = prometheus::render(&report, &shown, &writers, self.by, s.openmetrics);
+            let text = prometheus::render(&report, &shown, &writers, self.by, s.openmetrics, &me);
             let _ = s.reply.send(text);
         }
         Ok(())
@@ -134,13 +135,19 @@ fn answer(mut stream: TcpStream, loop_: &SyncSender<Scrape>) -> std::io::Result<
     let mut first = head.lines().next().unwrap_or_default().split_whitespace();
     let (method, target) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
-    let accept = head
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("accept"))
-        .map(|(_, v)| v.to_ascii_lowercase())
-        .unwrap_or_default();
+    let header = |name: &str| {
+        head.lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.to_ascii_lowercase())
+            .unwrap_or_default()
+    };
+    let accept = header("accept");
+    // Prometheus asks for gzip: a scrape of 100 processes shrinks about tenfold.
+    let gzip_ok = header("accept-encoding")
+        .split(',')
+        .any(|e| e.split(';').next().is_some_and(|e| e.trim() == "gzip"));
     let (status, kind, body) = match (method, path) {
         ("GET" | "HEAD", "/metrics") => {
             let openmetrics = accept.contains("application/openmetrics-text");
@@ -179,14 +186,136 @@ fn answer(mut stream: TcpStream, loop_: &SyncSender<Scrape>) -> std::io::Result<
             "only GET and HEAD\n".into(),
         ),
     };
+    let (body, encoding) = if gzip_ok && status.starts_with("200") && path == "/metrics" {
+        (gzip(body.as_bytes()), "Content-Encoding: gzip\r\n")
+    } else {
+        (body.into_bytes(), "")
+    };
     let mut out = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n{encoding}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
     if method != "HEAD" {
-        out.extend_from_slice(body.as_bytes());
+        out.extend_from_slice(&body);
     }
     stream.write_all(&out)?;
     stream.flush()
+}
+
+/// The tracer's own resources, from /proc/self (as the Prometheus client libraries read them).
+fn self_stats() -> SelfStats {
+    let tick = rustix::param::clock_ticks_per_second().max(1) as f64;
+    let page = rustix::param::page_size() as u64;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the name's closing parenthesis (a name may hold spaces), from the
+    // state (field 3): utime 14, stime 15, starttime 22, vsize 23, rss 24.
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let field = |n: usize| {
+        f.get(n - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    SelfStats {
+        cpu_seconds: (field(14) + field(15)) as f64 / tick,
+        resident_bytes: field(24) * page,
+        virtual_bytes: field(23),
+        open_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64),
+        max_fds: nofile.current.unwrap_or(0),
+        start_time_seconds: boot as f64 + field(22) as f64 / tick,
+    }
+}
+
+/// `body` gzipped (RFC 1952): the header, the deflate stream, its CRC-32 and length.
+fn gzip(body: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+    out.extend(miniz_oxide::deflate::compress_to_vec(body, 6));
+    out.extend(crc32(body).to_le_bytes());
+    out.extend((body.len() as u32).to_le_bytes());
+    out
+}
+
+/// CRC-32 (IEEE, reflected), as gzip's trailer has it.
+fn crc32(data: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0xEDB8_8320
+                } else {
+                    c >> 1
+                };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    };
+    let mut crc = !0u32;
+    for &b in data {
+        crc = TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `gzip` makes, gzip(1) reads back whole; the CRC of "123456789" is the standard
+    /// check value.
+    #[test]
+    fn gzip_is_what_gzip_reads() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        let text: String = (0..5000)
+            .map(|i| format!("membarrier_calls_total{{pid=\"{i}\"}} {}\n", i * 7))
+            .collect();
+        let mut child = std::process::Command::new("gzip")
+            .arg("-dc")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let packed = gzip(text.as_bytes());
+        assert!(
+            packed.len() * 5 < text.len(),
+            "{} of {}",
+            packed.len(),
+            text.len()
+        );
+        child.stdin.take().unwrap().write_all(&packed).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), text);
+    }
+
+    #[test]
+    fn its_own_resources_are_read() {
+        let me = self_stats();
+        assert!(me.resident_bytes > 1 << 20, "{me:?}");
+        assert!(me.open_fds >= 3 && me.max_fds >= me.open_fds, "{me:?}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(
+            me.start_time_seconds > now - 3600.0 && me.start_time_seconds <= now + 1.0,
+            "{me:?}"
+        );
+    }
 }

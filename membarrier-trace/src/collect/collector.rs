@@ -100,6 +100,9 @@ pub struct Collector {
     pub(super) writers_off_cpu: bool,
     /// Names grace periods' callers and `--stacks` frames (None: neither).
     pub(super) callers: Option<CallerNamer>,
+    /// The machine's name and the kernel's release, read at load.
+    pub(super) hostname: String,
+    pub(super) kernel_release: String,
     /// `--stacks`: unwinds and counts each call's stack sent to userspace.
     pub(super) stacks: Option<StackCounter>,
     /// `--stacks`: the stacks the kernel unwinds itself.
@@ -307,6 +310,12 @@ impl Collector {
             follow_forks: opts.follow_forks,
             writers_off_cpu: false,
             callers,
+            hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+            kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
             stacks,
             kstacks,
             comms: HashMap::new(),

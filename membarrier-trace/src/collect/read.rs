@@ -91,6 +91,11 @@ impl Collector {
         comms.extend(self.retired.comms.iter().map(|(k, v)| (*k, v.clone())));
         Ok(Snapshot {
             elapsed_ns,
+            unix_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            hostname: self.hostname.clone(),
+            kernel: self.kernel_release.clone(),
             rows,
             losses,
             comms,

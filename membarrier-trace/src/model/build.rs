@@ -119,6 +119,10 @@ impl Model {
         let processes = busiest_first(processes.into_values().collect());
         let calls = processes.iter().map(|p| p.calls).sum();
         Report {
+            schema: SCHEMA,
+            time: rfc3339(snap.unix_ns),
+            hostname: snap.hostname.clone(),
+            kernel: snap.kernel.clone(),
             duration_ns: snap.elapsed_ns,
             window_ns,
             calls,

@@ -119,6 +119,22 @@ fn finding(p: &ProcessReport, c: &CmdReport, rule: &'static str, severity: Sever
     }
 }
 
+/// A finding's main figure, by the name its evidence gives it: what its rule's threshold is
+/// about (the exporter's `membarrier_finding_figure`).
+pub fn main_figure(f: &Finding) -> Option<(&'static str, f64)> {
+    let keys: &[&'static str] = match f.rule {
+        "late_registration" => &["latency_max_ns"],
+        "unregistered_eperm" => &["eperm"],
+        "global_rate" => &["share_of_run_pct"],
+        "global_unavailable" => &["einval", "calls"],
+        "mutex_contention" => &["share_pct"],
+        "ipi_storm" => &["ipis_per_sec_per_cpu"],
+        _ => &[],
+    };
+    keys.iter()
+        .find_map(|&k| Some((k, f.evidence.get(k)?.as_f64()?)))
+}
+
 /// The busiest thread of a row, when one made most of its calls.
 fn main_thread(c: &CmdReport) -> Option<u32> {
     c.threads.first().filter(|t| t.tid != 0).map(|t| t.tid)

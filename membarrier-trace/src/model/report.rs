@@ -57,6 +57,15 @@ impl From<Losses> for Dropped {
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Report {
+    /// The JSON document's version ([`SCHEMA`]): a field's meaning never changes within one;
+    /// fields are only added.
+    pub schema: u32,
+    /// The wall-clock time of the figures, RFC 3339 in UTC: to match them with the fleet's
+    /// logs and metrics.
+    pub time: String,
+    pub hostname: String,
+    /// The kernel's release (`uname -r`).
+    pub kernel: String,
     /// Time since tracing started.
     pub duration_ns: u64,
     /// The window `calls_per_sec` figures are measured over: the last interval, or the whole run.
@@ -86,6 +95,33 @@ pub struct Report {
     pub rcu_writers: Vec<WriterReport>,
     /// Known pitfalls seen in the figures above (filled by `findings::of`), most severe first.
     pub findings: Vec<Finding>,
+}
+
+/// The JSON document's schema version: 2 added `schema`, `time`, `hostname`, and `build_id`
+/// and `module_offset` on frames and callers.
+pub const SCHEMA: u32 = 2;
+
+/// `unix_ns` as RFC 3339 in UTC, to the millisecond: `2026-12-05T23:47:01.250Z`.
+pub fn rfc3339(unix_ns: u64) -> String {
+    let secs = unix_ns / 1_000_000_000;
+    let ms = unix_ns / 1_000_000 % 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// A known pitfall seen in the report (`findings::of` decides).
@@ -354,6 +390,10 @@ impl Report {
     /// Before the first snapshot.
     pub fn empty() -> Self {
         Self {
+            schema: SCHEMA,
+            time: String::new(),
+            hostname: String::new(),
+            kernel: String::new(),
             duration_ns: 0,
             window_ns: 0,
             calls: 0,

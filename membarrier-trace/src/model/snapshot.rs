@@ -188,6 +188,12 @@ pub enum GraceSource {
 pub struct Snapshot {
     /// Time since the programs were attached.
     pub elapsed_ns: u64,
+    /// The wall-clock time it was read at: ns since the Unix epoch.
+    pub unix_ns: u64,
+    /// The machine's name (`/proc/sys/kernel/hostname`).
+    pub hostname: String,
+    /// The kernel's release (`uname -r`).
+    pub kernel: String,
     pub rows: Vec<RawRow>,
     pub losses: Losses,
     /// Process names.

@@ -5,7 +5,12 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::model::{Bucket, CmdReport, CpuCost, ProcessReport, Report, WriterReport};
+use crate::{
+    model::{
+        Bucket, CmdReport, CpuCost, ProcessReport, Report, WriterReport, findings::main_figure,
+    },
+    render::text::code_name,
+};
 
 /// What the series are keyed by.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -69,6 +74,33 @@ impl Out {
         };
         let _ = writeln!(self.s, "# HELP {fam} {help}");
         let _ = writeln!(self.s, "# TYPE {fam} {kind}");
+    }
+
+    /// A duration histogram's samples (`NAME_bucket`, `_sum`, `_count`) from the kernel's
+    /// buckets (inclusive upper bound in ns, count), on the classic bounds `les` (seconds, as
+    /// written) of `bounds`.
+    fn histogram(
+        &mut self,
+        name: &str,
+        base: &str,
+        (bounds, les): (&[u64], &[String]),
+        buckets: &BTreeMap<u64, u64>,
+        count: u64,
+        sum_ns: u64,
+    ) {
+        // Built once per series: a scrape writes about 114 of these lines per histogram.
+        let bucket = format!("{name}_bucket{{{base},le=\"");
+        let mut kernel = buckets.iter().peekable();
+        let mut cum = 0;
+        for (b, le) in bounds.iter().zip(les) {
+            while let Some((_, n)) = kernel.next_if(|(k, _)| *k <= b) {
+                cum += n;
+            }
+            let _ = writeln!(self.s, "{bucket}{le}\"}} {cum}");
+        }
+        let _ = writeln!(self.s, "{bucket}+Inf\"}} {count}");
+        self.sample(&format!("{name}_sum"), base, secs(sum_ns));
+        self.sample(&format!("{name}_count"), base, count);
     }
 
     /// One sample: `name{labels} value`, `labels` as made by [`labels`].
@@ -226,6 +258,7 @@ pub fn render(
     writers: &[&WriterReport],
     by: By,
     openmetrics: bool,
+    me: &SelfStats,
 ) -> String {
     let mut o = Out {
         s: String::new(),
@@ -244,7 +277,9 @@ pub fn render(
         .collect();
     call_families(&mut o, &series);
     rcu_families(&mut o, writers, by);
+    finding_families(&mut o, report, processes, by);
     tracer_families(&mut o, report);
+    self_families(&mut o, me);
     if openmetrics {
         o.s.push_str("# EOF\n");
     }
@@ -281,26 +316,12 @@ fn call_families(o: &mut Out, series: &[(String, Series)]) {
     );
     let bounds = duration_bounds_ns();
     let les: Vec<String> = bounds.iter().map(|&b| secs(b).to_string()).collect();
+    let bounds = (&bounds[..], &les[..]);
     for (who, s) in series {
         for (cmd, c) in &s.cmds {
             let base = and(who, &[("cmd", cmd)]);
-            // Built once per series: a scrape writes about 114 of these lines per cmd row.
-            let bucket = format!("membarrier_call_duration_seconds_bucket{{{base},le=\"");
-            let mut kernel = c.buckets.iter().peekable();
-            let mut cum = 0;
-            for (b, le) in bounds.iter().zip(&les) {
-                while let Some((_, n)) = kernel.next_if(|(k, _)| *k <= b) {
-                    cum += n;
-                }
-                let _ = writeln!(o.s, "{bucket}{le}\"}} {cum}");
-            }
-            let _ = writeln!(o.s, "{bucket}+Inf\"}} {}", c.count);
-            o.sample(
-                "membarrier_call_duration_seconds_sum",
-                &base,
-                secs(c.sum_ns),
-            );
-            o.sample("membarrier_call_duration_seconds_count", &base, c.count);
+            let name = "membarrier_call_duration_seconds";
+            o.histogram(name, &base, bounds, &c.buckets, c.count, c.sum_ns);
         }
     }
 
@@ -335,7 +356,7 @@ fn call_families(o: &mut Out, series: &[(String, Series)]) {
     }
 }
 
-/// Userspace RCU grace periods by function.
+/// Userspace RCU grace periods by function, and their duration by caller.
 fn rcu_families(o: &mut Out, writers: &[&WriterReport], by: By) {
     let gps = writer_series(writers, by);
     o.family(
@@ -365,6 +386,189 @@ fn rcu_families(o: &mut Out, writers: &[&WriterReport], by: By) {
             l,
             secs(*ns),
         );
+    }
+    o.family(
+        "membarrier_rcu_grace_period_duration_seconds",
+        "histogram",
+        "Userspace RCU grace periods, entry to return, by the code that called the function \
+         (its symbol, or module+0xOFF; the busiest callers of a function, the rest as \
+         caller=\"other\").",
+    );
+    let bounds = duration_bounds_ns();
+    let les: Vec<String> = bounds.iter().map(|&b| secs(b).to_string()).collect();
+    for (l, h) in caller_series(writers, by) {
+        let name = "membarrier_rcu_grace_period_duration_seconds";
+        o.histogram(name, &l, (&bounds, &les), &h.buckets, h.count, h.sum_ns);
+    }
+}
+
+/// Callers kept per (process or name, function) in the grace periods' histogram, the busiest;
+/// the others sum into `caller="other"`, so a writer called from many places stays a few
+/// series.
+pub const TOP_CALLERS: usize = 5;
+
+/// A grace-period histogram's figures.
+#[derive(Default)]
+struct Hist {
+    buckets: BTreeMap<u64, u64>,
+    count: u64,
+    sum_ns: u64,
+}
+
+/// The grace periods' histograms per (who, function, caller): by pid, a reused pid shows its
+/// later process, as for the calls; the top [`TOP_CALLERS`] callers of each (who, function).
+fn caller_series(writers: &[&WriterReport], by: By) -> BTreeMap<String, Hist> {
+    let mut latest: BTreeMap<(u32, &str, &str), u32> = BTreeMap::new();
+    for w in writers {
+        let e = latest
+            .entry((w.pid, w.comm.as_str(), w.function.as_str()))
+            .or_insert(w.serial);
+        *e = (*e).max(w.serial);
+    }
+    // (who, function) -> caller -> histogram.
+    let mut by_caller: BTreeMap<(String, String), BTreeMap<String, Hist>> = BTreeMap::new();
+    for w in writers {
+        let who = match by {
+            By::Pid if latest[&(w.pid, w.comm.as_str(), w.function.as_str())] != w.serial => {
+                continue;
+            }
+            By::Pid => labels(&[("pid", &w.pid.to_string()), ("comm", &w.comm)]),
+            By::Comm => labels(&[("comm", &w.comm)]),
+        };
+        let h = by_caller
+            .entry((who, w.function.clone()))
+            .or_default()
+            .entry(code_name(&w.caller))
+            .or_default();
+        for &Bucket { le_ns, count } in &w.histogram {
+            *h.buckets.entry(le_ns).or_default() += count;
+        }
+        h.count += w.grace_periods;
+        h.sum_ns += w.latency_ns.sum;
+    }
+    let mut out = BTreeMap::new();
+    for ((who, function), callers) in by_caller {
+        let mut callers: Vec<(String, Hist)> = callers.into_iter().collect();
+        callers.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(&b.0)));
+        let mut other: Option<Hist> = None;
+        for (i, (caller, h)) in callers.into_iter().enumerate() {
+            if i < TOP_CALLERS {
+                let l = and(&who, &[("function", &function), ("caller", &caller)]);
+                out.insert(l, h);
+                continue;
+            }
+            let o = other.get_or_insert_with(Hist::default);
+            for (le, n) in h.buckets {
+                *o.buckets.entry(le).or_default() += n;
+            }
+            o.count += h.count;
+            o.sum_ns += h.sum_ns;
+        }
+        if let Some(o) = other {
+            let l = and(&who, &[("function", &function), ("caller", "other")]);
+            out.insert(l, o);
+        }
+    }
+    out
+}
+
+/// Findings while they hold (`membarrier_finding` 1), and each one's main figure.
+fn finding_families(o: &mut Out, report: &Report, processes: &[&ProcessReport], by: By) {
+    let shown: std::collections::HashSet<(u32, u32)> =
+        processes.iter().map(|p| (p.pid, p.serial)).collect();
+    let mut held: BTreeMap<String, ()> = BTreeMap::new();
+    let mut figures: BTreeMap<String, f64> = BTreeMap::new();
+    for f in report
+        .findings
+        .iter()
+        .filter(|f| shown.contains(&(f.pid, f.serial)))
+    {
+        let pid = f.pid.to_string();
+        let cmd = f.evidence["cmd"].as_str().unwrap_or_default();
+        let severity = serde_json::to_value(f.severity).unwrap_or_default();
+        let severity = severity.as_str().unwrap_or_default();
+        let mut who = vec![("rule", f.rule)];
+        if by == By::Pid {
+            who.push(("pid", &pid));
+        }
+        who.extend([("comm", f.comm.as_str()), ("cmd", cmd)]);
+        let mut l = who.clone();
+        l.push(("severity", severity));
+        held.insert(labels(&l), ());
+        if let Some((figure, v)) = main_figure(f) {
+            let mut l = who;
+            l.push(("figure", figure));
+            let e = figures.entry(labels(&l)).or_insert(v);
+            *e = e.max(v);
+        }
+    }
+    o.family(
+        "membarrier_finding",
+        "gauge",
+        "A known membarrier pitfall holds for this process and cmd (docs/findings.md): 1.",
+    );
+    for l in held.keys() {
+        o.sample("membarrier_finding", l, 1);
+    }
+    o.family(
+        "membarrier_finding_figure",
+        "gauge",
+        "The finding's main figure, named by `figure` (as in its JSON evidence).",
+    );
+    for (l, v) in &figures {
+        o.sample("membarrier_finding_figure", l, v);
+    }
+}
+
+/// The tracer process's own resources, read at the scrape (`process_*`, as the Prometheus
+/// client libraries export them).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SelfStats {
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+    pub virtual_bytes: u64,
+    pub open_fds: u64,
+    pub max_fds: u64,
+    pub start_time_seconds: f64,
+}
+
+fn self_families(o: &mut Out, me: &SelfStats) {
+    o.family(
+        "process_cpu_seconds",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+    );
+    o.sample("process_cpu_seconds_total", "", me.cpu_seconds);
+    let gauges: [(&str, &str, f64); 5] = [
+        (
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            me.resident_bytes as f64,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes.",
+            me.virtual_bytes as f64,
+        ),
+        (
+            "process_open_fds",
+            "Number of open file descriptors.",
+            me.open_fds as f64,
+        ),
+        (
+            "process_max_fds",
+            "Maximum number of open file descriptors.",
+            me.max_fds as f64,
+        ),
+        (
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            me.start_time_seconds,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        o.family(name, "gauge", help);
+        o.sample(name, "", v);
     }
 }
 
@@ -397,12 +601,14 @@ fn tracer_families(o: &mut Out, report: &Report) {
     o.family(
         "membarrier_trace",
         "info",
-        "The tracer: its version, the syscall hook attached, where grace periods come from.",
+        "The tracer: its version, the kernel it runs on, the syscall hook attached, where grace \
+         periods come from.",
     );
     let attach = serde_json::to_value(report.attach).unwrap_or_default();
     let source = serde_json::to_value(report.grace_period_source).unwrap_or_default();
     let l = labels(&[
         ("version", env!("CARGO_PKG_VERSION")),
+        ("kernel", &report.kernel),
         ("attach", attach.as_str().unwrap_or_default()),
         ("grace_period_source", source.as_str().unwrap_or_default()),
     ]);

@@ -82,14 +82,16 @@ pub fn text(r: &Report) -> String {
 fn header(s: &mut String, r: &Report) {
     let _ = writeln!(
         s,
-        "membarrier-trace: {:.2} s traced, {} calls ({}/s over the run, {}/s over the last {:.2} s), {} missed, {} dropped",
+        "membarrier-trace: {:.2} s traced, {} calls ({}/s over the run, {}/s over the last {:.2} s), {} missed, {} dropped; {} on {}",
         r.duration_ns as f64 / 1e9,
         r.calls,
         units::per_sec(r.run_calls_per_sec),
         units::per_sec(r.calls_per_sec),
         r.window_ns as f64 / 1e9,
         r.missed_calls,
-        r.dropped.total
+        r.dropped.total,
+        r.time,
+        printable(&r.hostname)
     );
     if r.dropped.total > 0 {
         let _ = writeln!(s, "dropped: {}", dropped_causes(&r.dropped));
@@ -419,6 +421,15 @@ pub fn frame(c: &Caller) -> String {
     }
 }
 
+/// Code by name alone, as folded stacks and metric labels want it (an offset would split one
+/// function): the symbol, or `module+0xOFF`, or the address.
+pub fn code_name(c: &Caller) -> String {
+    match &c.symbol {
+        Some(sym) => printable(sym).into_owned(),
+        None => unnamed(c),
+    }
+}
+
 /// Code without a symbol: `module+0xOFF`, or the address.
 fn unnamed(c: &Caller) -> String {
     match (&c.module, c.module_offset) {
@@ -441,11 +452,7 @@ pub fn folded(r: &Report) -> String {
             for st in c.stacks.iter().flatten() {
                 let mut line = format!("{};{}", clean(&printable(&p.comm)), c.cmd);
                 for f in st.frames.iter().rev() {
-                    let name = match &f.symbol {
-                        Some(sym) => printable(sym).into_owned(),
-                        None => unnamed(f),
-                    };
-                    let _ = write!(line, ";{}", clean(&name));
+                    let _ = write!(line, ";{}", clean(&code_name(f)));
                 }
                 let _ = writeln!(s, "{line} {}", st.calls);
             }

@@ -249,14 +249,15 @@ fn prometheus_scrapes_exact_counts_errors_and_the_global_median() {
     assert_eq!(http_get(&listen, "/nothing", "*/*").unwrap().0, 404);
 
     // Every query of the shipped Grafana dashboard runs (`query` asserts success), and all but
-    // the IPI panel's (this workload may send none) find series.
+    // the IPI panel's (this workload may send none) and the RCU writers' (it has none; their
+    // rules are checked by promtool) find series. Rows hold no query.
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(docs().join("prometheus/grafana-dashboard.json")).unwrap(),
     )
     .unwrap();
     let mut queries = 0;
     for panel in dashboard["panels"].as_array().unwrap() {
-        for target in panel["targets"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
             let expr = target["expr"].as_str().unwrap();
             let promql = expr
                 .replace("$__rate_interval", "1m")
@@ -269,7 +270,9 @@ fn prometheus_scrapes_exact_counts_errors_and_the_global_median() {
                 result = prom.query(&promql);
             }
             assert!(
-                !result.is_empty() || expr.contains("membarrier_ipis_total"),
+                !result.is_empty()
+                    || expr.contains("membarrier_ipis_total")
+                    || expr.contains("membarrier_rcu_"),
                 "{}: {expr} finds nothing",
                 panel["title"]
             );
@@ -430,4 +433,50 @@ fn exited_processes_leave_the_metrics_after_keep_exited_and_stay_by_comm() {
         t.signal(libc::SIGTERM);
         assert!(t.finish().status.success());
     }
+}
+
+/// A finding while it holds is a series a real Prometheus reads: `membarrier_finding` 1 with
+/// its rule, severity and cmd, and its main figure (here the EPERM calls the workload made
+/// unregistered) in `membarrier_finding_figure`; a healthy process beside it has none.
+#[test]
+fn findings_are_metrics_while_they_hold() {
+    let _machine = require_root();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let prom = Prometheus::start(&listen);
+    let mut bad = Workload::start(&["--eperm", "7", "--name", "finding-bad"]);
+    let mut good = Workload::start(&["--expedited", "50", "--name", "finding-good"]);
+    let (pid, good_pid) = (bad.pid.to_string(), good.pid.to_string());
+    let tracer = Tracer::start(&[
+        "-o", "none", "--listen", &listen, "-p", &pid, "-p", &good_pid,
+    ]);
+    bad.go();
+    good.go();
+    let mine = bad.finish();
+    good.finish();
+    let eperm = workload_counts(&mine)
+        .iter()
+        .filter(|((_, _, errno), _)| errno == "EPERM")
+        .map(|(_, n)| n)
+        .sum::<u64>();
+    assert_eq!(eperm, 7, "{mine}");
+    let sel = format!(
+        "{{job=\"membarrier\",rule=\"unregistered_eperm\",pid=\"{pid}\",comm=\"finding-bad\",cmd=\"PRIVATE_EXPEDITED\""
+    );
+    let held = prom.wait_for(
+        &format!("membarrier_finding{sel},severity=\"critical\"}}"),
+        1.0,
+    );
+    assert_eq!(held, Some(1.0), "{}", prom.log());
+    let figure = prom.wait_for(
+        &format!("membarrier_finding_figure{sel},figure=\"eperm\"}}"),
+        eperm as f64,
+    );
+    assert_eq!(figure, Some(eperm as f64), "{}", prom.log());
+    let healthy = prom.query(&format!(
+        "membarrier_finding{{job=\"membarrier\",pid=\"{good_pid}\"}}"
+    ));
+    assert!(healthy.is_empty(), "{healthy:?}");
+    tracer.signal(libc::SIGTERM);
+    let out = tracer.finish();
+    assert!(out.status.success(), "{out:?}");
 }

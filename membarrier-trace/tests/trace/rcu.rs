@@ -1,6 +1,13 @@
 //! Userspace RCU writers (liburcu): grace periods per caller and thread, every flavour.
 
-use std::{collections::BTreeMap, path::PathBuf, process::Command, thread, time::Duration};
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    path::PathBuf,
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
 
 use serde_json::json;
 
@@ -101,6 +108,35 @@ fn rcu_writers_are_counted_per_caller_and_thread() {
     );
     // A long-lived writer: the tracer symbolizes its callers while it lives (within 250 ms).
     thread::sleep(Duration::from_millis(1000));
+    // Then the grace periods' histogram has each caller's own, under its name.
+    let (_, metrics) = http_get(&listen, "/metrics", "text/plain").unwrap();
+    for (function, _, _, n, _) in &own {
+        let labels = format!(
+            "pid=\"{pid}\",comm=\"urcu_writers\",function=\"urcu_memb_synchronize_rcu\",caller=\"{function}\""
+        );
+        for sample in [
+            format!("membarrier_rcu_grace_period_duration_seconds_count{{{labels}}} {n}\n"),
+            format!(
+                "membarrier_rcu_grace_period_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {n}\n"
+            ),
+        ] {
+            assert!(metrics.contains(&sample), "{sample} not in:\n{metrics}");
+        }
+    }
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    lint.stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let lint = wait_output(lint);
+    assert!(lint.status.success(), "{lint:?}");
     prog.finish();
     let (out, report) = tracer.report();
     let stderr = String::from_utf8_lossy(&out.stderr);
