@@ -2,6 +2,7 @@
 //! their units in one place.
 
 pub mod prometheus;
+pub mod protobuf;
 pub mod text;
 pub mod tui;
 pub mod units;

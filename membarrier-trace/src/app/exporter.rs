@@ -15,13 +15,13 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     model::{Model, Snapshot, findings},
-    render::prometheus::{self, By, SelfStats},
+    render::prometheus::{self, By, Exposition, SelfStats},
 };
 
 /// A scrape waiting for the tracing loop.
 struct Scrape {
-    openmetrics: bool,
-    reply: SyncSender<String>,
+    exposition: Exposition,
+    reply: SyncSender<Vec<u8>>,
 }
 
 pub struct Exporter {
@@ -110,7 +110,7 @@ impl Exporter {
             .collect();
         let me = self_stats();
         for s in waiting {
-            let text = prometheus::render(&report, &shown, &writers, self.by, s.openmetrics, &me);
+            let text = prometheus::render(&report, &shown, &writers, self.by, s.exposition, &me);
             let _ = s.reply.send(text);
         }
         Ok(())
@@ -119,6 +119,8 @@ impl Exporter {
 
 /// Reads one request and answers it: `/metrics` through the tracing loop, `/` with a pointer
 /// to it, anything else 404.
+///
+/// Long: one request's parse, its one answer by path, and the reply, in the order they happen.
 fn answer(mut stream: TcpStream, loop_: &SyncSender<Scrape>) -> std::io::Result<()> {
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
@@ -150,19 +152,34 @@ fn answer(mut stream: TcpStream, loop_: &SyncSender<Scrape>) -> std::io::Result<
         .any(|e| e.split(';').next().is_some_and(|e| e.trim() == "gzip"));
     let (status, kind, body) = match (method, path) {
         ("GET" | "HEAD", "/metrics") => {
-            let openmetrics = accept.contains("application/openmetrics-text");
+            // Prometheus lists what it takes, best first; with native histograms on, protobuf.
+            let exposition = if accept.contains("application/vnd.google.protobuf") {
+                Exposition::Protobuf
+            } else if accept.contains("application/openmetrics-text") {
+                Exposition::OpenMetrics
+            } else {
+                Exposition::Text
+            };
             let (tx, rx) = sync_channel(1);
             let sent = loop_.try_send(Scrape {
-                openmetrics,
+                exposition,
                 reply: tx,
             });
             match sent.ok().and_then(|()| rx.recv_timeout(ANSWER_WITHIN).ok()) {
-                Some(text) if openmetrics => (
+                Some(body) => (
                     "200 OK",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    text,
+                    match exposition {
+                        Exposition::Protobuf => {
+                            "application/vnd.google.protobuf; \
+                             proto=io.prometheus.client.MetricFamily; encoding=delimited"
+                        }
+                        Exposition::OpenMetrics => {
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+                        }
+                        Exposition::Text => "text/plain; version=0.0.4; charset=utf-8",
+                    },
+                    body,
                 ),
-                Some(text) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text),
                 None => (
                     "503 Service Unavailable",
                     "text/plain; charset=utf-8",
@@ -187,9 +204,9 @@ fn answer(mut stream: TcpStream, loop_: &SyncSender<Scrape>) -> std::io::Result<
         ),
     };
     let (body, encoding) = if gzip_ok && status.starts_with("200") && path == "/metrics" {
-        (gzip(body.as_bytes()), "Content-Encoding: gzip\r\n")
+        (gzip(&body), "Content-Encoding: gzip\r\n")
     } else {
-        (body.into_bytes(), "")
+        (body, "")
     };
     let mut out = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\n{encoding}Content-Length: {}\r\nConnection: close\r\n\r\n",

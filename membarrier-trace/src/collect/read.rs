@@ -42,6 +42,9 @@ impl Collector {
 
     /// Reads the kernel's totals. With `last`, calls still inside membarrier are counted as
     /// missed: tracing stops before they return.
+    ///
+    /// Long: the read's steps are calls (retire, rows, slots, writers, losses); what stays is
+    /// the Snapshot's fields, each from its map.
     pub fn snapshot(&mut self, last: bool) -> Result<Snapshot> {
         if last {
             // Nothing more is counted (calls under way stay open: counted as missed), and every

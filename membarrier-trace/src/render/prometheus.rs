@@ -9,7 +9,7 @@ use crate::{
     model::{
         Bucket, CmdReport, CpuCost, ProcessReport, Report, WriterReport, findings::main_figure,
     },
-    render::text::code_name,
+    render::{protobuf::Proto, text::code_name},
 };
 
 /// What the series are keyed by.
@@ -57,16 +57,65 @@ fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-/// The exposition being written.
+/// Which exposition a scrape asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposition {
+    /// The text format 0.0.4.
+    Text,
+    OpenMetrics,
+    /// Delimited protobuf MetricFamily messages, the durations as native histograms.
+    Protobuf,
+}
+
+/// A sample's value, written as the text format writes it and sent as a double in protobuf.
+trait Value: std::fmt::Display {
+    fn f64(&self) -> f64;
+}
+
+impl Value for u64 {
+    fn f64(&self) -> f64 {
+        *self as f64
+    }
+}
+
+impl Value for &u64 {
+    fn f64(&self) -> f64 {
+        **self as f64
+    }
+}
+
+impl Value for f64 {
+    fn f64(&self) -> f64 {
+        *self
+    }
+}
+
+impl Value for &f64 {
+    fn f64(&self) -> f64 {
+        **self
+    }
+}
+
+impl Value for i32 {
+    fn f64(&self) -> f64 {
+        f64::from(*self)
+    }
+}
+
+/// The exposition being written: text, or protobuf (`proto`).
 struct Out {
     s: String,
     openmetrics: bool,
+    proto: Option<Proto>,
 }
 
 impl Out {
     /// A family's header. `name` is the sample name without a suffix (a counter's sample adds
     /// `_total`, which the 0.0.4 format also puts in the family name and OpenMetrics does not).
     fn family(&mut self, name: &str, kind: &str, help: &str) {
+        if let Some(p) = &mut self.proto {
+            return p.family(name, kind, help);
+        }
         let (fam, kind) = match (kind, self.openmetrics) {
             ("counter", false) => (format!("{name}_total"), kind),
             ("info", false) => (format!("{name}_info"), "gauge"),
@@ -88,6 +137,9 @@ impl Out {
         count: u64,
         sum_ns: u64,
     ) {
+        if let Some(p) = &mut self.proto {
+            return p.histogram(base, buckets, count, sum_ns);
+        }
         // Built once per series: a scrape writes about 114 of these lines per histogram.
         let bucket = format!("{name}_bucket{{{base},le=\"");
         let mut kernel = buckets.iter().peekable();
@@ -104,7 +156,10 @@ impl Out {
     }
 
     /// One sample: `name{labels} value`, `labels` as made by [`labels`].
-    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+    fn sample(&mut self, name: &str, labels: &str, value: impl Value) {
+        if let Some(p) = &mut self.proto {
+            return p.sample(labels, value.f64());
+        }
         let _ = if labels.is_empty() {
             writeln!(self.s, "{name} {value}")
         } else {
@@ -257,12 +312,14 @@ pub fn render(
     processes: &[&ProcessReport],
     writers: &[&WriterReport],
     by: By,
-    openmetrics: bool,
+    exposition: Exposition,
     me: &SelfStats,
-) -> String {
+) -> Vec<u8> {
+    let openmetrics = exposition == Exposition::OpenMetrics;
     let mut o = Out {
         s: String::new(),
         openmetrics,
+        proto: (exposition == Exposition::Protobuf).then(Proto::default),
     };
     let series: Vec<(String, Series)> = group(processes, by)
         .into_iter()
@@ -280,10 +337,13 @@ pub fn render(
     finding_families(&mut o, report, processes, by);
     tracer_families(&mut o, report);
     self_families(&mut o, me);
+    if let Some(p) = o.proto {
+        return p.finish();
+    }
     if openmetrics {
         o.s.push_str("# EOF\n");
     }
-    o.s
+    o.s.into_bytes()
 }
 
 /// Calls, their latency histogram, IPIs and CPU time, per (who, cmd).
@@ -594,7 +654,7 @@ fn tracer_families(o: &mut Out, report: &Report) {
             o.sample(
                 "membarrier_trace_dropped_total",
                 &labels(&[("cause", cause)]),
-                n,
+                n.as_u64().unwrap_or(0),
             );
         }
     }
