@@ -169,6 +169,29 @@ pub fn root() {
 
 /// Waits for `child` to exit, killing it after TIMEOUT so a hung tracer fails the test. Its
 /// pipes are drained meanwhile: a report bigger than a pipe's buffer would block it forever.
+/// Asserts an exposition in the text format passes `promtool check metrics`, its lint.
+pub fn assert_lint_clean(text: &str) {
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (the prometheus package)");
+    lint.stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let lint = wait_output(lint);
+    assert!(
+        lint.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+}
+
 pub fn wait_output(mut child: Child) -> Output {
     fn drain(r: Option<impl std::io::Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>> {
         thread::spawn(move || {

@@ -2,7 +2,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write as _,
     path::PathBuf,
     process::{Child, Command, Stdio},
     thread,
@@ -233,25 +232,7 @@ fn prometheus_scrapes_exact_counts_errors_and_the_global_median() {
     // The 0.0.4 text format passes promtool's lint.
     let (code, text) = http_get(&listen, "/metrics", "text/plain").unwrap();
     assert_eq!(code, 200);
-    let mut lint = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    lint.stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let lint = wait_output(lint);
-    assert!(
-        lint.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&lint.stdout),
-        String::from_utf8_lossy(&lint.stderr)
-    );
+    assert_lint_clean(&text);
     assert_eq!(http_get(&listen, "/nothing", "*/*").unwrap().0, 404);
 
     // Every query of the shipped Grafana dashboard runs (`query` asserts success), and all but

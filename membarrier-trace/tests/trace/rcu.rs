@@ -1,13 +1,6 @@
 //! Userspace RCU writers (liburcu): grace periods per caller and thread, every flavour.
 
-use std::{
-    collections::BTreeMap,
-    io::Write as _,
-    path::PathBuf,
-    process::{Command, Stdio},
-    thread,
-    time::Duration,
-};
+use std::{collections::BTreeMap, path::PathBuf, process::Command, thread, time::Duration};
 
 use serde_json::json;
 
@@ -123,20 +116,7 @@ fn rcu_writers_are_counted_per_caller_and_thread() {
             assert!(metrics.contains(&sample), "{sample} not in:\n{metrics}");
         }
     }
-    let mut lint = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    lint.stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let lint = wait_output(lint);
-    assert!(lint.status.success(), "{lint:?}");
+    assert_lint_clean(&metrics);
     prog.finish();
     let (out, report) = tracer.report();
     let stderr = String::from_utf8_lossy(&out.stderr);
