@@ -55,6 +55,7 @@ pub fn hist_bucket_upper(idx: usize) -> u64 {
 /// Aggregation key: one row per process, cmd, flags and outcome.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct StatsKey {
     pub tgid: u32,
     /// Which process of that tgid: see [`Proc::serial`].
@@ -202,6 +203,7 @@ pub struct Writer {
 /// Aggregation key of grace periods: per process, thread, function and caller.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct WriterKey {
     pub tgid: u32,
     pub serial: u32,
@@ -563,6 +565,7 @@ pub const MOVED_HEADER: usize = core::mem::offset_of!(MovedProc, row);
 /// Per (process, cmd, flags) and target CPU: IPIs sent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct CpuKey {
     pub tgid: u32,
     pub serial: u32,
@@ -574,6 +577,7 @@ pub struct CpuKey {
 /// Per (process, cmd, flags) and the comm of the task that woke the caller inside the call.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct WakerKey {
     pub tgid: u32,
     pub serial: u32,
@@ -596,6 +600,7 @@ pub struct CallKey {
 /// target CPU when membarrier's IPI handler ran there, and so paid for it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct HandlerKey {
     pub tgid: u32,
     pub serial: u32,
@@ -613,6 +618,7 @@ pub const VICTIMS_OTHER: u32 = u32::MAX;
 /// Handler runs and their time for one [`HandlerKey`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct Handled {
     pub runs: u64,
     pub ns: u64,

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 /// Which row of [`HOOKS`] is attached (the `attach` field of the outputs).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Attach {
     /// `syscalls:sys_enter/exit_membarrier`.

@@ -8,6 +8,7 @@
 //!   mapped files;
 //! - [`model`] turns snapshots into [`model::Report`]s (percentiles, findings, cmd names);
 //! - [`render`] draws a report: text and JSON, Prometheus metrics, the dashboard;
+//! - [`store`] keeps snapshots in a recording file and reads them back (`record`, `report`);
 //! - [`app`] is what the binary runs: the command line, the exporter's server, calibration.
 //!
 //! [`hook`] (the syscall hooks and attach modes), [`preflight`] (checks and /proc reads before
@@ -23,3 +24,4 @@ pub mod preflight;
 pub mod render;
 pub mod ring;
 pub mod siblings;
+pub mod store;

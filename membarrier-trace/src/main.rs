@@ -16,15 +16,17 @@ use clap::Parser;
 use membarrier_trace::render::tui::Feed as _;
 use membarrier_trace::{
     app::calibrate,
-    app::cli::{CalibrateCli, Cli, Format, Sub},
+    app::cli::{CalibrateCli, Cli, EXIT_STDOUT_CLOSED, Format, Sub, TraceArgs},
     app::exporter::Exporter,
+    app::report::emit,
     app::session::{PROBE_EVERY, RETIRE_EVERY, Session},
     app::spawn::{command_log, spawn_traced, stop_child},
     collect::collector::{Collector, Options},
     collect::kernel::Features,
-    model::{Model, Report},
+    model::Model,
     preflight,
     render::text,
+    store::Recorder,
 };
 
 /// A usage error found after parsing (options that do not go together): exit status 2, as
@@ -83,7 +85,15 @@ fn main() -> ExitCode {
             sub: Some(Sub::Symbolize(s)),
             ..
         }) => membarrier_trace::app::symbolize::run(&s).unwrap_or_else(fail),
-        Ok(cli) => run(cli).unwrap_or_else(fail),
+        Ok(Cli {
+            sub: Some(Sub::Record(r)),
+            ..
+        }) => run(r.trace, Some(r.file)).unwrap_or_else(fail),
+        Ok(Cli {
+            sub: Some(Sub::Report(r)),
+            ..
+        }) => membarrier_trace::app::report::run(&r).unwrap_or_else(fail),
+        Ok(cli) => run(cli.trace, None).unwrap_or_else(fail),
         Err(code) => code,
     }
 }
@@ -148,27 +158,16 @@ fn install_signals() -> Result<Arc<AtomicUsize>> {
     Ok(got)
 }
 
-/// Writes a report to stdout. An error (the reader went away: EPIPE) ends the run.
-fn emit(format: Format, report: &Report) -> std::io::Result<()> {
-    let mut out = std::io::stdout().lock();
-    match format {
-        Format::Text => writeln!(out, "{}", text::text(report))?,
-        Format::Json => writeln!(out, "{}", text::json(report))?,
-        Format::Folded => write!(out, "{}", text::folded(report))?,
-        Format::None => return Ok(()),
-    };
-    out.flush()
-}
-
-/// Exit status when stdout is closed under us: what a shell reports for a process killed by
-/// SIGPIPE (128 + 13), which is what the tracer would have been without Rust's SIG_IGN.
-const EXIT_STDOUT_CLOSED: u8 = 141;
-
 /// Long: the run's steps in their order (options, kernel, what is traced, load, attach, the
 /// dashboard or the loop, the command's status), each a call; what stays inline is the
 /// ordering between them that the comments explain.
-fn run(cli: Cli) -> Result<ExitCode> {
-    check_options(&cli)?;
+fn run(mut cli: TraceArgs, record: Option<std::path::PathBuf>) -> Result<ExitCode> {
+    check_options(&cli, record.is_some())?;
+    // A recording prints nothing unless asked: it runs for an hour beside other work.
+    let mut recorder = record.as_deref().map(Recorder::create).transpose()?;
+    if recorder.is_some() && cli.output.is_none() {
+        cli.output = Some(Format::None);
+    }
     let exporter = cli
         .listen
         .as_deref()
@@ -232,6 +231,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(e) = &exporter {
         eprintln!("membarrier-trace: metrics at http://{}/metrics", e.addr());
     }
+    let record_every = Duration::from_secs_f64(cli.interval.unwrap_or(1.0));
+    if let Some(r) = &mut recorder {
+        r.begin(&recording_header(&cli, &collector, how, record_every))?;
+        eprintln!("membarrier-trace: recording to {}", r.path().display());
+    }
 
     let started = Instant::now();
     let mut session = Session {
@@ -249,9 +253,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         exporter,
         exit: None,
         note: None,
-        linger: matches!(cli.output, Some(Format::None))
+        linger: (matches!(cli.output, Some(Format::None)) && cli.listen.is_some())
             .then(|| Duration::from_secs_f64(cli.keep_exited.unwrap_or(300.0))),
         linger_until: None,
+        recorder,
+        record_every,
+        next_record: started + record_every,
         // Its program's name: the dashboard says it on one line.
         command: cli
             .command
@@ -259,9 +266,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             .map(|c| c.rsplit('/').next().unwrap_or(c).to_string())
             .unwrap_or_default(),
     };
-    if tui {
-        run_dashboard(&mut session, &cli)?;
-    } else if let Some(e) = run_loop(&mut session, &cli, started)? {
+    let ran = if tui {
+        run_dashboard(&mut session, &cli).map(|()| None)
+    } else {
+        run_loop(&mut session, &cli, started)
+    };
+    // A failure mid-run (a full disk under the recording, a map that cannot be read) also
+    // stops the command we started: it is not left running untraced.
+    if ran.is_err()
+        && session.exit.is_none()
+        && let Some(c) = session.child.as_mut()
+    {
+        stop_child(c, libc::SIGTERM);
+    }
+    if let Some(e) = ran? {
         // Detach now (dropping the collector), and stop a command we started.
         if session.exit.is_none()
             && let Some(c) = session.child.as_mut()
@@ -283,9 +301,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     Ok(session.exit.unwrap_or(ExitCode::SUCCESS))
 }
+/// What a recording says of its run, first.
+fn recording_header(
+    cli: &TraceArgs,
+    collector: &Collector,
+    how: &str,
+    every: Duration,
+) -> membarrier_trace::store::Header {
+    let (hostname, kernel) = collector.host();
+    membarrier_trace::store::Header {
+        format: membarrier_trace::store::FORMAT,
+        version: membarrier_trace::app::cli::VERSION.to_string(),
+        hostname: hostname.to_string(),
+        kernel: kernel.to_string(),
+        attach: if cli.no_breakdown {
+            format!("{how} (no breakdown)")
+        } else {
+            how.to_string()
+        },
+        interval_ns: every.as_nanos() as u64,
+        started_unix_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+        args: std::env::args().collect(),
+        machine: membarrier_trace::model::findings::Machine::read(),
+    }
+}
+
 /// The command line's checks that need no kernel: root, the `--pid`s, and options that only
 /// go together (a usage error, exit status 2).
-fn check_options(cli: &Cli) -> Result<()> {
+fn check_options(cli: &TraceArgs, recording: bool) -> Result<()> {
     preflight::check_root()?;
     for &pid in &cli.pids {
         preflight::check_pid(pid)?;
@@ -302,7 +347,7 @@ fn check_options(cli: &Cli) -> Result<()> {
         usage!("--stack-rate sets the rate of --stacks, which is not given");
     }
     if cli.listen.is_none() {
-        if matches!(cli.output, Some(Format::None)) {
+        if matches!(cli.output, Some(Format::None)) && !recording {
             usage!("-o none shows nothing without --listen ADDR");
         }
         if cli.by.is_some() || cli.keep_exited.is_some() {
@@ -314,7 +359,7 @@ fn check_options(cli: &Cli) -> Result<()> {
 
 /// What this kernel cannot do is turned off, each with one line: whether RCU writers and
 /// `--stacks` stay on, and the lines.
-fn kernel_features(cli: &Cli, kernel: &Features) -> Result<(bool, bool, Vec<String>)> {
+fn kernel_features(cli: &TraceArgs, kernel: &Features) -> Result<(bool, bool, Vec<String>)> {
     let mut off = Vec::new();
     let rcu = !cli.no_rcu && kernel.attach_cookie;
     if !cli.no_rcu && !rcu {
@@ -340,7 +385,7 @@ fn kernel_features(cli: &Cli, kernel: &Features) -> Result<(bool, bool, Vec<Stri
 }
 
 /// What is traced, for the line that says tracing started.
-fn traced_what(cli: &Cli) -> String {
+fn traced_what(cli: &TraceArgs) -> String {
     if !cli.command.is_empty() {
         format!("`{}` and its children", cli.command.join(" "))
     } else if cli.pids.is_empty() {
@@ -358,7 +403,7 @@ fn traced_what(cli: &Cli) -> String {
 }
 
 /// The dashboard until the user quits; then the last report stays on the terminal as text.
-fn run_dashboard(session: &mut Session, cli: &Cli) -> Result<()> {
+fn run_dashboard(session: &mut Session, cli: &TraceArgs) -> Result<()> {
     let hook = session.collector.attach_source().describe();
     let source = if cli.no_breakdown {
         format!("{hook} (no breakdown)")
@@ -388,7 +433,11 @@ fn run_dashboard(session: &mut Session, cli: &Cli) -> Result<()> {
 
 /// Reports on stdout (`-i`, and the final one) while the session ticks. Returns the error when
 /// stdout was closed under us (tracing stops then).
-fn run_loop(session: &mut Session, cli: &Cli, started: Instant) -> Result<Option<std::io::Error>> {
+fn run_loop(
+    session: &mut Session,
+    cli: &TraceArgs,
+    started: Instant,
+) -> Result<Option<std::io::Error>> {
     let format = cli.output.unwrap_or(Format::Text);
     let interval = cli.interval.map(Duration::from_secs_f64);
     let mut next_report = interval.map(|i| started + i);

@@ -34,6 +34,10 @@ pub const EXIT_CODES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Exit status when stdout is closed under us: what a shell reports for a process killed by
+/// SIGPIPE (128 + 13), which is what the tracer would have been without Rust's SIG_IGN.
+pub const EXIT_STDOUT_CLOSED: u8 = 141;
+
 fn exit_status() -> String {
     let mut s = String::from("Exit status:");
     for (code, what) in EXIT_CODES {
@@ -53,6 +57,49 @@ pub enum Sub {
     /// (--debug-dir, /usr/lib/debug/.build-id, debuginfod when DEBUGINFOD_URLS is set) or the
     /// same build of the module. Prints the documents back, one per line.
     Symbolize(SymbolizeCli),
+    /// Trace as a run does, and keep what it sees in FILE for `report`: one entry
+    /// per interval (-i, default 1 s), what changed since the one before, deflated. A recording
+    /// cut off (SIGKILL, a full disk) reads back up to its last whole interval. Prints nothing
+    /// unless -o asks; `-- COMMAND` exits with the command's status, as a run does.
+    Record(RecordCli),
+    /// Report a recording: the documents a live run prints (text, JSON, folded stacks) over
+    /// the whole run or a window of it; or draw it (--svg).
+    Report(ReportCli),
+}
+
+/// `membarrier-trace record`'s options.
+#[derive(Args, Debug)]
+pub struct RecordCli {
+    /// The recording to write: a new file (an existing one is never written over).
+    #[arg(value_name = "FILE")]
+    pub file: std::path::PathBuf,
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+/// `membarrier-trace report`'s options.
+#[derive(Args, Debug)]
+pub struct ReportCli {
+    /// The recording (`membarrier-trace record FILE`).
+    #[arg(value_name = "FILE")]
+    pub file: std::path::PathBuf,
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+    /// The window's start: seconds from the start of tracing, or a wall-clock time (RFC 3339,
+    /// e.g. 2026-12-06T02:30:00Z). Default: the start.
+    #[arg(long, value_name = "T", value_parser = crate::store::When::parse)]
+    pub from: Option<crate::store::When>,
+    /// The window's end, as --from. Default: the end.
+    #[arg(long, value_name = "T", value_parser = crate::store::When::parse)]
+    pub to: Option<crate::store::When>,
+    /// Only these processes (repeatable).
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Draw the window instead: per busy (process, cmd) and RCU writer, a latency heatmap over
+    /// time with p50/p99 lines and the call rate; with stacks recorded, a flame graph of the
+    /// callers. One self-contained SVG file (a new file).
+    #[arg(long, value_name = "OUT.svg")]
+    pub svg: Option<std::path::PathBuf>,
 }
 
 /// `membarrier-trace symbolize`'s options.
@@ -71,13 +118,21 @@ pub struct SymbolizeCli {
 /// per process and cmd, measured with eBPF on the syscall tracepoints.
 ///
 /// `membarrier-trace calibrate` measures what each cmd costs on this host, `membarrier-trace
-/// symbolize` names a saved report's code (see their --help).
+/// symbolize` names a saved report's code, `record` and `report` keep a run in a file and look at
+/// it later (see their --help).
 #[derive(Parser, Debug)]
 #[command(name = "membarrier-trace", version = VERSION, about, after_long_help = exit_status())]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub sub: Option<Sub>,
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+/// The tracer's options: a run's, and `record`'s.
+#[derive(Args, Debug)]
+pub struct TraceArgs {
     /// Trace only this process (repeatable); filtered in the kernel.
     #[arg(short, long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,

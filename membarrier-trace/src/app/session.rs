@@ -23,6 +23,7 @@ use crate::{
         text,
         tui::{Feed, Stop},
     },
+    store::Recorder,
 };
 
 /// How often exited processes' stats rows are moved out of the kernel: often enough that a box
@@ -63,6 +64,10 @@ pub struct Session {
     /// gone (`--keep-exited`), and until when.
     pub linger: Option<Duration>,
     pub linger_until: Option<Instant>,
+    /// `record FILE`: written each `record_every`, and at the end.
+    pub recorder: Option<Recorder>,
+    pub record_every: Duration,
+    pub next_record: Instant,
 }
 
 impl Session {
@@ -136,6 +141,15 @@ impl Session {
             };
             self.next_retire = Instant::now() + every;
         }
+        if let Some(r) = &mut self.recorder
+            && Instant::now() >= self.next_record
+        {
+            r.write(&self.collector.snapshot(false)?, false)?;
+            // On the interval's grid, as -i's reports are; a late tick skips, not bunches.
+            while self.next_record <= Instant::now() {
+                self.next_record += self.record_every;
+            }
+        }
         if Instant::now() >= self.next_probe {
             let pids = match &self.probe_pids {
                 Some(pids) => pids.clone(),
@@ -166,7 +180,17 @@ impl Feed for Session {
     }
 
     fn final_report(&mut self) -> Result<Report> {
-        let report = self.model.report(&self.collector.snapshot(true)?);
+        let snap = self.collector.snapshot(true)?;
+        if let Some(r) = &mut self.recorder {
+            r.write(&snap, true)?;
+            eprintln!(
+                "membarrier-trace: recorded {} intervals in {} ({} bytes)",
+                r.intervals,
+                r.path().display(),
+                r.bytes
+            );
+        }
+        let report = self.model.report(&snap);
         self.collector.detach();
         Ok(findings::judged(report))
     }

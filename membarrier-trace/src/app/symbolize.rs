@@ -11,10 +11,11 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde_json::Value;
 
-use crate::{app::cli::SymbolizeCli, enrich::symbolize::Symbols, model::Caller};
-
-/// Exit status when stdout is closed under us, as for tracing.
-const EXIT_STDOUT_CLOSED: u8 = 141;
+use crate::{
+    app::cli::{EXIT_STDOUT_CLOSED, SymbolizeCli},
+    enrich::symbolize::Symbols,
+    model::Caller,
+};
 
 pub fn run(cli: &SymbolizeCli) -> Result<ExitCode> {
     let input: Box<dyn std::io::BufRead> = if cli.file.as_os_str() == "-" {

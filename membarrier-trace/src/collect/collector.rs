@@ -237,6 +237,11 @@ pub(super) fn raise_memlock() {
 }
 
 impl Collector {
+    /// The machine's name and kernel release, as snapshots carry them.
+    pub fn host(&self) -> (&str, &str) {
+        (&self.hostname, &self.kernel_release)
+    }
+
     /// Loads the programs. Nothing is attached until [`Collector::start`].
     ///
     /// Long: after the object's load (`load_object`), each map taken and each thread started

@@ -30,7 +30,7 @@ pub const MUTEX_MIN_WAIT_NS: u64 = 1_000_000;
 pub const IPI_STORM_PER_CPU_PER_SEC: f64 = 10_000.0;
 
 /// What the rules need to know about the machine besides the report.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Machine {
     /// CPUs online (0: unknown).
     pub cpus_online: u32,
@@ -73,8 +73,13 @@ fn cpu_list_len(list: &str) -> u32 {
 }
 
 /// `r` with its findings, on this machine as it is now.
-pub fn judged(mut r: Report) -> Report {
-    r.findings = of(&r, &Machine::read());
+pub fn judged(r: Report) -> Report {
+    judged_on(r, &Machine::read())
+}
+
+/// [`judged`] for a report of machine `m` (a recording's, read elsewhere).
+pub fn judged_on(mut r: Report, m: &Machine) -> Report {
+    r.findings = of(&r, m);
     r
 }
 

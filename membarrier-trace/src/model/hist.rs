@@ -1,7 +1,7 @@
 //! Reading percentiles out of the kernel's log-linear latency histogram.
 
 use membarrier_trace_common::{HIST_BUCKETS, hist_bucket, hist_bucket_lower, hist_bucket_upper};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One non-empty bucket, as the outputs show it.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
@@ -13,7 +13,7 @@ pub struct Bucket {
 
 /// A latency histogram in the kernel's buckets, kept sparse: a process that made two calls
 /// holds two buckets, not [`HIST_BUCKETS`] (the tracer keeps a thousand exited processes).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Histogram {
     /// (bucket index, calls), ascending by index, no zero counts.
     nonzero: Vec<(u16, u64)>,
@@ -84,6 +84,29 @@ impl Histogram {
         max
     }
 
+    /// The calls in `self` that are not in `before` (an earlier reading of the same totals):
+    /// bucket by bucket, never below zero.
+    pub fn minus(&self, before: &Histogram) -> Histogram {
+        let mut was = before.nonzero.iter().peekable();
+        let mut out = Vec::new();
+        for &(i, n) in &self.nonzero {
+            while was.next_if(|b| b.0 < i).is_some() {}
+            let had = was.next_if(|b| b.0 == i).map_or(0, |b| b.1);
+            if n > had {
+                out.push((i, n - had));
+            }
+        }
+        Histogram { nonzero: out }
+    }
+
+    /// The lowest and highest values its calls can have been: the lower edge of the first
+    /// non-empty bucket and the upper edge of the last (None when empty).
+    pub fn range(&self) -> Option<(u64, u64)> {
+        let first = usize::from(self.nonzero.first()?.0);
+        let last = usize::from(self.nonzero.last()?.0);
+        Some((hist_bucket_lower(first), hist_bucket_upper(last)))
+    }
+
     /// Non-empty buckets. The last bucket is open-ended; its bound is raised to `max` when
     /// values above the nominal bound fell in it.
     pub fn buckets(&self, max: u64) -> Vec<Bucket> {
@@ -115,6 +138,26 @@ mod tests {
         *seed ^= *seed >> 7;
         *seed ^= *seed << 17;
         *seed
+    }
+
+    #[test]
+    fn minus_undoes_add() {
+        let mut a = Histogram::default();
+        [5, 100, 100, 7_000].into_iter().for_each(|v| a.record(v));
+        let before = a.clone();
+        let mut d = Histogram::default();
+        [3, 100, 9_000_000].into_iter().for_each(|v| d.record(v));
+        a.add(&d);
+        assert_eq!(a.minus(&before), d);
+        let mut back = before.clone();
+        back.add(&a.minus(&before));
+        assert_eq!(back, a);
+        assert_eq!(a.minus(&a), Histogram::default());
+        assert_eq!(
+            d.range(),
+            Some((3, hist_bucket_upper(hist_bucket(9_000_000))))
+        );
+        assert_eq!(Histogram::default().range(), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use membarrier_trace_common::{
     CpuKey, Handled, HandlerKey, IPI_HIST, MovedRow, Stats, StatsKey, SummedRow, THREAD_CMDS,
     WakerKey, WriterKey, WriterStats,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::hist::Histogram;
 use crate::hook::Attach;
@@ -23,8 +23,11 @@ pub struct GpFunc {
     pub library: PathBuf,
 }
 
+/// The flavours a [`GpFunc`] can have (`custom`: `--rcu-func`).
+pub const FLAVOURS: [&str; 6] = ["memb", "mb", "qsbr", "bp", "signal", "custom"];
+
 /// One kernel stats row, summed over CPUs.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RawRow {
     pub key: StatsKey,
     pub count: u64,
@@ -171,7 +174,7 @@ impl Absorb for RawRow {
 }
 
 /// Where the grace-period (blocked) figures come from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GraceSource {
     /// fentry/fexit on synchronize_rcu*: the grace period itself.
@@ -223,11 +226,29 @@ pub struct Snapshot {
     pub stacks: Option<Stacks>,
 }
 
+impl Snapshot {
+    /// Keeps only the figures of processes `pids` (what a live `-p` would have counted).
+    pub fn only(&mut self, pids: &[u32]) {
+        let keep = |tgid: u32| pids.contains(&tgid);
+        self.rows.retain(|r| keep(r.key.tgid));
+        self.writers.retain(|w| keep(w.key.tgid));
+        self.threads.retain(|t| keep(t.proc.0));
+        self.ipi_cpus.retain(|(k, _)| keep(k.tgid));
+        self.wakers.retain(|(k, _)| keep(k.tgid));
+        self.handled.retain(|(k, _)| keep(k.tgid));
+        self.callers.retain(|(p, _), _| keep(p.0));
+        if let Some(s) = &mut self.stacks {
+            s.stacks.retain(|(g, _), _| keep(g.0.0));
+            s.unattributed.retain(|g, _| keep(g.0.0));
+        }
+    }
+}
+
 /// (process, cmd, flags): the calls a cmd row of the report stands for.
 pub type StackGroup = (ProcKey, u32, u32);
 
 /// Calls with one user stack.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StackCount {
     /// Calls whose stack was taken each (within the CPU's stack rate), and their latency.
     pub exact: u64,
@@ -255,7 +276,7 @@ impl StackCount {
 }
 
 /// The `--stacks` counts so far.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Stacks {
     /// By (group, frames: innermost first).
     pub stacks: HashMap<(StackGroup, Vec<u64>), StackCount>,
@@ -281,7 +302,7 @@ impl Stacks {
 
 /// One thread's calls by cmd (`thread_cmd` index), or several exited threads of a process
 /// summed (`tid` 0).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ThreadRow {
     pub proc: ProcKey,
     pub tid: u32,
@@ -302,7 +323,7 @@ impl ThreadRow {
 }
 
 /// How big the kernel maps were made for this machine (docs/design.md, "Bounds").
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Deserialize)]
 pub struct Maps {
     /// Stats rows: processes alive at once times the (cmd, flags, errno) each uses.
     pub stats_rows: u32,
@@ -316,7 +337,7 @@ pub struct Maps {
 }
 
 /// How exited processes' rows left the kernel; none of these is a loss.
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Deserialize)]
 pub struct ExitedRows {
     /// Processes whose rows the kernel moved out at their last exit (the `EXITED` ring).
     pub moved_at_exit: u64,
@@ -330,7 +351,7 @@ pub struct ExitedRows {
 }
 
 /// What could not be counted, each lost call once under one cause.
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Deserialize)]
 pub struct Losses {
     /// Calls seen only half: an exit without its enter (the tracer attached mid-call, or the
     /// kernel skipped a program), plus (in the final snapshot) calls still inside membarrier
@@ -366,7 +387,7 @@ pub struct Losses {
 }
 
 /// One kernel grace-period row, as read.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WriterRow {
     pub key: WriterKey,
     pub count: u64,
@@ -414,7 +435,7 @@ impl Absorb for WriterRow {
 
 /// The code that called a grace-period function: its return address, symbolized while the
 /// process lived.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Deserialize)]
 pub struct Caller {
     /// The return address at entry, in the process's address space.
     pub address: u64,

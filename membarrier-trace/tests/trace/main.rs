@@ -13,5 +13,6 @@ mod counts;
 mod dashboard;
 mod prometheus;
 mod rcu;
+mod record;
 mod stacks;
 mod symbols;
