@@ -93,6 +93,10 @@ fn main() -> ExitCode {
             sub: Some(Sub::Report(r)),
             ..
         }) => membarrier_trace::app::report::run(&r).unwrap_or_else(fail),
+        Ok(Cli {
+            sub: Some(Sub::Replay(r)),
+            ..
+        }) => membarrier_trace::app::report::replay(&r).unwrap_or_else(fail),
         Ok(cli) => run(cli.trace, None).unwrap_or_else(fail),
         Err(code) => code,
     }

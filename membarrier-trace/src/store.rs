@@ -220,6 +220,17 @@ impl Recording {
         state
     }
 
+    /// The interval a time falls in: the last one ending at or before it (None: before the
+    /// first).
+    pub fn interval_at(&self, when: When) -> Option<usize> {
+        self.intervals.iter().rposition(|c| match when {
+            When::Secs(_) => c.head.elapsed_ns <= when.elapsed_ns(0),
+            // To the millisecond, as the outputs print times: a time copied from a report is
+            // that report's interval.
+            When::Wall(ns) => c.head.unix_ns / 1_000_000 <= ns / 1_000_000,
+        })
+    }
+
     /// Elapsed time at each interval's end, ns from the start of tracing.
     pub fn times(&self) -> Vec<u64> {
         self.intervals.iter().map(|c| c.head.elapsed_ns).collect()
@@ -247,6 +258,40 @@ impl Recording {
                 (_, n) => format!("; {n} entries after them do not decode"),
             }
         ))
+    }
+}
+
+/// A recording's states at any interval without adding up every change from the start: one
+/// state kept every [`Keyframes::EVERY`] intervals (`replay` moves back and forth).
+pub struct Keyframes {
+    /// `states[k]`: the state after the first `k * EVERY` intervals.
+    states: Vec<Keyed>,
+}
+
+impl Keyframes {
+    const EVERY: usize = 64;
+
+    pub fn of(rec: &Recording) -> Keyframes {
+        let mut states = vec![Keyed::default()];
+        let mut state = Keyed::default();
+        for (i, change) in rec.intervals.iter().enumerate() {
+            change.apply_to(&mut state);
+            if (i + 1) % Self::EVERY == 0 {
+                states.push(state.clone());
+            }
+        }
+        Keyframes { states }
+    }
+
+    /// The state after interval `i`.
+    pub fn state(&self, rec: &Recording, i: usize) -> Keyed {
+        let i = i.min(rec.intervals.len().saturating_sub(1));
+        let k = ((i + 1) / Self::EVERY).min(self.states.len() - 1);
+        let mut state = self.states[k].clone();
+        for change in rec.intervals.iter().take(i + 1).skip(k * Self::EVERY) {
+            change.apply_to(&mut state);
+        }
+        state
     }
 }
 

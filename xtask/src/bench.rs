@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -346,6 +346,99 @@ fn tracer_cost(p: &Paths, tui: bool) -> Result<Value> {
     Ok(v)
 }
 
+/// Processes and seconds of the recording benchmark.
+const RECORDED_PROCESSES: usize = 100;
+const RECORDED_SECS: u64 = 20;
+
+/// What `record` costs beside the plain tracer, in the same run: 100 processes each making 60
+/// GLOBAL_EXPEDITED calls a second and 4 other cmds once, traced system-wide for
+/// `RECORDED_SECS`, first by `-o json`, then by `record` (`-i 1`); each tracer's CPU time and
+/// peak RSS, and the file's bytes (per hour).
+fn recording_cost(p: &Paths) -> Result<Value> {
+    let dir = tempfile::Builder::new().prefix("mt-bench-").tempdir()?;
+    let file = dir.path().join("bench.mtr");
+    let mut out = serde_json::Map::new();
+    for mode in ["plain", "record"] {
+        let calls = (RECORDED_SECS * 60).to_string();
+        let mut ws = (0..RECORDED_PROCESSES)
+            .map(|_| {
+                Command::new(&p.workload)
+                    .args(["--global-expedited", &calls, "--rate", "60", "--query", "1"])
+                    .args([
+                        "--invalid",
+                        "1",
+                        "--bad-flags",
+                        "1",
+                        "--eperm",
+                        "1",
+                        "--wait-stdin",
+                    ])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .spawn()
+            })
+            .collect::<std::io::Result<Vec<Child>>>()?;
+        let secs = (RECORDED_SECS + 2).to_string();
+        let mut t = Command::new(&p.tracer);
+        if mode == "record" {
+            t.arg("record").arg(&file);
+        } else {
+            t.args(["-o", "json"]);
+        }
+        let mut t = t
+            .args(["-d", &secs])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        thread::sleep(Duration::from_millis(1500));
+        for w in &mut ws {
+            w.stdin.take().context("stdin")?.write_all(b"go\n")?;
+        }
+        // Read just before it ends (a tracer that has exited has no RSS to read).
+        thread::sleep(Duration::from_secs(RECORDED_SECS));
+        let (cpu, hwm) = proc_usage(t.id())?;
+        t.wait()?;
+        for mut w in ws {
+            w.wait()?;
+        }
+        out.insert(
+            mode.into(),
+            json!({ "cpu_s": cpu, "peak_rss_mib": hwm as f64 / 1024.0 }),
+        );
+    }
+    let bytes = fs::metadata(&file)?.len();
+    out.insert("bytes".into(), json!(bytes));
+    out.insert(
+        "bytes_per_hour".into(),
+        json!(bytes as f64 * 3600.0 / (RECORDED_SECS + 2) as f64),
+    );
+    Ok(Value::Object(out))
+}
+
+/// `cargo xtask bench recording`: the recording's cost alone.
+pub fn recording(root: &Path) -> Result<()> {
+    print_recording(&recording_cost(&Paths::new(root)?)?);
+    Ok(())
+}
+
+fn print_recording(rec: &Value) {
+    let fig = |m: &str, k: &str| rec[m][k].as_f64().unwrap_or(0.0);
+    let secs = (RECORDED_SECS + 2) as f64;
+    println!(
+        "record beside the plain tracer, {RECORDED_PROCESSES} processes at 60 calls/s for \
+         {secs} s: CPU {:.2} s vs {:.2} s ({:.2}x, {:+.2}% of a core), peak RSS {:.1} vs {:.1} \
+         MiB; the file {} bytes, {:.1} MB an hour",
+        fig("record", "cpu_s"),
+        fig("plain", "cpu_s"),
+        fig("record", "cpu_s") / fig("plain", "cpu_s").max(1e-9),
+        (fig("record", "cpu_s") - fig("plain", "cpu_s")) / secs * 100.0,
+        fig("record", "peak_rss_mib"),
+        fig("plain", "peak_rss_mib"),
+        rec["bytes"],
+        rec["bytes_per_hour"].as_f64().unwrap_or(0.0) / 1e6,
+    );
+}
+
 /// From starting the tracer to its first counted call, with a process calling all along.
 fn attach_ms(p: &Paths) -> Result<f64> {
     let mut w = busy_workload(p, "100000000000")?;
@@ -674,6 +767,8 @@ pub fn bench(root: &Path, rounds: usize) -> Result<()> {
         json_cost["missed_calls"],
         json_cost["dropped"],
     );
+    let rec = recording_cost(&p)?;
+    print_recording(&rec);
     let attach: Vec<f64> = (0..5).map(|_| attach_ms(&p)).collect::<Result<_>>()?;
     let attach = median(attach);
     println!(
@@ -705,6 +800,7 @@ pub fn bench(root: &Path, rounds: usize) -> Result<()> {
         "tracer_json": json_cost,
         "tracer_dashboard": tui_cost,
         "attach_ms": attach,
+        "recording": rec,
         "program_ns_per_call": progs,
         "hook_program_ns_per_run": hook_runs,
         "hook_floor_program_ns_per_run": floor_runs,

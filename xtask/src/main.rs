@@ -47,7 +47,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   dist             the static binary in target/dist: a tarball and a .deb, each checked
   clippy           cargo clippy -D warnings on every crate
   bench [ROUNDS]   what tracing costs, against the untraced baseline (as root; default 5 rounds)
-  bench programs   only the hook programs' run time per call (kernel.bpf_stats_enabled), 5 times";
+  bench programs   only the hook programs' run time per call (kernel.bpf_stats_enabled), 5 times
+  bench recording  only what `record` costs beside the plain tracer, and its bytes an hour";
 
 fn main() -> ExitCode {
     match run() {
@@ -122,6 +123,10 @@ fn run() -> Result<ExitCode> {
             require_root("the benchmark loads eBPF programs and writes tracefs")?;
             if rest.first().map(String::as_str) == Some("programs") {
                 bench::programs(&root)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if rest.first().map(String::as_str) == Some("recording") {
+                bench::recording(&root)?;
                 return Ok(ExitCode::SUCCESS);
             }
             let rounds = rest.first().map(|r| r.parse()).transpose()?.unwrap_or(5);

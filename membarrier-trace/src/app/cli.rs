@@ -57,7 +57,7 @@ pub enum Sub {
     /// (--debug-dir, /usr/lib/debug/.build-id, debuginfod when DEBUGINFOD_URLS is set) or the
     /// same build of the module. Prints the documents back, one per line.
     Symbolize(SymbolizeCli),
-    /// Trace as a run does, and keep what it sees in FILE for `report`: one entry
+    /// Trace as a run does, and keep what it sees in FILE for `report` and `replay`: one entry
     /// per interval (-i, default 1 s), what changed since the one before, deflated. A recording
     /// cut off (SIGKILL, a full disk) reads back up to its last whole interval. Prints nothing
     /// unless -o asks; `-- COMMAND` exits with the command's status, as a run does.
@@ -65,6 +65,18 @@ pub enum Sub {
     /// Report a recording: the documents a live run prints (text, JSON, folded stacks) over
     /// the whole run or a window of it; or draw it (--svg).
     Report(ReportCli),
+    /// The dashboard over a recording: Left/Right move one interval, PageUp/PageDown ten,
+    /// Home/End to the first and the last, `g` to a time (seconds from the start, or RFC 3339);
+    /// every key of the live dashboard works too.
+    Replay(ReplayCli),
+}
+
+/// `membarrier-trace replay`'s options.
+#[derive(Args, Debug)]
+pub struct ReplayCli {
+    /// The recording (`membarrier-trace record FILE`).
+    #[arg(value_name = "FILE")]
+    pub file: std::path::PathBuf,
 }
 
 /// `membarrier-trace record`'s options.
@@ -118,8 +130,8 @@ pub struct SymbolizeCli {
 /// per process and cmd, measured with eBPF on the syscall tracepoints.
 ///
 /// `membarrier-trace calibrate` measures what each cmd costs on this host, `membarrier-trace
-/// symbolize` names a saved report's code, `record` and `report` keep a run in a file and look at
-/// it later (see their --help).
+/// symbolize` names a saved report's code, `record`, `report` and `replay` keep a run in a file and
+/// look at it later (see their --help).
 #[derive(Parser, Debug)]
 #[command(name = "membarrier-trace", version = VERSION, about, after_long_help = exit_status())]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]

@@ -5,7 +5,7 @@ use std::{io::Write as _, process::ExitCode};
 
 use anyhow::{Result, bail};
 
-use super::cli::{EXIT_STDOUT_CLOSED, Format, ReportCli};
+use super::cli::{EXIT_STDOUT_CLOSED, Format, ReplayCli, ReportCli};
 use crate::{
     model::{Model, Report, Snapshot, findings},
     render::{svg, text},
@@ -47,16 +47,6 @@ pub fn run(cli: &ReportCli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The interval a time falls in: the last one ending at or before it (None: before the first).
-pub fn interval_at(rec: &Recording, when: When) -> Option<usize> {
-    rec.intervals.iter().rposition(|c| match when {
-        When::Secs(_) => c.head.elapsed_ns <= when.elapsed_ns(0),
-        // To the millisecond, as the outputs print times: a time copied from a report is
-        // that report's interval.
-        When::Wall(ns) => c.head.unix_ns / 1_000_000 <= ns / 1_000_000,
-    })
-}
-
 /// The window `from`..`to` as interval indices: the state it starts from (None: the start of
 /// tracing) and the interval it ends with.
 pub fn bounds(
@@ -69,7 +59,7 @@ pub fn bounds(
     };
     let end = match to {
         None => last,
-        Some(t) => match interval_at(rec, t) {
+        Some(t) => match rec.interval_at(t) {
             Some(i) => i,
             None => bail!(
                 "--to is before the recording's first interval ended ({:.1} s)",
@@ -77,7 +67,7 @@ pub fn bounds(
             ),
         },
     };
-    let start = from.and_then(|f| interval_at(rec, f));
+    let start = from.and_then(|f| rec.interval_at(f));
     if start.is_some_and(|s| s >= end) {
         bail!("--from is not before --to: the window holds no whole interval");
     }
@@ -97,4 +87,25 @@ pub fn window(rec: &Recording, first: Option<usize>, last: usize, pids: &[u32]) 
         snap.only(pids);
     }
     snap
+}
+
+/// `membarrier-trace replay FILE`: the dashboard over the recording.
+pub fn replay(cli: &ReplayCli) -> Result<ExitCode> {
+    use std::io::IsTerminal as _;
+    if !std::io::stdout().is_terminal() {
+        bail!(
+            "replay draws the dashboard, and stdout is not a terminal: `report` prints the figures"
+        );
+    }
+    let rec = Recording::open(&cli.file)?;
+    if rec.intervals.is_empty() {
+        bail!("the recording holds no interval: tracing stopped before the first (-i) was over");
+    }
+    let note = rec.note();
+    let source = format!("{} on {}", rec.header.attach, rec.header.hostname);
+    crate::render::tui::replay(&rec, source)?;
+    if let Some(note) = note {
+        eprintln!("membarrier-trace: {note}");
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -310,6 +310,13 @@ fn the_svg_draws_every_call() {
         .expect("a flame graph");
     let with_stacks: u64 = flame.attribute("data-total").unwrap().parse().unwrap();
     assert!(with_stacks > 0 && with_stacks <= truth.values().sum::<u64>());
+    // The same stacks as folded lines: their calls are the flame graph's.
+    let folded = String::from_utf8(report(&file, &["-o", "folded"]).stdout).unwrap();
+    let folded_calls: u64 = folded
+        .lines()
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(folded_calls, with_stacks);
     // An existing file is never written over.
     expect_error(
         1,
@@ -363,6 +370,16 @@ fn bad_recordings_and_windows_are_one_line_errors() {
         "missing.mtr",
     );
 
+    // `-- COMMAND`: the command's exit status, as a live run passes it on.
+    let file = dir.path().join("command.mtr");
+    let out = run(&mut recorder(
+        &file,
+        &["--", WORKLOAD, "--query", "2", "--exit-code", "3"],
+    ));
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let r = report_json(&file, &[]);
+    assert_eq!(r["calls"], 2, "{r}");
+
     let file = dir.path().join("short.mtr");
     let out = run(&mut recorder(&file, &["-d", "1.5", "-i", "0.5"]));
     assert!(out.status.success(), "{out:?}");
@@ -382,4 +399,89 @@ fn bad_recordings_and_windows_are_one_line_errors() {
             .args(["--from", "yesterday"]),
         "yesterday",
     );
+}
+
+/// `replay` in tmux: it opens at the first interval; Right, End, Home and `g` move through the
+/// recording; at the end the process's calls are the workload's own count; a time that is
+/// not one is said on screen; q leaves a clean shell.
+#[test]
+fn replay_moves_through_the_recording_in_tmux() {
+    let _machine = require_root();
+    let dir = private_dir();
+    let file = dir.path().join("replayed.mtr");
+    // 3,000 calls a second for 2 s, in 0.5 s intervals.
+    let mut w = Workload::start(&["--global-expedited", "6000", "--rate", "3000"]);
+    let pid = w.pid.to_string();
+    let tracer = Tracer::spawn(&mut recorder(&file, &["-i", "0.5", "-p", &pid]));
+    w.go();
+    let total: u64 = workload_counts(&w.finish()).values().sum();
+    assert!(tracer.finish().status.success());
+
+    let t = Tmux::shell(120, 40);
+    t.keys(&format!("{TRACER} replay {}", file.display()));
+    // PID COMM CALLS/S CALLS: the process's calls so far; and where the replay is.
+    let calls = |s: &str| {
+        s.lines().find_map(|l| {
+            let f: Vec<&str> = l
+                .trim_matches(|c| c == '│' || c == ' ')
+                .split_whitespace()
+                .collect();
+            // An exited process's pid is marked `x`, and its COMM cell says so (two words):
+            // CALLS follows the first number after the pid.
+            if f.len() < 4 || f[0].trim_start_matches('x') != pid {
+                return None;
+            }
+            let rate = f[1..].iter().position(|t| t.parse::<f64>().is_ok())?;
+            f.get(rate + 2)?.parse::<u64>().ok()
+        })
+    };
+    let at = |s: &str| -> Option<(usize, usize, f64)> {
+        let l = s.lines().find(|l| l.contains("replay: interval "))?;
+        let rest = l.split("replay: interval ").nth(1)?;
+        let (k, rest) = rest.split_once(" of ")?;
+        let (n, rest) = rest.split_once(", ")?;
+        let secs = rest.split_once(" s")?.0;
+        Some((k.parse().ok()?, n.parse().ok()?, secs.parse().ok()?))
+    };
+    let screen = t.wait_for("no replay at its first interval", &|s| {
+        at(s).is_some_and(|a| a.0 == 1) && calls(s).is_some()
+    });
+    let (_, n, _) = at(&screen).unwrap();
+    let first = calls(&screen).unwrap();
+    assert!(
+        n >= 4 && first > 0 && first < total,
+        "{first} of {total}, {n}: {screen}"
+    );
+
+    t.run(&["send-keys", "End"]);
+    let screen = t.wait_for("End did not go to the last interval", &|s| {
+        at(s).is_some_and(|a| a.0 == n)
+    });
+    assert_eq!(calls(&screen), Some(total), "{screen}");
+    t.run(&["send-keys", "Home"]);
+    let screen = t.wait_for("Home did not go back", &|s| at(s).is_some_and(|a| a.0 == 1));
+    assert_eq!(calls(&screen), Some(first), "{screen}");
+    t.run(&["send-keys", "Right"]);
+    let screen = t.wait_for("Right did not move on", &|s| {
+        at(s).is_some_and(|a| a.0 == 2)
+    });
+    assert!(calls(&screen).unwrap() > first, "{screen}");
+
+    // From the end, g and a time: the interval holding 1.2 s (it ends at or before 1.2 s, the
+    // next one after).
+    t.run(&["send-keys", "End"]);
+    t.wait_for("End did not go to the last interval", &|s| {
+        at(s).is_some_and(|a| a.0 == n)
+    });
+    t.run(&["send-keys", "g", "1.2", "Enter"]);
+    let screen = t.wait_for("g 1.2 did not jump", &|s| at(s).is_some_and(|a| a.0 != n));
+    let (_, _, secs) = at(&screen).unwrap();
+    assert!(secs <= 1.2 && secs > 0.5, "{screen}");
+    t.run(&["send-keys", "g", "soon", "Enter"]);
+    t.wait_for("a bad time was not said", &|s| {
+        s.contains("`soon` is neither")
+    });
+
+    t.keys("q");
+    t.wait_for_prompt();
 }

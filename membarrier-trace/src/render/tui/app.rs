@@ -65,6 +65,34 @@ pub enum Pane {
     Cmds,
 }
 
+/// Where a replay should go next (the loop moves it, then feeds the reports up to there).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Go {
+    /// Intervals forward (or back, negative).
+    By(isize),
+    Start,
+    End,
+    /// A time as typed after `g`: seconds from the start, or RFC 3339.
+    To(String),
+}
+
+/// `replay FILE`: where the screen is in the recording.
+#[derive(Clone, Debug, Default)]
+pub struct Replay {
+    /// The interval shown (0-based) and how many there are.
+    pub at: usize,
+    pub len: usize,
+    /// Its end: seconds from the start of tracing, and the wall-clock time.
+    pub secs: f64,
+    pub time: String,
+    /// A time being typed after `g`, until Enter or Esc.
+    pub jump: Option<String>,
+    /// Set by a key, taken by the loop.
+    pub go: Option<Go>,
+    /// Said on the header's second line: a time that is not in the recording.
+    pub note: Option<String>,
+}
+
 pub struct App {
     /// The report on screen: the latest, or the one frozen by pause.
     pub shown: Report,
@@ -93,6 +121,8 @@ pub struct App {
     prev_calls: HashMap<u32, u64>,
     /// When (report duration_ns) a process was first seen gone.
     exited: HashMap<u32, u64>,
+    /// Replaying a recording (`replay FILE`), not tracing.
+    pub replay: Option<Replay>,
 }
 
 impl App {
@@ -116,7 +146,18 @@ impl App {
             history: HashMap::new(),
             prev_calls: HashMap::new(),
             exited: HashMap::new(),
+            replay: None,
         }
+    }
+
+    /// Forgets the figures (reports, history, exits) and keeps how they are shown (sort,
+    /// filter, selection): a replay that moves feeds them again.
+    pub fn forget_figures(&mut self) {
+        self.shown = Report::empty();
+        self.latest = Report::empty();
+        self.history.clear();
+        self.prev_calls.clear();
+        self.exited.clear();
     }
 
     /// Takes a new report. `alive` says whether a pid still exists; collection (and history)
@@ -254,6 +295,41 @@ impl App {
         }
     }
 
+    /// A replay's own keys: Left/Right (one interval), PageUp/PageDown (ten), Home/End, and
+    /// `g` with a time typed after it. True if the key was one.
+    fn replay_key(&mut self, key: KeyEvent) -> bool {
+        let Some(r) = self.replay.as_mut() else {
+            return false;
+        };
+        if let Some(text) = r.jump.as_mut() {
+            match key.code {
+                KeyCode::Enter => r.go = r.jump.take().map(Go::To),
+                KeyCode::Esc => r.jump = None,
+                KeyCode::Backspace => {
+                    text.pop();
+                }
+                KeyCode::Char(c) => text.push(c),
+                _ => {}
+            }
+            return true;
+        }
+        r.go = match key.code {
+            KeyCode::Left => Some(Go::By(-1)),
+            KeyCode::Right => Some(Go::By(1)),
+            KeyCode::PageUp => Some(Go::By(-10)),
+            KeyCode::PageDown => Some(Go::By(10)),
+            KeyCode::Home => Some(Go::Start),
+            KeyCode::End => Some(Go::End),
+            KeyCode::Char('g') => {
+                r.jump = Some(String::new());
+                return true;
+            }
+            _ => return false,
+        };
+        r.note = None;
+        true
+    }
+
     pub fn on_key(&mut self, key: KeyEvent) {
         if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c') {
             self.quit = true;
@@ -272,6 +348,9 @@ impl App {
                 _ => {}
             }
             self.keep_selection();
+            return;
+        }
+        if self.replay_key(key) {
             return;
         }
         if self.help {

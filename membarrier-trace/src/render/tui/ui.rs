@@ -11,7 +11,7 @@ use ratatui::{
     },
 };
 
-use super::app::{App, Column, Pane};
+use super::app::{App, Column, Pane, Replay};
 use crate::{
     model::cmd::Kind,
     model::{CmdReport, Finding, GraceSource, ProcessReport, WriterReport},
@@ -85,7 +85,7 @@ pub fn render(f: &mut Frame, app: &App) {
         render_detail(f, app, selected, &writers, detail);
     }
     if app.help {
-        render_help(f, area);
+        render_help(f, area, app.replay.is_some());
     }
 }
 
@@ -133,12 +133,13 @@ fn render_header(f: &mut Frame, app: &App, area: Rect) {
         ),
     ];
     let top = Line::from(fitting(parts, area.width));
-    let bottom = match (&app.ended, &app.editing) {
-        (Some(why), _) => Line::from(format!("{why}; tracing stopped, q leaves"))
+    let bottom = match (&app.ended, &app.editing, &app.replay) {
+        (_, None, Some(rp)) => replay_line(rp),
+        (Some(why), _, _) => Line::from(format!("{why}; tracing stopped, q leaves"))
             .style(Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD)),
-        (None, Some(text)) => Line::from(format!("filter: {text}_  (Enter apply, Esc cancel)"))
+        (None, Some(text), _) => Line::from(format!("filter: {text}_  (Enter apply, Esc cancel)"))
             .style(Style::new().fg(Color::DarkGray)),
-        (None, None) => {
+        (None, None, None) => {
             let filter = if app.filter.is_empty() {
                 String::new()
             } else {
@@ -155,6 +156,30 @@ fn render_header(f: &mut Frame, app: &App, area: Rect) {
         Paragraph::new(vec![top, bottom]).wrap(Wrap { trim: true }),
         area,
     );
+}
+
+/// A replay's place: the interval and its time, or the time being typed after `g`.
+fn replay_line(rp: &Replay) -> Line<'static> {
+    let style = Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD);
+    if let Some(text) = &rp.jump {
+        return Line::from(format!(
+            "go to: {text}_  (seconds from the start, or 2026-12-06T02:30:00Z; Enter, Esc)"
+        ))
+        .style(style);
+    }
+    let note = rp
+        .note
+        .as_deref()
+        .map(|n| format!("  {n}"))
+        .unwrap_or_default();
+    Line::from(format!(
+        "replay: interval {} of {}, {:.1} s, {}  <-/-> Home End g{note}",
+        rp.at + 1,
+        rp.len,
+        rp.secs,
+        rp.time
+    ))
+    .style(style)
 }
 
 /// The spans of `parts` (priority, span; 0 first) that fit in `width` together, taken by
@@ -595,8 +620,8 @@ fn render_breakdown(f: &mut Frame, c: &CmdReport, findings: &[&Finding], area: R
     );
 }
 
-fn render_help(f: &mut Frame, area: Rect) {
-    let text = [
+fn render_help(f: &mut Frame, area: Rect, replay: bool) {
+    let mut text = vec![
         "q, Esc, Ctrl-C   quit",
         "Up/Down, j/k     select",
         "Tab              processes <-> cmds",
@@ -606,6 +631,14 @@ fn render_help(f: &mut Frame, area: Rect) {
         "c                next cmd's histogram",
         "?                this help",
     ];
+    if replay {
+        text.extend([
+            "Left/Right       one interval back/on",
+            "PgUp/PgDn        ten intervals back/on",
+            "Home/End         the first/last interval",
+            "g                go to a time",
+        ]);
+    }
     let w = 44.min(area.width);
     let h = (text.len() as u16 + 2).min(area.height);
     let popup = Rect::new(
