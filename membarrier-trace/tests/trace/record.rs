@@ -475,8 +475,16 @@ fn replay_moves_through_the_recording_in_tmux() {
     });
     t.run(&["send-keys", "g", "1.2", "Enter"]);
     let screen = t.wait_for("g 1.2 did not jump", &|s| at(s).is_some_and(|a| a.0 != n));
-    let (_, _, secs) = at(&screen).unwrap();
-    assert!(secs <= 1.2 && secs > 0.5, "{screen}");
+    let (k, _, secs) = at(&screen).unwrap();
+    assert!(secs <= 1.2, "{screen}");
+    t.run(&["send-keys", "Right"]);
+    let screen = t.wait_for("Right did not move on", &|s| {
+        at(s).is_some_and(|a| a.0 == k + 1)
+    });
+    assert!(
+        at(&screen).unwrap().2 > 1.2,
+        "the next interval ends after 1.2 s: {screen}"
+    );
     t.run(&["send-keys", "g", "soon", "Enter"]);
     t.wait_for("a bad time was not said", &|s| {
         s.contains("`soon` is neither")
