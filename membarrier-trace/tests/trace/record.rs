@@ -449,7 +449,7 @@ fn replay_moves_through_the_recording_in_tmux() {
     let (_, n, _) = at(&screen).unwrap();
     let first = calls(&screen).unwrap();
     assert!(
-        n >= 4 && first > 0 && first < total,
+        n >= 3 && first > 0 && first < total,
         "{first} of {total}, {n}: {screen}"
     );
 
