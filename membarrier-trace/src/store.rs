@@ -201,15 +201,6 @@ impl Recording {
         })
     }
 
-    /// Each interval's state (the snapshot then), in order, to `each` as it is reached.
-    pub fn walk(&self, mut each: impl FnMut(usize, &Keyed)) {
-        let mut state = Keyed::default();
-        for (i, change) in self.intervals.iter().enumerate() {
-            change.apply_to(&mut state);
-            each(i, &state);
-        }
-    }
-
     /// The state after interval `i` (None for before the first).
     pub fn state_at(&self, i: Option<usize>) -> Keyed {
         let mut state = Keyed::default();
@@ -229,11 +220,6 @@ impl Recording {
             // that report's interval.
             When::Wall(ns) => c.head.unix_ns / 1_000_000 <= ns / 1_000_000,
         })
-    }
-
-    /// Elapsed time at each interval's end, ns from the start of tracing.
-    pub fn times(&self) -> Vec<u64> {
-        self.intervals.iter().map(|c| c.head.elapsed_ns).collect()
     }
 
     /// A snapshot of `state` with this recording's machine.

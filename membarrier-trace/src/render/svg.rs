@@ -113,8 +113,10 @@ fn columns(rec: &Recording, first: Option<usize>, last: usize, pids: &[u32]) -> 
     let mut edges = vec![secs(state.head().elapsed_ns)];
     for i in start..=last {
         let before = state.clone();
-        rec.intervals[i].apply_to(&mut state);
-        let mut snap = rec.snapshot(&delta::window(&before, &state));
+        let change = &rec.intervals[i];
+        change.apply_to(&mut state);
+        // The interval's own entry is the change between the two states: not taken again.
+        let mut snap = rec.snapshot(&delta::window_by(&before, &state, change));
         if !pids.is_empty() {
             snap.only(pids);
         }
@@ -290,15 +292,20 @@ fn draw(rec: &Recording, d: &Drawn, whole: &Report, stacks: bool) -> String {
         let hi = row_of(*all.iter().max().unwrap_or(&1)).max(lo + 3 * ROWS_PER_OCTAVE as i64 - 1);
         let rows = (hi - lo + 1).max(1);
         let row_h = HEAT / rows as f64;
-        let max_cell = cols
+        // Each column's calls by row, once: the cells, and the colour scale's top.
+        let cells: Vec<BTreeMap<i64, u64>> = cols
             .iter()
-            .flat_map(|c| {
-                let mut by_row: BTreeMap<i64, u64> = BTreeMap::new();
-                c.buckets
-                    .iter()
-                    .for_each(|(&le, &n)| *by_row.entry(row_of(le)).or_default() += n);
-                by_row.into_values()
+            .map(|c| {
+                let mut by_row = BTreeMap::new();
+                for (&le, &n) in &c.buckets {
+                    *by_row.entry(row_of(le)).or_default() += n;
+                }
+                by_row
             })
+            .collect();
+        let max_cell = cells
+            .iter()
+            .flat_map(|c| c.values().copied())
             .max()
             .unwrap_or(1);
         let _ = writeln!(
@@ -321,12 +328,8 @@ fn draw(rec: &Recording, d: &Drawn, whole: &Report, stacks: bool) -> String {
             body,
             "<rect x=\"{LEFT}\" y=\"{top}\" width=\"{PLOT}\" height=\"{HEAT}\" class=\"frame\"/>"
         );
-        for (x, c) in cols.iter().enumerate() {
-            let mut by_row: BTreeMap<i64, u64> = BTreeMap::new();
-            for (&le, &n) in &c.buckets {
-                *by_row.entry(row_of(le)).or_default() += n;
-            }
-            for (row, n) in by_row {
+        for (x, by_row) in cells.iter().enumerate() {
+            for (&row, &n) in by_row {
                 let cy = top + HEAT - (row - lo + 1) as f64 * row_h;
                 let from = 2f64.powf(row as f64 / ROWS_PER_OCTAVE) as u64;
                 let to = 2f64.powf((row + 1) as f64 / ROWS_PER_OCTAVE) as u64;

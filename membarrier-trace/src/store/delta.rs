@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::hook::Attach;
 use crate::model::{
     Caller, ExitedRows, FLAVOURS, GpFunc, GraceSource, Losses, Maps, ProcKey, RawRow, Snapshot,
-    StackCount, StackGroup, Stacks, ThreadRow, WriterRow,
+    StackCount, StackGroup, Stacks, ThreadRow, WriterRow, hist::Histogram,
 };
 
 /// One collection's change: entries new or changed (as [`Change::since`] makes them), and the
@@ -463,73 +463,84 @@ impl Interval {
 /// them (the run's extreme moved inside it); else they are the window's histogram's bucket
 /// edges, within the run's extremes. Names, symbols and the probed functions are `to`'s.
 pub fn window(from: &Keyed, to: &Keyed) -> Keyed {
+    window_by(from, to, &Interval::between(from, to))
+}
+
+/// [`window`] with the change from `from` to `to` already in hand (`d`: a recording's own entry
+/// between two states in a row), not taken again.
+pub fn window_by(from: &Keyed, to: &Keyed, d: &Interval) -> Keyed {
     let mut w = to.clone();
-    let d = Interval::between(from, to);
-    w.rows = counted(d.rows.set, |r| r.count > 0);
-    for (k, r) in &mut w.rows {
-        let b = from.rows.get(k);
-        let (min, max) = extremes(
-            &r.hist,
-            (r.min_ns, r.max_ns),
-            b.map(|b| (b.count, b.min_ns, b.max_ns)),
-        );
-        (r.min_ns, r.max_ns) = (min, max);
-    }
-    w.writers = counted(d.writers.set, |r| r.count > 0);
-    for (k, r) in &mut w.writers {
-        let b = from.writers.get(k);
-        let (min, max) = extremes(
-            &r.hist,
-            (r.min_ns, r.max_ns),
-            b.map(|b| (b.count, b.min_ns, b.max_ns)),
-        );
-        (r.min_ns, r.max_ns) = (min, max);
-    }
-    w.ipi_cpus = counted(d.ipi_cpus.set, |c| c.0 > 0);
-    w.wakers = counted(d.wakers.set, |c| c.0 > 0);
-    w.handled = counted(d.handled.set, |h| h.0.runs > 0);
-    w.threads = counted(d.threads.set, |t| t.calls.iter().any(|&n| n > 0));
-    w.stacks = counted(d.stacks.set, |s| s.exact + s.sampled > 0);
-    w.unattributed = counted(d.unattributed.set, |c| c.0 > 0);
-    w.head.elapsed_ns = to.head.elapsed_ns.saturating_sub(from.head.elapsed_ns);
-    w.head.losses = losses_since(&to.head.losses, &from.head.losses);
+    w.rows = counted(&d.rows.set, |r| r.count > 0);
+    window_extremes(&mut w.rows, &from.rows);
+    w.writers = counted(&d.writers.set, |r| r.count > 0);
+    window_extremes(&mut w.writers, &from.writers);
+    w.ipi_cpus = counted(&d.ipi_cpus.set, |c| c.0 > 0);
+    w.wakers = counted(&d.wakers.set, |c| c.0 > 0);
+    w.handled = counted(&d.handled.set, |h| h.0.runs > 0);
+    w.threads = counted(&d.threads.set, |t| t.calls.iter().any(|&n| n > 0));
+    w.stacks = counted(&d.stacks.set, |s| s.exact + s.sampled > 0);
+    w.unattributed = counted(&d.unattributed.set, |c| c.0 > 0);
+    let (now, was) = (&to.head, &from.head);
+    w.head.elapsed_ns = now.elapsed_ns.saturating_sub(was.elapsed_ns);
+    w.head.losses = losses_since(&now.losses, &was.losses);
+    let (a, b) = (&now.exited_rows, &was.exited_rows);
     w.head.exited_rows = ExitedRows {
-        moved_at_exit: to.head.exited_rows.moved_at_exit
-            - from
-                .head
-                .exited_rows
-                .moved_at_exit
-                .min(to.head.exited_rows.moved_at_exit),
-        ring_full: to
-            .head
-            .exited_rows
-            .ring_full
-            .saturating_sub(from.head.exited_rows.ring_full),
-        summed_by_name: to
-            .head
-            .exited_rows
-            .summed_by_name
-            .saturating_sub(from.head.exited_rows.summed_by_name),
-        kept_whole: to
-            .head
-            .exited_rows
-            .kept_whole
-            .saturating_sub(from.head.exited_rows.kept_whole),
+        moved_at_exit: a.moved_at_exit.saturating_sub(b.moved_at_exit),
+        ring_full: a.ring_full.saturating_sub(b.ring_full),
+        summed_by_name: a.summed_by_name.saturating_sub(b.summed_by_name),
+        kept_whole: a.kept_whole.saturating_sub(b.kept_whole),
     };
     w
 }
 
-fn counted<K: Eq + Hash, V>(set: Vec<(K, V)>, keep: impl Fn(&V) -> bool) -> HashMap<K, V> {
-    set.into_iter().filter(|(_, v)| keep(v)).collect()
+fn counted<K: Eq + Hash + Clone, V: Clone>(
+    set: &[(K, V)],
+    keep: impl Fn(&V) -> bool,
+) -> HashMap<K, V> {
+    set.iter().filter(|(_, v)| keep(v)).cloned().collect()
+}
+
+/// A row with a latency histogram and the run's extremes: stats rows and writers' rows.
+trait Extremes {
+    /// (count, min, max) and the histogram.
+    fn figures(&self) -> (u64, u64, u64, &Histogram);
+    fn set_extremes(&mut self, min: u64, max: u64);
+}
+
+impl Extremes for RawRow {
+    fn figures(&self) -> (u64, u64, u64, &Histogram) {
+        (self.count, self.min_ns, self.max_ns, &self.hist)
+    }
+    fn set_extremes(&mut self, min: u64, max: u64) {
+        (self.min_ns, self.max_ns) = (min, max);
+    }
+}
+
+impl Extremes for WriterRow {
+    fn figures(&self) -> (u64, u64, u64, &Histogram) {
+        (self.count, self.min_ns, self.max_ns, &self.hist)
+    }
+    fn set_extremes(&mut self, min: u64, max: u64) {
+        (self.min_ns, self.max_ns) = (min, max);
+    }
+}
+
+/// Each window row's min and max (see [`extremes`]), from the same row at the window's start.
+fn window_extremes<K: Eq + Hash, V: Extremes>(rows: &mut HashMap<K, V>, from: &HashMap<K, V>) {
+    for (k, r) in rows.iter_mut() {
+        let before = from.get(k).map(|b| {
+            let (count, min, max, _) = b.figures();
+            (count, min, max)
+        });
+        let (_, min, max, hist) = r.figures();
+        let (min, max) = extremes(hist, (min, max), before);
+        r.set_extremes(min, max);
+    }
 }
 
 /// A window's (min, max) from its histogram, the run's extremes at its end, and (count, min,
 /// max) at its start.
-fn extremes(
-    hist: &crate::model::hist::Histogram,
-    now: (u64, u64),
-    before: Option<(u64, u64, u64)>,
-) -> (u64, u64) {
+fn extremes(hist: &Histogram, now: (u64, u64), before: Option<(u64, u64, u64)>) -> (u64, u64) {
     let (lo, hi) = hist.range().unwrap_or(now);
     match before {
         None | Some((0, _, _)) => now,
