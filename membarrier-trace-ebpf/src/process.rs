@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
         generated::{self as helper},
     },
     macros::{btf_tracepoint, map, tracepoint},
@@ -16,7 +16,7 @@ use membarrier_trace_common::{
 
 use crate::{
     config::{TASK_OFFSETS, filtering, following},
-    util::{add, bump, record},
+    util::{add, bump, record, task_pid},
 };
 
 /// Processes by tgid: their serial number, live tasks and whether they are traced (see `Proc`).
@@ -98,10 +98,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 #[btf_tracepoint(function = "task_newtask")]
 pub fn task_newtask_btf(ctx: BtfTracePointContext) -> i32 {
     // (task, clone_flags)
-    let task: *const u8 = ctx.arg(0);
-    let pid_at = unsafe { core::ptr::read_volatile(&TASK_OFFSETS[0]) } as usize;
-    let child = unsafe { bpf_probe_read_kernel(task.add(pid_at).cast::<u32>()) }.unwrap_or(0);
-    on_new_task(child, ctx.arg(1));
+    on_new_task(task_pid(ctx.arg(0)), ctx.arg(1));
     0
 }
 

@@ -9,7 +9,7 @@ use core::intrinsics::atomic_xadd;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::map,
     maps::{HashMap, PerCpuArray},
     programs::TracePointContext,
@@ -18,7 +18,7 @@ use membarrier_trace_common::{
     COMM_LEN, HIST_BUCKETS, Stats, WriterStats, counter, field, hist_bucket,
 };
 
-use crate::config::FIELDS;
+use crate::config::{FIELDS, TASK_OFFSETS};
 
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -33,6 +33,14 @@ pub(crate) fn bump(idx: u32) {
 #[inline(always)]
 pub(crate) fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
+}
+
+/// The pid (thread id) of the `task_struct` a BTF-typed tracepoint was given, at the offset
+/// userspace read from the kernel's BTF.
+#[inline(always)]
+pub(crate) fn task_pid(task: *const u8) -> u32 {
+    let at = unsafe { core::ptr::read_volatile(&TASK_OFFSETS[0]) } as usize;
+    unsafe { bpf_probe_read_kernel(task.add(at).cast::<u32>()) }.unwrap_or(0)
 }
 
 /// Reads the `u64` at `off` in the tracepoint record: a direct context load, which the verifier

@@ -12,3 +12,4 @@ pub mod rcu;
 mod read;
 mod retire;
 mod retired;
+mod uprobe_multi;

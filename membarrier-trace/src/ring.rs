@@ -1,7 +1,7 @@
 //! Ring buffers the kernel fills, each read by a thread of its own that wakes on new items.
 
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd, RawFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -9,6 +9,8 @@ use std::{
     thread::JoinHandle,
     time::Duration,
 };
+
+use rustix::event::{EventfdFlags, eventfd};
 
 use aya::maps::{MapData, RingBuf};
 use membarrier_trace_common::{ExitedThread, MovedProc, exited_kind};
@@ -20,48 +22,83 @@ pub fn read_as<T: Copy>(bytes: &[u8]) -> Option<T> {
         .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-/// A thread that runs `read` (which returns the items it took) whenever the ring `fd` has
-/// items, and every 100 ms, until `stop`.
-pub fn spawn(
-    name: &str,
+/// Threads that each run their `read` (which returns the items it took) whenever their ring
+/// has items, when woken ([`Readers::wake`]), and every 100 ms. Dropped, they stop at once
+/// (not at their next 100 ms), and are joined.
+#[derive(Default)]
+pub struct Readers {
     stop: Arc<AtomicBool>,
-    fd: std::os::fd::RawFd,
-    read: impl FnMut() -> usize + Send + 'static,
-) -> std::io::Result<JoinHandle<()>> {
-    spawn_paced(name, stop, fd, Duration::ZERO, read)
+    threads: Vec<(JoinHandle<()>, Arc<OwnedFd>)>,
 }
 
-/// [`spawn`], resting `pace` after each read that took items: items that come faster are
-/// taken in batches, not with a wakeup each.
-pub fn spawn_paced(
-    name: &str,
-    stop: Arc<AtomicBool>,
-    fd: std::os::fd::RawFd,
-    pace: Duration,
-    mut read: impl FnMut() -> usize + Send + 'static,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let mut pfd = libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one live pollfd; the ring (and its fd) lives in `read`, until this
-                // thread ends.
-                let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
-                // Readable with nothing to take: an item reserved but not yet submitted by a
-                // program that was preempted (PREEMPT_RT): let it finish, do not spin.
-                let took = read();
-                if took == 0 && ready > 0 {
-                    std::thread::sleep(Duration::from_millis(1));
-                } else if took > 0 && !pace.is_zero() {
-                    std::thread::sleep(pace);
+impl Readers {
+    /// A thread on the ring `fd`; see [`Readers`].
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        fd: RawFd,
+        read: impl FnMut() -> usize + Send + 'static,
+    ) -> std::io::Result<()> {
+        self.spawn_paced(name, fd, Duration::ZERO, read)
+    }
+
+    /// [`Readers::spawn`], resting `pace` after each read that took items: items that come
+    /// faster are taken in batches, not with a wakeup each.
+    pub fn spawn_paced(
+        &mut self,
+        name: &str,
+        fd: RawFd,
+        pace: Duration,
+        mut read: impl FnMut() -> usize + Send + 'static,
+    ) -> std::io::Result<()> {
+        let wake = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
+        let (stop, woken) = (self.stop.clone(), wake.clone());
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let mut pfd = [fd, woken.as_raw_fd()].map(|fd| libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                    // SAFETY: two live pollfds; the ring (and its fd) lives in `read`, the
+                    // eventfd in `woken`, until this thread ends.
+                    let ready = unsafe { libc::poll(pfd.as_mut_ptr(), 2, 100) };
+                    if pfd[1].revents != 0 {
+                        let _ = rustix::io::read(&*woken, &mut [0u8; 8]);
+                    }
+                    // Readable with nothing to take: an item reserved but not yet submitted
+                    // by a program that was preempted (PREEMPT_RT): let it finish, do not
+                    // spin.
+                    let took = read();
+                    if took == 0 && pfd[0].revents != 0 && ready > 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    } else if took > 0 && !pace.is_zero() {
+                        std::thread::sleep(pace);
+                    }
                 }
-            }
-        })
+            })?;
+        self.threads.push((thread, wake));
+        Ok(())
+    }
+
+    /// Wakes every thread now, to run its `read`.
+    pub fn wake(&self) {
+        for (_, fd) in &self.threads {
+            let _ = rustix::io::write(&**fd, &1u64.to_ne_bytes());
+        }
+    }
+}
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wake();
+        for (t, _) in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// `EXITED`, the exited processes' rows the kernel moved out at their exit and the exited
@@ -72,8 +109,7 @@ pub fn spawn_paced(
 /// does not wake it 30,000 times a second.
 pub struct ExitedRing {
     shared: Arc<Mutex<Drained>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _reader: Readers,
 }
 
 struct Drained {
@@ -114,16 +150,14 @@ impl ExitedRing {
             procs: Vec::new(),
             threads: Vec::new(),
         }));
-        let stop = Arc::new(AtomicBool::new(false));
         let s = shared.clone();
-        let pace = Duration::from_millis(5);
-        let thread = spawn_paced("exited", stop.clone(), fd, pace, move || {
+        let mut reader = Readers::default();
+        reader.spawn_paced("exited", fd, Duration::from_millis(5), move || {
             s.lock().unwrap_or_else(|e| e.into_inner()).drain()
         })?;
         Ok(Self {
             shared,
-            stop,
-            thread: Some(thread),
+            _reader: reader,
         })
     }
 
@@ -141,14 +175,5 @@ impl ExitedRing {
         let mut d = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         d.drain();
         std::mem::take(&mut d.threads)
-    }
-}
-
-impl Drop for ExitedRing {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }

@@ -465,6 +465,80 @@ fn attach_ms(p: &Paths) -> Result<f64> {
     Ok(ms)
 }
 
+/// Runs of each configuration in the start-to-exit benchmark.
+const START_STOP_RUNS: usize = 9;
+/// Its configurations: the default, and without the parts that attach the most.
+const START_STOP: &[(&str, &[&str])] = &[
+    ("default", &[]),
+    ("--no-rcu", &["--no-rcu"]),
+    ("--no-breakdown --no-rcu", &["--no-breakdown", "--no-rcu"]),
+];
+
+/// One `membarrier-trace -d 0.05 -o json ARGS` on an idle box, system-wide: seconds from the
+/// spawn to its "tracing ..." line (attached), and from there to its exit.
+fn start_stop_once(p: &Paths, args: &[&str]) -> Result<(f64, f64)> {
+    let start = Instant::now();
+    let mut t = Command::new(&p.tracer)
+        .args(["-d", "0.05", "-o", "json"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut attached = None;
+    for line in BufReader::new(t.stderr.take().context("stderr")?).lines() {
+        if attached.is_none() && line?.contains(": tracing ") {
+            attached = Some(start.elapsed().as_secs_f64());
+        }
+    }
+    let status = t.wait()?;
+    let total = start.elapsed().as_secs_f64();
+    anyhow::ensure!(status.success(), "membarrier-trace {args:?}: {status}");
+    let attached = attached.context("no \"tracing\" line")?;
+    Ok((attached, total - attached))
+}
+
+/// Medians of [`START_STOP_RUNS`] of each configuration, in rounds (one run of each per round,
+/// so a noisy moment hits all alike): (name, start to attached, attached to exit, total) in
+/// seconds.
+fn start_stop_medians(p: &Paths) -> Result<Vec<(&'static str, f64, f64, f64)>> {
+    let mut runs = vec![Vec::new(); START_STOP.len()];
+    for _ in 0..START_STOP_RUNS {
+        for (i, (_, args)) in START_STOP.iter().enumerate() {
+            runs[i].push(start_stop_once(p, args)?);
+        }
+    }
+    Ok(START_STOP
+        .iter()
+        .zip(runs)
+        .map(|((name, _), r)| {
+            let start = median(r.iter().map(|x| x.0).collect());
+            let stop = median(r.iter().map(|x| x.1).collect());
+            let total = median(r.iter().map(|x| x.0 + x.1).collect());
+            (*name, start, stop, total)
+        })
+        .collect())
+}
+
+fn print_start_stop(m: &[(&str, f64, f64, f64)]) {
+    println!(
+        "start to exit of `membarrier-trace -d 0.05 -o json`, median of {START_STOP_RUNS} (target: default at most 500 ms):"
+    );
+    for (name, start, stop, total) in m {
+        println!(
+            "  {name:<26} {:>4.0} ms = start to attached {:>4.0} + the 50 ms run and the stop {:>4.0}",
+            total * 1e3,
+            start * 1e3,
+            stop * 1e3
+        );
+    }
+}
+
+/// `cargo xtask bench startstop`.
+pub fn start_stop(root: &Path) -> Result<()> {
+    print_start_stop(&start_stop_medians(&Paths::new(root)?)?);
+    Ok(())
+}
+
 /// The eBPF programs' own run time, from the kernel's BPF stats, during one loop of
 /// PRIVATE_EXPEDITED calls traced by the tracer with `args`: ns per call of every program that
 /// ran (the sched probes too), and ns per run of the hook's two programs (those that ran once
@@ -774,6 +848,8 @@ pub fn bench(root: &Path, rounds: usize) -> Result<()> {
     println!(
         "time to attach (start to first counted call), median of 5: {attach:.0} ms (target < 300)"
     );
+    let start_stop = start_stop_medians(&p)?;
+    print_start_stop(&start_stop);
     let (progs, hook_runs) = program_ns(&p, &[])?;
     let (_, floor_runs) = program_ns(&p, &["--hook-floor"])?;
     let runs_text = |v: &[f64]| {
@@ -800,6 +876,9 @@ pub fn bench(root: &Path, rounds: usize) -> Result<()> {
         "tracer_json": json_cost,
         "tracer_dashboard": tui_cost,
         "attach_ms": attach,
+        "start_to_exit_s": start_stop.iter().map(|(name, start, stop, total)| json!({
+            "options": name, "attached": start, "stop": stop, "total": total,
+        })).collect::<Vec<_>>(),
         "recording": rec,
         "program_ns_per_call": progs,
         "hook_program_ns_per_run": hook_runs,

@@ -48,7 +48,8 @@ const USAGE: &str = "usage: cargo xtask <command>
   clippy           cargo clippy -D warnings on every crate
   bench [ROUNDS]   what tracing costs, against the untraced baseline (as root; default 5 rounds)
   bench programs   only the hook programs' run time per call (kernel.bpf_stats_enabled), 5 times
-  bench recording  only what `record` costs beside the plain tracer, and its bytes an hour";
+  bench recording  only what `record` costs beside the plain tracer, and its bytes an hour
+  bench startstop  only the time from start to exit of `-d 0.05 -o json`, and where it goes";
 
 fn main() -> ExitCode {
     match run() {
@@ -127,6 +128,10 @@ fn run() -> Result<ExitCode> {
             }
             if rest.first().map(String::as_str) == Some("recording") {
                 bench::recording(&root)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if rest.first().map(String::as_str) == Some("startstop") {
+                bench::start_stop(&root)?;
                 return Ok(ExitCode::SUCCESS);
             }
             let rounds = rest.first().map(|r| r.parse()).transpose()?.unwrap_or(5);

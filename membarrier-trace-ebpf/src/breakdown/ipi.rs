@@ -7,9 +7,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
         bpf_probe_read_kernel,
     },
-    macros::{fentry, fexit, map, tracepoint},
+    macros::{fentry, fexit, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, PerCpuArray},
-    programs::{FEntryContext, FExitContext, TracePointContext},
+    programs::{FEntryContext, FExitContext, RawTracePointContext, TracePointContext},
 };
 use membarrier_trace_common::{
     COMM_LEN, CallKey, CpuKey, Handled, HandlerKey, Inflight, MAX_CPU_ROWS, MAX_CSDS, MAX_WAKERS,
@@ -77,51 +77,92 @@ pub(crate) fn membarrier_func(func: u64) -> bool {
 /// 6.6, not membarrier's. Also remembers whose the csd is, for the handler time.
 #[tracepoint]
 pub fn csd_queue_cpu(ctx: TracePointContext) -> u32 {
+    queued(
+        record::<u32>(&ctx, field::CSD_QUEUE_CPU_CPU),
+        record::<u64>(&ctx, field::CSD_QUEUE_CPU_FUNC),
+        record::<u64>(&ctx, field::CSD_QUEUE_CPU_CSD),
+    );
+    0
+}
+
+#[tracepoint]
+pub fn csd_function_entry(ctx: TracePointContext) -> u32 {
+    handler_entry(
+        record::<u64>(&ctx, field::CSD_FUNCTION_ENTRY_FUNC),
+        record::<u64>(&ctx, field::CSD_FUNCTION_ENTRY_CSD),
+    );
+    0
+}
+
+#[tracepoint]
+pub fn csd_function_exit(ctx: TracePointContext) -> u32 {
+    handler_exit(record::<u64>(&ctx, field::CSD_FUNCTION_EXIT_CSD));
+    0
+}
+
+// The same as raw tracepoints, tried first (see breakdown/sched.rs). Not BTF-typed: tp_btf
+// refuses to read an argument that points to a function (`func`).
+
+/// [`csd_queue_cpu`]: (cpu, callsite, func, csd).
+#[raw_tracepoint(tracepoint = "csd_queue_cpu")]
+pub fn csd_queue_cpu_raw(ctx: RawTracePointContext) -> i32 {
+    let cpu: u64 = ctx.arg(0);
+    queued(cpu as u32, ctx.arg(2), ctx.arg(3));
+    0
+}
+
+/// [`csd_function_entry`]: (func, csd).
+#[raw_tracepoint(tracepoint = "csd_function_entry")]
+pub fn csd_function_entry_raw(ctx: RawTracePointContext) -> i32 {
+    handler_entry(ctx.arg(0), ctx.arg(1));
+    0
+}
+
+/// [`csd_function_exit`]: (func, csd).
+#[raw_tracepoint(tracepoint = "csd_function_exit")]
+pub fn csd_function_exit_raw(ctx: RawTracePointContext) -> i32 {
+    handler_exit(ctx.arg(1));
+    0
+}
+
+#[inline(always)]
+fn queued(cpu: u32, func: u64, csd: u64) {
     let Some(caller) = inside(current_tid()) else {
-        return 0;
+        return;
     };
-    if !membarrier_func(record::<u64>(&ctx, field::CSD_QUEUE_CPU_FUNC)) {
-        return 0;
+    if !membarrier_func(func) {
+        return;
     }
-    ipi_sent(caller, record::<u32>(&ctx, field::CSD_QUEUE_CPU_CPU));
+    ipi_sent(caller, cpu);
     let owner = CallKey {
         tgid: caller.tgid,
         serial: caller.serial,
         cmd: caller.cmd,
         flags: caller.flags,
     };
-    if CSD_OWNER
-        .insert(&record::<u64>(&ctx, field::CSD_QUEUE_CPU_CSD), &owner, 0)
-        .is_err()
-    {
+    if CSD_OWNER.insert(&csd, &owner, 0).is_err() {
         bump(counter::DROPPED_DETAIL);
     }
-    0
 }
 
-#[tracepoint]
-pub fn csd_function_entry(ctx: TracePointContext) -> u32 {
-    if !membarrier_func(record::<u64>(&ctx, field::CSD_FUNCTION_ENTRY_FUNC)) {
-        return 0;
-    }
-    let csd = record::<u64>(&ctx, field::CSD_FUNCTION_ENTRY_CSD);
-    if CSD_OWNER.get_ptr(&csd).is_none() {
-        return 0;
+#[inline(always)]
+fn handler_entry(func: u64, csd: u64) {
+    if !membarrier_func(func) || CSD_OWNER.get_ptr(&csd).is_none() {
+        return;
     }
     if let Some(start) = HANDLER_START.get_ptr_mut(0) {
         unsafe { *start = [now(), csd] };
     }
-    0
 }
 
-#[tracepoint]
-pub fn csd_function_exit(ctx: TracePointContext) -> u32 {
+#[inline(always)]
+fn handler_exit(csd: u64) {
     let Some(start) = HANDLER_START.get_ptr_mut(0) else {
-        return 0;
+        return;
     };
-    let [since, csd] = unsafe { *start };
-    if since == 0 || csd != record::<u64>(&ctx, field::CSD_FUNCTION_EXIT_CSD) {
-        return 0;
+    let [since, at] = unsafe { *start };
+    if since == 0 || at != csd {
+        return;
     }
     unsafe { *start = [0, 0] };
     let ns = now().wrapping_sub(since);
@@ -131,7 +172,6 @@ pub fn csd_function_exit(ctx: TracePointContext) -> u32 {
         let _ = CSD_OWNER.remove(&csd);
         handled(&owner, ns);
     }
-    0
 }
 
 /// Kernels without the ipi/csd tracepoints (before 6.6): the cross-call functions membarrier

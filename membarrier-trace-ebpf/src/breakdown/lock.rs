@@ -4,8 +4,11 @@
 //! from an interrupt that happens to land in the call (the scheduler tick on a runqueue lock)
 //! or from the tracer's own map locks as from the call.
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use membarrier_trace_common::field;
+use aya_ebpf::{
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use membarrier_trace_common::{Inflight, field};
 
 use crate::{
     call::inside,
@@ -27,21 +30,47 @@ pub fn contention_begin(ctx: TracePointContext) -> u32 {
         // counts.
         let off = unsafe { core::ptr::read_volatile(&FIELDS[field::LOCK_CONTENTION_BEGIN_FLAGS]) };
         let flags = unsafe { ctx.read_at::<u32>(off as usize) }.unwrap_or(0);
-        if flags & (LCB_F_SPIN | LCB_F_MUTEX) == LCB_F_SPIN {
-            return 0;
-        }
-        caller.lock_since_ns = now();
+        begin(caller, flags);
     }
     0
 }
 
+/// [`contention_begin`] as a BTF-typed raw tracepoint (see sched.rs): (lock, flags).
+#[btf_tracepoint(function = "contention_begin")]
+pub fn contention_begin_btf(ctx: BtfTracePointContext) -> i32 {
+    if let Some(caller) = inside(current_tid()) {
+        let flags: u64 = ctx.arg(1);
+        begin(caller, flags as u32);
+    }
+    0
+}
+
+#[inline(always)]
+fn begin(caller: &mut Inflight, flags: u32) {
+    if flags & (LCB_F_SPIN | LCB_F_MUTEX) != LCB_F_SPIN {
+        caller.lock_since_ns = now();
+    }
+}
+
 #[tracepoint]
 pub fn contention_end(_ctx: TracePointContext) -> u32 {
+    end();
+    0
+}
+
+/// [`contention_end`] as a BTF-typed raw tracepoint.
+#[btf_tracepoint(function = "contention_end")]
+pub fn contention_end_btf(_ctx: BtfTracePointContext) -> i32 {
+    end();
+    0
+}
+
+#[inline(always)]
+fn end() {
     if let Some(caller) = inside(current_tid())
         && caller.lock_since_ns != 0
     {
         caller.mutex_wait_ns += now().wrapping_sub(caller.lock_since_ns);
         caller.lock_since_ns = 0;
     }
-    0
 }

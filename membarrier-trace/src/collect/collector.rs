@@ -3,7 +3,7 @@
 //! and detaches them. Reading the maps is [`super::read`]'s, retiring exited processes
 //! [`super::retire`]'s (into [`super::retired`]): both are `impl Collector` blocks of their own.
 
-use std::{collections::HashMap, path::Path, time::Instant};
+use std::{collections::HashMap, os::fd::AsFd as _, path::Path, time::Instant};
 
 use anyhow::{Context as _, Result};
 use aya::{
@@ -30,6 +30,7 @@ use super::{
     maps::MapSizes,
     probes::*,
     retired::{ExitedThreads, Retired},
+    uprobe_multi,
 };
 
 pub(super) static EBPF_OBJECT: &[u8] =
@@ -137,9 +138,11 @@ pub(super) fn field_offsets(tracefs: &Path) -> [u32; field::COUNT] {
     let mut out = field::mainline();
     let probes = BREAKDOWN
         .iter()
-        .flat_map(|(_, ways)| ways.iter().copied().flatten())
+        .flat_map(|(_, ways)| ways.iter())
         .chain(SCHED_SWITCH)
-        .chain(PROCESS);
+        .chain(PROCESS)
+        .copied()
+        .flatten();
     for p in probes {
         if let At::Tracepoint {
             category,
@@ -159,9 +162,16 @@ pub(super) fn field_offsets(tracefs: &Path) -> [u32; field::COUNT] {
 
 /// Addresses of membarrier's IPI callbacks, from /proc/kallsyms (0 where not found or hidden).
 pub(super) fn ipi_funcs() -> [u64; 4] {
-    let syms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+    use std::io::BufRead as _;
     let mut out = [0u64; 4];
-    for line in syms.lines() {
+    let Ok(file) = std::fs::File::open("/proc/kallsyms") else {
+        return out;
+    };
+    // Read only as far as the four (about a seventh of the file, in address order): the
+    // kernel formats each line as it is read, 70 ms of system time for the whole of it here.
+    let mut found = 0;
+    for line in std::io::BufReader::with_capacity(1 << 16, file).lines() {
+        let Ok(line) = line else { break };
         let mut parts = line.split_whitespace();
         let (Some(addr), Some(_), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
             continue;
@@ -173,7 +183,13 @@ pub(super) fn ipi_funcs() -> [u64; 4] {
             "ipi_sync_rq_state" => 3,
             _ => continue,
         };
+        if out[i] == 0 {
+            found += 1;
+        }
         out[i] = u64::from_str_radix(addr, 16).unwrap_or(0);
+        if found == out.len() {
+            break;
+        }
     }
     // One of the barriers' callbacks missing (or all hidden by kptr_restrict) would drop its
     // IPIs: then count every csd queued from inside membarrier instead. Registration's may
@@ -249,8 +265,28 @@ impl Collector {
     pub fn load(tracefs: &Path, opts: &Options) -> Result<Self> {
         raise_memlock();
         let sizes = MapSizes::of_this_machine();
-        let task = crate::collect::btf::task_offsets();
-        let mut ebpf = load_object(tracefs, opts, &sizes, task)?;
+        // The IPI callbacks' addresses beside task_struct's offsets. (Parsing the kernel's BTF
+        // for the typed programs here too, beside aya's own parse in EbpfLoader::new, made the
+        // start slower on two CPUs: both allocate hard, through one allocator.)
+        let (task, funcs) = std::thread::scope(|s| {
+            let funcs = s.spawn(ipi_funcs);
+            let task = crate::collect::btf::task_offsets();
+            (task, funcs.join().unwrap_or_default())
+        });
+        let mut ebpf = load_object(tracefs, opts, &sizes, task, funcs)?;
+        let mut btf = None;
+        // Before any map is taken out of `ebpf`: the programs' relocations name them all.
+        // (The environment variable is the tests' way to the perf-event uprobes of kernels
+        // before 6.6.)
+        let multi = if opts.rcu && std::env::var_os("MEMBARRIER_TRACE_NO_UPROBE_MULTI").is_none() {
+            uprobe_multi::map_fds(&ebpf)
+                .and_then(|maps| {
+                    uprobe_multi::load(object(opts), &maps, &mut btf, "rcu_gp_enter", "rcu_gp_exit")
+                })
+                .ok()
+        } else {
+            None
+        };
         let stats = take(&mut ebpf, "STATS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
         let inflight = take(&mut ebpf, "INFLIGHT")?;
@@ -274,7 +310,7 @@ impl Collector {
             None
         };
         let writers = if opts.rcu {
-            Some(Writers::load(&mut ebpf, opts.rcu_funcs.clone())?)
+            Some(Writers::new(opts.rcu_funcs.clone(), multi))
         } else {
             None
         };
@@ -330,7 +366,7 @@ impl Collector {
             retired: Retired::default(),
             started: Instant::now(),
             tracefs: tracefs.to_path_buf(),
-            btf: None,
+            btf,
             grace_source: GraceSource::None,
             breakdown: opts.breakdown,
             hook_floor: opts.hook_floor,
@@ -361,7 +397,26 @@ impl Collector {
     }
 
     pub(super) fn attach_all(&mut self, probes: &[Probe]) -> Result<()> {
+        if !self.task_offsets_known
+            && probes
+                .iter()
+                .any(|p| matches!(p.at, At::BtfTracepoint { task: true, .. }))
+        {
+            anyhow::bail!("the kernel's BTF gives no task_struct offsets");
+        }
         attach_all(&mut self.ebpf, &self.tracefs, &mut self.btf, probes)
+    }
+
+    /// Attaches the first of `ways` the kernel allows; else the reasons each was refused.
+    pub(super) fn attach_first(&mut self, ways: Ways) -> Result<(), String> {
+        let mut why = Vec::new();
+        for probes in ways {
+            match self.attach_all(probes) {
+                Ok(()) => return Ok(()),
+                Err(e) => why.push(format!("{e:#}")),
+            }
+        }
+        Err(why.join("; "))
     }
 
     /// Where the grace-period figures come from: fentry on synchronize_rcu* where the kernel
@@ -389,7 +444,7 @@ impl Collector {
             }
             Err(e) => format!("{e:#}"),
         };
-        match self.attach_all(SCHED_SWITCH) {
+        match self.attach_first(SCHED_SWITCH) {
             Ok(()) => (
                 GraceSource::Sched,
                 Some(format!(
@@ -398,9 +453,7 @@ impl Collector {
             ),
             Err(e) => (
                 GraceSource::None,
-                Some(format!(
-                    "no grace-period figures: {why}; sched_switch: {e:#}"
-                )),
+                Some(format!("no grace-period figures: {why}; sched_switch: {e}")),
             ),
         }
     }
@@ -412,18 +465,8 @@ impl Collector {
         self.grace_source = source;
         let mut notes: Vec<String> = note.into_iter().collect();
         for (what, ways) in BREAKDOWN {
-            let mut why = Vec::new();
-            for probes in *ways {
-                match self.attach_all(probes) {
-                    Ok(()) => {
-                        why.clear();
-                        break;
-                    }
-                    Err(e) => why.push(format!("{e:#}")),
-                }
-            }
-            if !why.is_empty() {
-                notes.push(format!("no {what} figures: {}", why.join("; ")));
+            if let Err(why) = self.attach_first(ways) {
+                notes.push(format!("no {what} figures: {why}"));
             }
         }
         notes
@@ -448,9 +491,8 @@ impl Collector {
         }
         // Before the hook: every slot it makes is freed at its thread's exit, and every process
         // created from here on has its serial number.
-        if !self.task_offsets_known || self.attach_all(PROCESS_BTF).is_err() {
-            self.attach_all(PROCESS)?;
-        }
+        self.attach_first(PROCESS)
+            .map_err(|why| anyhow::anyhow!("tracking processes: {why}"))?;
         self.attach_writers(&mut notes)?;
         self.hook = self.attach_hook(&mut notes)?;
         self.control
@@ -494,8 +536,8 @@ impl Collector {
             return;
         }
         self.writers_off_cpu = true;
-        if let Err(e) = self.attach_all(SCHED_SWITCH_WRITERS) {
-            notes.push(format!("no off-CPU time inside grace periods: {e:#}"));
+        if let Err(why) = self.attach_first(SCHED_SWITCH_WRITERS) {
+            notes.push(format!("no off-CPU time inside grace periods: {why}"));
         }
     }
 
@@ -574,10 +616,13 @@ impl Collector {
     /// How often the kernel skipped the attached programs: (the hook's, the others').
     pub(super) fn runs_skipped(&self) -> Result<(u64, u64)> {
         let (mut hook, mut probes) = (0, 0);
+        for fd in self.writers.iter().flat_map(Writers::multi_programs) {
+            probes += recursion_misses(fd)?;
+        }
         for (name, p) in self.ebpf.programs() {
             // Loaded: attached (a program that failed to attach is unloaded again).
-            if p.fd().is_ok() {
-                let n = recursion_misses(p)?;
+            if let Ok(fd) = p.fd() {
+                let n = recursion_misses(fd.as_fd())?;
                 if name == self.hook.enter || name == self.hook.exit {
                     hook += n;
                 } else {
@@ -593,9 +638,17 @@ impl Collector {
         // Each detach waits in the kernel for a grace period (RCU-tasks for fentry, tasks-trace
         // for tracepoints on recent 6.1 kernels): seconds each on PREEMPT_RT under load. From
         // a thread per program the waits overlap instead of adding up.
+        let links = self
+            .writers
+            .as_mut()
+            .map(|w| std::mem::take(&mut w.links))
+            .unwrap_or_default();
         std::thread::scope(|s| {
             for (_, p) in self.ebpf.programs_mut() {
                 s.spawn(move || unload_program(p));
+            }
+            for link in links {
+                s.spawn(move || drop(link));
             }
         });
     }
@@ -611,9 +664,9 @@ fn load_object(
     opts: &Options,
     sizes: &MapSizes,
     task: Option<crate::collect::btf::TaskOffsets>,
+    funcs: [u64; 4],
 ) -> Result<Ebpf> {
     let filter = u8::from(!opts.pids.is_empty() || opts.follow_forks);
-    let funcs = ipi_funcs();
     let task_offsets = task.map_or([0; 3], |t| [t.pid, t.group_leader, t.comm]);
     EbpfLoader::new()
         .map_max_entries("STATS", sizes.stats)
@@ -639,10 +692,15 @@ fn load_object(
         .map_max_entries("KSTACKS", if opts.stacks { MAX_KSTACKS } else { 1 })
         // With --stacks no rows are moved at exit (their stacks stay with userspace).
         .map_max_entries("EXITED", if opts.stacks { 4096 } else { EXITED_RING_BYTES })
-        .load(if opts.kernel.cmpxchg {
-            EBPF_OBJECT
-        } else {
-            EBPF_OBJECT_NO_CMPXCHG
-        })
+        .load(object(opts))
         .context("loading the eBPF object")
+}
+
+/// The eBPF object for this kernel.
+fn object(opts: &Options) -> &'static [u8] {
+    if opts.kernel.cmpxchg {
+        EBPF_OBJECT
+    } else {
+        EBPF_OBJECT_NO_CMPXCHG
+    }
 }

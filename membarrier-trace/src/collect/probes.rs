@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf,
-    programs::{BtfTracePoint, FEntry, FExit, Program, ProgramError, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, Program, ProgramError, RawTracePoint, TracePoint},
 };
 use membarrier_trace_common::field;
 
@@ -33,8 +33,11 @@ pub(super) enum At {
     },
     /// fentry, or with `exit` fexit, on a kernel function.
     Btf { func: &'static str, exit: bool },
-    /// The BTF-typed raw tracepoint `tp` (tp_btf).
-    BtfTracepoint { tp: &'static str },
+    /// The raw tracepoint `tp`: its arguments untyped (no BTF needed).
+    RawTracepoint { tp: &'static str },
+    /// The BTF-typed raw tracepoint `tp` (tp_btf); `task`: the program reads a task's pid at
+    /// the offset from the kernel's BTF (TASK_OFFSETS), so needs it known.
+    BtfTracepoint { tp: &'static str, task: bool },
 }
 
 /// The record fields a tracepoint program reads, by name.
@@ -59,6 +62,30 @@ impl Probe {
                 name: prog,
                 fields: Fields::Loaded(fields),
             },
+        }
+    }
+
+    /// The raw tracepoint `tp`.
+    pub(super) const fn raw_tp(prog: &'static str, tp: &'static str) -> Self {
+        Self {
+            prog,
+            at: At::RawTracepoint { tp },
+        }
+    }
+
+    /// The BTF-typed raw tracepoint `tp` (tp_btf), whose program reads no task.
+    pub(super) const fn tp_btf(prog: &'static str, tp: &'static str) -> Self {
+        Self {
+            prog,
+            at: At::BtfTracepoint { tp, task: false },
+        }
+    }
+
+    /// [`Probe::tp_btf`] for a program that reads a task's pid from its arguments.
+    pub(super) const fn tp_btf_task(prog: &'static str, tp: &'static str) -> Self {
+        Self {
+            prog,
+            at: At::BtfTracepoint { tp, task: true },
         }
     }
 
@@ -112,75 +139,80 @@ impl Probe {
             Kind::BtfTracepoint {
                 enter: enter_tp,
                 exit: exit_tp,
-            } => [
-                Probe {
-                    prog: exit,
-                    at: At::BtfTracepoint { tp: exit_tp },
-                },
-                Probe {
-                    prog: enter,
-                    at: At::BtfTracepoint { tp: enter_tp },
-                },
-            ],
+            } => [Probe::tp_btf(exit, exit_tp), Probe::tp_btf(enter, enter_tp)],
         }
     }
 }
 
-/// What keeps the process table (serial numbers, live tasks, the filter, in-flight slots).
-pub(super) const PROCESS: &[Probe] = &[
-    Probe::tp(
-        "task",
-        "task_newtask",
-        &[
-            ("pid", field::TASK_NEWTASK_PID),
-            ("clone_flags", field::TASK_NEWTASK_CLONE_FLAGS),
-        ],
-    ),
-    Probe::tp("sched", "sched_process_exit", &[]),
+/// What keeps the process table (serial numbers, live tasks, the filter, in-flight slots),
+/// each way tried in turn. First the BTF-typed raw tracepoints, where the kernel's BTF gives
+/// the offsets they read: not skipped while a map syscall holds `bpf_prog_active` (a classic
+/// tracepoint program is, uncounted before 6.7), so no exit goes unseen.
+pub(super) const PROCESS: Ways = &[
+    &[
+        Probe::tp_btf_task("task_newtask_btf", "task_newtask"),
+        Probe::tp_btf("sched_process_exit_btf", "sched_process_exit"),
+    ],
+    &[
+        Probe::tp(
+            "task",
+            "task_newtask",
+            &[
+                ("pid", field::TASK_NEWTASK_PID),
+                ("clone_flags", field::TASK_NEWTASK_CLONE_FLAGS),
+            ],
+        ),
+        Probe::tp("sched", "sched_process_exit", &[]),
+    ],
 ];
 
-/// The same as BTF-typed raw tracepoints, tried first where the kernel's BTF gives the offsets
-/// they read: not skipped while a map syscall holds `bpf_prog_active` (a classic tracepoint
-/// program is, uncounted before 6.7), so no exit goes unseen.
-pub(super) const PROCESS_BTF: &[Probe] = &[
-    Probe {
-        prog: "task_newtask_btf",
-        at: At::BtfTracepoint { tp: "task_newtask" },
-    },
-    Probe {
-        prog: "sched_process_exit_btf",
-        at: At::BtfTracepoint {
-            tp: "sched_process_exit",
-        },
-    },
-];
+/// A figure's ways of being measured, best first: a way's probes attach all together or not
+/// at all. Where both exist, a raw tracepoint (BTF-typed or not) comes before the classic
+/// tracepoint: it costs less per event (no record is built), and detaches at once, where each
+/// classic one waits for grace periods under the kernel's event_mutex (about 40 ms each here,
+/// one after another, at every stop).
+pub(super) type Ways = &'static [&'static [Probe]];
 
 /// The grace period where fentry on synchronize_rcu is refused: off-CPU time inside the call
 /// (and inside userspace grace periods).
-pub(super) const SCHED_SWITCH: &[Probe] = &[Probe::tp(
-    "sched",
-    "sched_switch",
-    &[("next_pid", field::SCHED_SWITCH_NEXT_PID)],
-)];
+pub(super) const SCHED_SWITCH: Ways = &[
+    &[Probe::tp_btf_task("sched_switch_btf", "sched_switch")],
+    &[Probe::tp(
+        "sched",
+        "sched_switch",
+        &[("next_pid", field::SCHED_SWITCH_NEXT_PID)],
+    )],
+];
 
 /// Off-CPU time inside userspace grace periods only, beside fentry on synchronize_rcu.
-pub(super) const SCHED_SWITCH_WRITERS: &[Probe] = &[Probe {
-    prog: "sched_switch_writers",
-    at: At::Tracepoint {
-        category: "sched",
-        name: "sched_switch",
-        fields: Fields::Loaded(&[("next_pid", field::SCHED_SWITCH_NEXT_PID)]),
-    },
-}];
+pub(super) const SCHED_SWITCH_WRITERS: Ways = &[
+    &[Probe::tp_btf_task(
+        "sched_switch_writers_btf",
+        "sched_switch",
+    )],
+    &[Probe {
+        prog: "sched_switch_writers",
+        at: At::Tracepoint {
+            category: "sched",
+            name: "sched_switch",
+            fields: Fields::Loaded(&[("next_pid", field::SCHED_SWITCH_NEXT_PID)]),
+        },
+    }],
+];
 
 /// The probes behind the per-call breakdown. Each group is one figure with its ways of getting
 /// it, best first; a way's probes attach all together or not at all. What the kernel lacks is
 /// left out (its figures stay 0) and the user is told.
-pub(super) const BREAKDOWN: &[(&str, &[&[Probe]])] = &[
+pub(super) const BREAKDOWN: &[(&str, Ways)] = &[
     (
         "IPI fan-out and handler time",
         &[
             // 6.6 and later.
+            &[
+                Probe::raw_tp("csd_queue_cpu_raw", "csd_queue_cpu"),
+                Probe::raw_tp("csd_function_entry_raw", "csd_function_entry"),
+                Probe::raw_tp("csd_function_exit_raw", "csd_function_exit"),
+            ],
             &[
                 Probe::tp(
                     "csd",
@@ -226,22 +258,31 @@ pub(super) const BREAKDOWN: &[(&str, &[&[Probe]])] = &[
     ),
     (
         "mutex wait",
-        &[&[
-            Probe::tp(
-                "lock",
-                "contention_begin",
-                &[("flags", field::LOCK_CONTENTION_BEGIN_FLAGS)],
-            ),
-            Probe::tp("lock", "contention_end", &[]),
-        ]],
+        &[
+            &[
+                Probe::tp_btf("contention_begin_btf", "contention_begin"),
+                Probe::tp_btf("contention_end_btf", "contention_end"),
+            ],
+            &[
+                Probe::tp(
+                    "lock",
+                    "contention_begin",
+                    &[("flags", field::LOCK_CONTENTION_BEGIN_FLAGS)],
+                ),
+                Probe::tp("lock", "contention_end", &[]),
+            ],
+        ],
     ),
     (
         "waker",
-        &[&[Probe::tp(
-            "sched",
-            "sched_waking",
-            &[("pid", field::SCHED_WAKING_PID)],
-        )]],
+        &[
+            &[Probe::tp_btf_task("sched_waking_btf", "sched_waking")],
+            &[Probe::tp(
+                "sched",
+                "sched_waking",
+                &[("pid", field::SCHED_WAKING_PID)],
+            )],
+        ],
     ),
 ];
 
@@ -287,7 +328,14 @@ pub(super) fn attach_probe(
             tp.attach(category, name)
                 .with_context(|| format!("attaching to {category}:{name}"))?;
         }
-        At::BtfTracepoint { tp } => {
+        At::RawTracepoint { tp } => {
+            let name = p.prog;
+            let p: &mut RawTracePoint = prog.try_into()?;
+            p.load().map_err(|e| load_error(name, e))?;
+            p.attach(tp)
+                .with_context(|| format!("attaching to the raw tracepoint {tp}"))?;
+        }
+        At::BtfTracepoint { tp, .. } => {
             let btf = kernel_btf(btf)?;
             let name = p.prog;
             let p: &mut BtfTracePoint = prog.try_into()?;
@@ -380,6 +428,7 @@ pub(super) fn unload_program(p: &mut Program) {
         Program::FExit(p) => p.unload(),
         Program::BtfTracePoint(p) => p.unload(),
         Program::UProbe(p) => p.unload(),
+        Program::RawTracePoint(p) => p.unload(),
         _ => Ok(()),
     };
 }
@@ -411,8 +460,8 @@ pub(super) fn load_error(prog: &str, e: ProgramError) -> anyhow::Error {
 
 /// How often the kernel skipped `prog` because another BPF program was running on that CPU
 /// (`recursion_misses` in `bpf_prog_info`; aya does not expose it).
-pub(super) fn recursion_misses(prog: &Program) -> Result<u64> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
+pub(super) fn recursion_misses(prog: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
+    use std::os::fd::AsRawFd as _;
     // struct bpf_prog_info up to and including recursion_misses (at offset 208).
     const INFO_LEN: usize = 216;
     const RECURSION_MISSES_OFF: usize = 208;
@@ -423,7 +472,7 @@ pub(super) fn recursion_misses(prog: &Program) -> Result<u64> {
         info_len: u32,
         info: u64,
     }
-    let fd = prog.fd()?.as_fd().as_raw_fd();
+    let fd = prog.as_raw_fd();
     let mut info = [0u8; INFO_LEN];
     let mut attr = GetInfo {
         bpf_fd: fd as u32,

@@ -6,7 +6,10 @@
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    os::{
+        fd::{AsFd as _, AsRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -18,8 +21,9 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
-use object::{Object as _, ObjectSymbol as _};
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 
+use super::uprobe_multi;
 use crate::model::GpFunc;
 
 /// liburcu's grace-period functions: the names since 0.11 (`urcu_<flavour>_`), then the older
@@ -69,9 +73,22 @@ impl std::str::FromStr for CustomFunc {
     }
 }
 
-/// The grace-period functions in the ELF `file`, as (symbol, flavour): one name per address
+/// A function to probe in a file.
+struct Func {
+    symbol: String,
+    flavour: &'static str,
+    /// Where its code is in the file (uprobes are placed by file offset).
+    offset: u64,
+}
+
+/// liburcu's grace-period functions, with their flavours.
+fn liburcu(name: &str) -> Option<&'static str> {
+    LIBURCU.iter().find(|(n, _)| *n == name).map(|&(_, f)| f)
+}
+
+/// The functions `wanted` names (with a flavour) in the ELF `file`: one name per address
 /// (liburcu exports some under two names).
-fn find_in(file: &File) -> Vec<(String, &'static str)> {
+fn find_in(file: &File, wanted: impl Fn(&str) -> Option<&'static str>) -> Vec<Func> {
     // Read as needed: executables can be hundreds of MiB, their symbol tables are not.
     let cache = object::ReadCache::new(file);
     let Ok(obj) = object::File::parse(&cache) else {
@@ -84,10 +101,22 @@ fn find_in(file: &File) -> Vec<(String, &'static str)> {
             continue;
         }
         let Ok(name) = sym.name() else { continue };
-        if let Some(&(_, flavour)) = LIBURCU.iter().find(|(n, _)| *n == name)
+        let Some(flavour) = wanted(name) else {
+            continue;
+        };
+        // The file offset: the symbol's place in its section, from the section's start.
+        let offset = sym
+            .section_index()
+            .and_then(|i| obj.section_by_index(i).ok())
+            .and_then(|sec| Some(sec.file_range()?.0 + sym.address().checked_sub(sec.address())?));
+        if let Some(offset) = offset
             && seen.insert(sym.address())
         {
-            found.push((name.to_string(), flavour));
+            found.push(Func {
+                symbol: name.to_string(),
+                flavour,
+                offset,
+            });
         }
     }
     found
@@ -98,28 +127,45 @@ pub struct Writers {
     pub funcs: Vec<GpFunc>,
     /// Files already looked at, by (device, inode): each is probed once, for all processes.
     files: HashSet<(u64, u64)>,
-    /// The same, as /proc/PID/maps names them: a mapping of one is not opened again.
+    /// Functions probed, by (device, inode, offset): a `--rcu-func` that names one of liburcu's
+    /// is not probed twice.
+    probed: HashSet<(u64, u64, u64)>,
+    /// The same files, as /proc/PID/maps names them: a mapping of one is not opened again.
     mapped: HashSet<(String, u64)>,
     /// Why a function could not be probed, said once each.
     pub notes: Vec<String>,
     /// `--rcu-func`s not probed yet.
     custom: Vec<CustomFunc>,
+    /// The programs for uprobe_multi links, while the kernel takes them; else aya's
+    /// perf-event uprobes (`perf_loaded` once loaded).
+    multi: Option<uprobe_multi::Programs>,
+    perf_loaded: bool,
+    /// The uprobe_multi links: closing one detaches it.
+    pub links: Vec<OwnedFd>,
 }
 
 impl Writers {
-    /// Loads the two programs. Nothing is attached yet.
-    pub fn load(ebpf: &mut Ebpf, custom: Vec<CustomFunc>) -> Result<Self> {
-        for name in ["rcu_gp_exit", "rcu_gp_enter"] {
-            let p: &mut UProbe = program(ebpf, name)?;
-            p.load().with_context(|| format!("loading {name}"))?;
-        }
-        Ok(Self {
+    /// Nothing is attached yet. `multi`: the programs loaded for uprobe_multi links, where
+    /// the kernel took them.
+    pub fn new(custom: Vec<CustomFunc>, multi: Option<uprobe_multi::Programs>) -> Self {
+        Self {
             funcs: Vec::new(),
             files: HashSet::new(),
+            probed: HashSet::new(),
             mapped: HashSet::new(),
             notes: Vec::new(),
             custom,
-        })
+            multi,
+            perf_loaded: false,
+            links: Vec::new(),
+        }
+    }
+
+    /// The programs' descriptors, where they are loaded for uprobe_multi links.
+    pub fn multi_programs(&self) -> impl Iterator<Item = std::os::fd::BorrowedFd<'_>> {
+        self.multi
+            .iter()
+            .flat_map(|m| [m.enter.as_fd(), m.exit.as_fd()])
     }
 
     /// Probes the liburcu libraries installed on the box.
@@ -176,46 +222,113 @@ impl Writers {
         if !meta.is_file() || !self.files.insert((meta.dev(), meta.ino())) {
             return;
         }
-        // aya and the kernel open the file again by name to attach: by our descriptor's name,
-        // the very file read here, whatever a traced process does to its own names meanwhile
-        // (a uprobe placed by root in another file would break every process running it).
-        let at = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-        for (symbol, flavour) in find_in(file) {
-            if let Err(e) = self.try_attach(ebpf, &at, shown, &symbol, flavour) {
-                self.notes.push(format!(
-                    "no grace periods from {symbol} in {}: {e:#}",
-                    shown.display()
-                ));
-            }
+        for e in self.attach(ebpf, file, shown, find_in(file, liburcu)) {
+            self.notes.push(format!("{e:#}"));
         }
     }
 
     /// Probes the `--rcu-func`s: an error if one cannot be.
     pub fn probe_custom(&mut self, ebpf: &mut Ebpf) -> Result<()> {
         for f in std::mem::take(&mut self.custom) {
-            self.try_attach(ebpf, &f.path, &f.path, &f.symbol, "custom")
-                .with_context(|| format!("--rcu-func {}:{}", f.path.display(), f.symbol))?;
+            let what = || format!("--rcu-func {}:{}", f.path.display(), f.symbol);
+            let file = File::open(&f.path).with_context(what)?;
+            let funcs = find_in(&file, |name| (name == f.symbol).then_some("custom"));
+            if funcs.is_empty() {
+                anyhow::bail!("{}: no function {} in the file", what(), f.symbol);
+            }
+            if let Some(e) = self.attach(ebpf, &file, &f.path, funcs).into_iter().next() {
+                return Err(e.context(what()));
+            }
         }
         Ok(())
     }
 
-    /// Attaches both probes to `symbol` in the file at `path` (`shown` in reports).
-    fn try_attach(
+    /// Attaches both probes to each of `funcs` in `file` (`shown` in reports) not probed yet:
+    /// one uprobe_multi link per direction for them all, else (before Linux 6.6) a uprobe
+    /// each. Returns why any could not be.
+    fn attach(
         &mut self,
         ebpf: &mut Ebpf,
-        path: &Path,
+        file: &File,
         shown: &Path,
-        symbol: &str,
-        flavour: &'static str,
-    ) -> Result<()> {
+        mut funcs: Vec<Func>,
+    ) -> Vec<anyhow::Error> {
+        if let Ok(meta) = file.metadata() {
+            funcs.retain(|f| self.probed.insert((meta.dev(), meta.ino(), f.offset)));
+        }
+        // aya and the kernel open the file again by name to attach: by our descriptor's name,
+        // the very file read here, whatever a traced process does to its own names meanwhile
+        // (a uprobe placed by root in another file would break every process running it).
+        let path = &PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        if funcs.is_empty() {
+            return Vec::new();
+        }
+        if let Some(m) = &self.multi {
+            let offsets: Vec<u64> = funcs.iter().map(|f| f.offset).collect();
+            let cookies: Vec<u64> = (self.funcs.len() as u64..).take(funcs.len()).collect();
+            // The return probe first: an entry seen without it would leave the thread marked
+            // inside a grace period.
+            let exit = uprobe_multi::attach(m.exit.as_fd(), path, &offsets, &cookies, true);
+            let linked = exit.and_then(|exit| {
+                let enter = uprobe_multi::attach(m.enter.as_fd(), path, &offsets, &cookies, false)?;
+                Ok([exit, enter])
+            });
+            match linked {
+                Ok(links) => {
+                    self.links.extend(links);
+                    self.add_funcs(shown, funcs.into_iter());
+                    return Vec::new();
+                }
+                // The kernel has no uprobe_multi (before 6.6): aya's uprobes from here on.
+                Err(_) if self.links.is_empty() => self.multi = None,
+                Err(e) => {
+                    return vec![anyhow::Error::new(e).context(format!(
+                        "no grace periods from {} in {}",
+                        names(&funcs),
+                        shown.display()
+                    ))];
+                }
+            }
+        }
+        let mut errors = Vec::new();
+        for f in funcs {
+            match self.attach_perf(ebpf, path, &f) {
+                Ok(()) => self.add_funcs(shown, std::iter::once(f)),
+                Err(e) => errors.push(e.context(format!(
+                    "no grace periods from {} in {}",
+                    f.symbol,
+                    shown.display()
+                ))),
+            }
+        }
+        errors
+    }
+
+    fn add_funcs(&mut self, shown: &Path, funcs: impl Iterator<Item = Func>) {
+        self.funcs.extend(funcs.map(|f| GpFunc {
+            flavour: f.flavour,
+            function: f.symbol,
+            library: shown.to_path_buf(),
+        }));
+    }
+
+    /// Attaches aya's perf-event uprobe and uretprobe to `f` (its cookie: the next function's
+    /// index), loading the programs the first time.
+    fn attach_perf(&mut self, ebpf: &mut Ebpf, path: &Path, f: &Func) -> Result<()> {
+        if !self.perf_loaded {
+            for name in ["rcu_gp_exit", "rcu_gp_enter"] {
+                let p: &mut UProbe = program(ebpf, name)?;
+                p.load().with_context(|| format!("loading {name}"))?;
+            }
+            self.perf_loaded = true;
+        }
         let cookie = self.funcs.len() as u64;
-        // The return probe first: an entry seen without it would leave the thread marked
-        // inside a grace period.
+        // The return probe first (see `attach`).
         for name in ["rcu_gp_exit", "rcu_gp_enter"] {
             let p: &mut UProbe = program(ebpf, name)?;
             p.attach(
                 UProbeAttachPoint {
-                    location: UProbeAttachLocation::Symbol(symbol),
+                    location: UProbeAttachLocation::AbsoluteOffset(f.offset),
                     cookie: Some(cookie),
                 },
                 path,
@@ -223,11 +336,6 @@ impl Writers {
             )
             .with_context(|| format!("attaching {name}"))?;
         }
-        self.funcs.push(GpFunc {
-            flavour,
-            function: symbol.to_string(),
-            library: shown.to_path_buf(),
-        });
         Ok(())
     }
 
@@ -245,8 +353,21 @@ impl Writers {
             .map(|(lib, fs)| format!("{} in {}", fs.join(", "), lib.display()))
             .collect();
         parts.sort();
-        format!("RCU writers: probing {}", parts.join("; "))
+        let how = if self.links.is_empty() {
+            ""
+        } else {
+            " (uprobe_multi links)"
+        };
+        format!("RCU writers: probing {}{how}", parts.join("; "))
     }
+}
+
+fn names(funcs: &[Func]) -> String {
+    funcs
+        .iter()
+        .map(|f| f.symbol.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {

@@ -7,12 +7,7 @@
 use std::{
     collections::{HashMap, HashSet},
     os::fd::{AsFd as _, AsRawFd as _},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
-    thread::JoinHandle,
+    sync::{Arc, Mutex, mpsc},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -22,7 +17,7 @@ use crate::{
     enrich::symbolize::Finder,
     enrich::unwind::{Copied, Unwinder},
     model::{ProcKey, StackCount, Stacks},
-    ring::{read_as, spawn},
+    ring::{Readers, read_as},
 };
 
 /// Rules learned from the samples, for the retire pass to give the kernel (`UNWIND`): by
@@ -40,8 +35,7 @@ pub struct StackCounter {
     flushes: mpsc::Sender<mpsc::Sender<()>>,
     /// The rules the thread learned since the last [`StackCounter::learned`].
     learned: Arc<Mutex<Learned>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    reader: Readers,
 }
 
 impl StackCounter {
@@ -49,7 +43,6 @@ impl StackCounter {
     pub fn start(mut ring: RingBuf<MapData>, finder: Finder) -> std::io::Result<Self> {
         let counts = Arc::new(Mutex::new(Stacks::default()));
         let learned = Arc::new(Mutex::new(Learned::new()));
-        let stop = Arc::new(AtomicBool::new(false));
         let mut r = Reader {
             finder,
             counts: counts.clone(),
@@ -62,7 +55,8 @@ impl StackCounter {
         // traced programs. A process that exits before its stack is read keeps what its
         // first frame and the mappings already known give.
         let fd = ring.as_fd().as_raw_fd();
-        let thread = spawn("stacks", stop.clone(), fd, move || {
+        let mut reader = Readers::default();
+        reader.spawn("stacks", fd, move || {
             let mut n = 0;
             while let Some(item) = ring.next() {
                 n += 1;
@@ -82,16 +76,15 @@ impl StackCounter {
             counts,
             flushes,
             learned,
-            stop,
-            thread: Some(thread),
+            reader,
         })
     }
 
-    /// Waits (up to 2 s) until the thread has taken in every sample sent so far: its next
-    /// wakeup, within 100 ms.
+    /// Waits (up to 2 s) until the thread has taken in every sample sent so far (woken now).
     pub fn flush(&self) {
         let (tx, rx) = mpsc::channel();
         if self.flushes.send(tx).is_ok() {
+            self.reader.wake();
             let _ = rx.recv_timeout(std::time::Duration::from_secs(2));
         }
     }
@@ -127,15 +120,6 @@ impl StackCounter {
         for g in gone {
             let n = st.unattributed.remove(&g).unwrap_or(0);
             *st.unattributed.entry((dest[&g.0], g.1, g.2)).or_default() += n;
-        }
-    }
-}
-
-impl Drop for StackCounter {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }

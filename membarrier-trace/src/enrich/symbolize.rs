@@ -12,12 +12,7 @@ use std::{
     collections::{HashMap, HashSet},
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-        mpsc,
-    },
-    thread::JoinHandle,
+    sync::{Arc, Mutex, mpsc},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -30,7 +25,7 @@ use crate::{
     enrich::procmaps::mappings,
     enrich::unwind::FrameFile,
     model::{Caller, ProcKey},
-    ring::{read_as, spawn},
+    ring::{Readers, read_as},
 };
 
 /// Addresses named so far, by process and address.
@@ -48,8 +43,7 @@ pub struct CallerNamer {
     symbols: Symbols,
     found: Arc<Mutex<Found>>,
     asks: mpsc::Sender<(ProcKey, u64)>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    readers: Readers,
 }
 
 impl CallerNamer {
@@ -59,9 +53,8 @@ impl CallerNamer {
         debug_dirs: &[PathBuf],
     ) -> std::io::Result<Self> {
         let found = Arc::new(Mutex::new(Found::new()));
-        let stop = Arc::new(AtomicBool::new(false));
         let (asks, asked) = mpsc::channel::<(ProcKey, u64)>();
-        let mut threads = Vec::new();
+        let mut readers = Readers::default();
         if let Some(mut ring) = callers {
             let mut r = Finder::new(found.clone());
             // The race is with the process's exit, milliseconds away for a short-lived one:
@@ -69,7 +62,7 @@ impl CallerNamer {
             // whose CPUs were all busy, but a real-time thread on the RT guest and a nice -20
             // one here (the retire pass fell behind 12,000 exiting processes) hurt the rest.
             let fd = ring.as_fd().as_raw_fd();
-            threads.push(spawn("callers", stop.clone(), fd, move || {
+            readers.spawn("callers", fd, move || {
                 let mut n = 0;
                 while let Some(item) = ring.next() {
                     n += 1;
@@ -83,15 +76,14 @@ impl CallerNamer {
                     r.find(key);
                 }
                 n
-            })?);
+            })?;
         }
         Ok(Self {
             named: Callers::new(),
             symbols: Symbols::new(debug_dirs),
             found,
             asks,
-            stop,
-            threads,
+            readers,
         })
     }
 
@@ -122,19 +114,11 @@ impl CallerNamer {
             .retain(|(p, _), _| dest.get(p).is_none_or(|to| to == p));
     }
 
-    /// Asks for the caller at `addr` in the live process `p` (found within 100 ms, named at the
-    /// next [`CallerNamer::name_found`] after that).
+    /// Asks for the caller at `addr` in the live process `p` (found by the thread, woken now;
+    /// named at the next [`CallerNamer::name_found`] after that).
     pub fn ask(&self, p: ProcKey, addr: u64) {
         let _ = self.asks.send((p, addr));
-    }
-}
-
-impl Drop for CallerNamer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.readers.wake();
     }
 }
 

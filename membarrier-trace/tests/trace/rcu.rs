@@ -179,19 +179,37 @@ fn rcu_writers_are_counted_per_caller_and_thread() {
 }
 
 /// `-- COMMAND` sees grace periods from the first one (the installed library is probed before
-/// the command runs); a process without liburcu shows none, and no error; `--no-rcu` probes
+/// the command runs), by uprobe_multi links (Linux 6.6) and by the perf-event uprobes of older
+/// kernels alike; a process without liburcu shows none, and no error; `--no-rcu` probes
 /// nothing.
 #[test]
 fn rcu_writers_from_the_first_grace_period_and_none_without_liburcu() {
     let _machine = require_root();
     let bin = build_urcu_program("urcu_writer", "urcu_memb_writer", &["-lurcu-memb"]);
-    let out = run(tracer().args(["-o", "json", "--"]).arg(&bin).arg("300"));
-    let report = report_of(&out);
-    let writers = report["rcu_writers"].as_array().unwrap();
-    assert_eq!(writers.len(), 1, "{writers:#?}");
-    assert_eq!(writers[0]["grace_periods"], 300);
-    assert_eq!(writers[0]["threads"][0]["grace_periods"], 300);
-    assert_eq!(report["missed_grace_periods"], 0);
+    for multi in [true, false] {
+        let mut t = tracer();
+        if !multi {
+            t.env("MEMBARRIER_TRACE_NO_UPROBE_MULTI", "1");
+        }
+        let out = run(t.args(["-o", "json", "--"]).arg(&bin).arg("300"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let probing = stderr
+            .lines()
+            .find(|l| l.contains("RCU writers: probing"))
+            .unwrap_or_else(|| panic!("{stderr}"));
+        // This machine's kernel (6.18) has uprobe_multi: the default takes it.
+        assert_eq!(
+            probing.ends_with("(uprobe_multi links)"),
+            multi,
+            "{probing}"
+        );
+        let report = report_of(&out);
+        let writers = report["rcu_writers"].as_array().unwrap();
+        assert_eq!(writers.len(), 1, "{writers:#?}");
+        assert_eq!(writers[0]["grace_periods"], 300);
+        assert_eq!(writers[0]["threads"][0]["grace_periods"], 300);
+        assert_eq!(report["missed_grace_periods"], 0);
+    }
 
     let out = run(tracer().args(["-o", "text", "--", WORKLOAD, "--query", "2"]));
     assert!(out.status.success());
