@@ -115,7 +115,11 @@ impl Paths {
     /// The release binaries of the checkout at `root`, and tracefs (mounted if need be).
     fn new(root: &Path) -> Result<Self> {
         Ok(Paths {
-            tracer: crate::dist::static_bins(root).join("membarrier-trace"),
+            // Another build to compare with (the one before a change), measured the same way.
+            tracer: std::env::var_os("MEMBARRIER_TRACE_BENCH_TRACER").map_or_else(
+                || crate::dist::static_bins(root).join("membarrier-trace"),
+                PathBuf::from,
+            ),
             workload: crate::dist::static_bins(root).join("membarrier-workload"),
             tracefs: tracefs()?,
         })
@@ -545,10 +549,36 @@ pub fn start_stop(root: &Path) -> Result<()> {
 /// per call; exit first: it is loaded first). The stats' own clock reads are in both: compare
 /// with `--hook-floor`, whose programs do nothing.
 fn program_ns(p: &Paths, args: &[&str]) -> Result<(f64, Vec<f64>)> {
+    let runs = program_runs(p, args)?;
+    let calls = EXPEDITED.parse::<f64>()? + 1.0;
+    let total_ns: f64 = runs.iter().map(|r| r.ns).sum();
+    // The hook's pair runs once per call (a few more: the tracer's own calls); exit first.
+    let mut hook: Vec<&ProgramRuns> = runs
+        .iter()
+        .filter(|r| (calls..calls * 1.01).contains(&r.runs))
+        .collect();
+    hook.sort_by_key(|r| r.id);
+    Ok((
+        total_ns / calls,
+        hook.into_iter().map(|r| r.ns / r.runs).collect(),
+    ))
+}
+
+/// One program's figures from the kernel's BPF stats over a traced loop.
+struct ProgramRuns {
+    id: u64,
+    name: String,
+    runs: f64,
+    ns: f64,
+}
+
+/// The BPF stats of every program of the tracer (run with `args`) over one loop of
+/// PRIVATE_EXPEDITED calls: its runs and run time, by program.
+fn program_runs(p: &Paths, args: &[&str]) -> Result<Vec<ProgramRuns>> {
     let stats = Path::new("/proc/sys/kernel/bpf_stats_enabled");
     let was = fs::read_to_string(stats).unwrap_or_default();
     fs::write(stats, "1")?;
-    let r = (|| -> Result<(f64, Vec<f64>)> {
+    let r = (|| -> Result<Vec<ProgramRuns>> {
         let mut w = Command::new(&p.workload)
             .args(["--loop-expedited", EXPEDITED, "--wait-stdin"])
             .stdin(Stdio::piped())
@@ -565,10 +595,7 @@ fn program_ns(p: &Paths, args: &[&str]) -> Result<(f64, Vec<f64>)> {
         thread::sleep(Duration::from_millis(800));
         drop(w.stdin.take()); // the workload starts on EOF
         let _ = w.wait();
-        // The loop's calls plus its registration.
-        let calls = EXPEDITED.parse::<f64>()? + 1.0;
-        let mut total_ns = 0.0;
-        let mut hook: Vec<(u64, f64)> = Vec::new();
+        let mut out = Vec::new();
         for fd in fs::read_dir(format!("/proc/{}/fdinfo", t.id()))? {
             let info = fs::read_to_string(fd?.path()).unwrap_or_default();
             let field = |name: &str| {
@@ -581,22 +608,34 @@ fn program_ns(p: &Paths, args: &[&str]) -> Result<(f64, Vec<f64>)> {
             else {
                 continue;
             };
-            total_ns += ns;
-            // The hook's pair runs once per call (a few more: the tracer's own calls).
-            if (calls..calls * 1.01).contains(&runs) {
-                hook.push((id as u64, ns / runs));
+            let id = id as u64;
+            if out.iter().any(|r: &ProgramRuns| r.id == id) {
+                continue;
             }
+            out.push(ProgramRuns {
+                id,
+                name: program_name(id),
+                runs,
+                ns,
+            });
         }
         let _ = t.kill();
         let _ = t.wait();
-        hook.sort_by_key(|(id, _)| *id);
-        Ok((
-            total_ns / calls,
-            hook.into_iter().map(|(_, ns)| ns).collect(),
-        ))
+        Ok(out)
     })();
     fs::write(stats, was.trim())?;
     r
+}
+
+/// A loaded program's name (the kernel keeps 15 characters), by bpftool.
+fn program_name(id: u64) -> String {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string(), "--json"])
+        .output()
+        .ok()
+        .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+        .and_then(|v| v["name"].as_str().map(String::from))
+        .unwrap_or_else(|| format!("id {id}"))
 }
 
 /// Grace periods per round of the liburcu writer.
@@ -670,6 +709,37 @@ pub fn programs(root: &Path) -> Result<()> {
             median(enter)
         );
     }
+    // Where the nanoseconds go: every program of the default tracer, medians of 5 loops.
+    let calls = EXPEDITED.parse::<f64>()? + 1.0;
+    let mut by_name: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for _ in 0..5 {
+        for r in program_runs(&p, &[])? {
+            by_name.entry(r.name).or_default().push((r.runs, r.ns));
+        }
+    }
+    println!(
+        "\nthe default tracer's programs over {calls} PRIVATE_EXPEDITED calls (medians of 5):"
+    );
+    println!(
+        "  {:<24} {:>13} {:>10} {:>11}",
+        "program", "runs per call", "ns per run", "ns per call"
+    );
+    let mut sum = 0.0;
+    for (name, v) in by_name {
+        let runs = median(v.iter().map(|x| x.0).collect());
+        let ns = median(v.iter().map(|x| x.1).collect());
+        if runs == 0.0 {
+            continue;
+        }
+        sum += ns / calls;
+        println!(
+            "  {name:<24} {:>13.3} {:>10.0} {:>11.1}",
+            runs / calls,
+            ns / runs,
+            ns / calls
+        );
+    }
+    println!("  {:<24} {:>13} {:>10} {sum:>11.1}", "all", "", "");
     Ok(())
 }
 

@@ -47,7 +47,9 @@ const USAGE: &str = "usage: cargo xtask <command>
   dist             the static binary in target/dist: a tarball and a .deb, each checked
   clippy           cargo clippy -D warnings on every crate
   bench [ROUNDS]   what tracing costs, against the untraced baseline (as root; default 5 rounds)
-  bench programs   only the hook programs' run time per call (kernel.bpf_stats_enabled), 5 times
+  bench programs   only the programs' run time (kernel.bpf_stats_enabled): the hook's per run, 5
+                   times, and every program's per call (MEMBARRIER_TRACE_BENCH_TRACER=PATH
+                   measures another build the same way, for a before and after)
   bench recording  only what `record` costs beside the plain tracer, and its bytes an hour
   bench startstop  only the time from start to exit of `-d 0.05 -o json`, and where it goes";
 
@@ -119,7 +121,7 @@ fn run() -> Result<ExitCode> {
             vmtest::run(&root, &b, select)
         }
         "bench" => {
-            packages(&["bpftrace"])?;
+            packages(&["bpftrace", "bpftool"])?;
             build(&root)?;
             require_root("the benchmark loads eBPF programs and writes tracefs")?;
             if rest.first().map(String::as_str) == Some("programs") {

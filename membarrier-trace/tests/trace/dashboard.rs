@@ -1,6 +1,9 @@
 //! The dashboard, driven in tmux.
 
-use std::{thread, time::Duration};
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
 
 use crate::common::*;
 
@@ -33,6 +36,35 @@ fn dashboard_in_tmux_shows_the_process_and_quits_on_q() {
         screen.contains(&format!("PID {pid} (membarrier-work)")),
         "{screen}"
     );
+    let _ = w.child.kill();
+    let _ = w.child.wait();
+}
+
+/// The figures counted since the start are on screen within a moment, not at the end of the
+/// first interval (10 s here): the first sample within 0.3 s of the tracer's start.
+#[test]
+fn dashboard_shows_the_first_figures_before_its_first_interval() {
+    let _machine = require_root();
+    let mut w = Workload::start(&["--global", "100000"]);
+    w.go();
+    let t = Tmux::shell(120, 40);
+    let started = Instant::now();
+    t.keys(&format!("{TRACER} -i 10 --pid {}", w.pid));
+    let pid = w.pid.to_string();
+    let screen = t.wait_for("no row with the workload and a rate", &|s| {
+        s.lines().any(|l| {
+            let f: Vec<&str> = l
+                .trim_matches(|c| c == '│' || c == ' ')
+                .split_whitespace()
+                .collect();
+            f.len() > 3 && f[0] == pid && f[2].parse::<f64>().is_ok_and(|r| r > 0.0)
+        })
+    });
+    // Well before 10 s, on a busy box too (tmux, the shell and the attach included).
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "{took:?}; screen:\n{screen}");
+    t.keys("q");
+    t.wait_for_prompt();
     let _ = w.child.kill();
     let _ = w.child.wait();
 }

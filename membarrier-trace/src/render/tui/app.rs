@@ -162,7 +162,19 @@ impl App {
 
     /// Takes a new report. `alive` says whether a pid still exists; collection (and history)
     /// goes on while paused, only the screen stays.
-    pub fn update(&mut self, mut report: Report, alive: impl Fn(u32) -> bool) {
+    pub fn update(&mut self, report: Report, alive: impl Fn(u32) -> bool) {
+        self.take(report, alive, true);
+    }
+
+    /// The figures so far, shown at once, with no sample in the rate history (the first
+    /// interval is not over).
+    pub fn refresh(&mut self, report: Report, alive: impl Fn(u32) -> bool) {
+        self.take(report, alive, false);
+    }
+
+    /// `report` shown; with `sample`, each process's calls since the last sample go into its
+    /// history.
+    fn take(&mut self, mut report: Report, alive: impl Fn(u32) -> bool, sample: bool) {
         // Writers that make no membarrier calls (qsbr) get a row too, to select them by.
         for w in &report.rcu_writers {
             if !report
@@ -174,12 +186,14 @@ impl App {
             }
         }
         for p in &report.processes {
-            let before = self.prev_calls.insert(p.pid, p.calls).unwrap_or(0);
-            let h = self.history.entry(p.pid).or_default();
-            if h.len() == HISTORY {
-                h.pop_front();
+            if sample {
+                let before = self.prev_calls.insert(p.pid, p.calls).unwrap_or(0);
+                let h = self.history.entry(p.pid).or_default();
+                if h.len() == HISTORY {
+                    h.pop_front();
+                }
+                h.push_back(p.calls.saturating_sub(before));
             }
-            h.push_back(p.calls.saturating_sub(before));
             if !alive(p.pid) {
                 self.exited.entry(p.pid).or_insert(report.duration_ns);
             }

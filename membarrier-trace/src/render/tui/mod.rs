@@ -38,12 +38,18 @@ pub trait Feed {
 /// final report when tracing ended by itself (then shown until the user quits). The terminal
 /// is restored on every way out: return, error, and panic (ratatui's init installs a hook for
 /// that).
+/// When the dashboard first shows what was counted since the start.
+const FIRST_FIGURES: Duration = Duration::from_millis(100);
+
 pub fn run(feed: &mut impl Feed, interval: Duration, source: String) -> Result<Option<Report>> {
     let mut terminal = ratatui::try_init()?;
     let r = (|| -> Result<Option<Report>> {
         let mut app = app::App::new(source, interval.as_secs_f64());
         app.update(feed.report()?, alive);
         let mut next = Instant::now() + interval;
+        // The figures counted so far, soon after the start: not a second later (the first
+        // interval's end). No history sample: that waits for the interval.
+        let mut early = Some(Instant::now() + FIRST_FIGURES);
         let mut dirty = true;
         let mut last = None;
         while !app.quit {
@@ -68,7 +74,8 @@ pub fn run(feed: &mut impl Feed, interval: Duration, source: String) -> Result<O
             let wait = if last.is_some() {
                 Duration::from_secs(1)
             } else {
-                next.saturating_duration_since(Instant::now())
+                next.min(early.unwrap_or(next))
+                    .saturating_duration_since(Instant::now())
                     .min(Duration::from_millis(50))
             };
             if event::poll(wait)? {
@@ -79,6 +86,13 @@ pub fn run(feed: &mut impl Feed, interval: Duration, source: String) -> Result<O
                     }
                     Event::Resize(..) => dirty = true,
                     _ => {}
+                }
+            }
+            if last.is_none() && early.is_some_and(|at| Instant::now() >= at) {
+                early = None;
+                if Instant::now() < next {
+                    app.refresh(feed.report()?, alive);
+                    dirty = true;
                 }
             }
             if last.is_none() && Instant::now() >= next {
