@@ -395,14 +395,27 @@ mod tests {
                 ip = out(reg) ip, sp = out(reg) sp, bp = out(reg) bp);
         }
         let me = std::process::id();
-        let end = mappings(me)
+        // The top of this thread's own stack. Not the end of the mapping that holds sp: the
+        // kernel merges neighbouring anonymous mappings, so that can run on into another test
+        // thread's stack, which that thread unmaps as it ends (a copy that raced with it
+        // crashed the test binary once in about 40 runs).
+        // SAFETY: attr is initialised by pthread_getattr_np before it is read, then destroyed.
+        let end = unsafe {
+            let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+            assert_eq!(libc::pthread_getattr_np(libc::pthread_self(), &mut attr), 0);
+            let (mut addr, mut size) = (std::ptr::null_mut(), 0);
+            assert_eq!(libc::pthread_attr_getstack(&attr, &mut addr, &mut size), 0);
+            libc::pthread_attr_destroy(&mut attr);
+            addr as u64 + size as u64
+        };
+        let mapped = mappings(me)
             .unwrap()
             .into_iter()
             .find(|m| m.contains(sp))
             .unwrap()
             .end;
-        let len = stack.len().min((end - sp) as usize);
-        // SAFETY: [sp, sp + len) is inside the thread's stack mapping.
+        let len = stack.len().min((end.min(mapped) - sp) as usize);
+        // SAFETY: [sp, sp + len) is inside this thread's own stack.
         unsafe { std::ptr::copy_nonoverlapping(sp as *const u8, stack.as_mut_ptr(), len) };
         let copied = Copied {
             ip,

@@ -7,6 +7,17 @@ use std::{
 
 use crate::common::*;
 
+/// Whether the dashboard's table has a row for `pid` with a call rate above 0.
+fn has_rate(screen: &str, pid: &str) -> bool {
+    screen.lines().any(|l| {
+        let f: Vec<&str> = l
+            .trim_matches(|c| c == '│' || c == ' ')
+            .split_whitespace()
+            .collect();
+        f.len() > 3 && f[0] == pid && f[2].parse::<f64>().is_ok_and(|r| r > 0.0)
+    })
+}
+
 /// The dashboard in a real terminal: tmux runs a shell, the shell runs the tracer.
 #[test]
 fn dashboard_in_tmux_shows_the_process_and_quits_on_q() {
@@ -19,13 +30,7 @@ fn dashboard_in_tmux_shows_the_process_and_quits_on_q() {
     t.keys(&format!("{TRACER} --pid {}", w.pid));
     let pid = w.pid.to_string();
     let screen = t.wait_for("no row with the workload and a rate", &|s| {
-        s.lines().any(|l| {
-            let f: Vec<&str> = l
-                .trim_matches(|c| c == '│' || c == ' ')
-                .split_whitespace()
-                .collect();
-            f.len() > 3 && f[0] == pid && f[2].parse::<f64>().is_ok_and(|r| r > 0.0)
-        })
+        has_rate(s, &pid)
     });
     assert!(screen.contains("membarrier-trace"), "{screen}");
     assert!(screen.contains("GLOBAL"), "{screen}");
@@ -52,13 +57,7 @@ fn dashboard_shows_the_first_figures_before_its_first_interval() {
     t.keys(&format!("{TRACER} -i 10 --pid {}", w.pid));
     let pid = w.pid.to_string();
     let screen = t.wait_for("no row with the workload and a rate", &|s| {
-        s.lines().any(|l| {
-            let f: Vec<&str> = l
-                .trim_matches(|c| c == '│' || c == ' ')
-                .split_whitespace()
-                .collect();
-            f.len() > 3 && f[0] == pid && f[2].parse::<f64>().is_ok_and(|r| r > 0.0)
-        })
+        has_rate(s, &pid)
     });
     // Well before 10 s, on a busy box too (tmux, the shell and the attach included).
     let took = started.elapsed();
