@@ -64,7 +64,7 @@ impl Readers {
                     });
                     // SAFETY: two live pollfds; the ring (and its fd) lives in `read`, the
                     // eventfd in `woken`, until this thread ends.
-                    let ready = unsafe { libc::poll(pfd.as_mut_ptr(), 2, 100) };
+                    unsafe { libc::poll(pfd.as_mut_ptr(), 2, 100) };
                     if pfd[1].revents != 0 {
                         let _ = rustix::io::read(&*woken, &mut [0u8; 8]);
                     }
@@ -72,7 +72,7 @@ impl Readers {
                     // by a program that was preempted (PREEMPT_RT): let it finish, do not
                     // spin.
                     let took = read();
-                    if took == 0 && pfd[0].revents != 0 && ready > 0 {
+                    if took == 0 && pfd[0].revents != 0 {
                         std::thread::sleep(Duration::from_millis(1));
                     } else if took > 0 && !pace.is_zero() {
                         std::thread::sleep(pace);

@@ -30,7 +30,6 @@ use super::{
     maps::MapSizes,
     probes::*,
     retired::{ExitedThreads, Retired},
-    uprobe_multi,
 };
 
 pub(super) static EBPF_OBJECT: &[u8] =
@@ -275,18 +274,10 @@ impl Collector {
         });
         let mut ebpf = load_object(tracefs, opts, &sizes, task, funcs)?;
         let mut btf = None;
-        // Before any map is taken out of `ebpf`: the programs' relocations name them all.
-        // (The environment variable is the tests' way to the perf-event uprobes of kernels
-        // before 6.6.)
-        let multi = if opts.rcu && std::env::var_os("MEMBARRIER_TRACE_NO_UPROBE_MULTI").is_none() {
-            uprobe_multi::map_fds(&ebpf)
-                .and_then(|maps| {
-                    uprobe_multi::load(object(opts), &maps, &mut btf, "rcu_gp_enter", "rcu_gp_exit")
-                })
-                .ok()
-        } else {
-            None
-        };
+        // Before any map is taken out of `ebpf`: uprobe_multi's programs are relocated to them.
+        let writers = opts
+            .rcu
+            .then(|| Writers::load(&ebpf, object(opts), &mut btf, opts.rcu_funcs.clone()));
         let stats = take(&mut ebpf, "STATS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
         let inflight = take(&mut ebpf, "INFLIGHT")?;
@@ -306,11 +297,6 @@ impl Collector {
                 take(&mut ebpf, "UNWIND")?,
                 take(&mut ebpf, "KSTACKS")?,
             ))
-        } else {
-            None
-        };
-        let writers = if opts.rcu {
-            Some(Writers::new(opts.rcu_funcs.clone(), multi))
         } else {
             None
         };

@@ -53,6 +53,10 @@ const LIB_DIRS: &[&str] = &[
     "/usr/local/lib64",
 ];
 
+/// The return and entry programs, in the order they attach: an entry seen without its return
+/// probe would leave the thread marked inside a grace period.
+const PROGRAMS: [&str; 2] = ["rcu_gp_exit", "rcu_gp_enter"];
+
 /// A `--rcu-func PATH:SYMBOL`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CustomFunc {
@@ -137,17 +141,30 @@ pub struct Writers {
     /// `--rcu-func`s not probed yet.
     custom: Vec<CustomFunc>,
     /// The programs for uprobe_multi links, while the kernel takes them; else aya's
-    /// perf-event uprobes (`perf_loaded` once loaded).
+    /// perf-event uprobes.
     multi: Option<uprobe_multi::Programs>,
-    perf_loaded: bool,
     /// The uprobe_multi links: closing one detaches it.
     pub links: Vec<OwnedFd>,
 }
 
 impl Writers {
-    /// Nothing is attached yet. `multi`: the programs loaded for uprobe_multi links, where
-    /// the kernel took them.
-    pub fn new(custom: Vec<CustomFunc>, multi: Option<uprobe_multi::Programs>) -> Self {
+    /// Nothing is attached yet. The programs are loaded for uprobe_multi links from `object`,
+    /// their maps `ebpf`'s (all still in it), where the kernel takes them; else aya's are
+    /// loaded at the first uprobe. `MEMBARRIER_TRACE_NO_UPROBE_MULTI` is the tests' way to
+    /// the uprobes of kernels before 6.6.
+    pub fn load(
+        ebpf: &Ebpf,
+        object: &[u8],
+        btf: &mut Option<aya::Btf>,
+        custom: Vec<CustomFunc>,
+    ) -> Self {
+        let multi = std::env::var_os("MEMBARRIER_TRACE_NO_UPROBE_MULTI")
+            .is_none()
+            .then(|| {
+                let maps = uprobe_multi::map_fds(ebpf)?;
+                uprobe_multi::load(object, &maps, btf, PROGRAMS)
+            })
+            .and_then(Result::ok);
         Self {
             funcs: Vec::new(),
             files: HashSet::new(),
@@ -156,7 +173,6 @@ impl Writers {
             notes: Vec::new(),
             custom,
             multi,
-            perf_loaded: false,
             links: Vec::new(),
         }
     }
@@ -256,18 +272,23 @@ impl Writers {
         if let Ok(meta) = file.metadata() {
             funcs.retain(|f| self.probed.insert((meta.dev(), meta.ino(), f.offset)));
         }
+        if funcs.is_empty() {
+            return Vec::new();
+        }
         // aya and the kernel open the file again by name to attach: by our descriptor's name,
         // the very file read here, whatever a traced process does to its own names meanwhile
         // (a uprobe placed by root in another file would break every process running it).
         let path = &PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-        if funcs.is_empty() {
-            return Vec::new();
-        }
+        let failed = |names: &str, e: anyhow::Error| {
+            e.context(format!(
+                "no grace periods from {names} in {}",
+                shown.display()
+            ))
+        };
         if let Some(m) = &self.multi {
             let offsets: Vec<u64> = funcs.iter().map(|f| f.offset).collect();
             let cookies: Vec<u64> = (self.funcs.len() as u64..).take(funcs.len()).collect();
-            // The return probe first: an entry seen without it would leave the thread marked
-            // inside a grace period.
+            // The return probe first (see PROGRAMS).
             let exit = uprobe_multi::attach(m.exit.as_fd(), path, &offsets, &cookies, true);
             let linked = exit.and_then(|exit| {
                 let enter = uprobe_multi::attach(m.enter.as_fd(), path, &offsets, &cookies, false)?;
@@ -281,24 +302,14 @@ impl Writers {
                 }
                 // The kernel has no uprobe_multi (before 6.6): aya's uprobes from here on.
                 Err(_) if self.links.is_empty() => self.multi = None,
-                Err(e) => {
-                    return vec![anyhow::Error::new(e).context(format!(
-                        "no grace periods from {} in {}",
-                        names(&funcs),
-                        shown.display()
-                    ))];
-                }
+                Err(e) => return vec![failed(&names(&funcs), e.into())],
             }
         }
         let mut errors = Vec::new();
         for f in funcs {
             match self.attach_perf(ebpf, path, &f) {
                 Ok(()) => self.add_funcs(shown, std::iter::once(f)),
-                Err(e) => errors.push(e.context(format!(
-                    "no grace periods from {} in {}",
-                    f.symbol,
-                    shown.display()
-                ))),
+                Err(e) => errors.push(failed(&f.symbol, e)),
             }
         }
         errors
@@ -314,18 +325,14 @@ impl Writers {
 
     /// Attaches aya's perf-event uprobe and uretprobe to `f` (its cookie: the next function's
     /// index), loading the programs the first time.
-    fn attach_perf(&mut self, ebpf: &mut Ebpf, path: &Path, f: &Func) -> Result<()> {
-        if !self.perf_loaded {
-            for name in ["rcu_gp_exit", "rcu_gp_enter"] {
-                let p: &mut UProbe = program(ebpf, name)?;
+    fn attach_perf(&self, ebpf: &mut Ebpf, path: &Path, f: &Func) -> Result<()> {
+        let cookie = self.funcs.len() as u64;
+        // The return probe first (see PROGRAMS).
+        for name in PROGRAMS {
+            let p: &mut UProbe = program(ebpf, name)?;
+            if p.fd().is_err() {
                 p.load().with_context(|| format!("loading {name}"))?;
             }
-            self.perf_loaded = true;
-        }
-        let cookie = self.funcs.len() as u64;
-        // The return probe first (see `attach`).
-        for name in ["rcu_gp_exit", "rcu_gp_enter"] {
-            let p: &mut UProbe = program(ebpf, name)?;
             p.attach(
                 UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(f.offset),

@@ -80,14 +80,14 @@ fn map_data(map: &Map) -> &aya::maps::MapData {
     }
 }
 
-/// Loads `enter` and `exit` from `object` for uprobe_multi links, their maps those of `maps`.
+/// Loads the return and entry programs `[exit, enter]` from `object` for uprobe_multi links,
+/// their maps those of `maps`.
 /// Fails on kernels before 6.6 (or at the first link there, where the load is allowed).
 pub fn load(
     object: &[u8],
     maps: &[(String, OwnedFd)],
     btf: &mut Option<aya::Btf>,
-    enter: &str,
-    exit: &str,
+    [exit, enter]: [&str; 2],
 ) -> Result<Programs> {
     let mut obj = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
     if obj.has_btf_relocations() {
