@@ -22,7 +22,7 @@ pub fn hist_bucket(ns: u64) -> usize {
     if ns < HIST_SUB {
         return ns as usize;
     }
-    let exp = 63 - ns.leading_zeros(); // >= HIST_SUB_BITS
+    let exp = log2(ns); // >= HIST_SUB_BITS
     let sub = (ns >> (exp - HIST_SUB_BITS)) & (HIST_SUB - 1);
     let idx = (exp - HIST_SUB_BITS + 1) as u64 * HIST_SUB + sub;
     if idx >= HIST_BUCKETS as u64 {
@@ -30,6 +30,50 @@ pub fn hist_bucket(ns: u64) -> usize {
     } else {
         idx as usize
     }
+}
+
+/// floor(log2(x)), 0 for 0. BPF has no count-leading-zeros instruction: LLVM expands
+/// `leading_zeros` into about 40 dependent instructions, and the per-call path had two (the
+/// latency's bucket, the thread's cmd counter). There, a de Bruijn multiply instead: half the
+/// instructions and, unlike a binary search, no branches, which the verifier would follow
+/// apart (the process exit program went past its million instructions).
+#[inline(always)]
+pub fn log2(x: u64) -> u32 {
+    #[cfg(target_arch = "bpf")]
+    return log2_de_bruijn(x);
+    #[cfg(not(target_arch = "bpf"))]
+    return 63u32.saturating_sub(x.leading_zeros());
+}
+
+/// A multiplier under which the 64 values `2^(b+1) - 1` have distinct top six bits.
+const DE_BRUIJN: u64 = 0x03f7_9d71_b4cb_0a89;
+
+/// The bit `b` of each `(2^(b+1) - 1) * DE_BRUIJN >> 58`.
+static DE_BRUIJN_BITS: [u8; 64] = {
+    let mut t = [0u8; 64];
+    let mut b = 0;
+    while b < 64 {
+        let smeared = if b == 63 {
+            u64::MAX
+        } else {
+            (1u64 << (b + 1)) - 1
+        };
+        t[(smeared.wrapping_mul(DE_BRUIJN) >> 58) as usize] = b as u8;
+        b += 1;
+    }
+    t
+};
+
+/// [`log2`] without the instruction: every bit below the highest set, then the table.
+#[inline(always)]
+pub fn log2_de_bruijn(mut x: u64) -> u32 {
+    x |= x >> 1;
+    x |= x >> 2;
+    x |= x >> 4;
+    x |= x >> 8;
+    x |= x >> 16;
+    x |= x >> 32;
+    DE_BRUIJN_BITS[(x.wrapping_mul(DE_BRUIJN) >> 58) as usize] as u32
 }
 
 /// Smallest value that lands in bucket `idx`.
@@ -147,7 +191,11 @@ pub const THREAD_CMDS: usize = 13;
 #[inline(always)]
 pub fn thread_cmd(cmd: u32, flags: u32) -> usize {
     if flags == 0 && cmd & cmd.wrapping_sub(1) == 0 && cmd <= 512 {
-        (32 - cmd.leading_zeros()) as usize
+        if cmd == 0 {
+            0
+        } else {
+            log2(cmd.into()) as usize + 1
+        }
     } else if cmd == 128 && flags == 1 {
         11
     } else {
@@ -808,6 +856,45 @@ impl SummedRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The de Bruijn multiply (the eBPF programs') agrees with the instruction (userspace's),
+    /// at and around every power of two; and so the cmd counters are unchanged.
+    #[test]
+    fn log2_is_leading_zeros() {
+        assert_eq!((log2(0), log2_de_bruijn(0)), (0, 0));
+        let mut seen = [false; 64];
+        for b in 0..64 {
+            let p = 1u64 << b;
+            for x in [
+                p,
+                p - 1,
+                p + 1,
+                p | (p >> 1),
+                p.wrapping_mul(3) | 1,
+                u64::MAX >> (63 - b),
+            ] {
+                if x != 0 {
+                    assert_eq!(log2(x), 63 - x.leading_zeros(), "{x}");
+                    assert_eq!(log2_de_bruijn(x), log2(x), "{x}");
+                }
+            }
+            seen[DE_BRUIJN_BITS[b] as usize] = true;
+        }
+        assert!(seen.iter().all(|&s| s), "the table is a permutation");
+        for cmd in 0..=1100u32 {
+            let old = |flags| {
+                if flags == 0 && cmd & cmd.wrapping_sub(1) == 0 && cmd <= 512 {
+                    (32 - cmd.leading_zeros()) as usize
+                } else if cmd == 128 && flags == 1 {
+                    11
+                } else {
+                    12
+                }
+            };
+            assert_eq!(thread_cmd(cmd, 0), old(0), "{cmd}");
+            assert_eq!(thread_cmd(cmd, 1), old(1), "{cmd}");
+        }
+    }
 
     /// Every row kind the exit moves is found again from its bit; others have none.
     #[test]
