@@ -3,15 +3,18 @@
 //! measure what attaching alone costs). Each hands the call to [`crate::call`].
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::{btf_tracepoint, fentry, fexit, tracepoint},
     programs::{BtfTracePointContext, FEntryContext, FExitContext, TracePointContext},
 };
 
+use membarrier_trace_common::StatsKey;
+
 use crate::{
-    call::{on_enter, on_exit},
+    call::{SCRATCH, STATS, inside_counter, on_enter, on_exit},
     config::{ENTER_CMD_OFF, ENTER_FLAGS_OFF, EXIT_RET_OFF},
-    util::{arg, now},
+    thread::{INFLIGHT, ZERO_SLOT},
+    util::{Row as _, add32, arg, current_tid, now, row_of},
 };
 
 #[tracepoint]
@@ -121,6 +124,77 @@ pub fn floor_raw_sys_exit(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     unsafe { core::ptr::read_volatile(&nr) as i32 & 0 }
+}
+
+// The per-call path's parts, one at a time (`--hook-floor=PART`, on the syscall tracepoints
+// beside the empty enter): what each costs over an empty program, so the programs' cost can be
+// read against what their design cannot do without (docs/bench.md, "Where the nanoseconds go").
+
+#[tracepoint]
+pub fn part_clock(_ctx: TracePointContext) -> u32 {
+    let t = now();
+    unsafe { core::ptr::read_volatile(&t) as u32 & 0 }
+}
+
+#[tracepoint]
+pub fn part_pid_tgid(_ctx: TracePointContext) -> u32 {
+    let t = bpf_get_current_pid_tgid();
+    unsafe { core::ptr::read_volatile(&t) as u32 & 0 }
+}
+
+/// The thread's in-flight slot found by its tid (made on the first call), as every call's
+/// enter and exit do.
+#[tracepoint]
+pub fn part_slot(_ctx: TracePointContext) -> u32 {
+    let tid = current_tid();
+    match INFLIGHT.get_ptr(&tid) {
+        Some(s) => unsafe { core::ptr::read_volatile(&(*s).start_ns) as u32 & 0 },
+        None => {
+            if let Some(z) = ZERO_SLOT.get_ptr(0) {
+                let _ = INFLIGHT.insert(&tid, unsafe { &*z }, 0);
+            }
+            0
+        }
+    }
+}
+
+/// The call's stats row found by its key, as every exit does; with `count`, counted into.
+#[inline(always)]
+fn part_row_of(count: bool) -> u32 {
+    let key = StatsKey {
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        serial: u32::MAX, // no process's
+        cmd: 8,
+        flags: 0,
+        errno: 0,
+    };
+    if let Some(row) = row_of(&STATS, &SCRATCH, &key, || [0; 16], || {})
+        && count
+    {
+        unsafe { (*row).count_one(100) };
+    }
+    0
+}
+
+#[tracepoint]
+pub fn part_row(_ctx: TracePointContext) -> u32 {
+    part_row_of(false)
+}
+
+#[tracepoint]
+pub fn part_row_count(_ctx: TracePointContext) -> u32 {
+    part_row_of(true)
+}
+
+/// An atomic add into an array element: the inside-counter's cost, and what a lookup costs
+/// where the key is an index. (Into slot 0, which nothing reads without the breakdown. Adding 0
+/// would be compiled as an atomic load, which BPF does not have.)
+#[tracepoint]
+pub fn part_array_add(_ctx: TracePointContext) -> u32 {
+    if let Some(n) = inside_counter(0) {
+        add32(n, 1);
+    }
+    0
 }
 
 #[cfg(bpf_target_arch = "x86_64")]

@@ -51,6 +51,42 @@ pub struct Hook {
     pub describe: &'static str,
 }
 
+/// `--hook-floor[=PART]` (benchmarks): the hook with programs that do nothing, or on the
+/// syscall tracepoints an exit program that does one part of the per-call path (beside the
+/// empty enter), to read what each part costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FloorPart {
+    /// Nothing: the hook's own cost.
+    Empty,
+    /// One clock read (`bpf_ktime_get_ns`).
+    Clock,
+    /// `bpf_get_current_pid_tgid`.
+    PidTgid,
+    /// The thread's in-flight slot found by its tid (a hash map).
+    Slot,
+    /// The call's stats row found by its key (a hash map).
+    Row,
+    /// The same, counted into.
+    RowCount,
+    /// An atomic add into an array element (its lookup inlined).
+    ArrayAdd,
+}
+
+impl FloorPart {
+    /// Its exit program, on the syscall tracepoints only; None for the hook's empty one.
+    pub fn exit_program(self) -> Option<&'static str> {
+        Some(match self {
+            FloorPart::Empty => return None,
+            FloorPart::Clock => "part_clock",
+            FloorPart::PidTgid => "part_pid_tgid",
+            FloorPart::Slot => "part_slot",
+            FloorPart::Row => "part_row",
+            FloorPart::RowCount => "part_row_count",
+            FloorPart::ArrayAdd => "part_array_add",
+        })
+    }
+}
+
 /// The kernel function behind the syscall, for fentry.
 #[cfg(target_arch = "x86_64")]
 pub const SYSCALL_FUNC: &str = "__x64_sys_membarrier";
@@ -198,8 +234,18 @@ mod tests {
             .iter()
             .flat_map(|h| [h.enter, h.exit, h.floor_enter, h.floor_exit])
             .collect();
+        let parts = [
+            FloorPart::Clock,
+            FloorPart::PidTgid,
+            FloorPart::Slot,
+            FloorPart::Row,
+            FloorPart::RowCount,
+            FloorPart::ArrayAdd,
+        ];
+        names.extend(parts.iter().filter_map(|p| p.exit_program()));
         names.sort();
         names.dedup();
-        assert_eq!(names.len(), 4 * HOOKS.len());
+        assert_eq!(names.len(), 4 * HOOKS.len() + parts.len());
+        assert_eq!(FloorPart::Empty.exit_program(), None);
     }
 }

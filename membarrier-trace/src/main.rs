@@ -23,6 +23,7 @@ use membarrier_trace::{
     app::spawn::{command_log, spawn_traced, stop_child},
     collect::collector::{Collector, Options},
     collect::kernel::Features,
+    hook::AttachMode,
     model::Model,
     preflight,
     render::text,
@@ -120,7 +121,7 @@ fn run_calibrate(cli: CalibrateCli) -> Result<()> {
             stacks: false,
             stack_rate: membarrier_trace_common::STACK_BUDGET * 100,
             debug_dirs: Vec::new(),
-            hook_floor: false,
+            hook_floor: None,
             kernel: Features::of_this_kernel(),
         },
     )?;
@@ -349,6 +350,11 @@ fn check_options(cli: &TraceArgs, recording: bool) -> Result<()> {
     }
     if cli.stack_rate.is_some() && !cli.stacks {
         usage!("--stack-rate sets the rate of --stacks, which is not given");
+    }
+    if cli.hook_floor.is_some_and(|p| p.exit_program().is_some())
+        && cli.attach != AttachMode::Tracepoint
+    {
+        usage!("--hook-floor with a part runs on the syscall tracepoints: add --attach tracepoint");
     }
     if cli.listen.is_none() {
         if matches!(cli.output, Some(Format::None)) && !recording {

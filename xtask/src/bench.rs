@@ -701,14 +701,47 @@ pub fn programs(root: &Path) -> Result<()> {
             }
         }
     }
+    let mut both = BTreeMap::new();
     for (name, _) in conds {
         let [exit, enter] = runs.remove(name).unwrap_or_default();
+        let (exit, enter) = (median(exit), median(enter));
+        println!("{name:<14} exit {exit:>5.0} ns/run, enter {enter:>5.0} ns/run (medians of 5)");
+        both.insert(name, exit + enter);
+    }
+    // Each part of the per-call path alone: an exit program doing only it, against the empty
+    // enter of the same run.
+    let parts = ["clock", "pid-tgid", "slot", "row", "row-count", "array-add"];
+    let mut cost: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for _ in 0..5 {
+        for part in parts {
+            let floor = format!("--hook-floor={part}");
+            let (_, hook) = program_ns(&p, &["--attach", "tracepoint", &floor])?;
+            if let [exit, enter, ..] = hook[..] {
+                cost.entry(part).or_default().push(exit - enter);
+            }
+        }
+    }
+    let cost: BTreeMap<&str, f64> = cost.into_iter().map(|(k, v)| (k, median(v))).collect();
+    println!("\neach part of the per-call path alone, ns over an empty program (medians of 5):");
+    for part in parts {
         println!(
-            "{name:<14} exit {:>5.0} ns/run, enter {:>5.0} ns/run (medians of 5)",
-            median(exit),
-            median(enter)
+            "  {part:<10} {:>6.1}",
+            cost.get(part).copied().unwrap_or(0.0)
         );
     }
+    // What the programs cannot do without as they are built: a clock read, the tid and the
+    // thread's slot (a hash lookup) at the enter and again at the exit, and the stats row's
+    // lookup (its tgid is the exit's own).
+    let programs = both["traced"] - both["floor"];
+    let part = |k: &str| cost.get(k).copied().unwrap_or(0.0);
+    let needed = 2.0 * part("clock") + 2.0 * part("slot") + part("row") - part("pid-tgid");
+    println!(
+        "the default programs: {programs:.0} ns a call over the empty ones; the parts they \
+         cannot do without (2 clock reads, 2 slot lookups by tid, 1 row lookup): {needed:.0}; \
+         the rest: {:.0}; issue 28's target, 2 clock reads + 40 ns: {:.0}",
+        programs - needed,
+        2.0 * part("clock") + 40.0
+    );
     // Where the nanoseconds go: every program of the default tracer, medians of 5 loops.
     let calls = EXPEDITED.parse::<f64>()? + 1.0;
     let mut by_name: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();

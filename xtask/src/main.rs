@@ -48,8 +48,9 @@ const USAGE: &str = "usage: cargo xtask <command>
   clippy           cargo clippy -D warnings on every crate
   bench [ROUNDS]   what tracing costs, against the untraced baseline (as root; default 5 rounds)
   bench programs   only the programs' run time (kernel.bpf_stats_enabled): the hook's per run, 5
-                   times, and every program's per call (MEMBARRIER_TRACE_BENCH_TRACER=PATH
-                   measures another build the same way, for a before and after)
+                   times, each part of the per-call path alone, and every program's per call
+                   (MEMBARRIER_TRACE_BENCH_TRACER=PATH measures another build the same way, for
+                   a before and after)
   bench recording  only what `record` costs beside the plain tracer, and its bytes an hour
   bench startstop  only the time from start to exit of `-d 0.05 -o json`, and where it goes";
 

@@ -174,9 +174,10 @@ pub struct TraceArgs {
     #[arg(long, value_name = "CALLS", value_parser = stack_rate)]
     pub stack_rate: Option<u64>,
     /// Benchmarks only (`cargo xtask bench`): attach the hook with programs that do nothing,
-    /// to measure the hook's own cost; nothing is counted.
-    #[arg(long, hide = true)]
-    pub hook_floor: bool,
+    /// to measure the hook's own cost; nothing is counted. With a PART (`--attach tracepoint`
+    /// only), the exit program does that one part of the per-call path.
+    #[arg(long, hide = true, value_enum, num_args = 0..=1, default_missing_value = "empty")]
+    pub hook_floor: Option<crate::hook::FloorPart>,
     /// Also look for split debug files here to name code in stripped binaries (repeatable),
     /// before /usr/lib/debug: a tree of `.build-id/xx/yyyy.debug`, as -dbgsym packages install.
     #[arg(long, value_name = "DIR")]

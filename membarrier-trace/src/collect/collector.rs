@@ -20,7 +20,7 @@ use crate::{
     collect::kstacks::KernelStacks,
     collect::rcu::{CustomFunc, Writers},
     enrich::{stacks::StackCounter, symbolize::CallerNamer},
-    hook::{Attach, AttachMode, Hook},
+    hook::{Attach, AttachMode, FloorPart, Hook},
     model::{GraceSource, Maps, ProcKey},
     preflight,
     ring::ExitedRing,
@@ -57,8 +57,9 @@ pub struct Options {
     pub stack_rate: u64,
     /// `--debug-dir`: where else to look for debug files by build ID.
     pub debug_dirs: Vec<std::path::PathBuf>,
-    /// `--hook-floor` (benchmarks): only the hook, with programs that do nothing.
-    pub hook_floor: bool,
+    /// `--hook-floor` (benchmarks): only the hook, with programs that do nothing (or one part
+    /// of the per-call path).
+    pub hook_floor: Option<FloorPart>,
     /// What the running kernel's BPF can do: which eBPF object loads (read once, by the caller,
     /// which also turns off what the kernel cannot do).
     pub kernel: crate::collect::kernel::Features,
@@ -117,7 +118,7 @@ pub struct Collector {
     pub(super) grace_source: GraceSource,
     pub(super) breakdown: bool,
     /// Only the hook's programs that do nothing (`--hook-floor`).
-    pub(super) hook_floor: bool,
+    pub(super) hook_floor: Option<FloorPart>,
     pub(super) attach_mode: AttachMode,
     /// The row of the hook table that is attached.
     pub(super) hook: &'static Hook,
@@ -461,7 +462,7 @@ impl Collector {
     /// Attaches the programs; from here on calls are counted. Returns notes on what could not
     /// be measured on this kernel.
     pub fn start(&mut self) -> Result<Vec<String>> {
-        if self.hook_floor {
+        if self.hook_floor.is_some() {
             let mut notes = Vec::new();
             self.hook = self.attach_hook(&mut notes)?;
             self.started = Instant::now();

@@ -12,7 +12,7 @@ use aya::{
 use membarrier_trace_common::field;
 
 use crate::{
-    hook::{Hook, Kind},
+    hook::{FloorPart, Hook, Kind},
     preflight,
 };
 
@@ -105,12 +105,15 @@ impl Probe {
 
     /// A hook's programs, exit first (attached unarmed, then armed at once: see CONTROL in the
     /// eBPF programs; exit before enter all the same).
-    /// With `floor`, the hook's programs that do nothing instead (`--hook-floor`).
-    pub(super) fn pair(hook: &'static Hook, floor: bool) -> [Probe; 2] {
-        let (enter, exit) = if floor {
-            (hook.floor_enter, hook.floor_exit)
-        } else {
-            (hook.enter, hook.exit)
+    /// With `floor`, the hook's programs that do nothing instead (`--hook-floor`), or one part
+    /// of the per-call path at the exit.
+    pub(super) fn pair(hook: &'static Hook, floor: Option<FloorPart>) -> [Probe; 2] {
+        let (enter, exit) = match floor {
+            None => (hook.enter, hook.exit),
+            Some(part) => (
+                hook.floor_enter,
+                part.exit_program().unwrap_or(hook.floor_exit),
+            ),
         };
         match hook.kind {
             Kind::Tracepoint {
