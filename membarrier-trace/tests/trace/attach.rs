@@ -198,7 +198,7 @@ fn raw_tracepoints_count_exactly_and_are_never_chosen_by_auto() {
         report["dropped"]
     );
     assert_eq!(report["missed_calls"], 0);
-    assert_eq!(report["dropped"]["total"], 0);
+    assert_eq!(report["dropped"]["total"], 0, "{}", report["dropped"]);
     let auto = run(tracer().args(["--attach", "auto", "-d", "0.1", "-o", "json"]));
     assert_ne!(report_of(&auto)["attach"], "raw");
 }
@@ -251,7 +251,7 @@ fn a_missing_tracefs_is_mounted_for_the_tracer_alone() {
     );
     assert_eq!(ns("command-cwd="), dir, "and in our directory");
     let report = last_json_with(&stdout, "processes");
-    assert_eq!(report["dropped"]["total"], 0);
+    assert_eq!(report["dropped"]["total"], 0, "{}", report["dropped"]);
 }
 
 /// `--hook-floor` (the bench's floor of each hook): every hook the kernel allows attaches its

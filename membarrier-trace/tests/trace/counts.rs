@@ -54,7 +54,7 @@ fn pid_filter_counts_exactly_and_ignores_others() {
             json!([{"tid": w_pid, "name": "membarrier-work", "calls": 1}])
         );
     }
-    assert_eq!(report["dropped"]["total"], 0);
+    assert_eq!(report["dropped"]["total"], 0, "{}", report["dropped"]);
 
     // Latency is measured inside the kernel, so it never exceeds what the workload measured
     // around the same calls: per row, the sum and the max are bounded by userspace's.
@@ -284,7 +284,11 @@ fn a_burst_of_short_lived_processes_loses_no_call() {
         "{rate:.0} processes a second; dropped {}; exited rows {}",
         report["dropped"], report["exited_rows"]
     );
-    assert_eq!(report["dropped"]["total"], 0, "{how}");
+    assert_eq!(
+        report["dropped"]["total"], 0,
+        "{how}: {}",
+        report["dropped"]
+    );
     let (calls, procs) = calls_named(&report, "mt-burst");
     assert_eq!(calls, [(0, 40_000)].into(), "{how}");
     assert_eq!(procs, 40_000);

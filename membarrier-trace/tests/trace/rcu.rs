@@ -125,7 +125,7 @@ fn rcu_writers_are_counted_per_caller_and_thread() {
         "{stderr}"
     );
     assert_eq!(report["missed_grace_periods"], 0);
-    assert_eq!(report["dropped"]["total"], 0);
+    assert_eq!(report["dropped"]["total"], 0, "{}", report["dropped"]);
     let writers = report["rcu_writers"].as_array().unwrap();
     assert_eq!(writers.len(), 2, "{writers:#?}");
     for (function, thread_name, tid, n, ns) in own {

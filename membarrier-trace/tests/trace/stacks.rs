@@ -28,7 +28,11 @@ fn stacks_of_liburcu_writers_without_and_with_frame_pointers() {
         let own = prog.run();
         prog.finish();
         let report = tracer.report().1;
-        assert_eq!(report["dropped"]["total"], 0, "{name}");
+        assert_eq!(
+            report["dropped"]["total"], 0,
+            "{name}: {}",
+            report["dropped"]
+        );
         let p = &report["processes"][0];
         let pe = p["cmds"]
             .as_array()
