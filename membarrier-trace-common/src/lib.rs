@@ -191,11 +191,8 @@ pub const THREAD_CMDS: usize = 13;
 #[inline(always)]
 pub fn thread_cmd(cmd: u32, flags: u32) -> usize {
     if flags == 0 && cmd & cmd.wrapping_sub(1) == 0 && cmd <= 512 {
-        if cmd == 0 {
-            0
-        } else {
-            log2(cmd.into()) as usize + 1
-        }
+        // log2(2 cmd) = log2(cmd) + 1, and 0 for cmd 0: no branch.
+        log2(u64::from(cmd) << 1) as usize
     } else if cmd == 128 && flags == 1 {
         11
     } else {

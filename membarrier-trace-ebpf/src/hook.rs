@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FEntryContext, FExitContext, TracePointContext},
 };
 
-use membarrier_trace_common::StatsKey;
+use membarrier_trace_common::{COMM_LEN, StatsKey};
 
 use crate::{
     call::{SCRATCH, STATS, inside_counter, on_enter, on_exit},
@@ -168,7 +168,7 @@ fn part_row_of(count: bool) -> u32 {
         flags: 0,
         errno: 0,
     };
-    if let Some(row) = row_of(&STATS, &SCRATCH, &key, || [0; 16], || {})
+    if let Some(row) = row_of(&STATS, &SCRATCH, &key, || [0; COMM_LEN], || {})
         && count
     {
         unsafe { (*row).count_one(100) };
