@@ -24,14 +24,20 @@ fn stacks_of_liburcu_writers_without_and_with_frame_pointers() {
         let pid_arg = prog.pid.to_string();
         // With the grace-period probes (the default): their uretprobe puts its trampoline in
         // place of synchronize_rcu()'s return address, which the unwinding must see through.
-        let tracer = Tracer::start(&["-o", "json", "-p", &pid_arg, "--stacks"]);
+        let tracer = Tracer::spawn(
+            tracer()
+                .env("MEMBARRIER_TRACE_DEBUG_RULES", "1")
+                .args(["-o", "json", "-p", &pid_arg, "--stacks"]),
+        );
         let own = prog.run();
         prog.finish();
-        let report = tracer.report().1;
+        let (out, report) = tracer.report();
         assert_eq!(
-            report["dropped"]["total"], 0,
-            "{name}: {}",
-            report["dropped"]
+            report["dropped"]["total"],
+            0,
+            "{name}: {}; stderr: {}",
+            report["dropped"],
+            String::from_utf8_lossy(&out.stderr)
         );
         let p = &report["processes"][0];
         let pe = p["cmds"]
