@@ -149,11 +149,15 @@ pub struct Stats {
     pub stacks_sampled_out: u64,
 }
 
-/// A thread's slot for the call between its enter and exit tracepoints, keyed by tid.
+/// A thread's slot for the call between its enter and exit tracepoints: in `TID_SLOTS` at its
+/// tid's place, or, where another thread holds that place, in `INFLIGHT` keyed by tid.
 /// `start_ns` is 0 while the thread is not inside membarrier.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Inflight {
+    /// In `TID_SLOTS`, the thread holding the slot (0: free), claimed with a 64-bit cmpxchg
+    /// (the generic BPF CPU has no 32-bit one). 0 in `INFLIGHT`, whose key is the tid.
+    pub tid: u64,
     pub start_ns: u64,
     pub cmd: u32,
     pub flags: u32,
@@ -730,6 +734,15 @@ pub mod field {
         out
     }
 }
+
+/// Places in `TID_SLOTS`, the in-flight slots found by `tid % TID_SLOT_COUNT` (an inlined array
+/// load, where a hash lookup costs about 40 ns a call: docs/bench.md). A power of two; 16,384
+/// places of 280 bytes. A thread whose place is held by another goes to the `INFLIGHT` hash.
+pub const TID_SLOT_COUNT: u32 = 16384;
+
+/// `PLACES_HELD`: a bit per place in `TID_SLOTS`, set while a thread holds it, so userspace
+/// reads the slots in use (one map read, then one per thread), not all 16,384 at each report.
+pub type PlacesHeld = [u64; TID_SLOT_COUNT as usize / 64];
 
 /// Size of the array of "threads inside membarrier" counters, indexed by tid modulo this: the
 /// sched, IPI and lock probes, which run for every task on the box, return after one array

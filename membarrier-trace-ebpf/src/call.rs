@@ -15,7 +15,7 @@ use crate::{
     config::{armed, breakdown, stacks},
     process::{PROCS, process, process_comm},
     stacks::take_stack,
-    thread::{INFLIGHT, ZERO_SLOT, hold_thread, send_thread},
+    thread::{ZERO_SLOT, clear, hold_thread, new_slot, send_thread, slot},
     util::{Row as _, add, add32, bucket, bump, now, row_of, update},
 };
 
@@ -56,7 +56,7 @@ pub(crate) fn marked(tid: u32) -> Option<&'static mut Inflight> {
     if unsafe { *n } == 0 {
         return None;
     }
-    Some(unsafe { &mut *INFLIGHT.get_ptr_mut(&tid)? })
+    Some(unsafe { &mut *slot(tid)? })
 }
 
 #[inline(always)]
@@ -96,30 +96,34 @@ pub(crate) fn on_enter(cmd: u32, flags: u32) {
 /// The in-flight slot of thread `tid` of traced process `tgid`, made on first use.
 #[inline(always)]
 pub(crate) fn slot_of(tgid: u32, tid: u32) -> Option<*mut Inflight> {
-    // A thread keeps its INFLIGHT slot between calls (sched_process_exit frees it), so the
-    // common case is one lookup and plain stores, not a hash insert and delete per call. Slots
-    // are only made for traced processes and carry the process's serial: a slot of this tgid
-    // needs no process lookup (another tgid means a stale slot of a reused tid).
-    match INFLIGHT.get_ptr_mut(&tid) {
+    // A thread keeps its slot between calls (sched_process_exit frees it), so the common case
+    // is one array load and plain stores, not an insert and delete per call. Slots are only
+    // made for traced processes and carry the process's serial: a slot of this tgid needs no
+    // process lookup (another tgid means a stale slot of a reused tid).
+    match slot(tid) {
         Some(slot) if unsafe { (*slot).tgid } == tgid => Some(slot),
         stale => {
             let (serial, traced) = process(tgid);
             if !traced {
                 return None;
             }
-            if let Some(old) = stale {
-                // A slot of another process: the tid's last thread left without passing
-                // sched_process_exit (a non-leader thread that exec'd). Its calls are kept.
-                send_thread(tid, unsafe { &mut *old });
-                hold_thread(tid);
-            }
-            // From a zeroed template: a slot is too large for the stack.
-            let zero = ZERO_SLOT.get_ptr(0)?;
-            if INFLIGHT.insert(&tid, unsafe { &*zero }, 0).is_err() {
+            let made = match stale {
+                Some(old) => {
+                    // A slot of another process: the tid's last thread left without passing
+                    // sched_process_exit (a non-leader thread that exec'd). Its calls are
+                    // kept, and the slot is this thread's, from zero (a zeroed template: a
+                    // slot is too large for the stack).
+                    send_thread(tid, unsafe { &mut *old });
+                    hold_thread(tid);
+                    unsafe { clear(old, ZERO_SLOT.get_ptr(0)?) };
+                    Some(old)
+                }
+                None => new_slot(tid),
+            };
+            let Some(slot) = made else {
                 bump(counter::DROPPED_INFLIGHT);
                 return None;
-            }
-            let slot = INFLIGHT.get_ptr_mut(&tid)?;
+            };
             unsafe {
                 (*slot).tgid = tgid;
                 (*slot).serial = serial;
@@ -144,7 +148,7 @@ pub(crate) fn on_exit(end_ns: u64, ret: i64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
-    let call = match INFLIGHT.get_ptr_mut(&tid) {
+    let call = match slot(tid) {
         // start_ns 0: the slot is idle, this exit's enter was not seen.
         Some(slot) if unsafe { (*slot).start_ns } != 0 => unsafe { &mut *slot },
         _ => {
@@ -186,19 +190,6 @@ pub(crate) fn on_exit(end_ns: u64, ret: i64) {
     };
     let row = unsafe { &mut *row };
     row.count_one(ns);
-    if stacks() {
-        // Inside a probed grace-period function, its return address on the stack is the
-        // uretprobe's trampoline: the unwinding takes the caller recorded at entry instead
-        // (`ra_at` is 0 outside one). Read from the slot, not chosen by a branch: the
-        // verifier would check the walk once per choice.
-        let ra = unsafe {
-            (
-                core::ptr::read_volatile(&call.writer.ra_at),
-                core::ptr::read_volatile(&call.writer.caller),
-            )
-        };
-        take_stack(row, &key, end_ns, ns, ra);
-    }
     // The slot is the thread's own: a plain add.
     let i = thread_cmd(call.cmd, call.flags);
     let i = unsafe { core::ptr::read_volatile(&i) }.min(THREAD_CMDS - 1);
@@ -225,6 +216,21 @@ pub(crate) fn on_exit(end_ns: u64, ret: i64) {
             call.mutex_wait_ns,
             |new, cur| new > cur,
         );
+    }
+    if stacks() {
+        // Inside a probed grace-period function, its return address on the stack is the
+        // uretprobe's trampoline: the unwinding takes the caller recorded at entry instead
+        // (`ra_at` is 0 outside one). Read from the slot, not chosen by a branch: the
+        // verifier would check the walk once per choice. Last: the slot (in the array or the
+        // hash, two kinds of pointer to the verifier) is not used after, so the walk is
+        // checked once.
+        let ra = unsafe {
+            (
+                core::ptr::read_volatile(&call.writer.ra_at),
+                core::ptr::read_volatile(&call.writer.caller),
+            )
+        };
+        take_stack(row, &key, end_ns, ns, ra);
     }
 }
 

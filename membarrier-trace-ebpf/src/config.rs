@@ -26,6 +26,12 @@ pub(crate) static STACKS: u8 = 0;
 #[unsafe(no_mangle)]
 pub(crate) static STACK_BUDGET: u64 = membarrier_trace_common::STACK_BUDGET;
 
+/// Set by userspace: 0 keeps every in-flight slot in `INFLIGHT`, as on kernels before 5.12 (no
+/// cmpxchg to claim a place in `TID_SLOTS` with): `MEMBARRIER_TRACE_NO_TID_SLOTS`, the tests'
+/// way to that path.
+#[unsafe(no_mangle)]
+pub(crate) static TID_PLACES: u8 = 1;
+
 /// Addresses of membarrier's IPI callbacks (ipi_mb, ipi_sync_core, ipi_rseq, and
 /// registration's ipi_sync_rq_state) from kallsyms, so the csd probes skip every other
 /// cross-CPU call with a compare; 0 for one this kernel lacks, all 0 when none is known.
@@ -63,6 +69,12 @@ pub(crate) fn armed() -> bool {
 #[inline(always)]
 pub(crate) fn breakdown() -> bool {
     unsafe { core::ptr::read_volatile(&BREAKDOWN) != 0 }
+}
+
+#[cfg(not(no_cmpxchg))]
+#[inline(always)]
+pub(crate) fn tid_places() -> bool {
+    unsafe { core::ptr::read_volatile(&TID_PLACES) != 0 }
 }
 
 #[inline(always)]

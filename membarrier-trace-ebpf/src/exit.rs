@@ -21,7 +21,7 @@ use crate::{
     call::{STATS, inside_counter},
     config::{breakdown, stacks},
     process::{EXIT_NAMES, PROCS, process_of},
-    thread::{EXITED, INFLIGHT, hold_thread, send_thread, thread_calls},
+    thread::{EXITED, free_slot, hold_thread, send_thread, slot, thread_calls},
     util::{add, add32, bucket, bump, row_from, update},
 };
 
@@ -71,7 +71,7 @@ pub(crate) fn on_task_exit() {
     // A slot still open at exit: the exit of the thread's last call was skipped (a thread
     // cannot exit inside a syscall), or the thread died inside a userspace grace period. Each
     // open one was counted into INSIDE.
-    if let Some(slot) = INFLIGHT.get_ptr_mut(&tid) {
+    if let Some(slot) = slot(tid) {
         let slot = unsafe { &mut *slot };
         let (call, gp) = (slot.start_ns != 0, slot.writer.depth != 0);
         if call {
@@ -107,11 +107,11 @@ pub(crate) fn on_task_exit() {
         let (serial, rows) = unsafe { ((*p).serial, (*p).rows) };
         move_rows(tgid, serial, rows, tid);
         hold_thread(tid);
-        let _ = INFLIGHT.remove(&tid);
+        free_slot(tid);
         let _ = PROCS.remove(&tgid);
     } else {
         hold_thread(tid);
-        let _ = INFLIGHT.remove(&tid);
+        free_slot(tid);
     }
 }
 
@@ -246,9 +246,7 @@ pub(crate) fn moved(tgid: u32, serial: u32, rows: u64, tid: u32) -> bool {
     let bytes = unsafe { core::slice::from_raw_parts((out as *const MovedProc).cast::<u8>(), len) };
     // Only now: a value known in some paths only would have the verifier walk the loop
     // above once per path.
-    let held = INFLIGHT
-        .get_ptr(&tid)
-        .map_or(0, |t| thread_calls(unsafe { &*t }));
+    let held = slot(tid).map_or(0, |t| thread_calls(unsafe { &*t }));
     if held != 0 || EXITED.output::<[u8]>(bytes, 0).is_err() {
         // The ring is full (its drain thread starved of CPU): the rows are summed under the
         // process's name, else stay whole for the retire pass. Left in `STATS`, a burst filled
@@ -261,7 +259,7 @@ pub(crate) fn moved(tgid: u32, serial: u32, rows: u64, tid: u32) -> bool {
         }
         bump(counter::EXITED_SUMMED);
         // Taken with its process: nothing left for THREADS.
-        if let Some(t) = INFLIGHT.get_ptr_mut(&tid) {
+        if let Some(t) = slot(tid) {
             unsafe { (*t).thread.calls = [0; THREAD_CMDS] };
         }
     }

@@ -13,7 +13,7 @@ use membarrier_trace_common::{COMM_LEN, StatsKey};
 use crate::{
     call::{SCRATCH, STATS, inside_counter, on_enter, on_exit},
     config::{ENTER_CMD_OFF, ENTER_FLAGS_OFF, EXIT_RET_OFF},
-    thread::{INFLIGHT, ZERO_SLOT},
+    thread::{INFLIGHT, ZERO_SLOT, new_slot, slot},
     util::{Row as _, add32, arg, current_tid, now, row_of},
 };
 
@@ -155,6 +155,18 @@ pub fn part_slot(_ctx: TracePointContext) -> u32 {
             }
             0
         }
+    }
+}
+
+/// The thread's in-flight slot found at its place in TID_SLOTS (claimed on the first call), as
+/// every call's enter and exit do; `part_slot` is the INFLIGHT hash a thread whose place
+/// another holds uses.
+#[tracepoint]
+pub fn part_place(_ctx: TracePointContext) -> u32 {
+    let tid = current_tid();
+    match slot(tid).or_else(|| new_slot(tid)) {
+        Some(s) => unsafe { core::ptr::read_volatile(&(*s).start_ns) as u32 & 0 },
+        None => 0,
     }
 }
 

@@ -18,7 +18,7 @@ use crate::{
     call::{count_row, inside_counter, slot_of},
     config::{armed, breakdown},
     process::process,
-    thread::INFLIGHT,
+    thread::slot,
     util::{Row as _, add, add32, bump, now, row_of},
 };
 
@@ -101,7 +101,7 @@ pub fn rcu_gp_exit(_ctx: RetProbeContext) -> u32 {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let slot = match INFLIGHT.get_ptr_mut(&tid) {
+    let slot = match slot(tid) {
         Some(slot) if unsafe { (*slot).tgid == tgid && (*slot).writer.depth != 0 } => unsafe {
             &mut *slot
         },

@@ -1,24 +1,133 @@
 //! Each thread's in-flight slot, which also counts its calls, and the calls' way out when the
 //! thread goes: on the `EXITED` ring, else held in `THREADS`.
 
+#[cfg(not(no_cmpxchg))]
+use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg};
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use membarrier_trace_common::{
-    EXITED_RING_BYTES, ExitedThread, Inflight, MAX_INFLIGHT, MAX_THREADS, THREAD_CMDS, ThreadCalls,
-    ThreadKey, counter, exited_kind,
+    EXITED_RING_BYTES, ExitedThread, Inflight, MAX_INFLIGHT, MAX_THREADS, PlacesHeld, THREAD_CMDS,
+    TID_SLOT_COUNT, ThreadCalls, ThreadKey, counter, exited_kind,
 };
 
 use crate::util::bump;
 
+/// The in-flight slots at their threads' places, `tid % TID_SLOT_COUNT`: found with an inlined
+/// array load, not a hash lookup, on every enter and exit.
+#[map]
+pub(crate) static TID_SLOTS: Array<Inflight> = Array::with_max_entries(TID_SLOT_COUNT, 0);
+
+/// A bit per place held (`PlacesHeld`), for userspace to read only those.
+#[map]
+pub(crate) static PLACES_HELD: Array<PlacesHeld> = Array::with_max_entries(1, 0);
+
+/// The slots of threads whose place another thread holds, keyed by tid.
 #[map]
 pub(crate) static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
 
 /// A zeroed slot to insert (too large for the stack); never written.
 #[map]
 pub(crate) static ZERO_SLOT: PerCpuArray<Inflight> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn place(tid: u32) -> Option<*mut Inflight> {
+    TID_SLOTS.get_ptr_mut(tid & (TID_SLOT_COUNT - 1))
+}
+
+/// Thread `tid`'s slot: at its place, else in `INFLIGHT`. tid 0 (the idle tasks, which the
+/// IPI and sched probes see) owns no place: free places hold 0.
+#[inline(always)]
+pub(crate) fn slot(tid: u32) -> Option<*mut Inflight> {
+    if let Some(s) = place(tid)
+        && unsafe { (*s).tid } == u64::from(tid)
+        && tid != 0
+    {
+        return Some(s);
+    }
+    INFLIGHT.get_ptr_mut(&tid)
+}
+
+/// A zeroed slot for thread `tid`, which has none: its place when free, else in `INFLIGHT`
+/// (None when that is full).
+#[inline(always)]
+pub(crate) fn new_slot(tid: u32) -> Option<*mut Inflight> {
+    let zero = ZERO_SLOT.get_ptr(0)?;
+    // Before Linux 5.12 (no cmpxchg) every slot is in INFLIGHT.
+    #[cfg(not(no_cmpxchg))]
+    if crate::config::tid_places()
+        && let Some(s) = place(tid)
+        && tid != 0
+        && unsafe { core::ptr::read_volatile(&(*s).tid) } == 0
+        && unsafe {
+            atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(&raw mut (*s).tid, 0, tid.into())
+        }
+        .1
+    {
+        // Held in PLACES_HELD before use, so userspace finds every slot with calls in it; a
+        // bit that cannot be set (8 races lost) gives the place back.
+        if mark_held(tid, true) {
+            unsafe { clear(s, zero) };
+            return Some(s);
+        }
+        unsafe { core::ptr::write_volatile(&raw mut (*s).tid, 0) };
+    }
+    INFLIGHT.insert(&tid, unsafe { &*zero }, 0).ok()?;
+    INFLIGHT.get_ptr_mut(&tid)
+}
+
+/// Sets (`held`) or clears the bit of `tid`'s place in PLACES_HELD; false after losing 8 races
+/// in a row (the generic BPF CPU has no atomic or/and; cmpxchg it has).
+#[cfg(not(no_cmpxchg))]
+#[inline(always)]
+fn mark_held(tid: u32, held: bool) -> bool {
+    let Some(bits) = PLACES_HELD.get_ptr_mut(0) else {
+        return false;
+    };
+    let at = (tid & (TID_SLOT_COUNT - 1)) as usize;
+    let word = unsafe { &raw mut (*bits)[(at / 64) & (TID_SLOT_COUNT as usize / 64 - 1)] };
+    let bit = 1u64 << (at % 64);
+    let mut cur = unsafe { core::ptr::read_volatile(word) };
+    for _ in 0..8 {
+        let new = if held { cur | bit } else { cur & !bit };
+        let (now, swapped) =
+            unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(word, cur, new) };
+        if swapped {
+            return true;
+        }
+        cur = now;
+    }
+    false
+}
+
+/// Zeroes slot `s` but its `tid` (the first word), which keeps it claimed meanwhile.
+#[inline(always)]
+pub(crate) unsafe fn clear(s: *mut Inflight, zero: *const Inflight) {
+    const _: () = assert!(core::mem::offset_of!(Inflight, tid) == 0);
+    let words = size_of::<Inflight>() / 8 - 1;
+    unsafe {
+        core::ptr::copy_nonoverlapping(zero.cast::<u64>().add(1), s.cast::<u64>().add(1), words)
+    };
+}
+
+/// Frees thread `tid`'s slot (its calls already taken out). Its place's bit goes first: a
+/// bit left set (8 races lost) only has userspace look at a free place.
+#[inline(always)]
+pub(crate) fn free_slot(tid: u32) {
+    if let Some(s) = place(tid)
+        && unsafe { (*s).tid } == u64::from(tid)
+        && tid != 0
+    {
+        #[cfg(not(no_cmpxchg))]
+        mark_held(tid, false);
+        unsafe { core::ptr::write_volatile(&raw mut (*s).tid, 0) };
+        return;
+    }
+    let _ = INFLIGHT.remove(&tid);
+}
 
 /// Exited threads' calls (from their slots), until userspace drains them.
 #[map]
@@ -78,7 +187,7 @@ pub(crate) fn thread_key(tid: u32, slot: &Inflight) -> ThreadKey {
 /// verifier would walk that move once per kind of pointer).
 #[inline(always)]
 pub(crate) fn hold_thread(tid: u32) {
-    let Some(slot) = INFLIGHT.get_ptr(&tid) else {
+    let Some(slot) = self::slot(tid) else {
         return;
     };
     let slot = unsafe { &*slot };

@@ -62,7 +62,10 @@ pub enum FloorPart {
     Clock,
     /// `bpf_get_current_pid_tgid`.
     PidTgid,
-    /// The thread's in-flight slot found by its tid (a hash map).
+    /// The thread's in-flight slot found at its place (an array, as the programs do).
+    Place,
+    /// The thread's in-flight slot found by its tid in a hash map (where another thread holds
+    /// its place).
     Slot,
     /// The call's stats row found by its key (a hash map).
     Row,
@@ -79,6 +82,7 @@ impl FloorPart {
             FloorPart::Empty => return None,
             FloorPart::Clock => "part_clock",
             FloorPart::PidTgid => "part_pid_tgid",
+            FloorPart::Place => "part_place",
             FloorPart::Slot => "part_slot",
             FloorPart::Row => "part_row",
             FloorPart::RowCount => "part_row_count",

@@ -11,8 +11,8 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
 };
 use membarrier_trace_common::{
-    COMM_LEN, CpuKey, EXITED_RING_BYTES, Handled, HandlerKey, Inflight, MAX_KSTACKS, Proc,
-    STACK_RING_BYTES, STACK_WINDOW_NS, Stats, StatsKey, SummedKey, SummedRow, ThreadCalls,
+    COMM_LEN, CpuKey, EXITED_RING_BYTES, Handled, HandlerKey, Inflight, MAX_KSTACKS, PlacesHeld,
+    Proc, STACK_RING_BYTES, STACK_WINDOW_NS, Stats, StatsKey, SummedKey, SummedRow, ThreadCalls,
     ThreadKey, UNWIND_SLOTS, WakerKey, WriterKey, WriterStats, field,
 };
 
@@ -71,6 +71,10 @@ pub struct Collector {
     pub(super) stats: BpfHashMap<MapData, StatsKey, Stats>,
     pub(super) counters: PerCpuArray<MapData, u64>,
     pub(super) inflight: BpfHashMap<MapData, u32, Inflight>,
+    pub(super) tid_slots: Array<MapData, Inflight>,
+    /// Which places in `tid_slots` are held; absent from the object for kernels before 5.12,
+    /// which hold none.
+    pub(super) places_held: Option<Array<MapData, PlacesHeld>>,
     pub(super) procs: BpfHashMap<MapData, u32, Proc>,
     pub(super) control: Array<MapData, u32>,
     pub(super) ipi_cpus: BpfHashMap<MapData, CpuKey, u64>,
@@ -282,6 +286,8 @@ impl Collector {
         let stats = take(&mut ebpf, "STATS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
         let inflight = take(&mut ebpf, "INFLIGHT")?;
+        let tid_slots = take(&mut ebpf, "TID_SLOTS")?;
+        let places_held = take(&mut ebpf, "PLACES_HELD").ok();
         let procs = take(&mut ebpf, "PROCS")?;
         let control = take(&mut ebpf, "CONTROL")?;
         let ipi_cpus = take(&mut ebpf, "IPI_CPUS")?;
@@ -322,6 +328,8 @@ impl Collector {
             stats,
             counters,
             inflight,
+            tid_slots,
+            places_held,
             procs,
             control,
             ipi_cpus,
@@ -665,6 +673,12 @@ fn load_object(
         .override_global("FIELDS", &field_offsets(tracefs), true)
         .override_global("TASK_OFFSETS", &task_offsets, true)
         .override_global("BREAKDOWN", &u8::from(opts.breakdown), true)
+        // Not in the object for kernels before 5.12, which has no places to claim.
+        .override_global(
+            "TID_PLACES",
+            &u8::from(std::env::var_os("MEMBARRIER_TRACE_NO_TID_SLOTS").is_none()),
+            false,
+        )
         .override_global("STACKS", &u8::from(opts.stacks), true)
         .override_global(
             "STACK_BUDGET",

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use anyhow::{Context as _, Result};
-use membarrier_trace_common::{CpuKey, Handled, HandlerKey, WakerKey, counter};
+use membarrier_trace_common::{CpuKey, Handled, HandlerKey, TID_SLOT_COUNT, WakerKey, counter};
 
 use crate::{
     model::{ExitedRows, Losses, ProcKey, RawRow, Snapshot, ThreadRow, WriterRow, comm_str},
@@ -22,8 +22,20 @@ impl Collector {
     /// how many calls and grace periods are under way now.
     pub(super) fn read_slots(&self, live: &HashSet<ProcKey>) -> Result<(Vec<ThreadRow>, u64, u64)> {
         let (mut threads, mut calls, mut grace_periods) = (Vec::new(), 0, 0);
-        for item in self.inflight.iter() {
-            let (tid, slot) = item.context("reading the in-flight map")?;
+        // The places held, one read, then their slots: not all 16,384 places at each report.
+        let held = match &self.places_held {
+            Some(m) => m.get(&0, 0).context("reading the places held")?,
+            None => [0; TID_SLOT_COUNT as usize / 64],
+        };
+        let placed = (0..TID_SLOT_COUNT)
+            .filter(|&at| held[at as usize / 64] & 1 << (at % 64) != 0)
+            .filter_map(|at| match self.tid_slots.get(&at, 0) {
+                Ok(slot) if slot.tid == 0 => None, // freed since
+                Ok(slot) => Some(Ok((slot.tid as u32, slot))),
+                Err(e) => Some(Err(e)),
+            });
+        for item in self.inflight.iter().chain(placed) {
+            let (tid, slot) = item.context("reading the in-flight slots")?;
             calls += u64::from(slot.start_ns != 0);
             grace_periods += u64::from(slot.writer.depth != 0);
             let p = (slot.tgid, slot.serial);

@@ -367,6 +367,12 @@ impl Workload {
         self.child.stdin.take().unwrap().write_all(b"go\n").unwrap();
     }
 
+    /// Kills it before its calls (not wanted after all).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits for it (reaping it, so the tracer sees it gone) and returns its accounting.
     pub fn finish(self) -> Value {
         let out = wait_output(self.child);

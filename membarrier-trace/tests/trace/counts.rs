@@ -348,28 +348,81 @@ fn a_full_inflight_map_counts_each_call_it_loses_once() {
     let _machine = alone();
     // Each thread maps a stack and a signal stack, with guard pages: more than the default 65,530.
     let _maps = Sysctl::set("vm/max_map_count", 262_144);
-    let mut w = Workload::start(&["--name", "wide", "--live-threads", "17000"]);
-    let tracer = {
-        // INFLIGHT is sized from kernel.threads-max at load, 16384 slots at the least: load with
-        // that, then give the machine its threads back for the workload's 17,000.
-        let _threads = Sysctl::set("kernel/threads-max", 16384);
-        Tracer::start(&["-o", "json", "--pid", &w.pid.to_string()])
-    };
-    w.go();
-    let pid = w.pid;
-    let mine = w.finish();
-    assert_eq!(mine["threads"], 17_000);
-    let (_, report) = tracer.report();
-    let query = cmd_row(process(&report, pid), 0, 0)["calls"]
-        .as_u64()
-        .unwrap();
-    let dropped = &report["dropped"];
-    // Each thread holds its slot until it exits, and none exits before all have called: the
-    // first 16,384 calls are counted, the rest each once as a call without a slot.
-    assert_eq!(query, 16_384, "{dropped}");
-    assert_eq!(dropped["calls_without_inflight_slot"], 17_000 - 16_384);
-    assert_eq!(dropped["total"], 17_000 - 16_384);
-    assert_eq!(report["missed_calls"], 0, "not also counted as missed");
+    // At most two tids per place in TID_SLOTS (16,384 places), so at most half the threads
+    // need the INFLIGHT hash when the places are used.
+    let _pids = Sysctl::set("kernel/pid_max", 32_768);
+    // Without the places (as on kernels before 5.12), then with them.
+    for places in [false, true] {
+        let mut w = Workload::start(&["--name", "wide", "--live-threads", "17000"]);
+        let tracer = {
+            // INFLIGHT is sized from kernel.threads-max at load, 16384 slots at the least: load
+            // with that, then give the machine its threads back for the workload's 17,000.
+            let _threads = Sysctl::set("kernel/threads-max", 16384);
+            let mut t = tracer();
+            if !places {
+                t.env("MEMBARRIER_TRACE_NO_TID_SLOTS", "1");
+            }
+            Tracer::spawn(t.args(["-o", "json", "--pid", &w.pid.to_string()]))
+        };
+        w.go();
+        let pid = w.pid;
+        let mine = w.finish();
+        assert_eq!(mine["threads"], 17_000);
+        let (_, report) = tracer.report();
+        let query = cmd_row(process(&report, pid), 0, 0)["calls"]
+            .as_u64()
+            .unwrap();
+        let dropped = &report["dropped"];
+        let lost = if places {
+            // 17,000 tids take at least 8,500 places: at most 8,500 threads go to the hash.
+            0
+        } else {
+            // Each thread holds its slot until it exits, and none exits before all have
+            // called: the first 16,384 calls are counted, the rest each once as a call
+            // without a slot.
+            17_000 - 16_384
+        };
+        assert_eq!(query, 17_000 - lost, "places {places}: {dropped}");
+        assert_eq!(
+            dropped["calls_without_inflight_slot"], lost,
+            "places {places}"
+        );
+        assert_eq!(dropped["total"], lost, "places {places}");
+        assert_eq!(report["missed_calls"], 0, "not also counted as missed");
+    }
+}
+
+/// Two processes whose pids share a place in TID_SLOTS (pid mod 16,384), calling at once: the
+/// thread that calls first has its slot in the array, the other in the INFLIGHT hash, and every
+/// call of both is counted, also after the first to finish frees its slot.
+#[test]
+fn threads_sharing_a_place_are_each_counted_exactly() {
+    let _machine = alone();
+    let _pids = Sysctl::set("kernel/pid_max", 32_768);
+    let args = ["--expedited", "200000"];
+    let first = Workload::start(&args);
+    let want = (first.pid + 16_384) % 32_768;
+    // The next fork gets ns_last_pid + 1 when it is free; another process forking meanwhile
+    // takes it first, so a few tries.
+    let second = (0..50)
+        .find_map(|_| {
+            std::fs::write("/proc/sys/kernel/ns_last_pid", (want - 1).to_string()).unwrap();
+            let w = Workload::start(&args);
+            if w.pid == want {
+                Some(w)
+            } else {
+                w.kill();
+                None
+            }
+        })
+        .unwrap_or_else(|| panic!("no process got pid {want} in 50 tries"));
+    assert_eq!(first.pid % 16_384, second.pid % 16_384);
+    let (_, report, own) = trace_pids(vec![first, second], vec![]);
+    for (pid, mine) in &own {
+        let p = process(&report, *pid);
+        assert_eq!(assert_counts(&report, p, mine), 0, "{pid}: none missed");
+    }
+    assert_eq!(report["dropped"]["total"], 0, "{}", report["dropped"]);
 }
 
 #[test]
