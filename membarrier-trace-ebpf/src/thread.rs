@@ -15,6 +15,8 @@ use membarrier_trace_common::{
 };
 
 use crate::util::bump;
+#[cfg(not(no_cmpxchg))]
+use crate::util::fetch_update;
 
 /// The in-flight slots at their threads' places, `tid % TID_SLOT_COUNT`: found with an inlined
 /// array load, not a hash lookup, on every enter and exit.
@@ -38,17 +40,17 @@ fn place(tid: u32) -> Option<*mut Inflight> {
     TID_SLOTS.get_ptr_mut(tid & (TID_SLOT_COUNT - 1))
 }
 
-/// Thread `tid`'s slot: at its place, else in `INFLIGHT`. tid 0 (the idle tasks, which the
-/// IPI and sched probes see) owns no place: free places hold 0.
+/// Thread `tid`'s place when it holds it. tid 0 (the idle tasks, which the IPI and sched
+/// probes see) holds none: free places hold 0.
+#[inline(always)]
+fn held_place(tid: u32) -> Option<*mut Inflight> {
+    place(tid).filter(|&s| tid != 0 && unsafe { (*s).tid } == u64::from(tid))
+}
+
+/// Thread `tid`'s slot: at its place, else in `INFLIGHT`.
 #[inline(always)]
 pub(crate) fn slot(tid: u32) -> Option<*mut Inflight> {
-    if let Some(s) = place(tid)
-        && unsafe { (*s).tid } == u64::from(tid)
-        && tid != 0
-    {
-        return Some(s);
-    }
-    INFLIGHT.get_ptr_mut(&tid)
+    held_place(tid).or_else(|| INFLIGHT.get_ptr_mut(&tid))
 }
 
 /// A zeroed slot for thread `tid`, which has none: its place when free, else in `INFLIGHT`
@@ -80,7 +82,7 @@ pub(crate) fn new_slot(tid: u32) -> Option<*mut Inflight> {
 }
 
 /// Sets (`held`) or clears the bit of `tid`'s place in PLACES_HELD; false after losing 8 races
-/// in a row (the generic BPF CPU has no atomic or/and; cmpxchg it has).
+/// in a row.
 #[cfg(not(no_cmpxchg))]
 #[inline(always)]
 fn mark_held(tid: u32, held: bool) -> bool {
@@ -88,19 +90,10 @@ fn mark_held(tid: u32, held: bool) -> bool {
         return false;
     };
     let at = (tid & (TID_SLOT_COUNT - 1)) as usize;
+    // Masked again for the verifier, which does not follow the division.
     let word = unsafe { &raw mut (*bits)[(at / 64) & (TID_SLOT_COUNT as usize / 64 - 1)] };
     let bit = 1u64 << (at % 64);
-    let mut cur = unsafe { core::ptr::read_volatile(word) };
-    for _ in 0..8 {
-        let new = if held { cur | bit } else { cur & !bit };
-        let (now, swapped) =
-            unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(word, cur, new) };
-        if swapped {
-            return true;
-        }
-        cur = now;
-    }
-    false
+    fetch_update(word, |cur| if held { cur | bit } else { cur & !bit }).is_some()
 }
 
 /// Zeroes slot `s` but its `tid` (the first word), which keeps it claimed meanwhile.
@@ -117,10 +110,7 @@ pub(crate) unsafe fn clear(s: *mut Inflight, zero: *const Inflight) {
 /// bit left set (8 races lost) only has userspace look at a free place.
 #[inline(always)]
 pub(crate) fn free_slot(tid: u32) {
-    if let Some(s) = place(tid)
-        && unsafe { (*s).tid } == u64::from(tid)
-        && tid != 0
-    {
+    if let Some(s) = held_place(tid) {
         #[cfg(not(no_cmpxchg))]
         mark_held(tid, false);
         unsafe { core::ptr::write_volatile(&raw mut (*s).tid, 0) };

@@ -78,21 +78,29 @@ pub(crate) fn add32(p: *mut u32, v: u32) {
     unsafe { atomic_xadd::<u32, u32, { Relaxed }>(p, v) };
 }
 
-/// Adds `v` to `*p` and returns the value before, or None after losing 8 races in a row. The
-/// object is built for the generic BPF CPU, which has no fetch-and-add; a 64-bit cmpxchg it has.
+/// Stores `f(*p)` at `p` and returns the value before, or None after losing 8 races in a row.
+/// The object is built for the generic BPF CPU, which has no fetch-and-add or atomic or/and; a
+/// 64-bit cmpxchg it has.
 #[cfg(not(no_cmpxchg))]
 #[inline(always)]
-pub(crate) fn fetch_add(p: *mut u64, v: u64) -> Option<u64> {
+pub(crate) fn fetch_update(p: *mut u64, f: impl Fn(u64) -> u64) -> Option<u64> {
     let mut cur = unsafe { core::ptr::read_volatile(p) };
     for _ in 0..8 {
         let (now, swapped) =
-            unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(p, cur, cur.wrapping_add(v)) };
+            unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(p, cur, f(cur)) };
         if swapped {
             return Some(cur);
         }
         cur = now;
     }
     None
+}
+
+/// Adds `v` to `*p` and returns the value before (see [`fetch_update`]).
+#[cfg(not(no_cmpxchg))]
+#[inline(always)]
+pub(crate) fn fetch_add(p: *mut u64, v: u64) -> Option<u64> {
+    fetch_update(p, |cur| cur.wrapping_add(v))
 }
 
 /// Stores `v` when `better(v, current)`, with a bounded compare-exchange retry (the verifier

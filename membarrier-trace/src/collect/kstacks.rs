@@ -21,6 +21,10 @@ pub struct KernelStacks {
     /// Rules not given: their slot held another live process's or address's rule (or the
     /// write failed). Stacks through that code keep going to userspace as samples.
     pub rules_dropped: u64,
+    /// `MEMBARRIER_TRACE_DEBUG_RULES`: say which rules met, or the write's error (the tests'
+    /// way to see why one was dropped: one stacks test saw a rule dropped twice in about 25
+    /// full runs, with 13 rules in 65,536 slots).
+    debug: bool,
 }
 
 impl KernelStacks {
@@ -34,6 +38,7 @@ impl KernelStacks {
             rows,
             slots: HashMap::new(),
             rules_dropped: 0,
+            debug: std::env::var_os("MEMBARRIER_TRACE_DEBUG_RULES").is_some(),
         }
     }
 
@@ -46,9 +51,7 @@ impl KernelStacks {
             let proc = proc_id(p.0, p.1);
             let at = unwind_slot(pc, proc);
             if let Some(held) = self.slots.get(&at).filter(|held| **held != (p, pc)) {
-                // The tests' way to see which rules met (one stacks test saw a rule dropped,
-                // twice in about 25 full runs, with 13 rules in 65,536 slots).
-                if std::env::var_os("MEMBARRIER_TRACE_DEBUG_RULES").is_some() {
+                if self.debug {
                     eprintln!(
                         "membarrier-trace: unwinding rule of {p:?} at {pc:#x} not given: slot {at} \
                          holds {:?} at {:#x} ({} rules)",
@@ -65,7 +68,7 @@ impl KernelStacks {
                     self.slots.insert(at, (p, pc));
                 }
                 Err(e) => {
-                    if std::env::var_os("MEMBARRIER_TRACE_DEBUG_RULES").is_some() {
+                    if self.debug {
                         eprintln!("membarrier-trace: unwinding rule of {p:?} at {pc:#x}: {e}");
                     }
                     self.rules_dropped += 1;
