@@ -123,6 +123,10 @@ pub const IPI_HIST: usize = 64;
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Stats {
+    /// The row's key, as in `STATS`: a thread's cached index (`Inflight::row`) is its row while
+    /// this matches; a freed row's has tgid 0.
+    pub key: StatsKey,
+    pub _pad: u32,
     pub count: u64,
     pub sum_ns: u64,
     /// u64::MAX until the first call.
@@ -165,6 +169,9 @@ pub struct Inflight {
     /// The process's [`Proc::serial`], read when the slot was made.
     pub serial: u32,
     pub ipis: u32,
+    /// The index in `ROWS` of the stats row this thread counted into last: its next call of
+    /// the same key finds its row with an array load, not a `STATS` lookup.
+    pub row: u32,
     /// When the thread last left the CPU inside the call (0: on CPU).
     pub off_since_ns: u64,
     pub blocked_ns: u64,
@@ -788,7 +795,10 @@ pub mod counter {
     /// Not a loss: of `EXITED_RING_FULL`, one-row processes whose row the kernel summed under
     /// their name in `SUMMED` (the others stayed whole: more rows, or `SUMMED` was full).
     pub const EXITED_SUMMED: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// Stats rows freed whose index `FREE_ROWS` refused (its lock not taken): `ROWS` holds one
+    /// row fewer for each until the tracer restarts.
+    pub const ROWS_NOT_FREED: u32 = 12;
+    pub const COUNT: u32 = 13;
 }
 
 /// Default map sizes; userspace sizes STATS, INFLIGHT and PROCS from the machine at load

@@ -2,13 +2,14 @@
 //! flags, errno) at exit.
 
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, Queue},
 };
 use membarrier_trace_common::{
-    INSIDE_SLOTS, IPI_HIST, Inflight, MAX_STATS, OTHER_ROW, Stats, StatsKey, THREAD_CMDS, counter,
-    row_kind, thread_cmd,
+    COMM_LEN, INSIDE_SLOTS, IPI_HIST, Inflight, MAX_STATS, OTHER_ROW, Stats, StatsKey, THREAD_CMDS,
+    counter, row_kind, thread_cmd,
 };
 
 use crate::{
@@ -16,7 +17,7 @@ use crate::{
     process::{PROCS, process, process_comm},
     stacks::take_stack,
     thread::{ZERO_SLOT, clear, hold_thread, new_slot, send_thread, slot},
-    util::{Row as _, add, add32, bucket, bump, now, row_of, update},
+    util::{Row as _, add, add32, bucket, bump, now, update},
 };
 
 /// Threads inside membarrier, counted per `tid % INSIDE_SLOTS`: the probes that run for every
@@ -24,13 +25,25 @@ use crate::{
 #[map]
 pub(crate) static INSIDE: Array<u32> = Array::with_max_entries(INSIDE_SLOTS, 0);
 
-// One shared, preallocated row per key, updated with atomics. Not per-CPU: a row is 8.8 KiB, so
-// per-CPU rows cost rows x CPUs x 8.8 KiB; and not BPF_F_NO_PREALLOC: allocation from a tracing
-// program fails transiently (-ENOMEM) while the allocator refills its per-CPU cache, which
-// dropped the first calls of new rows in testing. Rows are only contended when one process
-// calls from several CPUs at once, and the expedited cmds serialize on a kernel mutex anyway.
+/// The stats rows' keys, each to its row's index in `ROWS`. Sized by userspace, as `ROWS` and
+/// `FREE_ROWS` are, to the same count.
 #[map]
-pub(crate) static STATS: HashMap<StatsKey, Stats> = HashMap::with_max_entries(MAX_STATS, 0);
+pub(crate) static STATS: HashMap<StatsKey, u32> = HashMap::with_max_entries(MAX_STATS, 0);
+
+// One shared, preallocated row per key, updated with atomics, at an index a thread's slot
+// caches: its next call of the same key finds the row with an inlined array load and the key's
+// compare, not a hash lookup of `STATS` (about 40 ns a call on this machine). Not per-CPU: a row
+// is 8.8 KiB, so per-CPU rows cost rows x CPUs x 8.8 KiB. Rows are only contended when one
+// process calls from several CPUs at once, and the expedited cmds serialize on a kernel mutex
+// anyway.
+#[map]
+pub(crate) static ROWS: Array<Stats> = Array::with_max_entries(MAX_STATS, 0);
+
+/// The indices of `ROWS` not in use: userspace puts them all in at load; a new row takes one,
+/// and whichever side removes a row's `STATS` entry (the kernel at its process's exit, or
+/// userspace's retire pass) gives its index back.
+#[map]
+pub(crate) static FREE_ROWS: Queue<u32> = Queue::with_max_entries(MAX_STATS, 0);
 
 /// Template for new stats rows: the BPF stack (512 bytes) cannot hold one.
 #[map]
@@ -184,7 +197,7 @@ pub(crate) fn on_exit(end_ns: u64, ret: i64) {
     // A stats row is the process's: named after it, as the slot has it (read there: the reads
     // here, before the `--stacks` walk, were too much for 6.1's verifier).
     let made = || count_row(tgid, key.serial, row_kind(key.cmd, key.flags, key.errno));
-    let Some(row) = row_of(&STATS, &SCRATCH, &key, || call.process, made) else {
+    let Some(row) = stats_row(call, &key, made) else {
         bump(counter::DROPPED_STATS);
         return;
     };
@@ -231,6 +244,73 @@ pub(crate) fn on_exit(end_ns: u64, ret: i64) {
             )
         };
         take_stack(row, &key, end_ns, ns, ra);
+    }
+}
+
+/// The call's stats row, of `key`: at the index its thread's slot holds while the row there is
+/// still this key's (the thread's last call had the same cmd, flags and outcome), else found
+/// or made by [`row_index`], and its index kept in the slot.
+#[inline(always)]
+pub(crate) fn stats_row(
+    call: &mut Inflight,
+    key: &StatsKey,
+    made: impl FnOnce(),
+) -> Option<*mut Stats> {
+    if let Some(row) = ROWS.get_ptr_mut(call.row)
+        && unsafe { (*row).key } == *key
+    {
+        return Some(row);
+    }
+    let i = row_index(key, || call.process, made)?;
+    call.row = i;
+    ROWS.get_ptr_mut(i)
+}
+
+/// The index of `key`'s row in `ROWS`, the row made on first use (named `comm()`, and
+/// `made()` run by the one call that made it). None when every row is in use.
+#[inline(always)]
+pub(crate) fn row_index(
+    key: &StatsKey,
+    comm: impl FnOnce() -> [u8; COMM_LEN],
+    made: impl FnOnce(),
+) -> Option<u32> {
+    if let Some(i) = row_of_key(key) {
+        return Some(i);
+    }
+    // Slow path, once per row: a free index, filled from the per-CPU template (the row is too
+    // large for the stack; the template is never counted into, so its histograms stay zero),
+    // then its key in STATS. NOEXIST: another CPU may have made the row meanwhile; then the
+    // index goes back and theirs is used.
+    let i = FREE_ROWS.pop().ok()??;
+    if let Some(t) = SCRATCH.get_ptr_mut(0) {
+        let t = unsafe { &mut *t };
+        t.start(comm());
+        t.key = *key;
+        if ROWS.set(i, &*t, 0).is_ok() && STATS.insert(key, &i, BPF_NOEXIST as u64).is_ok() {
+            made();
+            return Some(i);
+        }
+    }
+    free_row(i);
+    row_of_key(key)
+}
+
+/// The index `STATS` gives `key`'s row.
+#[inline(always)]
+pub(crate) fn row_of_key(key: &StatsKey) -> Option<u32> {
+    STATS.get_ptr(key).map(|i| unsafe { *i })
+}
+
+/// Gives row `i` back, its `STATS` entry removed by the caller: its key no longer any
+/// thread's (a cached index finds tgid 0), its index free. An index the queue refuses (its lock
+/// not taken) is counted: one row fewer until the tracer restarts.
+#[inline(always)]
+pub(crate) fn free_row(i: u32) {
+    if let Some(row) = ROWS.get_ptr_mut(i) {
+        unsafe { core::ptr::write_volatile(&raw mut (*row).key.tgid, 0) };
+    }
+    if FREE_ROWS.push(i, 0).is_err() {
+        bump(counter::ROWS_NOT_FREED);
     }
 }
 

@@ -18,7 +18,7 @@ use membarrier_trace_common::{
 #[cfg(not(no_cmpxchg))]
 use crate::util::fetch_add;
 use crate::{
-    call::{STATS, inside_counter},
+    call::{ROWS, STATS, free_row, inside_counter, row_of_key},
     config::{breakdown, stacks},
     process::{EXIT_NAMES, PROCS, process_of},
     thread::{EXITED, free_slot, hold_thread, send_thread, slot, thread_calls},
@@ -191,7 +191,7 @@ pub(crate) fn moved(tgid: u32, serial: u32, rows: u64, tid: u32) -> bool {
             flags,
             errno,
         };
-        let Some(row) = STATS.get_ptr(&key) else {
+        let Some(row) = row_of_key(&key).and_then(|i| ROWS.get_ptr(i)) else {
             return false;
         };
         let row = unsafe { &*row };
@@ -266,13 +266,19 @@ pub(crate) fn moved(tgid: u32, serial: u32, rows: u64, tid: u32) -> bool {
     for bit in 0..36u32 {
         if rows & (1 << bit) != 0 {
             let (cmd, flags, errno) = kind_key(bit);
-            let _ = STATS.remove(&StatsKey {
+            let key = StatsKey {
                 tgid,
                 serial,
                 cmd,
                 flags,
                 errno,
-            });
+            };
+            // The side whose remove succeeds (this, or userspace's retire pass) frees the row.
+            if let Some(i) = row_of_key(&key)
+                && STATS.remove(&key).is_ok()
+            {
+                free_row(i);
+            }
         }
     }
     true

@@ -11,10 +11,10 @@ use aya_ebpf::{
 use membarrier_trace_common::{COMM_LEN, StatsKey};
 
 use crate::{
-    call::{SCRATCH, STATS, inside_counter, on_enter, on_exit},
+    call::{ROWS, inside_counter, on_enter, on_exit, row_index, stats_row},
     config::{ENTER_CMD_OFF, ENTER_FLAGS_OFF, EXIT_RET_OFF},
     thread::{INFLIGHT, ZERO_SLOT, new_slot, slot},
-    util::{Row as _, add32, arg, current_tid, now, row_of},
+    util::{Row as _, add32, arg, current_tid, now},
 };
 
 #[tracepoint]
@@ -170,22 +170,46 @@ pub fn part_place(_ctx: TracePointContext) -> u32 {
     }
 }
 
-/// The call's stats row found by its key, as every exit does; with `count`, counted into.
+/// The call's stats row found by its key in `STATS`, as a thread's first call of a key does
+/// (later ones find it at the index their slot keeps); with `count`, counted into.
 #[inline(always)]
 fn part_row_of(count: bool) -> u32 {
-    let key = StatsKey {
-        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        serial: u32::MAX, // no process's
-        cmd: 8,
-        flags: 0,
-        errno: 0,
-    };
-    if let Some(row) = row_of(&STATS, &SCRATCH, &key, || [0; COMM_LEN], || {})
+    let key = floor_key((bpf_get_current_pid_tgid() >> 32) as u32);
+    if let Some(i) = row_index(&key, || [0; COMM_LEN], || {})
+        && let Some(row) = ROWS.get_ptr_mut(i)
         && count
     {
         unsafe { (*row).count_one(100) };
     }
     0
+}
+
+/// The tid, the thread's slot at its place, and the call's stats row at the index the slot
+/// keeps, checked against its key, as every exit finds its row (made, and its index kept, at
+/// the first run).
+#[tracepoint]
+pub fn part_row_at_index(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let key = floor_key((pid_tgid >> 32) as u32);
+    if let Some(s) = slot(tid).or_else(|| new_slot(tid))
+        && let Some(row) = stats_row(unsafe { &mut *s }, &key, || {})
+    {
+        return unsafe { core::ptr::read_volatile(&(*row).count) } as u32 & 0;
+    }
+    0
+}
+
+/// The key of the parts' own row: no process's.
+#[inline(always)]
+fn floor_key(tgid: u32) -> StatsKey {
+    StatsKey {
+        tgid,
+        serial: u32::MAX,
+        cmd: 8,
+        flags: 0,
+        errno: 0,
+    }
 }
 
 #[tracepoint]

@@ -67,8 +67,12 @@ pub enum FloorPart {
     /// The thread's in-flight slot found by its tid in a hash map (where another thread holds
     /// its place).
     Slot,
-    /// The call's stats row found by its key (a hash map).
+    /// The call's stats row found by its key (a hash map, then the rows' array), as a thread's
+    /// first call of a key finds it.
     Row,
+    /// The tid, the thread's slot at its place, and the stats row at the index the slot keeps,
+    /// checked against its key: how every exit finds its row.
+    RowAtIndex,
     /// The same, counted into.
     RowCount,
     /// An atomic add into an array element (its lookup inlined).
@@ -85,6 +89,7 @@ impl FloorPart {
             FloorPart::Place => "part_place",
             FloorPart::Slot => "part_slot",
             FloorPart::Row => "part_row",
+            FloorPart::RowAtIndex => "part_row_at_index",
             FloorPart::RowCount => "part_row_count",
             FloorPart::ArrayAdd => "part_array_add",
         })

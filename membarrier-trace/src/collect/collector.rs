@@ -8,7 +8,7 @@ use std::{collections::HashMap, os::fd::AsFd as _, path::Path, time::Instant};
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, Queue},
 };
 use membarrier_trace_common::{
     COMM_LEN, CpuKey, EXITED_RING_BYTES, Handled, HandlerKey, Inflight, MAX_KSTACKS, PlacesHeld,
@@ -68,7 +68,11 @@ pub struct Options {
 pub struct Collector {
     // Owns the programs; dropping it detaches them.
     pub(super) ebpf: Ebpf,
-    pub(super) stats: BpfHashMap<MapData, StatsKey, Stats>,
+    /// The stats rows' keys, each to its index in `rows`.
+    pub(super) stats: BpfHashMap<MapData, StatsKey, u32>,
+    pub(super) rows: Array<MapData, Stats>,
+    /// The indices of `rows` free: the retire pass gives back those it frees.
+    pub(super) free_rows: Queue<MapData, u32>,
     pub(super) counters: PerCpuArray<MapData, u64>,
     pub(super) inflight: BpfHashMap<MapData, u32, Inflight>,
     pub(super) tid_slots: Array<MapData, Inflight>,
@@ -284,6 +288,13 @@ impl Collector {
             .rcu
             .then(|| Writers::load(&ebpf, object(opts), &mut btf, opts.rcu_funcs.clone()));
         let stats = take(&mut ebpf, "STATS")?;
+        let rows = take(&mut ebpf, "ROWS")?;
+        let mut free_rows: Queue<MapData, u32> = take(&mut ebpf, "FREE_ROWS")?;
+        for i in 0..sizes.stats {
+            free_rows
+                .push(i, 0)
+                .context("filling the free rows' queue")?;
+        }
         let counters = take(&mut ebpf, "COUNTERS")?;
         let inflight = take(&mut ebpf, "INFLIGHT")?;
         let tid_slots = take(&mut ebpf, "TID_SLOTS")?;
@@ -326,6 +337,8 @@ impl Collector {
         let mut c = Self {
             ebpf,
             stats,
+            rows,
+            free_rows,
             counters,
             inflight,
             tid_slots,
@@ -665,6 +678,8 @@ fn load_object(
     let task_offsets = task.map_or([0; 3], |t| [t.pid, t.group_leader, t.comm]);
     EbpfLoader::new()
         .map_max_entries("STATS", sizes.stats)
+        .map_max_entries("ROWS", sizes.stats)
+        .map_max_entries("FREE_ROWS", sizes.stats)
         .map_max_entries("INFLIGHT", sizes.inflight)
         .map_max_entries("PROCS", sizes.procs)
         .override_global("FILTER_TGIDS", &filter, true)

@@ -4,7 +4,9 @@
 use std::collections::HashSet;
 
 use anyhow::{Context as _, Result};
-use membarrier_trace_common::{CpuKey, Handled, HandlerKey, TID_SLOT_COUNT, WakerKey, counter};
+use membarrier_trace_common::{
+    CpuKey, Handled, HandlerKey, Stats, StatsKey, TID_SLOT_COUNT, WakerKey, counter,
+};
 
 use crate::{
     model::{ExitedRows, Losses, ProcKey, RawRow, Snapshot, ThreadRow, WriterRow, comm_str},
@@ -16,6 +18,13 @@ use super::{collector::Collector, retired::ProcKeyed as _};
 impl Collector {
     pub(super) fn counter(&self, idx: u32) -> Result<u64> {
         Ok(self.counters.get(&idx, 0)?.iter().sum())
+    }
+
+    /// Stats row `i`, read after `STATS` gave it for `key`: None when it is no longer that
+    /// key's (freed, and maybe made again for another, since).
+    pub(super) fn row(&self, key: &StatsKey, i: u32) -> Result<Option<Stats>> {
+        let row = self.rows.get(&i, 0).context("reading a stats row")?;
+        Ok((row.key == *key).then_some(row))
     }
 
     /// One pass over the in-flight slots: the calls of the threads of processes in `live`, and
@@ -156,8 +165,12 @@ impl Collector {
     ) -> Result<Vec<RawRow>> {
         let mut rows = Vec::new();
         for item in self.stats.iter() {
-            let (key, s) = item.context("reading the stats map")?;
-            // A row is created just before its first call is counted into it.
+            let (key, i) = item.context("reading the stats map")?;
+            // A row is created just before its first call is counted into it; one whose key is
+            // another's was freed (and made again) since its key was read.
+            let Some(s) = self.row(&key, i)? else {
+                continue;
+            };
             if s.count == 0 {
                 continue;
             }
@@ -212,7 +225,10 @@ impl Collector {
             calls_without_row: self.counter(counter::DROPPED_STATS)?,
             calls_without_inflight_slot: no_slot,
             processes_not_tracked: self.counter(counter::DROPPED_PROCS)?,
-            detail_rows: self.counter(counter::DROPPED_DETAIL)?,
+            // With the stats rows whose index could not be freed (never seen: the queue's lock
+            // fails only past a deadlock check or a quarter-second wait).
+            detail_rows: self.counter(counter::DROPPED_DETAIL)?
+                + self.counter(counter::ROWS_NOT_FREED)?,
             unwind_rules: self.kstacks.as_ref().map_or(0, |k| k.rules_dropped),
             probe_runs_skipped,
             hook_runs_skipped,

@@ -9,8 +9,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use membarrier_trace_common::{
-    COMM_LEN, MAX_THREADS, MOVED_ROWS, StatsKey, SummedKey, SummedRow, THREAD_CMDS, ThreadCalls,
-    ThreadKey, WriterKey, proc_id, thread_cmd,
+    COMM_LEN, MAX_THREADS, MOVED_ROWS, Stats, StatsKey, SummedKey, SummedRow, THREAD_CMDS,
+    ThreadCalls, ThreadKey, WriterKey, proc_id, thread_cmd,
 };
 
 use crate::{
@@ -165,14 +165,24 @@ impl Collector {
         for key in keys.iter().filter(|k| dead.contains(&k.proc())) {
             // Gone since the keys were read: the kernel moved it at the exit (it moves a
             // process's rows before its PROCS entry goes, so it is in the next drain).
-            let row = match self.stats.get(key, 0) {
+            let i = match self.stats.get(key, 0) {
                 Err(MapError::KeyNotFound) => continue,
-                r => r.context("reading a stats row")?,
+                r => r.context("reading the stats map")?,
+            };
+            let Some(row) = self.row(key, i)? else {
+                continue;
             };
             match self.stats.remove(key) {
                 Err(MapError::KeyNotFound) => continue,
                 r => r.context("freeing a stats row")?,
             }
+            // Removed here, so this side frees it (see the kernel's `free_row`).
+            // SAFETY: a row is plain integers; all zero is a valid (empty) one.
+            let empty: Stats = unsafe { std::mem::zeroed() };
+            self.rows.set(i, empty, 0).context("clearing a stats row")?;
+            self.free_rows
+                .push(i, 0)
+                .context("freeing a stats row's index")?;
             if row.count == 0 {
                 continue;
             }

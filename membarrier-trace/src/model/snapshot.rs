@@ -363,7 +363,8 @@ pub struct Losses {
     pub calls_without_inflight_slot: u64,
     /// Processes the process map had no room for: with `-- COMMAND`, children not followed.
     pub processes_not_tracked: u64,
-    /// IPI-per-CPU, waker or csd rows that did not fit: those figures are short.
+    /// IPI-per-CPU, waker, csd or exited-thread rows that did not fit: those figures are
+    /// short; and stats rows whose index could not be given back (the stats map a row smaller).
     pub detail_rows: u64,
     /// `--stacks`: unwinding rules the kernel was not given (their slot in `UNWIND` held another
     /// live rule): stacks through that code keep going to userspace as samples, within the rate.

@@ -154,11 +154,15 @@ fn rcu_writers_are_counted_per_caller_and_thread() {
             w["threads"],
             json!([{"tid": tid, "name": thread_name, "grace_periods": n}])
         );
-        // Inside the program's own clock readings around each call, and not much less.
+        // Inside the program's own clock readings around each call, and not much less: between
+        // them are only the entry probe's trap before its reading and the return probe's after
+        // its own, a few microseconds a grace period. (Not a share of the program's time: its
+        // grace periods took 11 to 430 us each from run to run, and 11 us against 1.9 us of
+        // traps on this machine in a slow phase was 83%.)
         let sum = w["latency_ns"]["sum"].as_u64().unwrap();
         assert!(
-            sum <= ns && sum * 100 >= ns * 85,
-            "{function}: {sum} ns, own {ns} ns"
+            sum <= ns && ns - sum <= n * 10_000,
+            "{function}: {sum} ns, own {ns} ns, {n} grace periods"
         );
         // liburcu-memb issues membarrier before and after waiting for readers.
         assert!(
