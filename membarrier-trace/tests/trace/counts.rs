@@ -323,8 +323,11 @@ fn a_burst_of_short_lived_processes_loses_no_call() {
         (&json!("mt-after"), &json!(true))
     );
     assert!(report["exited_summed"].as_u64().unwrap() >= 65_000 - 1024);
-    // Last: a slower burst would not test the claim (here: about 30,000 a second traced).
-    assert!(rate >= 20_000.0, "only {rate:.0} processes a second");
+    // Last: the burst ran its children in parallel, not one after another (which would not
+    // test the claim). Traced, this VM makes 19,900 to 30,000 a second with the machine's
+    // phase (20,000 was once the floor here, and a slow hour failed it at 19,929); one child at
+    // a time, untraced, about 4,500. The stopped burst fills the ring whatever the rate.
+    assert!(rate >= 10_000.0, "only {rate:.0} processes a second");
     eprintln!("burst: {how}, every call counted");
 }
 
