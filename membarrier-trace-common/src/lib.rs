@@ -126,7 +126,9 @@ pub struct Stats {
     /// The row's key, as in `STATS`: a thread's cached index (`Inflight::row`) is its row while
     /// this matches; a freed row's has tgid 0.
     pub key: StatsKey,
-    pub _pad: u32,
+    /// [`thread_cmd`] of the key's cmd and flags, set when the row is made: the exit counts
+    /// the thread's call there without working it out again.
+    pub thread_cmd: u32,
     pub count: u64,
     pub sum_ns: u64,
     /// u64::MAX until the first call.

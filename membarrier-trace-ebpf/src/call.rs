@@ -20,10 +20,41 @@ use crate::{
     util::{Row as _, add, add32, bucket, bump, now, update},
 };
 
-/// Threads inside membarrier, counted per `tid % INSIDE_SLOTS`: the probes that run for every
-/// task on the box look here first (an inlined array load) and return unless it is non-zero.
+/// Threads inside membarrier (or a userspace grace period), per `tid % INSIDE_SLOTS`: the
+/// probes that run for every task on the box look here first (an inlined array load) and
+/// return unless it is non-zero. A word per index: its bytes 0 and 1 are flags only the thread
+/// holding its place in `TID_SLOTS` writes, with plain stores (its call, its grace period: the
+/// holder is the one thread of its place, so of its index); bytes 4..8 count, with atomic adds,
+/// the threads of the index whose slot is in `INFLIGHT`.
 #[map]
-pub(crate) static INSIDE: Array<u32> = Array::with_max_entries(INSIDE_SLOTS, 0);
+pub(crate) static INSIDE: Array<u64> = Array::with_max_entries(INSIDE_SLOTS, 0);
+
+/// What a thread is inside: its flag's byte in its `INSIDE` word.
+#[derive(Clone, Copy)]
+#[repr(usize)]
+pub(crate) enum Inside {
+    Call = 0,
+    GracePeriod = 1,
+}
+
+/// Marks thread `tid`, whose slot is `slot`, as inside (`on`) or out of `what`: its flag when
+/// it holds its place (a plain store: the enter's and exit's atomic adds cost about 10 ns a
+/// call), else one more or one fewer in its index's count.
+#[inline(always)]
+pub(crate) fn mark_inside(slot: &Inflight, tid: u32, what: Inside, on: bool) {
+    let Some(word) = INSIDE.get_ptr_mut(tid % INSIDE_SLOTS) else {
+        return;
+    };
+    if slot.tid != 0 {
+        // At its place (an INFLIGHT slot's tid is 0).
+        unsafe { core::ptr::write_volatile(word.cast::<u8>().add(what as usize), u8::from(on)) };
+    } else {
+        add32(
+            unsafe { word.cast::<u32>().add(1) },
+            if on { 1 } else { u32::MAX },
+        );
+    }
+}
 
 /// The stats rows' keys, each to its row's index in `ROWS`. Sized by userspace, as `ROWS` and
 /// `FREE_ROWS` are, to the same count.
@@ -49,11 +80,6 @@ pub(crate) static FREE_ROWS: Queue<u32> = Queue::with_max_entries(MAX_STATS, 0);
 #[map]
 pub(crate) static SCRATCH: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
 
-#[inline(always)]
-pub(crate) fn inside_counter(tid: u32) -> Option<*mut u32> {
-    INSIDE.get_ptr_mut(tid % INSIDE_SLOTS)
-}
-
 /// The slot of `tid` if it is inside membarrier now. The array check keeps the common case
 /// (a task that is not) to one inlined load.
 #[inline(always)]
@@ -62,11 +88,11 @@ pub(crate) fn inside(tid: u32) -> Option<&'static mut Inflight> {
 }
 
 /// The slot of `tid` if a thread with its index in INSIDE is inside membarrier or a userspace
-/// grace period.
+/// grace period (the caller checks that it is this one).
 #[inline(always)]
 pub(crate) fn marked(tid: u32) -> Option<&'static mut Inflight> {
-    let n = inside_counter(tid)?;
-    if unsafe { *n } == 0 {
+    let word = INSIDE.get_ptr(tid % INSIDE_SLOTS)?;
+    if unsafe { *word } == 0 {
         return None;
     }
     Some(unsafe { &mut *slot(tid)? })
@@ -87,21 +113,25 @@ pub(crate) fn on_enter(cmd: u32, flags: u32) {
         // Still open: the exit of this thread's last call was skipped (it stays counted as
         // inside membarrier, so it is not counted in again).
         bump(counter::EXIT_SKIPPED);
-    } else if breakdown()
-        && let Some(n) = inside_counter(tid)
-    {
-        add32(n, 1);
+    } else if breakdown() {
+        mark_inside(unsafe { &*slot }, tid, Inside::Call, true);
     }
-    // The call's fields afresh; the thread's (identity, counters, grace period) stay.
+    // The call's fields afresh; the thread's (identity, counters, grace period) stay. Volatile
+    // stores: LLVM merges plain ones into a memset, which BPF runs as a call to a byte loop
+    // (40 bytes, 40 turns), the enter's largest cost after the clock.
     let s = unsafe { &mut *slot };
     s.cmd = cmd;
     s.flags = flags;
     s.ipis = 0;
-    s.off_since_ns = 0;
-    s.blocked_ns = 0;
-    s.lock_since_ns = 0;
-    s.mutex_wait_ns = 0;
-    s.gp_since_ns = 0;
+    for field in [
+        &raw mut s.off_since_ns,
+        &raw mut s.blocked_ns,
+        &raw mut s.lock_since_ns,
+        &raw mut s.mutex_wait_ns,
+        &raw mut s.gp_since_ns,
+    ] {
+        unsafe { core::ptr::write_volatile(field, 0) };
+    }
     // Timestamp last, so the tracer's own work here is not counted as the call's.
     s.start_ns = now();
 }
@@ -173,10 +203,8 @@ pub(crate) fn on_exit(end_ns: u64, ret: i64) {
     };
     let ns = end_ns.wrapping_sub(call.start_ns);
     call.start_ns = 0;
-    if breakdown()
-        && let Some(n) = inside_counter(tid)
-    {
-        add32(n, u32::MAX); // -1
+    if breakdown() {
+        mark_inside(call, tid, Inside::Call, false);
     }
     if call.writer.start_ns != 0 {
         // Inside a userspace grace period: its membarrier share.
@@ -204,9 +232,8 @@ pub(crate) fn on_exit(end_ns: u64, ret: i64) {
     let row = unsafe { &mut *row };
     row.count_one(ns);
     // The slot is the thread's own: a plain add.
-    let i = thread_cmd(call.cmd, call.flags);
-    let i = unsafe { core::ptr::read_volatile(&i) }.min(THREAD_CMDS - 1);
-    call.thread.calls[i] += 1;
+    let i = row.thread_cmd as usize;
+    call.thread.calls[i.min(THREAD_CMDS - 1)] += 1;
     // The breakdown: zero for most calls, so only non-zero parts are added (userspace derives
     // the zero buckets from the count).
     if call.blocked_ns != 0 {
@@ -286,6 +313,7 @@ pub(crate) fn row_index(
         let t = unsafe { &mut *t };
         t.start(comm());
         t.key = *key;
+        t.thread_cmd = thread_cmd(key.cmd, key.flags) as u32;
         if ROWS.set(i, &*t, 0).is_ok() && STATS.insert(key, &i, BPF_NOEXIST as u64).is_ok() {
             made();
             return Some(i);

@@ -18,11 +18,11 @@ use membarrier_trace_common::{
 #[cfg(not(no_cmpxchg))]
 use crate::util::fetch_add;
 use crate::{
-    call::{ROWS, STATS, free_row, inside_counter, row_of_key},
+    call::{Inside, ROWS, STATS, free_row, mark_inside, row_of_key},
     config::{breakdown, stacks},
     process::{EXIT_NAMES, PROCS, process_of},
     thread::{EXITED, free_slot, hold_thread, send_thread, slot, thread_calls},
-    util::{add, add32, bucket, bump, row_from, update},
+    util::{add, bucket, bump, row_from, update},
 };
 
 /// Before Linux 5.12: the processes whose last task was claimed (see `last_task`). Only the
@@ -70,7 +70,7 @@ pub(crate) fn on_task_exit() {
     let tid = pid_tgid as u32;
     // A slot still open at exit: the exit of the thread's last call was skipped (a thread
     // cannot exit inside a syscall), or the thread died inside a userspace grace period. Each
-    // open one was counted into INSIDE.
+    // open one was marked in INSIDE.
     if let Some(slot) = slot(tid) {
         let slot = unsafe { &mut *slot };
         let (call, gp) = (slot.start_ns != 0, slot.writer.depth != 0);
@@ -80,11 +80,11 @@ pub(crate) fn on_task_exit() {
         if gp {
             bump(counter::MISSED_WRITERS);
         }
-        if breakdown()
-            && (call || gp)
-            && let Some(n) = inside_counter(tid)
-        {
-            add32(n, (u32::from(call) + u32::from(gp)).wrapping_neg());
+        if breakdown() && call {
+            mark_inside(slot, tid, Inside::Call, false);
+        }
+        if breakdown() && gp {
+            mark_inside(slot, tid, Inside::GracePeriod, false);
         }
         // The thread's calls go out, named as it exits, before the slot is freed.
         slot.thread.comm = bpf_get_current_comm().unwrap_or_default();

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use membarrier_trace_common::{COMM_LEN, StatsKey};
 
 use crate::{
-    call::{ROWS, inside_counter, on_enter, on_exit, row_index, stats_row},
+    call::{INSIDE, ROWS, on_enter, on_exit, row_index, stats_row},
     config::{ENTER_CMD_OFF, ENTER_FLAGS_OFF, EXIT_RET_OFF},
     thread::{INFLIGHT, ZERO_SLOT, new_slot, slot},
     util::{Row as _, add32, arg, current_tid, now},
@@ -222,13 +222,14 @@ pub fn part_row_count(_ctx: TracePointContext) -> u32 {
     part_row_of(true)
 }
 
-/// An atomic add into an array element: the inside-counter's cost, and what a lookup costs
-/// where the key is an index. (Into slot 0, which nothing reads without the breakdown. Adding 0
-/// would be compiled as an atomic load, which BPF does not have.)
+/// An atomic add into an array element: what marking a thread inside costs where its slot is
+/// not at its place, and what a lookup costs where the key is an index. (Into index 0's count,
+/// which nothing reads without the breakdown. Adding 0 would be compiled as an atomic load,
+/// which BPF does not have.)
 #[tracepoint]
 pub fn part_array_add(_ctx: TracePointContext) -> u32 {
-    if let Some(n) = inside_counter(0) {
-        add32(n, 1);
+    if let Some(n) = INSIDE.get_ptr_mut(0) {
+        add32(unsafe { n.cast::<u32>().add(1) }, 1);
     }
     0
 }

@@ -15,11 +15,11 @@ use membarrier_trace_common::{
 };
 
 use crate::{
-    call::{count_row, inside_counter, slot_of},
+    call::{Inside, count_row, mark_inside, slot_of},
     config::{armed, breakdown},
     process::process,
     thread::slot,
-    util::{Row as _, add, add32, bump, now, row_of},
+    util::{Row as _, add, bump, now, row_of},
 };
 
 /// Userspace RCU grace periods, per (process, thread, function, caller).
@@ -83,10 +83,8 @@ pub fn rcu_gp_enter(ctx: ProbeContext) -> u32 {
             bump(counter::CALLERS_UNSENT);
         }
     }
-    if breakdown()
-        && let Some(n) = inside_counter(pid_tgid as u32)
-    {
-        add32(n, 1);
+    if breakdown() {
+        mark_inside(unsafe { &*slot }, tid, Inside::GracePeriod, true);
     }
     w.start_ns = now();
     0
@@ -120,10 +118,8 @@ pub fn rcu_gp_exit(_ctx: RetProbeContext) -> u32 {
     slot.writer.start_ns = 0;
     // The return address is back on the stack.
     slot.writer.ra_at = 0;
-    if breakdown()
-        && let Some(n) = inside_counter(tid)
-    {
-        add32(n, u32::MAX); // -1
+    if breakdown() {
+        mark_inside(slot, tid, Inside::GracePeriod, false);
     }
     let key = WriterKey {
         tgid,
