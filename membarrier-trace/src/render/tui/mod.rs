@@ -34,13 +34,13 @@ pub trait Feed {
     fn final_report(&mut self) -> Result<Report>;
 }
 
+/// When the dashboard first shows what was counted since the start.
+const FIRST_FIGURES: Duration = Duration::from_millis(100);
+
 /// Runs the dashboard until the user quits or `feed` stops with [`Stop::Leave`]. Returns the
 /// final report when tracing ended by itself (then shown until the user quits). The terminal
 /// is restored on every way out: return, error, and panic (ratatui's init installs a hook for
 /// that).
-/// When the dashboard first shows what was counted since the start.
-const FIRST_FIGURES: Duration = Duration::from_millis(100);
-
 pub fn run(feed: &mut impl Feed, interval: Duration, source: String) -> Result<Option<Report>> {
     let mut terminal = ratatui::try_init()?;
     let r = (|| -> Result<Option<Report>> {
