@@ -37,23 +37,32 @@ pub(crate) enum Inside {
     GracePeriod = 1,
 }
 
-/// Marks thread `tid`, whose slot is `slot`, as inside (`on`) or out of `what`: its flag when
-/// it holds its place (a plain store: an atomic add at the enter and another at the exit cost
-/// about 7 ns a call here), else one more or one fewer in its index's count.
+/// Marks thread `tid`, whose slot is `slot`, as inside (`on`) or out of `what`, for the
+/// breakdown's probes (nothing without them): its flag when it holds its place (a plain store:
+/// an atomic add at the enter and another at the exit cost about 7 ns a call here), else one
+/// more or one fewer in its index's count.
 #[inline(always)]
 pub(crate) fn mark_inside(slot: &Inflight, tid: u32, what: Inside, on: bool) {
-    let Some(word) = INSIDE.get_ptr_mut(tid % INSIDE_SLOTS) else {
+    if !breakdown() {
         return;
-    };
+    }
     if slot.tid != 0 {
         // At its place (an INFLIGHT slot's tid is 0).
-        unsafe { core::ptr::write_volatile(word.cast::<u8>().add(what as usize), u8::from(on)) };
-    } else {
-        add32(
-            unsafe { word.cast::<u32>().add(1) },
-            if on { 1 } else { u32::MAX },
-        );
+        if let Some(word) = INSIDE.get_ptr_mut(tid % INSIDE_SLOTS) {
+            let flag = unsafe { word.cast::<u8>().add(what as usize) };
+            unsafe { core::ptr::write_volatile(flag, u8::from(on)) };
+        }
+    } else if let Some(count) = inside_count(tid) {
+        add32(count, if on { 1 } else { u32::MAX });
     }
+}
+
+/// The count half (bytes 4..8) of `tid`'s `INSIDE` word: the threads of its index whose slot is
+/// in `INFLIGHT`.
+#[inline(always)]
+pub(crate) fn inside_count(tid: u32) -> Option<*mut u32> {
+    let word = INSIDE.get_ptr_mut(tid % INSIDE_SLOTS)?;
+    Some(unsafe { word.cast::<u32>().add(1) })
 }
 
 /// The stats rows' keys, each to its row's index in `ROWS`. Sized by userspace, as `ROWS` and
@@ -113,7 +122,7 @@ pub(crate) fn on_enter(cmd: u32, flags: u32) {
         // Still open: the exit of this thread's last call was skipped (it stays counted as
         // inside membarrier, so it is not counted in again).
         bump(counter::EXIT_SKIPPED);
-    } else if breakdown() {
+    } else {
         mark_inside(unsafe { &*slot }, tid, Inside::Call, true);
     }
     // The call's fields afresh; the thread's (identity, counters, grace period) stay. Volatile
@@ -203,9 +212,7 @@ pub(crate) fn on_exit(end_ns: u64, ret: i64) {
     };
     let ns = end_ns.wrapping_sub(call.start_ns);
     call.start_ns = 0;
-    if breakdown() {
-        mark_inside(call, tid, Inside::Call, false);
-    }
+    mark_inside(call, tid, Inside::Call, false);
     if call.writer.start_ns != 0 {
         // Inside a userspace grace period: its membarrier share.
         call.writer.calls += 1;

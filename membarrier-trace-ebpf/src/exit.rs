@@ -19,7 +19,7 @@ use membarrier_trace_common::{
 use crate::util::fetch_add;
 use crate::{
     call::{Inside, ROWS, STATS, free_row, mark_inside, row_of_key},
-    config::{breakdown, stacks},
+    config::stacks,
     process::{EXIT_NAMES, PROCS, process_of},
     thread::{EXITED, free_slot, hold_thread, send_thread, slot, thread_calls},
     util::{add, bucket, bump, row_from, update},
@@ -80,10 +80,10 @@ pub(crate) fn on_task_exit() {
         if gp {
             bump(counter::MISSED_WRITERS);
         }
-        if breakdown() && call {
+        if call {
             mark_inside(slot, tid, Inside::Call, false);
         }
-        if breakdown() && gp {
+        if gp {
             mark_inside(slot, tid, Inside::GracePeriod, false);
         }
         // The thread's calls go out, named as it exits, before the slot is freed.

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use membarrier_trace_common::{COMM_LEN, StatsKey};
 
 use crate::{
-    call::{INSIDE, ROWS, on_enter, on_exit, row_index, stats_row},
+    call::{ROWS, inside_count, on_enter, on_exit, row_index, stats_row},
     config::{ENTER_CMD_OFF, ENTER_FLAGS_OFF, EXIT_RET_OFF},
     thread::{INFLIGHT, ZERO_SLOT, new_slot, slot},
     util::{Row as _, add32, arg, current_tid, now},
@@ -228,8 +228,8 @@ pub fn part_row_count(_ctx: TracePointContext) -> u32 {
 /// which BPF does not have.)
 #[tracepoint]
 pub fn part_array_add(_ctx: TracePointContext) -> u32 {
-    if let Some(n) = INSIDE.get_ptr_mut(0) {
-        add32(unsafe { n.cast::<u32>().add(1) }, 1);
+    if let Some(n) = inside_count(0) {
+        add32(n, 1);
     }
     0
 }

@@ -16,7 +16,7 @@ use membarrier_trace_common::{
 
 use crate::{
     call::{Inside, count_row, mark_inside, slot_of},
-    config::{armed, breakdown},
+    config::armed,
     process::process,
     thread::slot,
     util::{Row as _, add, bump, now, row_of},
@@ -83,9 +83,7 @@ pub fn rcu_gp_enter(ctx: ProbeContext) -> u32 {
             bump(counter::CALLERS_UNSENT);
         }
     }
-    if breakdown() {
-        mark_inside(unsafe { &*slot }, tid, Inside::GracePeriod, true);
-    }
+    mark_inside(unsafe { &*slot }, tid, Inside::GracePeriod, true);
     w.start_ns = now();
     0
 }
@@ -118,9 +116,7 @@ pub fn rcu_gp_exit(_ctx: RetProbeContext) -> u32 {
     slot.writer.start_ns = 0;
     // The return address is back on the stack.
     slot.writer.ra_at = 0;
-    if breakdown() {
-        mark_inside(slot, tid, Inside::GracePeriod, false);
-    }
+    mark_inside(slot, tid, Inside::GracePeriod, false);
     let key = WriterKey {
         tgid,
         serial: slot.serial,

@@ -50,9 +50,8 @@ impl MapSizes {
     }
 
     /// Kernel memory of these three maps (the stats rows with their keys and free indices), the
-    /// in-flight slots at their threads' places
-    /// (TID_SLOTS, an array), the grace-period rows (WRITERS) and the exited threads (THREADS),
-    /// in bytes ([`htab_bytes`]).
+    /// in-flight slots at their threads' places (TID_SLOTS, an array), the grace-period rows
+    /// (WRITERS) and the exited threads (THREADS), in bytes ([`htab_bytes`]).
     pub fn kernel_bytes(&self, cpus: u64) -> u64 {
         let htab = |max, key, value| htab_bytes(max, key, value, cpus);
         // The rows (ROWS, an array), their keys' indices (STATS), the free indices (FREE_ROWS).
