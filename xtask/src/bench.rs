@@ -579,13 +579,21 @@ fn program_runs(p: &Paths, args: &[&str]) -> Result<Vec<ProgramRuns>> {
     let was = fs::read_to_string(stats).unwrap_or_default();
     fs::write(stats, "1")?;
     let r = (|| -> Result<Vec<ProgramRuns>> {
+        // The workload starts at a line on its stdin, and after its loop stays until the
+        // stdin's end: the tracer, which stops when the process exits, is read before that.
         let mut w = Command::new(&p.workload)
-            .args(["--loop-expedited", EXPEDITED, "--wait-stdin"])
+            .args([
+                "--loop-expedited",
+                EXPEDITED,
+                "--wait-stdin",
+                "--hold-stdin",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;
-        let mut ready = String::new();
-        BufReader::new(w.stdout.as_mut().context("stdout")?).read_line(&mut ready)?;
+        let mut report = BufReader::new(w.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        report.read_line(&mut line)?; // ready PID
         let mut t = Command::new(&p.tracer)
             .args(args)
             .args(["--pid", &w.id().to_string(), "-o", "json", "-d", "60"])
@@ -593,8 +601,12 @@ fn program_runs(p: &Paths, args: &[&str]) -> Result<Vec<ProgramRuns>> {
             .stderr(Stdio::null())
             .spawn()?;
         thread::sleep(Duration::from_millis(800));
-        drop(w.stdin.take()); // the workload starts on EOF
-        let _ = w.wait();
+        writeln!(w.stdin.as_mut().context("stdin")?)?;
+        line.clear();
+        report.read_line(&mut line)?; // the loop is done
+        if t.try_wait()?.is_some() {
+            bail!("the tracer stopped before its figures were read");
+        }
         let mut out = Vec::new();
         for fd in fs::read_dir(format!("/proc/{}/fdinfo", t.id()))? {
             let info = fs::read_to_string(fd?.path()).unwrap_or_default();
@@ -621,6 +633,8 @@ fn program_runs(p: &Paths, args: &[&str]) -> Result<Vec<ProgramRuns>> {
         }
         let _ = t.kill();
         let _ = t.wait();
+        drop(w.stdin.take());
+        let _ = w.wait();
         Ok(out)
     })();
     fs::write(stats, was.trim())?;

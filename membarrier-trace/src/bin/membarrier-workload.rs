@@ -71,6 +71,10 @@ struct Args {
     /// Print `ready <pid>` and wait for a line on stdin before the first call.
     #[arg(long)]
     wait_stdin: bool,
+    /// After printing the report, wait for stdin's end before exiting: a tracer following the
+    /// process (`--pid`) is still running while its figures are read.
+    #[arg(long)]
+    hold_stdin: bool,
     /// Registered PRIVATE_EXPEDITED calls from the main thread, pinned to CPU 0, while a sibling
     /// thread spins pinned to the last CPU: each call that finds it running IPIs that CPU.
     #[arg(long, default_value_t = 0)]
@@ -595,5 +599,9 @@ fn main() {
             "expedite_threads": expedite_threads,
         })
     );
+    if args.hold_stdin {
+        let _ = std::io::stdout().flush();
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+    }
     std::process::exit(args.exit_code.into());
 }
