@@ -52,7 +52,8 @@ const USAGE: &str = "usage: cargo xtask <command>
                    (MEMBARRIER_TRACE_BENCH_TRACER=PATH measures another build the same way, for
                    a before and after)
   bench recording  only what `record` costs beside the plain tracer, and its bytes an hour
-  bench startstop  only the time from start to exit of `-d 0.05 -o json`, and where it goes";
+  bench startstop  only the time from start to exit of `-d 0.05 -o json`, and where it goes
+  bench dashboard  only the time from typing `membarrier-trace --pid P` to its first figures";
 
 fn main() -> ExitCode {
     match run() {
@@ -122,7 +123,8 @@ fn run() -> Result<ExitCode> {
             vmtest::run(&root, &b, select)
         }
         "bench" => {
-            packages(&["bpftrace", "bpftool"])?;
+            // The comparison, the BPF stats, the dashboard's terminal, the liburcu writer.
+            packages(&["bpftrace", "bpftool", "tmux", "gcc", "liburcu-dev"])?;
             build(&root)?;
             require_root("the benchmark loads eBPF programs and writes tracefs")?;
             if rest.first().map(String::as_str) == Some("programs") {
@@ -131,6 +133,10 @@ fn run() -> Result<ExitCode> {
             }
             if rest.first().map(String::as_str) == Some("recording") {
                 bench::recording(&root)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if rest.first().map(String::as_str) == Some("dashboard") {
+                bench::dashboard(&root)?;
                 return Ok(ExitCode::SUCCESS);
             }
             if rest.first().map(String::as_str) == Some("startstop") {
