@@ -92,19 +92,27 @@ pub(crate) fn on_task_exit() {
     }
     // One lookup serves the name and the task count.
     let p = PROCS.get_ptr_mut(&tgid);
-    if tid == tgid {
-        let (serial, traced) = process_of(p.map(|p| p.cast_const()));
-        if traced && let Ok(comm) = bpf_get_current_comm() {
-            let _ = EXIT_NAMES.insert(&proc_id(tgid, serial), &comm, 0);
-        }
-    }
-    if let Some(p) = p
-        && unsafe { (*p).serial } != 0
-        && last_task(p, tgid)
+    let (serial, traced) = process_of(p.map(|p| p.cast_const()));
+    // The last task of a process made while tracing, counted once.
+    let last = match p {
+        Some(p) if serial != 0 => last_task(p, tgid),
+        _ => false,
+    };
+    let rows = p.map_or(0, |p| unsafe { (*p).rows });
+    // The main thread's name as it exits, for whichever side takes the rows: not for a process
+    // that ends here with none (most of a box's processes, system-wide). Unread names filled
+    // the LRU, and an insert into a full one can evict a name not yet read (the soak once
+    // named a process renamed before its exit by its old name).
+    if tid == tgid
+        && traced
+        && !(last && rows == 0)
+        && let Ok(comm) = bpf_get_current_comm()
     {
+        let _ = EXIT_NAMES.insert(&proc_id(tgid, serial), &comm, 0);
+    }
+    if last {
         // Its rows go before its entry: while the entry is there userspace holds the process
         // alive and touches none of its rows, so each row is taken by one side only.
-        let (serial, rows) = unsafe { ((*p).serial, (*p).rows) };
         move_rows(tgid, serial, rows, tid);
         hold_thread(tid);
         free_slot(tid);
@@ -149,7 +157,14 @@ pub(crate) fn last_task(p: *mut Proc, tgid: u32) -> bool {
 /// by name, thread and all.
 #[inline(always)]
 pub(crate) fn move_rows(tgid: u32, serial: u32, rows: u64, tid: u32) {
-    if rows == 0 || stacks() {
+    if rows == 0 {
+        if tid != tgid {
+            // Its main thread's name, left when it exited before this last task: unread.
+            let _ = EXIT_NAMES.remove(&proc_id(tgid, serial));
+        }
+        return;
+    }
+    if stacks() {
         return;
     }
     if rows & !ROW_KINDS != 0 || !moved(tgid, serial, rows, tid) {
@@ -269,6 +284,10 @@ pub(crate) fn moved(tgid: u32, serial: u32, rows: u64, tid: u32) -> bool {
         if let Some(t) = slot(tid) {
             unsafe { (*t).thread.calls = [0; THREAD_CMDS] };
         }
+    }
+    // Sent or summed: its name is read (kept only for rows left to the retire pass).
+    if unsafe { core::ptr::read_volatile(&out.named_at_exit) } != 0 {
+        let _ = EXIT_NAMES.remove(&proc_id(tgid, serial));
     }
     // The rows sent, from the scratch: a pass per row (at most MOVED_ROWS), not per kind (36),
     // each of which the verifier walks (36,000 instructions, as a loop over the kinds).

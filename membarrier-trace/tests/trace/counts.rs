@@ -451,6 +451,56 @@ fn a_rename_just_before_exit_names_the_process() {
     );
 }
 
+/// Processes renamed just before they exit, among a churn of short-lived ones, system-wide:
+/// each is named as it exited. The kernel keeps a process's name at its main thread's exit in
+/// an LRU of 4,096; the churn's names, which nothing read once its rows went out at exit,
+/// filled it, and an insert into a full LRU can evict a name not yet read: 59 to 92 of 300
+/// renamed processes were named by their old name here (the 1-minute soak, 1 of 57 once).
+#[test]
+fn renamed_processes_among_a_churn_are_named_as_they_exited() {
+    let _machine = alone();
+    let tracer = Tracer::start(&["-o", "json"]);
+    let churn = |n: &str| {
+        Command::new(WORKLOAD)
+            .args([
+                "--name",
+                "mt-churn",
+                "--fork-children",
+                n,
+                "--fork-parallel",
+                "4",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // More processes than the LRU holds, then more alongside the renamed ones.
+    assert!(wait_output(churn("10000")).status.success());
+    let alongside = Killed(churn("10000000"));
+    const RENAMED: u64 = 200;
+    for _ in 0..RENAMED {
+        let w = run(Command::new(WORKLOAD).args([
+            "--name",
+            "mt-rn-before",
+            "--query",
+            "3",
+            "--rename",
+            "mt-rn-after",
+        ]));
+        assert!(w.status.success());
+    }
+    drop(alongside);
+    tracer.signal(libc::SIGINT);
+    let (_, report) = tracer.report();
+    assert_eq!(
+        calls_named(&report, "mt-rn-after"),
+        ([(0, 4 * RENAMED)].into(), RENAMED),
+        "{}",
+        report["dropped"]
+    );
+    assert_eq!(calls_named(&report, "mt-rn-before").1, 0);
+}
+
 /// The tracer reading its maps on the CPU where the traced process calls, 100 times a second.
 /// Each map syscall holds the CPU's `bpf_prog_active` while it runs, and the kernel skips every
 /// syscall-tracepoint program that starts on that CPU meanwhile: were the tracer preempted
