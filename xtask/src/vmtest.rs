@@ -224,6 +224,10 @@ const TESTS: &[(&str, &str)] = &[
         "rename",
     ),
     (
+        "counts::renamed_processes_among_a_churn_are_named_as_they_exited",
+        "churn-names",
+    ),
+    (
         "attach::attaching_mid_flight_misses_only_the_calls_under_way",
         "mid-flight",
     ),
