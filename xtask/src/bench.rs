@@ -554,16 +554,21 @@ fn program_ns(p: &Paths, args: &[&str]) -> Result<(f64, Vec<f64>)> {
     let runs = program_runs(p, args)?;
     let calls = EXPEDITED.parse::<f64>()? + 1.0;
     let total_ns: f64 = runs.iter().map(|r| r.ns).sum();
-    // The hook's pair runs once per call (a few more: the tracer's own calls); exit first.
-    let mut hook: Vec<&ProgramRuns> = runs
-        .iter()
-        .filter(|r| (calls..calls * 1.01).contains(&r.runs))
-        .collect();
-    hook.sort_by_key(|r| r.id);
     Ok((
         total_ns / calls,
-        hook.into_iter().map(|r| r.ns / r.runs).collect(),
+        hook_programs(&runs, calls)
+            .into_iter()
+            .map(|r| r.ns / r.runs)
+            .collect(),
     ))
+}
+
+/// The hook's programs among `runs`, exit first: those that ran at every one of the loop's
+/// `calls` (a few more: the tracer's own calls; the raw hook's, at every syscall on the box).
+fn hook_programs(runs: &[ProgramRuns], calls: f64) -> Vec<&ProgramRuns> {
+    let mut hook: Vec<&ProgramRuns> = runs.iter().filter(|r| r.runs >= calls).collect();
+    hook.sort_by_key(|r| r.id);
+    hook
 }
 
 /// One program's figures from the kernel's BPF stats over a traced loop.
@@ -711,14 +716,10 @@ fn programs_over_empty(p: &Paths, rounds: usize, attach: &[&str]) -> Result<Prog
     // every other syscall on the box, alike with the empty ones.
     let calls = EXPEDITED.parse::<f64>()? + 1.0;
     let pair = |args: &[&str]| -> Result<(f64, f64)> {
-        let mut hook: Vec<ProgramRuns> = program_runs(p, args)?
-            .into_iter()
-            .filter(|r| r.runs >= calls)
-            .collect();
-        hook.sort_by_key(|r| r.id);
-        match hook[..] {
-            [ref exit, ref enter] => Ok((exit.ns / calls, enter.ns / calls)),
-            _ => bail!("not two programs that ran at every call: {}", hook.len()),
+        let runs = program_runs(p, args)?;
+        match hook_programs(&runs, calls)[..] {
+            [exit, enter] => Ok((exit.ns / calls, enter.ns / calls)),
+            ref hook => bail!("not two programs that ran at every call: {}", hook.len()),
         }
     };
     let empty_args = [attach, &["--hook-floor"]].concat();

@@ -127,24 +127,13 @@ fn run() -> Result<ExitCode> {
             packages(&["bpftrace", "bpftool", "tmux", "gcc", "liburcu-dev"])?;
             build(&root)?;
             require_root("the benchmark loads eBPF programs and writes tracefs")?;
-            if rest.first().map(String::as_str) == Some("programs") {
-                bench::programs(&root)?;
-                return Ok(ExitCode::SUCCESS);
+            match rest.first().map(String::as_str) {
+                Some("programs") => bench::programs(&root)?,
+                Some("recording") => bench::recording(&root)?,
+                Some("dashboard") => bench::dashboard(&root)?,
+                Some("startstop") => bench::start_stop(&root)?,
+                rounds => bench::bench(&root, rounds.map(str::parse).transpose()?.unwrap_or(5))?,
             }
-            if rest.first().map(String::as_str) == Some("recording") {
-                bench::recording(&root)?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            if rest.first().map(String::as_str) == Some("dashboard") {
-                bench::dashboard(&root)?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            if rest.first().map(String::as_str) == Some("startstop") {
-                bench::start_stop(&root)?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            let rounds = rest.first().map(|r| r.parse()).transpose()?.unwrap_or(5);
-            bench::bench(&root, rounds)?;
             Ok(ExitCode::SUCCESS)
         }
         "soak" => {

@@ -454,8 +454,9 @@ fn a_rename_just_before_exit_names_the_process() {
 /// Processes renamed just before they exit, among a churn of short-lived ones, system-wide:
 /// each is named as it exited. The kernel keeps a process's name at its main thread's exit in
 /// an LRU of 4,096; the churn's names, which nothing read once its rows went out at exit,
-/// filled it, and an insert into a full LRU can evict a name not yet read: 59 to 92 of 300
-/// renamed processes were named by their old name here (the 1-minute soak, 1 of 57 once).
+/// filled it, and evicted the names of processes left whole for the retire pass before that
+/// pass read them: 59 to 92 of 300 renamed processes were named by their old name here (the
+/// 1-minute soak, 1 of 57 once).
 #[test]
 fn renamed_processes_among_a_churn_are_named_as_they_exited() {
     let _machine = alone();
